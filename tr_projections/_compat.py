@@ -1,0 +1,181 @@
+"""The only module that talks to ``array_api_compat`` and to individual array libraries.
+
+Everything else in the package is written against the array API standard and receives the
+namespace ``xp`` explicitly. This module fills the gaps of the standard that the projections need
+(triangular solves, a fixed-point loop that JAX can trace, stop-gradient), each with a native route
+per library and a pure-standard fallback. No array library is imported at module import time:
+a library is only touched once the caller's arrays prove it is in use.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat as _aac
+
+__all__ = [
+    "array_namespace",
+    "device",
+    "eager_any",
+    "is_jax",
+    "is_numpy",
+    "is_torch",
+    "solve_triangular",
+    "stop_gradient",
+    "while_loop",
+]
+
+Array = Any
+Namespace = Any
+
+
+def array_namespace(*arrays: Any) -> Namespace:
+    """The array API namespace of ``arrays`` (Python scalars and ``None`` are ignored)."""
+    arrays = tuple(a for a in arrays if a is not None and not isinstance(a, (int, float)))
+    return _aac.array_namespace(*arrays)
+
+
+def device(x: Array) -> Any:
+    return _aac.device(x)
+
+
+def is_torch(xp: Namespace) -> bool:
+    return _aac.is_torch_namespace(xp)
+
+
+def is_jax(xp: Namespace) -> bool:
+    return _aac.is_jax_namespace(xp)
+
+
+def is_numpy(xp: Namespace) -> bool:
+    return _aac.is_numpy_namespace(xp)
+
+
+def is_cupy(xp: Namespace) -> bool:
+    return _aac.is_cupy_namespace(xp)
+
+
+# --------------------------------------------------------------------------- triangular solves
+
+
+def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -> Array:
+    r"""Solve :math:`A X = B` for triangular ``a`` of shape ``(..., d, d)`` and ``b`` of shape
+    ``(..., d, k)``; batch dimensions must already agree.
+
+    The standard has no triangular solve. Each library's native one is used where it exists
+    (O(d^2) per right-hand side and exact on the structure); the general ``linalg.solve`` of the
+    standard is the fallback, which is correct for triangular matrices too.
+    """
+    if is_torch(xp):
+        import torch
+
+        return torch.linalg.solve_triangular(a, b, upper=not lower)
+    if is_jax(xp):
+        import jax.scipy.linalg as jsl
+
+        return jsl.solve_triangular(a, b, lower=lower)
+    if is_cupy(xp):
+        try:  # cupyx handles one matrix at a time only; batches take the general route
+            if a.ndim == 2:
+                import cupyx.scipy.linalg as csl
+
+                return csl.solve_triangular(a, b, lower=lower)
+        except ImportError:  # pragma: no cover - cupy without cupyx.scipy
+            pass
+    if is_numpy(xp) and a.ndim == 2 and "scipy" in sys.modules:
+        # scipy is optional; only used when the caller already imported it.
+        import scipy.linalg as sl
+
+        return sl.solve_triangular(a, b, lower=lower, check_finite=False)
+    return xp.linalg.solve(a, b)
+
+
+def solve_triangular_vec(a: Array, v: Array, *, lower: bool = True, xp: Namespace) -> Array:
+    """Triangular solve with a vector right-hand side ``v`` of shape ``(..., d)``.
+
+    The standard's ``solve`` would read a ``(B, d)`` right-hand side as a matrix; an explicit
+    trailing axis keeps it a batch of vectors.
+    """
+    return solve_triangular(a, v[..., None], lower=lower, xp=xp)[..., 0]
+
+
+# --------------------------------------------------------------------------- control flow
+
+
+def _is_traced(x: Array, xp: Namespace) -> bool:
+    """Whether the values of ``x`` cannot be inspected (tracing, vmap, compile)."""
+    if is_jax(xp):
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if is_torch(xp):
+        import torch
+
+        if torch.compiler.is_compiling():
+            return True
+        try:
+            from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
+
+            return bool(is_functorch_wrapped_tensor(x) or is_batchedtensor(x))
+        except ImportError:  # pragma: no cover - older torch
+            return False
+    return False
+
+
+def eager_any(x: Array, *, xp: Namespace) -> bool | None:
+    """``bool(any(x))`` when values can be inspected, ``None`` under tracing."""
+    if _is_traced(x, xp):
+        return None
+    return bool(xp.any(x))
+
+
+def while_loop(
+    cond: Callable[[tuple], Array],
+    body: Callable[[tuple], tuple],
+    state: tuple,
+    *,
+    max_iter: int,
+    check_every: int = 1,
+    xp: Namespace,
+) -> tuple:
+    """Run ``body`` until ``cond(state)`` (a boolean array) holds nowhere, at most ``max_iter`` times.
+
+    ``cond`` returns a per-element "still running" mask. The body must already leave finished
+    elements unchanged (it is written with ``xp.where``), so running it more often than needed is
+    harmless: under tracing, where the mask cannot be read, it simply runs ``max_iter`` times. JAX
+    uses ``lax.while_loop`` so the loop stays one traced primitive under ``jit`` and ``vmap``.
+    Eager backends read the mask every ``check_every`` iterations (one scalar per check).
+    """
+    if is_jax(xp):
+        from jax import lax
+
+        def jcond(carry):
+            i, s = carry
+            return (i < max_iter) & xp.any(cond(s))
+
+        def jbody(carry):
+            i, s = carry
+            return i + 1, body(s)
+
+        return lax.while_loop(jcond, jbody, (0, state))[1]
+
+    for i in range(max_iter):
+        if i % check_every == 0:
+            running = eager_any(cond(state), xp=xp)
+            if running is False:
+                break
+        state = body(state)
+    return state
+
+
+def stop_gradient(x: Array, *, xp: Namespace) -> Array:
+    """``x`` with gradients blocked in libraries that have autodiff; ``x`` itself elsewhere."""
+    if is_torch(xp):
+        return x.detach()
+    if is_jax(xp):
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x

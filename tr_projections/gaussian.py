@@ -1,0 +1,151 @@
+r"""The ``(mean, scale)`` representation of a batch of Gaussians and the charts built on it.
+
+A Gaussian :math:`\mathcal N(\mu, \Sigma)` is passed as ``(mean, scale)``:
+
+* **diagonal**: ``scale`` holds standard deviations :math:`\sigma`, shape ``(..., d)``;
+* **full**: ``scale`` is the lower-triangular Cholesky factor :math:`L` with
+  :math:`\Sigma = L L^\top`, shape ``(..., d, d)``.
+
+The kind is read from the shapes (see :func:`is_full`). Every helper here takes the namespace
+``xp`` as a required keyword and the kind as ``full``; none of them writes into its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from ._compat import array_namespace, solve_triangular
+
+__all__ = ["Gaussian", "entropy", "is_full"]
+
+Array = Any
+
+
+class Gaussian(NamedTuple):
+    """A batch of Gaussians: ``mean`` of shape ``(..., d)`` and ``scale`` of shape ``(..., d)``
+    (standard deviations) or ``(..., d, d)`` (lower Cholesky factor)."""
+
+    mean: Array
+    scale: Array
+
+
+def is_full(mean: Array, scale: Array) -> bool:
+    """Whether ``scale`` is a Cholesky factor (full covariance) rather than standard deviations.
+
+    ``scale`` is diagonal when it has the same shape as ``mean``; otherwise it is full when its
+    last two axes are ``(d, d)`` and diagonal when only its last axis is ``d`` (a diagonal scale
+    that broadcasts against the mean, e.g. a state-independent ``(d,)`` std). The one ambiguous
+    case, a batch of ``d`` diagonal Gaussians with ``mean`` and ``scale`` of shape ``(d, d)``, is
+    read as diagonal; pass a full scale with an explicit batch axis, ``(1, d, d)``, to mean full.
+    """
+    d = mean.shape[-1]
+    if tuple(scale.shape) == tuple(mean.shape):
+        return False
+    return scale.ndim >= 2 and tuple(scale.shape[-2:]) == (d, d)
+
+
+# --------------------------------------------------------------------------- matrix helpers
+
+
+def mT(x: Array, *, xp: Any) -> Array:
+    """Transpose of the last two axes."""
+    return xp.matrix_transpose(x)
+
+
+def sym(x: Array, *, xp: Any) -> Array:
+    """Symmetric part of a batch of square matrices."""
+    return 0.5 * (x + mT(x, xp=xp))
+
+
+def eye_like(x: Array, *, xp: Any) -> Array:
+    d = x.shape[-1]
+    return xp.eye(d, dtype=x.dtype, device=_device(x))
+
+
+def diag_embed(v: Array, *, xp: Any) -> Array:
+    """``(..., d)`` to the diagonal matrices ``(..., d, d)``."""
+    return v[..., :, None] * xp.eye(v.shape[-1], dtype=v.dtype, device=_device(v))
+
+
+def diagonal(x: Array, *, xp: Any) -> Array:
+    return xp.linalg.diagonal(x)
+
+
+def matmul(a: Array, b: Array, *, xp: Any) -> Array:
+    return xp.matmul(a, b)
+
+
+def frob2(x: Array, *, xp: Any) -> Array:
+    """Squared Frobenius norm over the last two axes."""
+    return xp.sum(x * x, axis=(-2, -1))
+
+
+def _device(x: Array) -> Any:
+    from ._compat import device
+
+    return device(x)
+
+
+# --------------------------------------------------------------------------- Gaussian quantities
+
+
+def covariance(scale: Array, *, full: bool, xp: Any) -> Array:
+    r""":math:`\Sigma = L L^\top` (full) or the variances :math:`\sigma^2` (diagonal)."""
+    if full:
+        return sym(xp.matmul(scale, mT(scale, xp=xp)), xp=xp)
+    return scale * scale
+
+
+def whiten(v: Array, scale: Array, *, full: bool, xp: Any) -> Array:
+    r""":math:`L^{-1} v` for vectors ``v`` of shape ``(..., d)`` (``v / sigma`` for diagonals)."""
+    if full:
+        return solve_triangular(scale, v[..., None], lower=True, xp=xp)[..., 0]
+    return v / scale
+
+
+def mahalanobis(diff: Array, scale: Array, *, full: bool, xp: Any) -> Array:
+    r""":math:`\delta^\top \Sigma^{-1} \delta` for ``diff`` :math:`= \delta` of shape ``(..., d)``."""
+    z = whiten(diff, scale, full=full, xp=xp)
+    return xp.sum(z * z, axis=-1)
+
+
+def log_det(scale: Array, *, full: bool, xp: Any) -> Array:
+    r""":math:`\log|\Sigma| = 2 \sum_i \log L_{ii}` (or :math:`2 \sum_i \log \sigma_i`)."""
+    diag = diagonal(scale, xp=xp) if full else scale
+    return 2.0 * xp.sum(xp.log(diag), axis=-1)
+
+
+def sqrtm_psd(cov: Array, *, xp: Any) -> tuple[Array, Array, Array]:
+    r"""Symmetric square root :math:`S = U \operatorname{diag}(s) U^\top` of SPD matrices.
+
+    Returns ``(S, U, s)`` so callers can reuse the eigenbasis (inverse roots, VJPs).
+    """
+    w, U = xp.linalg.eigh(cov)
+    s = xp.sqrt(xp.clip(w, min=0.0))
+    S = sym(xp.matmul(U * s[..., None, :], mT(U, xp=xp)), xp=xp)
+    return S, U, s
+
+
+def entropy(scale: Array, *, full: bool | None = None) -> Array:
+    r"""Differential entropy :math:`H = \tfrac12 (d \log(2\pi e) + \log|\Sigma|)`, batch shape.
+
+    ``scale`` alone determines the entropy. By default a square trailing ``(d, d)`` block is read
+    as a full Cholesky factor and anything else as standard deviations; pass ``full`` to say which
+    (needed for a batch of ``d`` diagonal Gaussians stored as a ``(d, d)`` array).
+
+    Examples
+    --------
+    >>> import numpy as np, tr_projections as trp
+    >>> float(trp.entropy(np.ones(2)))  # standard normal in 2-D: log(2 pi e)
+    2.8378770664093453
+    """
+    xp = array_namespace(scale)
+    if full is None:
+        full = scale.ndim >= 2 and scale.shape[-1] == scale.shape[-2]
+    return _entropy(scale, full=full, xp=xp)
+
+
+def _entropy(scale: Array, *, full: bool, xp: Any) -> Array:
+    d = scale.shape[-1]
+    return 0.5 * (d * math.log(2.0 * math.pi * math.e) + log_det(scale, full=full, xp=xp))

@@ -140,7 +140,7 @@ def while_loop(
     check_every: int = 1,
     xp: Namespace,
 ) -> tuple:
-    """Run ``body`` until ``cond(state)`` (a boolean array) holds nowhere, at most ``max_iter`` times.
+    """Run ``body`` until the mask ``cond(state)`` is false everywhere, at most ``max_iter`` times.
 
     ``cond`` returns a per-element "still running" mask. The body must already leave finished
     elements unchanged (it is written with ``xp.where``), so running it more often than needed is

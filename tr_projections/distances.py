@@ -3,15 +3,12 @@ r"""The distances each projection bounds, split into a mean part and a covarianc
 Each public function returns ``(mean_part, cov_part)``, arrays of the batch shape, which are
 exactly the quantities the matching projection keeps below ``eps_mean`` and ``eps_cov``:
 
-==================  ==========================================  ==========================================
-distance            mean part                                   covariance part
-==================  ==========================================  ==========================================
-:func:`kl`          :math:`\tfrac12 \delta^\top\Lambda_o\delta`  :math:`\tfrac12[\operatorname{tr}(\Lambda_o\Sigma) - d + \log|\Sigma_o| - \log|\Sigma|]`
-:func:`frobenius`   :math:`\delta^\top\Lambda_o\delta` or        :math:`\|\Sigma - \Sigma_o\|_F^2`
-                    :math:`\|\delta\|^2` (``scale_prec=False``)
-:func:`wasserstein` as for Frobenius                            :math:`\|S_o^{-1}(S - S_o)\|_F^2` or
-                                                                :math:`\|S - S_o\|_F^2`, :math:`S = \Sigma^{1/2}`
-==================  ==========================================  ==========================================
+* :func:`kl`: mean :math:`\tfrac12 \delta^\top\Lambda_o\delta`; covariance
+  :math:`\tfrac12[\operatorname{tr}(\Lambda_o\Sigma) - d + \log|\Sigma_o| - \log|\Sigma|]`;
+* :func:`frobenius`: mean :math:`\delta^\top\Lambda_o\delta` (or :math:`\|\delta\|^2` with
+  ``scale_prec=False``); covariance :math:`\|\Sigma - \Sigma_o\|_F^2`;
+* :func:`wasserstein`: mean as for Frobenius; covariance :math:`\|S_o^{-1}(S - S_o)\|_F^2` (or
+  :math:`\|S - S_o\|_F^2`), :math:`S = \Sigma^{1/2}` the symmetric root;
 
 with :math:`\delta = \mu - \mu_o`. The private helpers compute each covariance part together with
 the chart coordinates the projections interpolate, so a projection and its distance can never
@@ -22,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._inputs import prepare
 from ._compat import solve_triangular
+from ._inputs import prepare
 from .gaussian import covariance, frob2, mahalanobis, mT, sqrtm_psd, sym
 
 __all__ = ["DistanceParts", "frobenius", "kl", "wasserstein"]

@@ -105,7 +105,7 @@ def whiten(v: Array, scale: Array, *, full: bool, xp: Any) -> Array:
 
 
 def mahalanobis(diff: Array, scale: Array, *, full: bool, xp: Any) -> Array:
-    r""":math:`\delta^\top \Sigma^{-1} \delta` for ``diff`` :math:`= \delta` of shape ``(..., d)``."""
+    r"""Squared Mahalanobis length of ``diff``: :math:`\delta^\top \Sigma^{-1} \delta`."""
     z = whiten(diff, scale, full=full, xp=xp)
     return xp.sum(z * z, axis=-1)
 

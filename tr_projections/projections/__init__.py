@@ -176,7 +176,5 @@ def project(
     try:
         fn = METHODS[method]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"`method` must be one of {sorted(METHODS)}, got {method!r}"
-        ) from None
+        raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}") from None
     return fn(mean, scale, old_mean, old_scale, eps_mean=eps_mean, eps_cov=eps_cov, **options)

@@ -35,7 +35,7 @@ MAX_ITER = 100
 
 
 def _g_and_slope(tau: Array, a: Array, *, xp: Any) -> tuple[Array, Array]:
-    r""":math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/(1+x_i))^2`, :math:`x = \tau a`."""
+    r"""Return :math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/(1+x_i))^2`."""
     x = tau[..., None] * a
     r = x / (1.0 + x)
     return 0.5 * xp.sum(kl_h(x, xp=xp), axis=-1), 0.5 * xp.sum(r * r, axis=-1)

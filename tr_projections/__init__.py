@@ -13,6 +13,8 @@ package imports no array framework.
 
 from __future__ import annotations
 
+from ._config import checks, checks_enabled, set_checks
+from .backends import vjp
 from .distances import DistanceParts, frobenius, kl, wasserstein
 from .gaussian import Gaussian, entropy
 from .projections import (
@@ -31,6 +33,8 @@ __all__ = [
     "DistanceParts",
     "Gaussian",
     "__version__",
+    "checks",
+    "checks_enabled",
     "entropy",
     "frobenius",
     "kl",
@@ -39,5 +43,7 @@ __all__ = [
     "project_frobenius",
     "project_kl",
     "project_wasserstein",
+    "set_checks",
+    "vjp",
     "wasserstein",
 ]

@@ -9,6 +9,7 @@ a library is only touched once the caller's arrays prove it is in use.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -144,23 +145,28 @@ def while_loop(
 
     ``cond`` returns a per-element "still running" mask. The body must already leave finished
     elements unchanged (it is written with ``xp.where``), so running it more often than needed is
-    harmless: under tracing, where the mask cannot be read, it simply runs ``max_iter`` times. JAX
-    uses ``lax.while_loop`` so the loop stays one traced primitive under ``jit`` and ``vmap``.
-    Eager backends read the mask every ``check_every`` iterations (one scalar per check).
+    harmless. Under JAX tracing (``jit``, ``vmap``, ``grad``) the loop is one ``lax.while_loop``;
+    under ``torch.func`` transforms, where the mask cannot be read, it simply runs ``max_iter``
+    times; under ``torch.compile`` the loop is a graph break and runs eagerly (unrolling
+    ``max_iter`` iterations into the graph takes minutes to compile). Eager arrays (JAX included,
+    which would otherwise compile the loop anew for every shape) read the mask every
+    ``check_every`` iterations, one scalar a check.
     """
-    if is_jax(xp):
+    if is_jax(xp) and _is_traced(state[0], xp):
         from jax import lax
 
-        def jcond(carry):
-            i, s = carry
-            return (i < max_iter) & xp.any(cond(s))
-
-        def jbody(carry):
-            i, s = carry
-            return i + 1, body(s)
-
+        jcond, jbody = _jax_loop_functions(cond, body, max_iter)
         return lax.while_loop(jcond, jbody, (0, state))[1]
+    if is_torch(xp) and _torch_compiling():
+        # torch.compile would unroll all max_iter iterations into its graph (minutes of compile
+        # time for the KL solver); a graph break runs the loop eagerly, with its early exit.
+        return _torch_eager_loop()(cond, body, state, max_iter, check_every, xp)
+    return _eager_loop(cond, body, state, max_iter, check_every, xp)
 
+
+def _eager_loop(
+    cond: Callable, body: Callable, state: tuple, max_iter: int, check_every: int, xp: Namespace
+) -> tuple:
     for i in range(max_iter):
         if i % check_every == 0:
             running = eager_any(cond(state), xp=xp)
@@ -168,6 +174,41 @@ def while_loop(
                 break
         state = body(state)
     return state
+
+
+def _torch_compiling() -> bool:
+    import torch
+
+    return bool(torch.compiler.is_compiling())
+
+
+_TORCH_EAGER_LOOP: list[Callable] = []
+
+
+def _torch_eager_loop() -> Callable:
+    # Created once, lazily (torch is imported only when used); a plain list rather than
+    # lru_cache, which dynamo warns about when it traces through it.
+    if not _TORCH_EAGER_LOOP:
+        import torch
+
+        _TORCH_EAGER_LOOP.append(torch.compiler.disable(_eager_loop))
+    return _TORCH_EAGER_LOOP[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _jax_loop_functions(cond: Callable, body: Callable, max_iter: int) -> tuple[Callable, Callable]:
+    # Stable function objects let lax.while_loop reuse its trace across calls with equal shapes.
+    import jax.numpy as jnp
+
+    def jcond(carry):
+        i, s = carry
+        return (i < max_iter) & jnp.any(cond(s))
+
+    def jbody(carry):
+        i, s = carry
+        return i + 1, body(s)
+
+    return jcond, jbody
 
 
 def stop_gradient(x: Array, *, xp: Namespace) -> Array:

@@ -168,22 +168,38 @@ class RootChart(NamedTuple):
     old_root_inv: Array | None
 
 
-def wasserstein_cov(scale: Array, old_scale: Array, *, full: bool, scale_prec: bool, xp: Any):
-    r"""The W2 covariance part in the chart :math:`S = \Sigma^{1/2}` (commuting approximation):
-    :math:`\|S_o^{-1}(S - S_o)\|_F^2` with ``scale_prec`` else :math:`\|S - S_o\|_F^2`."""
+class RootEig(NamedTuple):
+    r"""Eigenbases of both covariances, :math:`\Sigma = U \operatorname{diag}(s^2) U^\top` and
+    the same for the old one (full Gaussians only): what the VJP of the root chart needs."""
+
+    U: Array
+    s: Array
+    old_U: Array
+    old_s: Array
+
+
+def wasserstein_chart(scale: Array, old_scale: Array, *, full: bool, scale_prec: bool, xp: Any):
+    r""":func:`wasserstein_cov` plus the eigenbases of the roots (``None`` for diagonals)."""
     if not full:
         diff = scale - old_scale
         if scale_prec:
             diff = diff / old_scale
-        return xp.sum(diff * diff, axis=-1), RootChart(scale, old_scale, None)
-    S, _, _ = sqrtm_psd(covariance(scale, full=True, xp=xp), xp=xp)
+        return xp.sum(diff * diff, axis=-1), RootChart(scale, old_scale, None), None
+    S, U, s = sqrtm_psd(covariance(scale, full=True, xp=xp), xp=xp)
     S_o, U_o, s_o = sqrtm_psd(covariance(old_scale, full=True, xp=xp), xp=xp)
     diff = S - S_o
     S_o_inv = None
     if scale_prec:
         S_o_inv = sym(xp.matmul(U_o / s_o[..., None, :], mT(U_o, xp=xp)), xp=xp)
         diff = xp.matmul(S_o_inv, diff)
-    return frob2(diff, xp=xp), RootChart(S, S_o, S_o_inv)
+    return frob2(diff, xp=xp), RootChart(S, S_o, S_o_inv), RootEig(U, s, U_o, s_o)
+
+
+def wasserstein_cov(scale: Array, old_scale: Array, *, full: bool, scale_prec: bool, xp: Any):
+    r"""The W2 covariance part in the chart :math:`S = \Sigma^{1/2}` (commuting approximation):
+    :math:`\|S_o^{-1}(S - S_o)\|_F^2` with ``scale_prec`` else :math:`\|S - S_o\|_F^2`."""
+    dist, chart, _ = wasserstein_chart(scale, old_scale, full=full, scale_prec=scale_prec, xp=xp)
+    return dist, chart
 
 
 def wasserstein(

@@ -11,13 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._inputs import Problem, bound, prepare
 from ..gaussian import Gaussian
-from ._core import Weights
 from .entropy import project_entropy
-from .frobenius import frobenius_forward
-from .kl import kl_forward
-from .wasserstein import wasserstein_forward
 
 __all__ = [
     "METHODS",
@@ -29,14 +24,14 @@ __all__ = [
 ]
 
 Array = Any
-Forward = Callable[..., tuple[Gaussian, Weights]]
 
 
-def _run(forward: Forward, args: tuple, eps_mean: Any, eps_cov: Any, **options: Any) -> Gaussian:
-    p: Problem = prepare(*args)
-    em = bound(eps_mean, "eps_mean", p)
-    ec = bound(eps_cov, "eps_cov", p)
-    return forward(p, em, ec, **options)[0]
+def _run(kind: str, args: tuple, eps_mean: Any, eps_cov: Any, **options: Any) -> Gaussian:
+    """Project through the adapter of the arguments' library, so the result is differentiable
+    with that library's autodiff (hand-written VJPs; see :mod:`tr_projections.backends`)."""
+    from ..backends import apply
+
+    return Gaussian(*apply(kind, args, (eps_mean, eps_cov), options))
 
 
 def project_kl(
@@ -79,7 +74,7 @@ def project_kl(
     >>> bool(np.allclose(m, 0.01) and np.allclose(c, 0.001))
     True
     """
-    return _run(kl_forward, (mean, scale, old_mean, old_scale), eps_mean, eps_cov)
+    return _run("kl", (mean, scale, old_mean, old_scale), eps_mean, eps_cov)
 
 
 def project_frobenius(
@@ -108,7 +103,7 @@ def project_frobenius(
     [0.5, 0.5]
     """
     return _run(
-        frobenius_forward,
+        "frobenius",
         (mean, scale, old_mean, old_scale),
         eps_mean,
         eps_cov,
@@ -142,7 +137,7 @@ def project_wasserstein(
     array([1.5, 1.5])
     """
     return _run(
-        wasserstein_forward,
+        "wasserstein",
         (mean, scale, old_mean, old_scale),
         eps_mean,
         eps_cov,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from ._vjp_core import solve_lower, solve_lower_t, tril
+
 Array = Any
 
 
@@ -51,3 +53,97 @@ def project_mean(
     tau = closed_form_tau(dist, eps, xp=xp)
     out = interpolate(mean, old_mean, tau, event_ndim=1, xp=xp)
     return select(dist > eps, out, mean, event_ndim=1, xp=xp), tau
+
+
+class MeanResiduals(NamedTuple):
+    """What the mean part's VJP needs from its forward: weight, distance, active mask."""
+
+    tau: Array
+    dist: Array
+    active: Array
+
+
+def mean_residuals(res: Any) -> MeanResiduals:
+    """The mean part's residuals from a projection's flat residual tuple (fields ``tau_mean``,
+    ``dist_mean``, ``active_mean``)."""
+    return MeanResiduals(res.tau_mean, res.dist_mean, res.active_mean)
+
+
+def closed_form_tau_vjp(
+    tau_bar: Array, tau: Array, dist: Array, active: Array, *, xp: Any
+) -> Array:
+    r"""Cotangent of the distance through :math:`\tau = \min(1, \sqrt{\epsilon/d})`.
+
+    Active rows: :math:`\partial\tau/\partial d = -\tau / (2d)`; inactive rows have
+    :math:`\tau = 1`, which does not depend on :math:`d`. The bound is a constant.
+    """
+    safe = xp.where(active, dist, xp.ones_like(dist))  # double where: inactive d may be 0
+    return xp.where(active, -0.5 * tau_bar * tau / safe, xp.zeros_like(dist))
+
+
+class MeanCotangents(NamedTuple):
+    """Cotangents from the mean part; ``old_scale`` is ``None`` when the distance ignores it."""
+
+    mean: Array
+    old_mean: Array
+    old_scale: Array | None
+
+
+def project_mean_vjp(
+    g: Array,
+    mean: Array,
+    old_mean: Array,
+    old_scale: Array,
+    res: MeanResiduals,
+    *,
+    coef: float,
+    scale_prec: bool,
+    full: bool,
+    xp: Any,
+) -> MeanCotangents:
+    r"""VJP of :func:`project_mean` for the distance ``coef`` times Mahalanobis (``scale_prec``)
+    or squared Euclidean.
+
+    Active rows: :math:`\tilde\mu = \mu_o + \tau\delta`, so :math:`\bar\delta = \tau\bar g +
+    \bar d\,\partial d/\partial\delta` with :math:`\bar d = \langle\bar g, \delta\rangle
+    \partial\tau/\partial d`; :math:`\bar\mu = \bar\delta`, :math:`\bar\mu_o = \bar g -
+    \bar\delta`. With :math:`z = L_o^{-1}\delta`, :math:`d = c\,z^\top z` gives
+    :math:`\partial d/\partial\delta = 2c L_o^{-\top} z` and
+    :math:`\bar L_o = -2c\,\bar d\,\operatorname{tril}(L_o^{-\top} z z^\top)`.
+    Inactive rows pass :math:`\bar g` to the mean and nothing to the old policy.
+    """
+    delta = mean - old_mean
+    dist_bar = closed_form_tau_vjp(xp.sum(g * delta, axis=-1), res.tau, res.dist, res.active, xp=xp)
+    db = dist_bar[..., None]
+    old_scale_bar = None
+    if not scale_prec:
+        grad_delta = 2.0 * delta
+    elif full:
+        z = solve_lower(old_scale, delta[..., None], xp=xp)
+        w = solve_lower_t(old_scale, z, xp=xp)  # Lambda_o delta, (..., d, 1)
+        grad_delta = (2.0 * coef) * w[..., 0]
+        old_scale_bar = tril(
+            (-2.0 * coef) * db[..., None] * xp.matmul(w, xp.matrix_transpose(z)), xp=xp
+        )
+    else:
+        z = delta / old_scale
+        grad_delta = (2.0 * coef) * z / old_scale
+        old_scale_bar = (-2.0 * coef) * db * z * z / old_scale
+    active = res.active[..., None]
+    mean_bar = xp.where(active, res.tau[..., None] * g + db * grad_delta, g)
+    old_mean_bar = xp.where(active, g - mean_bar, xp.zeros_like(g))
+    return MeanCotangents(mean_bar, old_mean_bar, old_scale_bar)
+
+
+class Cotangents(NamedTuple):
+    """Cotangents of the four inputs of a projection, in the broadcast batch shape."""
+
+    mean: Array
+    scale: Array
+    old_mean: Array
+    old_scale: Array
+
+
+def add_old_scale(cov_part: Array, mean_part: Array | None) -> Array:
+    """The old scale's cotangent: covariance part plus the mean part's, if the mean uses it."""
+    return cov_part if mean_part is None else cov_part + mean_part

@@ -9,11 +9,11 @@ Gaussian has :math:`H = \beta` exactly. The inequality projection rescales only 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import _compat
 from .._inputs import broadcast_shapes, namespace_of
-from ..gaussian import _entropy
+from ..gaussian import _entropy, diag_embed, diagonal
 
 Array = Any
 
@@ -46,6 +46,15 @@ def project_entropy(
     >>> np.allclose(trp.entropy(s), 0.0)
     True
     """
+    _, full, beta = entropy_inputs(scale, min_entropy, full)
+    from ..backends import apply
+
+    return apply("entropy", (scale,), (beta,), {"full": full, "equality": bool(equality)})[0]
+
+
+def entropy_inputs(scale: Array, min_entropy: Any, full: bool | None) -> tuple[Any, bool, Any]:
+    """Check the arguments of :func:`project_entropy`; return ``(xp, full, beta)``, with
+    ``beta`` a Python float or an array of the same library as ``scale``."""
     xp = namespace_of({"scale": scale})
     if not xp.isdtype(scale.dtype, "real floating"):
         raise TypeError(f"`scale` must have a real floating dtype, got {scale.dtype}")
@@ -55,30 +64,79 @@ def project_entropy(
     if scale.ndim < event_ndim or scale.shape[-1] == 0:
         raise ValueError(f"`scale` must have shape (..., d) or (..., d, d), got {scale.shape}")
     batch = tuple(scale.shape[:-event_ndim])
-    dev = _compat.device(scale)
     if isinstance(min_entropy, (int, float)) and not isinstance(min_entropy, bool):
         if not math.isfinite(min_entropy):
             raise ValueError(f"`min_entropy` must be finite, got {min_entropy!r}")
-        beta = xp.asarray(float(min_entropy), dtype=scale.dtype, device=dev)
+        return xp, bool(full), float(min_entropy)
+    namespace_of({"scale": scale, "min_entropy": min_entropy})
+    shape = tuple(min_entropy.shape)
+    if broadcast_shapes({"min_entropy": shape, "batch": batch}) != batch:
+        raise ValueError(
+            f"`min_entropy` of shape {shape} must broadcast to the batch shape {batch}"
+        )
+    return xp, bool(full), min_entropy
+
+
+class EntropyResiduals(NamedTuple):
+    """What :func:`entropy_vjp` needs: the factor applied and where it was applied."""
+
+    alpha: Array
+    active: Array
+
+
+def entropy_fwd(
+    scale: Array, min_entropy: Any, *, full: bool, equality: bool = False
+) -> tuple[Array, EntropyResiduals]:
+    """The entropy projection of ``scale`` (checked by :func:`entropy_inputs`) and residuals."""
+    xp = namespace_of({"scale": scale})
+    dev = _compat.device(scale)
+    if isinstance(min_entropy, float):
+        beta = xp.asarray(min_entropy, dtype=scale.dtype, device=dev)
     else:
-        namespace_of({"scale": scale, "min_entropy": min_entropy})
-        shape = tuple(min_entropy.shape)
-        if broadcast_shapes({"min_entropy": shape, "batch": batch}) != batch:
-            raise ValueError(
-                f"`min_entropy` of shape {shape} must broadcast to the batch shape {batch}"
-            )
         beta = xp.astype(min_entropy, scale.dtype)
+    event_ndim = 2 if full else 1
 
     H = _entropy(scale, full=full, xp=xp)
     d = scale.shape[-1]
     gap = beta - H
     shift = gap if equality else xp.where(gap > 0, gap, xp.zeros_like(gap))
     alpha = xp.exp(shift / d)
-    alpha = xp.reshape(alpha, tuple(alpha.shape) + (1,) * event_ndim)
+    active = xp.ones_like(gap, dtype=xp.bool) if equality else gap > 0
+    alpha_e = xp.reshape(alpha, tuple(alpha.shape) + (1,) * event_ndim)
     if equality:
-        return scale * alpha
+        return scale * alpha_e, EntropyResiduals(alpha, active)
     low = xp.reshape(gap > 0, tuple(gap.shape) + (1,) * event_ndim)
-    return xp.where(low, scale * alpha, scale)
+    return xp.where(low, scale * alpha_e, scale), EntropyResiduals(alpha, active)
 
 
-__all__ = ["project_entropy"]
+def entropy_vjp(
+    scale: Array, res: EntropyResiduals, g: Array, *, full: bool, equality: bool = False
+) -> Array:
+    r"""Cotangent of ``scale`` of :func:`entropy_fwd` (the bound is a constant).
+
+    Rescaled rows: :math:`\tilde L = \alpha L` with :math:`\alpha = e^{(\beta - H)/d}` and
+    :math:`\partial H/\partial L_{ii} = 1/L_{ii}`, so
+    :math:`\bar L = \alpha\bar g - \tfrac{\alpha}{d}\langle\bar g, L\rangle
+    \operatorname{diag}(1/L_{ii})`. Other rows pass :math:`\bar g` through.
+    """
+    xp = namespace_of({"scale": scale})
+    event_ndim = 2 if full else 1
+    d = scale.shape[-1]
+    if full:
+        g = xp.tril(g)
+        axes: tuple[int, ...] = (-2, -1)
+        dH = diag_embed(1.0 / diagonal(scale, xp=xp), xp=xp)
+    else:
+        axes = (-1,)
+        dH = 1.0 / scale
+    alpha = res.alpha
+    H_bar = -(alpha / d) * xp.sum(g * scale, axis=axes)
+    expand = (1,) * event_ndim
+    out = xp.reshape(alpha, tuple(alpha.shape) + expand) * g
+    out = out + xp.reshape(H_bar, tuple(H_bar.shape) + expand) * dH
+    if equality:
+        return out
+    return xp.where(xp.reshape(res.active, tuple(res.active.shape) + expand), out, g)
+
+
+__all__ = ["EntropyResiduals", "entropy_fwd", "entropy_inputs", "entropy_vjp", "project_entropy"]

@@ -7,19 +7,44 @@ shared closed form on the Mahalanobis (``scale_prec=True``) or squared Euclidean
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._inputs import Problem
 from ..distances import frobenius_cov, mean_distance
-from ..gaussian import Gaussian
-from ._core import Weights, closed_form_tau, interpolate, project_mean, select
+from ..gaussian import Gaussian, covariance
+from ._core import (
+    Cotangents,
+    Weights,
+    add_old_scale,
+    closed_form_tau,
+    closed_form_tau_vjp,
+    interpolate,
+    mean_residuals,
+    project_mean,
+    project_mean_vjp,
+    select,
+)
+from ._vjp_core import cholesky_vjp, expand, gram_vjp, tril
 
 Array = Any
 
 
-def frobenius_forward(
+class FrobeniusResiduals(NamedTuple):
+    """What :func:`frobenius_vjp` needs from the forward pass: flat, arrays only."""
+
+    tau_mean: Array
+    dist_mean: Array
+    active_mean: Array
+    tau: Array
+    dist: Array
+    active: Array
+    proj_scale: Array  # the projected scale on every row, before inactive rows are restored
+
+
+def frobenius_fwd(
     p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
-) -> tuple[Gaussian, Weights]:
+) -> tuple[Gaussian, Weights, FrobeniusResiduals]:
+    """The Frobenius projection of ``p``, its weights and the residuals of its VJP."""
     xp = p.xp
     dist_mean = mean_distance(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
@@ -30,9 +55,62 @@ def frobenius_forward(
     event_ndim = 2 if p.full else 1
     tau = closed_form_tau(dist, eps_cov, xp=xp)
     cov = interpolate(cov, old_cov, tau, event_ndim=event_ndim, xp=xp)
-    scale = xp.linalg.cholesky(cov) if p.full else xp.sqrt(cov)
-    scale = select(dist > eps_cov, scale, p.scale, event_ndim=event_ndim, xp=xp)
-    return Gaussian(mean, scale), Weights(tau_mean, tau)
+    proj = xp.linalg.cholesky(cov) if p.full else xp.sqrt(cov)
+    active = dist > eps_cov
+    scale = select(active, proj, p.scale, event_ndim=event_ndim, xp=xp)
+    res = FrobeniusResiduals(tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active, proj)
+    return Gaussian(mean, scale), Weights(tau_mean, tau), res
 
 
-__all__ = ["frobenius_forward"]
+def frobenius_forward(
+    p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
+) -> tuple[Gaussian, Weights]:
+    """The Frobenius projection of ``p`` and its two weights."""
+    return frobenius_fwd(p, eps_mean, eps_cov, scale_prec=scale_prec)[:2]
+
+
+def frobenius_vjp(
+    p: Problem, res: FrobeniusResiduals, g_mean: Array, g_scale: Array, *, scale_prec: bool = True
+) -> Cotangents:
+    r"""Cotangents of ``(mean, scale, old_mean, old_scale)`` of :func:`frobenius_fwd`.
+
+    Covariance part, active rows: :math:`\bar{\tilde\Sigma}` from the Cholesky VJP (full) or
+    :math:`\bar{\tilde\sigma} / (2\tilde\sigma)` (diagonal); with :math:`D = \Sigma - \Sigma_o`,
+    :math:`\bar d = \langle\bar{\tilde\Sigma}, D\rangle\,\partial\tau/\partial d` and
+    :math:`\bar D = \tau\bar{\tilde\Sigma} + 2\bar d D`, so :math:`\bar\Sigma = \bar D` and
+    :math:`\bar\Sigma_o = \bar{\tilde\Sigma} - \bar D`, then :math:`\Sigma = LL^\top` back to the
+    scales. Inactive rows pass ``g_scale`` through unchanged.
+    """
+    xp, full = p.xp, p.full
+    m = project_mean_vjp(
+        g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
+        coef=1.0, scale_prec=scale_prec, full=full, xp=xp,
+    )  # fmt: skip
+    event_ndim = 2 if full else 1
+    cov = covariance(p.scale, full=full, xp=xp)
+    D = cov - covariance(p.old_scale, full=full, xp=xp)
+    if full:
+        g_scale = tril(g_scale, xp=xp)
+        cov_bar = cholesky_vjp(res.proj_scale, g_scale, xp=xp)
+        tau_bar = xp.sum(cov_bar * D, axis=(-2, -1))
+    else:
+        cov_bar = 0.5 * g_scale / res.proj_scale
+        tau_bar = xp.sum(cov_bar * D, axis=-1)
+    dist_bar = closed_form_tau_vjp(tau_bar, res.tau, res.dist, res.active, xp=xp)
+    D_bar = (
+        expand(res.tau, event_ndim, xp=xp) * cov_bar + 2.0 * expand(dist_bar, event_ndim, xp=xp) * D
+    )
+    old_bar = cov_bar - D_bar
+    if full:
+        scale_bar = gram_vjp(D_bar, p.scale, xp=xp)
+        old_scale_bar = gram_vjp(old_bar, p.old_scale, xp=xp)
+    else:
+        scale_bar = 2.0 * D_bar * p.scale
+        old_scale_bar = 2.0 * old_bar * p.old_scale
+    active = expand(res.active, event_ndim, xp=xp)
+    scale_bar = xp.where(active, scale_bar, g_scale)
+    old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
+    return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
+
+
+__all__ = ["FrobeniusResiduals", "frobenius_forward", "frobenius_fwd", "frobenius_vjp"]

@@ -17,14 +17,24 @@ iterations, and the large-step regime (:math:`g \sim \tfrac12\sum\log\tau a_i`) 
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._compat import while_loop
 from .._inputs import Problem
 from ..distances import kl_cov_from_eigs, kl_eigs, kl_h, mean_distance
-from ..gaussian import Gaussian, mT, sym
-from ._core import Weights, project_mean, select
+from ..gaussian import Gaussian, diag_embed, diagonal, mT, sym
+from ._core import (
+    Cotangents,
+    Weights,
+    add_old_scale,
+    mean_residuals,
+    project_mean,
+    project_mean_vjp,
+    select,
+)
+from ._vjp_core import cholesky_vjp, expand, solve_lower, solve_lower_t, tril
 
 Array = Any
 
@@ -39,6 +49,49 @@ def _g_and_slope(tau: Array, a: Array, *, xp: Any) -> tuple[Array, Array]:
     x = tau[..., None] * a
     r = x / (1.0 + x)
     return 0.5 * xp.sum(kl_h(x, xp=xp), axis=-1), 0.5 * xp.sum(r * r, axis=-1)
+
+
+def _running(state: tuple) -> Array:
+    return ~state[3]
+
+
+def _newton_step(state: tuple, *, xp: Any) -> tuple:
+    """One safeguarded Newton step on log g against log tau; finished rows stay as they are.
+
+    The step is Newton's when it stays in the bracket and shrinks at least by half against the
+    previous one (otherwise Newton is stalling, e.g. on the steep side of a nearly singular
+    precision); else the geometric midpoint of the bracket. A row is done when its Newton
+    residual ``|log g - log eps|`` and its step are both below ``sqrt(eps_mach)``.
+    """
+    tau, lo, hi, done, a, eps, ds_old = state
+    finfo = xp.finfo(a.dtype)
+    tol = math.sqrt(finfo.eps)
+    g, slope = _g_and_slope(tau, a, xp=xp)
+    below = g <= eps
+    lo = xp.where(below, xp.maximum(lo, tau), lo)
+    hi = xp.where(below, hi, xp.minimum(hi, tau))
+    f = xp.log(g) - xp.log(eps)
+    ds = -f * (g / slope)
+    step = tau * xp.exp(ds)
+    # Accept steps inside the bracket up to rounding, so a converged iterate is never thrown back
+    # to the midpoint.
+    slack = 4.0 * finfo.eps
+    inside = (step >= lo * (1.0 - slack)) & (step <= hi * (1.0 + slack))
+    converged = inside & (xp.abs(ds) <= tol) & (xp.abs(f) <= tol)
+    ok = converged | (inside & (2.0 * xp.abs(ds) <= xp.abs(ds_old)))
+    mid = xp.sqrt(lo * hi)
+    new = xp.where(ok, xp.minimum(xp.maximum(step, lo), hi), mid)
+    ds_new = xp.where(ok, ds, 0.5 * (xp.log(hi) - xp.log(lo)))
+    tau = xp.where(done, tau, new)
+    ds_old = xp.where(done, ds_old, ds_new)
+    done = done | converged
+    return tau, lo, hi, done, a, eps, ds_old
+
+
+@functools.cache
+def _step_for(xp: Any):
+    # One function object per namespace, so JAX's while_loop reuses its trace across calls.
+    return functools.partial(_newton_step, xp=xp)
 
 
 def solve_tau(a: Array, g1: Array, eps: Array, *, xp: Any) -> Array:
@@ -60,35 +113,26 @@ def solve_tau(a: Array, g1: Array, eps: Array, *, xp: Any) -> Array:
     one = xp.ones_like(S)
     tau0 = xp.minimum(one, 2.0 * xp.sqrt(eps / S))
     lo = xp.minimum(0.5 * one, 0.5 * tau0)
-    finfo = xp.finfo(a.dtype)
-    tol = math.sqrt(finfo.eps)
-    slack = 4.0 * finfo.eps
-    log_eps = xp.log(eps)
-
-    def running(state):
-        return ~state[3]
-
-    def body(state):
-        tau, lo, hi, done = state
-        g, slope = _g_and_slope(tau, a, xp=xp)
-        below = g <= eps
-        lo = xp.where(below, xp.maximum(lo, tau), lo)
-        hi = xp.where(below, hi, xp.minimum(hi, tau))
-        ds = -(xp.log(g) - log_eps) * (g / slope)
-        step = tau * xp.exp(ds)
-        ok = (step >= lo * (1.0 - slack)) & (step <= hi * (1.0 + slack))
-        new = xp.where(ok, xp.minimum(xp.maximum(step, lo), hi), xp.sqrt(lo * hi))
-        tau = xp.where(done, tau, new)
-        done = done | (ok & (xp.abs(ds) <= tol))
-        return tau, lo, hi, done
-
-    state = (xp.where(active, tau0, one), lo, one, ~active)
-    tau = while_loop(running, body, state, max_iter=MAX_ITER, check_every=2, xp=xp)[0]
-    return xp.where(active, tau, one)
+    state = (xp.where(active, tau0, one), lo, one, ~active, a, eps, xp.full_like(S, math.inf))
+    state = while_loop(_running, _step_for(xp), state, max_iter=MAX_ITER, check_every=2, xp=xp)
+    return xp.where(active, state[0], one)
 
 
-def kl_forward(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weights]:
-    """Project ``p`` onto the KL trust region; returns the projection and its two weights."""
+class KLResiduals(NamedTuple):
+    """What :func:`kl_vjp` needs from the forward pass: flat, arrays only."""
+
+    tau_mean: Array
+    dist_mean: Array
+    active_mean: Array
+    a: Array  # eigenvalues of L_o^T Lambda L_o, minus one
+    U: Array | None  # their eigenvectors (full only)
+    tau: Array
+    active: Array
+    proj_scale: Array  # the projected scale on every row, before inactive rows are restored
+
+
+def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weights, KLResiduals]:
+    """The KL projection of ``p``, its weights and the residuals of its VJP."""
     xp = p.xp
     dist_mean = 0.5 * mean_distance(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp
@@ -102,11 +146,90 @@ def kl_forward(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, W
     if p.full:
         W = xp.matmul(p.old_scale, U)  # Sigma~ = W diag(1/t) W^T, no inverse formed
         cov = sym(xp.matmul(W / t[..., None, :], mT(W, xp=xp)), xp=xp)
-        scale = xp.linalg.cholesky(cov)
+        proj = xp.linalg.cholesky(cov)
     else:
-        scale = p.old_scale / xp.sqrt(t)
-    scale = select(g1 > eps_cov, scale, p.scale, event_ndim=2 if p.full else 1, xp=xp)
-    return Gaussian(mean, scale), Weights(tau_mean, tau)
+        proj = p.old_scale / xp.sqrt(t)
+    active = g1 > eps_cov
+    scale = select(active, proj, p.scale, event_ndim=2 if p.full else 1, xp=xp)
+    res = KLResiduals(tau_mean, dist_mean, dist_mean > eps_mean, a, U, tau, active, proj)
+    return Gaussian(mean, scale), Weights(tau_mean, tau), res
 
 
-__all__ = ["kl_forward", "solve_tau"]
+def kl_forward(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weights]:
+    """Project ``p`` onto the KL trust region; returns the projection and its two weights."""
+    return kl_fwd(p, eps_mean, eps_cov)[:2]
+
+
+def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotangents:
+    r"""Cotangents of ``(mean, scale, old_mean, old_scale)`` of :func:`kl_fwd`, by the implicit
+    function theorem on :math:`g(\tau, \Lambda, \Lambda_o) = \epsilon_\Sigma`.
+
+    With :math:`G = \partial\ell/\partial\tilde\Lambda`, :math:`D = \Lambda - \Lambda_o`,
+    :math:`M = \tfrac12\tilde\Sigma(\tilde\Lambda - \Lambda_o)\tilde\Sigma` and
+    :math:`\kappa = \langle G, D\rangle / \langle M, D\rangle` (the denominator is
+    :math:`g'(\tau) > 0` on active rows, never clamped):
+
+    .. math::
+        \bar\Lambda = \tau (G - \kappa M), \qquad
+        \bar\Lambda_o = (1 - \tau)(G - \kappa M) + \tfrac{\kappa}{2}(\Sigma_o - \tilde\Sigma),
+
+    the last term from the direct dependence of
+    :math:`\mathrm{KL}_\Sigma(\tilde\Lambda\|\Lambda_o) =
+    \tfrac12[\operatorname{tr}(\Lambda_o\tilde\Sigma) - d - \log|\Lambda_o| +
+    \log|\tilde\Lambda|]` on :math:`\Lambda_o`. Everything is evaluated in the basis
+    :math:`V = L_oU` of the forward's ``eigh`` (used, never differentiated), where
+    :math:`V^\top\Lambda_oV = I`, :math:`V^\top\Lambda V = \operatorname{diag}(1 + a)` and
+    :math:`G, M` and the two cotangents are diagonal up to :math:`\bar{\tilde\Sigma}`;
+    back in scales it takes triangular solves with :math:`L_o` only. Diagonal Gaussians are the
+    same with :math:`U = I`, elementwise. Inactive rows pass ``g_scale`` through.
+    """
+    xp, full = p.xp, p.full
+    m = project_mean_vjp(
+        g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
+        coef=0.5, scale_prec=True, full=full, xp=xp,
+    )  # fmt: skip
+    a, tau, active = res.a, res.tau, res.active
+    tau_e = tau[..., None]
+    t = 1.0 + tau_e * a
+    lam = 1.0 + a
+    # m_i: M in the basis V; dg/dtau = <M, D> = sum_i m_i a_i.
+    m_eig = 0.5 * tau_e * a / (t * t)
+    dg_dtau = xp.where(active, xp.sum(m_eig * a, axis=-1), xp.ones_like(tau))
+    if full:
+        L, L_o, U = p.scale, p.old_scale, res.U
+        g_scale = tril(g_scale, xp=xp)
+        cov_bar = cholesky_vjp(res.proj_scale, g_scale, xp=xp)
+        V = xp.matmul(L_o, U)
+        C = xp.matmul(xp.matmul(mT(V, xp=xp), cov_bar), V)
+        G = -C / (t[..., :, None] * t[..., None, :])  # dl/dLambda~ in the basis V
+        kappa = xp.sum(diagonal(G, xp=xp) * a, axis=-1) / dg_dtau
+        k = kappa[..., None]
+        H = G - diag_embed(k * m_eig, xp=xp)
+        prec_bar = tau[..., None, None] * H
+        old_prec_bar = (1.0 - tau[..., None, None]) * H + diag_embed(
+            (0.5 * k) * tau_e * a / t, xp=xp
+        )
+        # Sigma_bar = -Lambda Lambda_bar Lambda = -L_o^-T U [lam Lhat lam] U^T L_o^-1, then
+        # L_bar = tril(2 Sigma_bar L); and Sigma_o_bar = -L_o^-T U Lhat_o U^T L_o^-1.
+        Ut = mT(U, xp=xp)
+        Y = xp.matmul(xp.matmul(U, lam[..., :, None] * prec_bar * lam[..., None, :]), Ut)
+        Y = solve_lower_t(L_o, sym(Y, xp=xp), xp=xp)
+        scale_bar = tril(-2.0 * xp.matmul(Y, solve_lower(L_o, L, xp=xp)), xp=xp)
+        Y_o = sym(xp.matmul(xp.matmul(U, old_prec_bar), Ut), xp=xp)
+        old_scale_bar = tril(-2.0 * solve_lower_t(L_o, Y_o, xp=xp), xp=xp)
+        event_ndim = 2
+    else:
+        # sigma~ = sigma_o / sqrt(t): t_bar = -g sigma~ / (2t); a_i = sigma_o^2/sigma^2 - 1.
+        t_bar = -0.5 * g_scale * res.proj_scale / t
+        kappa = xp.sum(t_bar * a, axis=-1) / dg_dtau
+        a_bar = tau_e * t_bar - kappa[..., None] * tau_e * m_eig
+        scale_bar = -2.0 * a_bar * lam / p.scale
+        old_scale_bar = g_scale / xp.sqrt(t) + 2.0 * a_bar * lam / p.old_scale
+        event_ndim = 1
+    act = expand(active, event_ndim, xp=xp)
+    scale_bar = xp.where(act, scale_bar, g_scale)
+    old_scale_bar = xp.where(act, old_scale_bar, xp.zeros_like(old_scale_bar))
+    return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
+
+
+__all__ = ["KLResiduals", "kl_forward", "kl_fwd", "kl_vjp", "solve_tau"]

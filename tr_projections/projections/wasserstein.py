@@ -9,35 +9,147 @@ nothing but elementwise arithmetic is needed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._inputs import Problem
-from ..distances import mean_distance, wasserstein_cov
+from ..distances import mean_distance, wasserstein_chart
 from ..gaussian import Gaussian, sym
-from ._core import Weights, closed_form_tau, interpolate, project_mean, select
+from ._core import (
+    Cotangents,
+    Weights,
+    add_old_scale,
+    closed_form_tau,
+    closed_form_tau_vjp,
+    interpolate,
+    mean_residuals,
+    project_mean,
+    project_mean_vjp,
+    select,
+)
+from ._vjp_core import cholesky_vjp, expand, gram_vjp, sqrtm_vjp, square_vjp, tril
 
 Array = Any
 
 
-def wasserstein_forward(
+class WassersteinResiduals(NamedTuple):
+    """What :func:`wasserstein_vjp` needs from the forward pass: flat, arrays only. The roots
+    and eigenbases are ``None`` for diagonal Gaussians (the chart is the stds themselves)."""
+
+    tau_mean: Array
+    dist_mean: Array
+    active_mean: Array
+    tau: Array
+    dist: Array
+    active: Array
+    root: Array | None
+    old_root: Array | None
+    old_root_inv: Array | None
+    U: Array | None
+    s: Array | None
+    old_U: Array | None
+    old_s: Array | None
+    proj_root: Array | None
+    proj_scale: Array  # the projected scale on every row, before inactive rows are restored
+
+
+def wasserstein_fwd(
     p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
-) -> tuple[Gaussian, Weights]:
+) -> tuple[Gaussian, Weights, WassersteinResiduals]:
+    """The W2 projection of ``p``, its weights and the residuals of its VJP."""
     xp = p.xp
     dist_mean = mean_distance(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
 
-    dist, chart = wasserstein_cov(p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
+    dist, chart, eig = wasserstein_chart(
+        p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
+    )
     event_ndim = 2 if p.full else 1
     tau = closed_form_tau(dist, eps_cov, xp=xp)
     root = interpolate(chart.root, chart.old_root, tau, event_ndim=event_ndim, xp=xp)
     if p.full:
-        scale = xp.linalg.cholesky(sym(xp.matmul(root, root), xp=xp))
+        proj = xp.linalg.cholesky(sym(xp.matmul(root, root), xp=xp))
     else:
-        scale = root
-    scale = select(dist > eps_cov, scale, p.scale, event_ndim=event_ndim, xp=xp)
-    return Gaussian(mean, scale), Weights(tau_mean, tau)
+        proj = root
+    active = dist > eps_cov
+    scale = select(active, proj, p.scale, event_ndim=event_ndim, xp=xp)
+    mean_res = (tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active)
+    if p.full:
+        res = WassersteinResiduals(*mean_res, *chart, *eig, root, proj)
+    else:
+        res = WassersteinResiduals(*mean_res, *(None,) * 8, proj)
+    return Gaussian(mean, scale), Weights(tau_mean, tau), res
 
 
-__all__ = ["wasserstein_forward"]
+def wasserstein_forward(
+    p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
+) -> tuple[Gaussian, Weights]:
+    """The W2 projection of ``p`` and its two weights."""
+    return wasserstein_fwd(p, eps_mean, eps_cov, scale_prec=scale_prec)[:2]
+
+
+def wasserstein_vjp(
+    p: Problem, res: WassersteinResiduals, g_mean: Array, g_scale: Array, *, scale_prec: bool = True
+) -> Cotangents:
+    r"""Cotangents of ``(mean, scale, old_mean, old_scale)`` of :func:`wasserstein_fwd`.
+
+    Full, active rows: Cholesky VJP to :math:`\bar{\tilde\Sigma}`, then
+    :math:`\bar{\tilde S} = \bar{\tilde\Sigma}\tilde S + \tilde S\bar{\tilde\Sigma}`; with
+    :math:`\Delta = S - S_o` and :math:`\bar d = \langle\bar{\tilde S}, \Delta\rangle
+    \partial\tau/\partial d`, :math:`\bar S = \tau\bar{\tilde S} + \bar d\,\partial d/\partial S`
+    and :math:`\bar S_o = (1-\tau)\bar{\tilde S} + \bar d\,\partial d/\partial S_o`, where for
+    :math:`d = \|R\Delta\|_F^2`, :math:`R = S_o^{-1}`, :math:`E = R\Delta`:
+    :math:`\partial d/\partial S = 2\operatorname{sym}(RE)` and
+    :math:`\partial d/\partial S_o = -2\operatorname{sym}(RES R)` (unscaled: :math:`\pm 2\Delta`).
+    The symmetric-root VJP in each eigenbasis and :math:`\Sigma = LL^\top` lead back to the
+    scales. Diagonal Gaussians: the same, elementwise, with :math:`S = \sigma`. Inactive rows pass
+    ``g_scale`` through.
+    """
+    xp, full = p.xp, p.full
+    m = project_mean_vjp(
+        g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
+        coef=1.0, scale_prec=scale_prec, full=full, xp=xp,
+    )  # fmt: skip
+    event_ndim = 2 if full else 1
+    axes = (-2, -1) if full else (-1,)
+    if full:
+        g_scale = tril(g_scale, xp=xp)
+        root_bar = square_vjp(res.proj_root, cholesky_vjp(res.proj_scale, g_scale, xp=xp), xp=xp)
+        root, old_root = res.root, res.old_root
+    else:
+        root_bar = g_scale
+        root, old_root = p.scale, p.old_scale
+    delta = root - old_root
+    tau_bar = xp.sum(root_bar * delta, axis=axes)
+    dist_bar = expand(
+        closed_form_tau_vjp(tau_bar, res.tau, res.dist, res.active, xp=xp), event_ndim, xp=xp
+    )
+    tau = expand(res.tau, event_ndim, xp=xp)
+    if not scale_prec:
+        d_root = 2.0 * delta
+        d_old = -d_root
+    elif full:
+        R = res.old_root_inv
+        RE = xp.matmul(R, xp.matmul(R, delta))
+        d_root = 2.0 * sym(RE, xp=xp)
+        d_old = -2.0 * sym(xp.matmul(xp.matmul(RE, root), R), xp=xp)
+    else:
+        r = delta / old_root
+        d_root = 2.0 * r / old_root
+        d_old = -d_root * root / old_root
+    bar = tau * root_bar + dist_bar * d_root
+    old_bar = (1.0 - tau) * root_bar + dist_bar * d_old
+    if full:
+        scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, bar, xp=xp), p.scale, xp=xp)
+        old_bar = sqrtm_vjp(res.old_U, res.old_s, old_bar, xp=xp)
+        old_scale_bar = gram_vjp(old_bar, p.old_scale, xp=xp)
+    else:
+        scale_bar, old_scale_bar = bar, old_bar
+    active = expand(res.active, event_ndim, xp=xp)
+    scale_bar = xp.where(active, scale_bar, g_scale)
+    old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
+    return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
+
+
+__all__ = ["WassersteinResiduals", "wasserstein_forward", "wasserstein_fwd", "wasserstein_vjp"]

@@ -1,0 +1,57 @@
+"""Shared fixtures: one ``xp`` fixture over the installed backends.
+
+Select backends with ``TRP_BACKENDS=numpy,torch`` (default: every usable one). Hypothesis
+profiles: ``ci`` (default, fast) and ``long`` (``HYPOTHESIS_PROFILE=long``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from tr_projections.testing import available_backends, get_backend
+
+settings.register_profile(
+    "ci",
+    max_examples=int(os.environ.get("TRP_EXAMPLES", "15")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "long",
+    max_examples=int(os.environ.get("TRP_EXAMPLES", "500")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = available_backends()
+
+
+@pytest.fixture(params=BACKENDS, scope="session")
+def backend(request):
+    """A :class:`tr_projections.testing.Backend` (namespace, converters) per usable library."""
+    return get_backend(request.param)
+
+
+@pytest.fixture(scope="session")
+def xp(backend):
+    """The array namespace of the backend under test."""
+    return backend.xp
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the worst measured values and example counts of the property tests."""
+    from _report import COUNTS, WORST
+
+    if not WORST and not COUNTS:
+        return
+    tr = terminalreporter
+    tr.section("tr_projections: worst measured values")
+    for (check, dtype), value in sorted(WORST.items()):
+        tr.write_line(f"{check:<40} {dtype:<8} {value: .3e}")
+    for name, n in sorted(COUNTS.items()):
+        tr.write_line(f"{name:<49} {n}")

@@ -1,0 +1,188 @@
+"""Property tests of the projections: every invariant, method, kind, dtype and backend.
+
+Data are float64 NumPy cases from :mod:`tr_projections.testing.strategies`, cast to the dtype and
+backend under test; checks are the public :mod:`tr_projections.testing.invariants`, which compare
+against dense float64 NumPy references with the tolerances stated once in ``TOLERANCES``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _report import count, record
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tr_projections as trp
+from tr_projections.testing import invariants as inv
+from tr_projections.testing.strategies import bounds_for, policy_pairs
+
+METHODS = ["kl", "frobenius", "wasserstein"]
+KINDS = ["diag", "full"]
+DTYPES = ["float64", "float32"]
+
+# The data each dtype is tested on: float32 gets milder conditioning and steps that are not
+# below its resolution (the extremes are the robustness suite's business). Shapes come from a
+# small set, since eager JAX compiles every operation anew for every shape it meets.
+DIMS = st.sampled_from([1, 2, 3, 6])
+BATCHES = st.sampled_from([(), (1,), (4,), (2, 3)])
+DATA = {
+    "float64": dict(max_cond=1e3, min_step=1e-4, dims=DIMS, batch=BATCHES),
+    "float32": dict(max_cond=1e2, min_step=1e-2, dims=DIMS, batch=BATCHES),
+}
+
+
+@st.composite
+def cases(draw, method: str, kind: str, dtype: str, **overrides):
+    pair = draw(policy_pairs(kind=kind, **{**DATA[dtype], **overrides}))
+    m, c = inv.reference_distances(method, pair.new, pair.old, full=pair.full)
+    eps_mean, eps_cov = draw(bounds_for(m, c))
+    return pair, eps_mean, eps_cov
+
+
+def _to(backend, x: np.ndarray, dtype: str):
+    return backend.asarray(np.asarray(x, dtype=dtype))
+
+
+def _run(backend, method, pair, eps_mean, eps_cov, dtype):
+    args = [_to(backend, x, dtype) for x in (*pair.new, *pair.old)]
+    out = trp.project(*args, method=method, eps_mean=eps_mean, eps_cov=eps_cov)
+    return args, out
+
+
+param_all = pytest.mark.parametrize(
+    "method,kind,dtype",
+    [(m, k, t) for m in METHODS for k in KINDS for t in DTYPES],
+)
+
+
+@param_all
+def test_bounds_hold(backend, method, kind, dtype):
+    @given(cases(method, kind, dtype))
+    def run(case):
+        pair, em, ec = case
+        args, out = _run(backend, method, pair, em, ec, dtype)
+        rep = inv.check_bounds(
+            method, out, args[2:], full=pair.full, eps_mean=em, eps_cov=ec, dtype=dtype
+        )
+        record(f"bound excess, mean ({method})", dtype, rep.mean_excess)
+        record(f"bound excess, cov ({method})", dtype, rep.cov_excess)
+        count("examples: bounds")
+
+    run()
+
+
+@param_all
+def test_inside_states_unchanged(backend, method, kind, dtype):
+    @given(cases(method, kind, dtype))
+    def run(case):
+        pair, em, ec = case
+        args, out = _run(backend, method, pair, em, ec, dtype)
+        n = inv.check_unchanged_inside(
+            method, args[:2], args[2:], out, full=pair.full, eps_mean=em, eps_cov=ec, dtype=dtype
+        )
+        count("examples: unchanged inside")
+        count("inside parts checked bit for bit", n)
+
+    run()
+
+
+@param_all
+def test_one_weight_interpolation_on_boundary(backend, method, kind, dtype):
+    @given(cases(method, kind, dtype))
+    def run(case):
+        pair, em, ec = case
+        args, out = _run(backend, method, pair, em, ec, dtype)
+        rep = inv.check_interpolation(
+            method, args[:2], args[2:], out, full=pair.full, eps_mean=em, eps_cov=ec, dtype=dtype
+        )
+        record(f"chart residual ({method})", dtype, rep.worst_residual)
+        record(f"boundary gap ({method})", dtype, rep.worst_boundary)
+        count("examples: interpolation")
+
+    run()
+
+
+@param_all
+def test_batch_equals_rows(backend, method, kind, dtype):
+    xp = backend.xp
+
+    @given(cases(method, kind, dtype, batch=st.just((4,)), shared_old=False))
+    def run(case):
+        pair, em, ec = case
+        args, out = _run(backend, method, pair, em, ec, dtype)
+        worst = inv.check_batch_consistency(
+            trp.project,
+            args,
+            out,
+            full=pair.full,
+            dtype=dtype,
+            take=lambda x, i: xp.take(x, xp.asarray([i]), axis=0)[0, ...],
+            method=method,
+            eps_mean=em,
+            eps_cov=ec,
+        )
+        record("batch vs rows", dtype, worst)
+        count("examples: batch")
+
+    run()
+
+
+@param_all
+def test_broadcast_old_equals_tiled(backend, method, kind, dtype):
+    @given(cases(method, kind, dtype, batch=st.just((4,)), shared_old=True))
+    def run(case):
+        pair, em, ec = case
+        n = pair.new.mean.shape[0]
+        args, out = _run(backend, method, pair, em, ec, dtype)
+        tiled = [np.broadcast_to(x, (n, *x.shape)) for x in pair.old]
+        out_t = trp.project(
+            *args[:2],
+            *(_to(backend, x, dtype) for x in tiled),
+            method=method,
+            eps_mean=em,
+            eps_cov=ec,
+        )
+        tol = inv.tolerance(dtype).batch
+        for a, b in zip(out, out_t, strict=True):
+            a, b = backend.to_numpy(a), backend.to_numpy(b)
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(b)))
+
+    run()
+
+
+@param_all
+def test_metadata_and_no_mutation(backend, method, kind, dtype):
+    @given(cases(method, kind, dtype))
+    def run(case):
+        pair, em, ec = case
+        args = [_to(backend, x, dtype) for x in (*pair.new, *pair.old)]
+        before = [np.array(backend.to_numpy(a), dtype=np.float64) for a in args]
+        out = trp.project(*args, method=method, eps_mean=em, eps_cov=ec)
+        batch = np.broadcast_shapes(pair.new.mean.shape[:-1], pair.old.mean.shape[:-1])
+        event = (pair.d, pair.d) if pair.full else (pair.d,)
+        inv.check_metadata(out, args[0], shapes=[(*batch, pair.d), (*batch, *event)])
+        inv.check_not_mutated(before, args)
+
+    run()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_distances_match_dense(backend, method, kind):
+    """The library's distances agree with the dense float64 formulas (KL with its closed form)."""
+
+    @given(policy_pairs(kind=kind, **DATA["float64"]))
+    def run(pair):
+        args = [_to(backend, x, "float64") for x in (*pair.new, *pair.old)]
+        for scale_prec in (True, False) if method != "kl" else (True,):
+            kw = {} if method == "kl" else {"scale_prec": scale_prec}
+            got = getattr(trp, method)(*args, **kw)
+            ref = inv.reference_distances(
+                method, pair.new, pair.old, full=pair.full, scale_prec=scale_prec
+            )
+            for g, r in zip(got, ref, strict=True):
+                g = backend.to_numpy(g)
+                np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12 * max(1, np.max(r)))
+
+    run()

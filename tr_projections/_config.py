@@ -1,0 +1,90 @@
+"""The one switch of the package: whether input *values* are checked.
+
+Checks on shapes, dtypes, devices, libraries and Python-number bounds are free and always run.
+Checks on values (non-finite entries, non-positive standard deviations or Cholesky diagonals,
+non-triangular Cholesky factors, bound arrays that are not positive) read the arrays: a few
+reductions and one device-to-host synchronisation per call. They run by default on eager arrays;
+turn them off for speed, process-wide or for a block of code:
+
+>>> import tr_projections as trp
+>>> trp.checks_enabled()
+True
+>>> with trp.checks(False):
+...     trp.checks_enabled()
+False
+>>> previous = trp.set_checks(False)   # process-wide; returns the previous setting
+>>> _ = trp.set_checks(previous)
+
+The process-wide default can also be set before import with the environment variable
+``TRP_CHECKS=0`` (``1`` to enable; any other value is an error). :func:`checks` overrides the
+process-wide setting in the current thread or asyncio task only (it is a
+:class:`contextvars.ContextVar`), so it is safe with threads and nests.
+
+Under tracing (``jax.jit``, ``jax.vmap``, ``torch.func`` transforms, ``torch.compile``) values
+cannot be read, and value checks are skipped whatever the switch says; see ``docs/robustness.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+__all__ = ["checks", "checks_enabled", "set_checks"]
+
+_ENV = "TRP_CHECKS"
+
+
+def _from_env() -> bool:
+    raw = os.environ.get(_ENV, "1").strip().lower()
+    if raw in ("1", "true", "yes", "on", ""):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {_ENV} must be 0 or 1, got {raw!r}")
+
+
+_GLOBAL = [_from_env()]
+#: Per-thread/task override set by :func:`checks`; ``None`` means "use the process-wide value".
+_OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "tr_projections_checks", default=None
+)
+
+
+def checks_enabled() -> bool:
+    """Whether value checks run for eager arrays in the current context."""
+    override = _OVERRIDE.get()
+    return _GLOBAL[0] if override is None else override
+
+
+def set_checks(enabled: bool) -> bool:
+    """Turn value checks on or off process-wide; returns the previous process-wide setting.
+
+    A :func:`checks` block that is active in the current context still takes precedence.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"`enabled` must be True or False, got {enabled!r}")
+    previous = _GLOBAL[0]
+    _GLOBAL[0] = enabled
+    return previous
+
+
+@contextlib.contextmanager
+def checks(enabled: bool = True) -> Iterator[None]:
+    """Turn value checks on or off inside a ``with`` block (current thread or task only).
+
+    Examples
+    --------
+    >>> import numpy as np, tr_projections as trp
+    >>> with trp.checks(False):   # hot loop: trust the inputs
+    ...     out = trp.project_kl(np.zeros(2), np.ones(2), np.zeros(2), np.ones(2),
+    ...                          eps_mean=0.1, eps_cov=0.1)
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"`enabled` must be True or False, got {enabled!r}")
+    token = _OVERRIDE.set(enabled)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)

@@ -1,0 +1,135 @@
+"""Adapters that register the hand-written VJPs with each library's autodiff.
+
+* PyTorch tensors go through one :class:`torch.autograd.Function` (:mod:`.torch`), with separate
+  ``forward`` and ``setup_context``, so ``loss.backward()``, ``torch.func.grad``/``vmap`` and
+  ``torch.compile`` all use the hand-written VJPs;
+* JAX arrays go through one :func:`jax.custom_vjp` (:mod:`.jax`), so ``jax.grad``, ``jit``,
+  ``vmap`` and their compositions do;
+* every array library, these two included, has :func:`vjp`, the ``jax.vjp`` convention.
+
+An adapter module is imported only when the caller's arrays belong to its library. The adapters
+contain no math: both wrap :func:`._common.forward` and :func:`._common.backward`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .. import _compat
+from .._inputs import namespace_of
+
+__all__ = ["apply", "vjp"]
+
+Array = Any
+
+
+def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
+    """Run operation ``kind`` through the adapter of the arrays' library; returns its outputs."""
+    from ._common import OPERATIONS, forward
+
+    xp = namespace_of(dict(zip(OPERATIONS[kind].arg_names, arrays, strict=True)))
+    if _compat.is_torch(xp):
+        from . import torch as adapter
+    elif _compat.is_jax(xp):
+        from . import jax as adapter
+    else:  # no autodiff to register with: the plain forward (gradients through `vjp`)
+        return forward(kind, arrays, bounds, options)[0]
+    return adapter.apply(kind, arrays, bounds, options)
+
+
+def _bind(fn: Callable, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, dict]:
+    """``(kind, arrays, bounds, options)`` of a call ``fn(*args, **kwargs)`` of a public
+    projection function."""
+    from .. import projections as P
+
+    if fn is P.project_entropy:
+        b = inspect.signature(fn).bind(*args, **kwargs)
+        b.apply_defaults()
+        a = b.arguments
+        _, full, beta = P.entropy.entropy_inputs(a["scale"], a["min_entropy"], a["full"])
+        return "entropy", (a["scale"],), (beta,), {"full": full, "equality": bool(a["equality"])}
+    kinds = {
+        P.project_kl: "kl",
+        P.project_frobenius: "frobenius",
+        P.project_wasserstein: "wasserstein",
+    }
+    if fn is P.project:
+        b = inspect.signature(fn).bind(*args, **kwargs)
+        a = b.arguments
+        method = a.get("method")
+        if method not in P.METHODS:
+            raise ValueError(f"`method` must be one of {sorted(P.METHODS)}, got {method!r}")
+        fn = P.METHODS[method]
+        args = tuple(a[n] for n in ("mean", "scale", "old_mean", "old_scale") if n in a)
+        kwargs = {
+            "eps_mean": a.get("eps_mean"),
+            "eps_cov": a.get("eps_cov"),
+            **a.get("options", {}),
+        }
+    if fn not in kinds:
+        names = "project, project_kl, project_frobenius, project_wasserstein, project_entropy"
+        raise TypeError(f"`fn` must be one of tr_projections' projections ({names}), got {fn!r}")
+    b = inspect.signature(fn).bind(*args, **kwargs)
+    b.apply_defaults()
+    a = dict(b.arguments)
+    arrays = tuple(a.pop(n) for n in ("mean", "scale", "old_mean", "old_scale"))
+    bounds = (a.pop("eps_mean"), a.pop("eps_cov"))
+    return kinds[fn], arrays, bounds, a
+
+
+def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
+    r"""Evaluate a projection and return its vector–Jacobian product, as :func:`jax.vjp` does.
+
+    ``out, vjp_fn = vjp(fn, *args, **kwargs)`` computes ``out = fn(*args, **kwargs)`` for one of
+    :func:`~tr_projections.project_kl`, :func:`~tr_projections.project_frobenius`,
+    :func:`~tr_projections.project_wasserstein`, :func:`~tr_projections.project` and
+    :func:`~tr_projections.project_entropy`. ``vjp_fn(cotangent)`` takes a cotangent of ``out``
+    (a :class:`~tr_projections.Gaussian` ``(g_mean, g_scale)`` for projections, an array for the
+    entropy projection; ``None`` entries mean zero) and returns the cotangents of the array
+    arguments in the caller's library, shapes and dtypes: ``(mean, scale, old_mean, old_scale)``
+    for projections, ``(scale,)`` for the entropy projection. Bounds are constants.
+
+    Works for every array library (NumPy, CuPy, array-api-strict, PyTorch, JAX) with the same
+    hand-written VJPs that the torch and JAX adapters register. Cotangents of full (Cholesky)
+    scales are lower triangular: entry ``(i, j)``, ``i >= j``, is the derivative with respect to
+    ``L[i, j]``; the strict upper triangle of an incoming ``g_scale`` is ignored. ``vjp_fn`` can
+    be called any number of times; ``vjp`` itself is first order (its outputs are not tracked by
+    torch's or JAX's autodiff).
+
+    Examples
+    --------
+    >>> import numpy as np, tr_projections as trp
+    >>> out, vjp_fn = trp.vjp(trp.project_frobenius, np.ones(2), np.full(2, 2.0),
+    ...                       np.zeros(2), np.ones(2), eps_mean=0.5, eps_cov=0.5)
+    >>> g_mean, g_scale, g_old_mean, g_old_scale = vjp_fn(trp.Gaussian(np.ones(2), np.zeros(2)))
+    >>> g_mean.shape, g_old_scale.shape
+    ((2,), (2,))
+    """
+    from ..projections._core import Cotangents
+    from ._common import OPERATIONS, backward, forward
+
+    kind, arrays, bounds, options = _bind(fn, args, kwargs)
+    op = OPERATIONS[kind]
+    xp = namespace_of(dict(zip(op.arg_names, arrays, strict=True)))
+    arrays = tuple(_compat.stop_gradient(x, xp=xp) for x in arrays)
+    outs, res = forward(kind, arrays, bounds, options)
+
+    def vjp_fn(cotangent: Any) -> tuple:
+        if op.n_out == 1:
+            cots = tuple(cotangent) if isinstance(cotangent, (tuple, list)) else (cotangent,)
+        else:
+            cots = tuple(cotangent)
+        if len(cots) != op.n_out:
+            raise ValueError(
+                f"the cotangent must match the output: {op.n_out} array(s), got {len(cots)}"
+            )
+        grads = backward(kind, arrays, res, cots, options)
+        return Cotangents(*grads) if op.n_out == 2 else grads
+
+    if op.n_out == 2:
+        from ..gaussian import Gaussian
+
+        return Gaussian(*outs), vjp_fn
+    return outs[0], vjp_fn

@@ -1,0 +1,114 @@
+"""The one forward/backward pair every adapter registers, for every projection.
+
+An *operation* is a projection (``"kl"``, ``"frobenius"``, ``"wasserstein"``) or the entropy
+projection (``"entropy"``). :func:`forward` checks and broadcasts the raw arguments, runs the
+projection and returns its outputs with the residuals of its VJP (a flat NamedTuple of arrays and
+``None``); :func:`backward` runs the hand-written VJP and brings every cotangent back to the shape
+and dtype of its raw argument (summing over broadcast axes). Both are plain array-API code: the
+torch and JAX adapters wrap exactly these two functions, and :func:`tr_projections.vjp` calls them
+directly for every other library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .._inputs import bound, namespace_of, prepare
+from ..projections.entropy import EntropyResiduals, entropy_fwd, entropy_vjp
+from ..projections.frobenius import FrobeniusResiduals, frobenius_fwd, frobenius_vjp
+from ..projections.kl import KLResiduals, kl_fwd, kl_vjp
+from ..projections.wasserstein import WassersteinResiduals, wasserstein_fwd, wasserstein_vjp
+
+Array = Any
+
+PROJECTION_ARGS = ("mean", "scale", "old_mean", "old_scale")
+
+
+class Operation(NamedTuple):
+    """A differentiable operation: names of its array arguments, number of outputs, the type
+    of its residuals, and its forward and backward on raw (unbroadcast) arguments."""
+
+    arg_names: tuple[str, ...]
+    n_out: int
+    residuals: type
+    forward: Callable[[tuple, tuple, dict], tuple[tuple, Any]]
+    backward: Callable[[tuple, Any, tuple, dict], tuple]
+
+
+def _cotangent(g: Array | None, like: Array, *, xp: Any) -> Array:
+    """An incoming cotangent as an array of ``like``'s shape and dtype (``None`` means zero)."""
+    if g is None:
+        return xp.zeros_like(like)
+    if g.dtype != like.dtype:
+        g = xp.astype(g, like.dtype)
+    if tuple(g.shape) != tuple(like.shape):
+        g = xp.broadcast_to(g, tuple(like.shape))
+    return g
+
+
+def _projection(fwd: Callable, vjp: Callable, residuals: type) -> Operation:
+    def forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+        p = prepare(*arrays)
+        eps_mean = bound(bounds[0], "eps_mean", p)
+        eps_cov = bound(bounds[1], "eps_cov", p)
+        out, _, res = fwd(p, eps_mean, eps_cov, **options)
+        return tuple(out), res
+
+    def backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
+        p = prepare(*arrays)
+        g_mean = _cotangent(cots[0], p.mean, xp=p.xp)
+        g_scale = _cotangent(cots[1], p.scale, xp=p.xp)
+        return tuple(vjp(p, res, g_mean, g_scale, **options))
+
+    return Operation(PROJECTION_ARGS, 2, residuals, forward, backward)
+
+
+def _entropy_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+    out, res = entropy_fwd(arrays[0], bounds[0], **options)
+    return (out,), res
+
+
+def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
+    scale = arrays[0]
+    g = _cotangent(cots[0], scale, xp=namespace_of({"scale": scale}))
+    return (entropy_vjp(scale, res, g, **options),)
+
+
+OPERATIONS: dict[str, Operation] = {
+    "kl": _projection(kl_fwd, kl_vjp, KLResiduals),
+    "frobenius": _projection(frobenius_fwd, frobenius_vjp, FrobeniusResiduals),
+    "wasserstein": _projection(wasserstein_fwd, wasserstein_vjp, WassersteinResiduals),
+    "entropy": Operation(("scale",), 1, EntropyResiduals, _entropy_forward, _entropy_backward),
+}
+
+
+def forward(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+    """Outputs and residuals of operation ``kind`` on the raw ``arrays``."""
+    return OPERATIONS[kind].forward(arrays, bounds, options)
+
+
+def unbroadcast(x: Array, like: Array, *, xp: Any) -> Array:
+    """Sum ``x`` over the axes that broadcasting added to ``like`` and cast to its dtype."""
+    shape = tuple(like.shape)
+    extra = x.ndim - len(shape)
+    if extra > 0:
+        x = xp.sum(x, axis=tuple(range(extra)))
+    axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n == 1 != m)
+    if axes:
+        x = xp.sum(x, axis=axes, keepdims=True)
+    if x.dtype != like.dtype:
+        x = xp.astype(x, like.dtype)
+    return x
+
+
+def backward(kind: str, arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
+    """Cotangents of the raw ``arrays`` (their shapes and dtypes) of operation ``kind``.
+
+    ``cots`` holds one cotangent per output (``None`` for zero). The one place where
+    cotangents are summed over broadcast axes and cast back, for every adapter.
+    """
+    op = OPERATIONS[kind]
+    xp = namespace_of(dict(zip(op.arg_names, arrays, strict=True)))
+    grads = op.backward(arrays, res, tuple(cots), options)
+    return tuple(unbroadcast(g, x, xp=xp) for g, x in zip(grads, arrays, strict=True))

@@ -1,0 +1,59 @@
+"""JAX adapter: one :func:`jax.custom_vjp` that registers the hand-written VJPs.
+
+Python-float bounds and options are static (``nondiff_argnums``); bound arrays are ordinary
+arguments whose cotangent is zero (bounds are constants). The forward is traceable (the KL solver
+is a ``lax.while_loop``), so ``jit``, ``vmap``, ``grad`` and ``jit(grad)`` all work.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _common
+
+
+def _merge(static_bounds: tuple, bounds: tuple) -> tuple:
+    return tuple(s if b is None else b for s, b in zip(static_bounds, bounds, strict=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _operation(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
+    kind, options, static_bounds = static
+    return _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))[0]
+
+
+def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
+    kind, options, static_bounds = static
+    outs, res = _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))
+    return outs, (res, bounds, arrays)
+
+
+def _zero(b: Any) -> Any:
+    if b is None:
+        return None
+    if jnp.issubdtype(b.dtype, jnp.inexact):
+        return jnp.zeros_like(b)
+    return np.zeros(b.shape, dtype=jax.dtypes.float0)  # integer bounds take float0 cotangents
+
+
+def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
+    kind, options, _ = static
+    res, bounds, arrays = carry
+    grads = _common.backward(kind, arrays, res, cots, dict(options))
+    return tuple(_zero(b) for b in bounds), tuple(grads)
+
+
+_operation.defvjp(_fwd, _bwd)
+
+
+def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
+    """Outputs of operation ``kind``, differentiable with ``jax.grad`` under ``jit``/``vmap``."""
+    static_bounds = tuple(b if isinstance(b, (int, float)) else None for b in bounds)
+    dynamic = tuple(None if isinstance(b, (int, float)) else b for b in bounds)
+    static = (kind, tuple(sorted(options.items())), static_bounds)
+    return tuple(_operation(static, dynamic, tuple(arrays)))

@@ -1,0 +1,96 @@
+r"""Vector–Jacobian products of the maps between charts, shared by every projection's VJP.
+
+Conventions used by every function here and by the projections' VJPs:
+
+* A cotangent :math:`\bar X` of a **symmetric** matrix :math:`X` is symmetric and pairs with
+  symmetric perturbations: :math:`d\ell = \langle \bar X, dX \rangle` for :math:`dX = dX^\top`.
+* A cotangent :math:`\bar L` of a **Cholesky factor** is lower triangular: entry ``(i, j)``,
+  ``i >= j``, is :math:`\partial\ell/\partial L_{ij}`; the strict upper triangle is zero, because
+  the functions only read the lower triangle. Incoming cotangents of a Cholesky output have their
+  strict upper triangle ignored (that part of the output is constantly zero).
+
+No function here differentiates an eigendecomposition: eigenvectors from the forward pass are
+*used* (the symmetric square root), never differentiated, so repeated eigenvalues, the common case
+``new == old``, are harmless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._compat import solve_triangular
+from ..gaussian import diag_embed, diagonal, mT, sym
+
+Array = Any
+
+
+def tril(x: Array, *, xp: Any) -> Array:
+    """Lower triangle (diagonal included) of a batch of square matrices."""
+    return xp.tril(x)
+
+
+def solve_lower(L: Array, B: Array, *, xp: Any) -> Array:
+    r""":math:`L^{-1} B` for lower-triangular ``L``."""
+    return solve_triangular(L, B, lower=True, xp=xp)
+
+
+def solve_lower_t(L: Array, B: Array, *, xp: Any) -> Array:
+    r""":math:`L^{-\top} B` for lower-triangular ``L`` (an upper-triangular solve)."""
+    return solve_triangular(mT(L, xp=xp), B, lower=False, xp=xp)
+
+
+def gram_vjp(sigma_bar: Array, L: Array, *, xp: Any) -> Array:
+    r"""VJP of :math:`\Sigma = L L^\top`: :math:`\bar L = \operatorname{tril}(2 \bar\Sigma L)`
+    for a symmetric :math:`\bar\Sigma`."""
+    return tril(2.0 * xp.matmul(sigma_bar, L), xp=xp)
+
+
+def cholesky_vjp(L: Array, L_bar: Array, *, xp: Any) -> Array:
+    r"""VJP of :math:`L = \operatorname{chol}(\Sigma)`, symmetric :math:`\bar\Sigma`.
+
+    :math:`P = \Phi(L^\top \bar L)` (lower triangle, diagonal halved) and
+    :math:`\bar\Sigma = \operatorname{sym}(L^{-\top} P L^{-1})` (I. Murray, *Differentiation of
+    the Cholesky decomposition*, 2016), with two triangular solves and no inverse. Only the lower
+    triangle of ``L_bar`` is read.
+    """
+    X = xp.matmul(mT(L, xp=xp), tril(L_bar, xp=xp))
+    P = tril(X, xp=xp) - 0.5 * diag_embed(diagonal(X, xp=xp), xp=xp)
+    Y = solve_lower_t(L, P, xp=xp)  # L^-T P
+    Z = mT(solve_lower_t(L, mT(Y, xp=xp), xp=xp), xp=xp)  # (L^-T P) L^-1
+    return sym(Z, xp=xp)
+
+
+def sqrtm_vjp(U: Array, s: Array, root_bar: Array, *, xp: Any) -> Array:
+    r"""VJP of the symmetric square root :math:`S = \Sigma^{1/2} = U \operatorname{diag}(s) U^\top`.
+
+    In the eigenbasis :math:`S^2 = \Sigma` gives :math:`(s_i + s_j)\, dS_{ij} = d\Sigma_{ij}`, so
+    :math:`\bar\Sigma = U [(U^\top \bar S U)_{ij} / (s_i + s_j)] U^\top`. The denominators are
+    sums of positive roots: stable for repeated eigenvalues. ``root_bar`` must be symmetric.
+    """
+    Ut = mT(U, xp=xp)
+    inner = xp.matmul(xp.matmul(Ut, root_bar), U)
+    inner = inner / (s[..., :, None] + s[..., None, :])
+    return sym(xp.matmul(xp.matmul(U, inner), Ut), xp=xp)
+
+
+def square_vjp(root: Array, sq_bar: Array, *, xp: Any) -> Array:
+    r"""VJP of :math:`\Sigma = S^2` for symmetric :math:`S`, :math:`\bar\Sigma`:
+    :math:`\bar S = \bar\Sigma S + S \bar\Sigma` (symmetric)."""
+    return sym(2.0 * xp.matmul(sq_bar, root), xp=xp)
+
+
+def expand(x: Array, event_ndim: int, *, xp: Any) -> Array:
+    """``x`` of batch shape with ``event_ndim`` trailing unit axes, to scale event arrays."""
+    return xp.reshape(x, tuple(x.shape) + (1,) * event_ndim)
+
+
+__all__ = [
+    "cholesky_vjp",
+    "expand",
+    "gram_vjp",
+    "solve_lower",
+    "solve_lower_t",
+    "sqrtm_vjp",
+    "square_vjp",
+    "tril",
+]

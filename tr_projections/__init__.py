@@ -17,6 +17,7 @@ from ._config import checks, checks_enabled, set_checks
 from .backends import vjp
 from .distances import DistanceParts, frobenius, kl, wasserstein
 from .gaussian import Gaussian, entropy
+from .losses import trust_region_loss
 from .projections import (
     METHODS,
     project,
@@ -44,6 +45,7 @@ __all__ = [
     "project_kl",
     "project_wasserstein",
     "set_checks",
+    "trust_region_loss",
     "vjp",
     "wasserstein",
 ]

@@ -58,13 +58,14 @@ def _h_series_threshold(dtype: Any, *, xp: Any) -> float:
     return 0.01 if xp.finfo(dtype).eps < 1e-10 else 0.1
 
 
-def kl_h(x: Array, *, xp: Any) -> Array:
-    r""":math:`h(x) = \log(1+x) - x/(1+x)` for :math:`x > -1`, accurate near 0.
+def kl_h(x: Array, t: Array, *, xp: Any) -> Array:
+    r""":math:`h(x) = \log t - x/t` with :math:`t = 1 + x > 0`, accurate near 0 and near -1.
 
-    :math:`\tfrac12 \sum_i h(x_i)` is the KL covariance part when :math:`1 + x_i` are the
-    eigenvalues of :math:`L_o^\top \Lambda L_o`. Near zero both terms cancel to
-    :math:`x^2/2`, so a short alternating series
-    :math:`h(x) = \sum_{k\ge2} (-1)^k \tfrac{k-1}{k} x^k` is used there.
+    :math:`\tfrac12 \sum_i h(x_i)` is the KL covariance part when :math:`t_i = 1 + x_i` are the
+    eigenvalues of :math:`L_o^\top \Lambda L_o`. The caller passes ``t`` computed without the
+    cancellation of ``1 + x`` (which loses :math:`t` entirely when :math:`x \approx -1`, i.e. a
+    new std far above the old one). Near zero both terms cancel to :math:`x^2/2`, so a short
+    alternating series :math:`h(x) = \sum_{k\ge2} (-1)^k \tfrac{k-1}{k} x^k` is used there.
     """
     thr = _h_series_threshold(x.dtype, xp=xp)
     small = xp.abs(x) < thr
@@ -73,33 +74,49 @@ def kl_h(x: Array, *, xp: Any) -> Array:
     for k in range(10, 1, -1):  # Horner on x^2 * sum_{k=2..10} c_k x^(k-2)
         series = series * xs + ((-1.0) ** k) * (k - 1) / k
     series = series * xs * xs
-    xd = xp.where(small, xp.ones_like(x), x)
-    direct = xp.log1p(xd) - xd / (1.0 + xd)
+    td = xp.where(small, xp.ones_like(t), t)
+    direct = xp.log(td) - xp.where(small, xp.zeros_like(x), x) / td
     return xp.where(small, series, direct)
 
 
-def kl_eigs(scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: Any):
-    r"""The KL problem in scalars: :math:`a_i = \lambda_i - 1`, :math:`\lambda_i` the eigenvalues of
-    :math:`A = L_o^\top \Lambda L_o` (the precision relative to the old covariance).
+class KLEigs(NamedTuple):
+    r"""The KL problem in scalars: :math:`\lambda_i` (``lam``), the eigenvalues of
+    :math:`A = L_o^\top\Lambda L_o`, both as ``a`` :math:`= \lambda - 1` and as ``lam``, each
+    computed without cancellation where it matters, and the eigenvectors ``U`` (full only)."""
+
+    a: Array
+    lam: Array
+    U: Array | None
+
+
+def kl_eigs(scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: Any) -> KLEigs:
+    r"""The eigenvalues of the precision relative to the old covariance.
 
     Full: :math:`A - I = E + E^\top + E^\top E` with :math:`E = L^{-1}(L_o - L)`, which keeps
     :math:`a_i` accurate when the new policy is close to the old one (no :math:`1 - 1`
-    cancellation). Diagonal: :math:`a_i = \operatorname{expm1}(2(\log\sigma_{o,i} - \log\sigma_i))`,
-    no decomposition. Returns ``(a, U)``; ``U`` (eigenvectors) is ``None`` for diagonals or when
-    ``vectors`` is false.
+    cancellation); :math:`\lambda = 1 + a` is kept at least :math:`\varepsilon_{mach}`, below
+    which rounding of the ``eigh`` can make it vanish or change sign. Diagonal:
+    :math:`a = \operatorname{expm1}(r)`, :math:`\lambda = \exp(r)` with
+    :math:`r = 2(\log\sigma_{o} - \log\sigma)`, both to full relative accuracy and with no
+    decomposition. ``U`` is ``None`` for diagonals or when ``vectors`` is false.
     """
+    finfo = xp.finfo(scale.dtype)
     if not full:
-        return xp.expm1(2.0 * (xp.log(old_scale) - xp.log(scale))), None
+        r = 2.0 * (xp.log(old_scale) - xp.log(scale))
+        return KLEigs(xp.expm1(r), xp.maximum(xp.exp(r), finfo.smallest_normal), None)
     E = solve_triangular(scale, old_scale - scale, lower=True, xp=xp)
     A_minus_I = sym(E + mT(E, xp=xp) + xp.matmul(mT(E, xp=xp), E), xp=xp)
+    U = None
     if vectors:
         a, U = xp.linalg.eigh(A_minus_I)
-        return a, U
-    return xp.linalg.eigvalsh(A_minus_I), None
+    else:
+        a = xp.linalg.eigvalsh(A_minus_I)
+    a = xp.maximum(a, finfo.eps - 1.0)
+    return KLEigs(a, 1.0 + a, U)
 
 
-def kl_cov_from_eigs(a: Array, *, xp: Any) -> Array:
-    return 0.5 * xp.sum(kl_h(a, xp=xp), axis=-1)
+def kl_cov_from_eigs(eigs: KLEigs, *, xp: Any) -> Array:
+    return 0.5 * xp.sum(kl_h(eigs.a, eigs.lam, xp=xp), axis=-1)
 
 
 def kl(mean: Array, scale: Array, old_mean: Array, old_scale: Array) -> DistanceParts:
@@ -120,8 +137,8 @@ def kl(mean: Array, scale: Array, old_mean: Array, old_scale: Array) -> Distance
     p = prepare(mean, scale, old_mean, old_scale)
     xp = p.xp
     m = 0.5 * mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp)
-    a, _ = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=False, xp=xp)
-    return DistanceParts(m, kl_cov_from_eigs(a, xp=xp))
+    eigs = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=False, xp=xp)
+    return DistanceParts(m, kl_cov_from_eigs(eigs, xp=xp))
 
 
 # --------------------------------------------------------------------------- Frobenius

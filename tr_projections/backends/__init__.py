@@ -43,7 +43,14 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, d
     """``(kind, arrays, bounds, options)`` of a call ``fn(*args, **kwargs)`` of a public
     projection function."""
     from .. import projections as P
+    from ..losses import trust_region_loss
 
+    if fn is trust_region_loss:
+        b = inspect.signature(fn).bind(*args, **kwargs)
+        b.apply_defaults()
+        a = dict(b.arguments)
+        arrays = tuple(a.pop(n) for n in ("mean", "scale", "proj_mean", "proj_scale"))
+        return "trust_region_loss", arrays, (), {k: a[k] for k in ("method", "scale_prec")}
     if fn is P.project_entropy:
         b = inspect.signature(fn).bind(*args, **kwargs)
         b.apply_defaults()
@@ -69,7 +76,10 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, d
             **a.get("options", {}),
         }
     if fn not in kinds:
-        names = "project, project_kl, project_frobenius, project_wasserstein, project_entropy"
+        names = (
+            "project, project_kl, project_frobenius, project_wasserstein, project_entropy, "
+            "trust_region_loss"
+        )
         raise TypeError(f"`fn` must be one of tr_projections' projections ({names}), got {fn!r}")
     b = inspect.signature(fn).bind(*args, **kwargs)
     b.apply_defaults()
@@ -90,6 +100,8 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
     entropy projection; ``None`` entries mean zero) and returns the cotangents of the array
     arguments in the caller's library, shapes and dtypes: ``(mean, scale, old_mean, old_scale)``
     for projections, ``(scale,)`` for the entropy projection. Bounds are constants.
+    :func:`~tr_projections.trust_region_loss` works too: its cotangent is an array of the batch
+    shape, and the cotangents of its projected arguments are zero.
 
     Works for every array library (NumPy, CuPy, array-api-strict, PyTorch, JAX) with the same
     hand-written VJPs that the torch and JAX adapters register. Cotangents of full (Cholesky)

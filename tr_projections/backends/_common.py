@@ -1,12 +1,13 @@
-"""The one forward/backward pair every adapter registers, for every projection.
+"""The one forward/backward pair every adapter registers, for every operation.
 
-An *operation* is a projection (``"kl"``, ``"frobenius"``, ``"wasserstein"``) or the entropy
-projection (``"entropy"``). :func:`forward` checks and broadcasts the raw arguments, runs the
-projection and returns its outputs with the residuals of its VJP (a flat NamedTuple of arrays and
-``None``); :func:`backward` runs the hand-written VJP and brings every cotangent back to the shape
-and dtype of its raw argument (summing over broadcast axes). Both are plain array-API code: the
-torch and JAX adapters wrap exactly these two functions, and :func:`tr_projections.vjp` calls them
-directly for every other library.
+An *operation* is a projection (``"kl"``, ``"frobenius"``, ``"wasserstein"``), the entropy
+projection (``"entropy"``) or the trust-region loss (``"trust_region_loss"``). :func:`forward`
+checks and broadcasts the raw arguments, runs the operation and returns its outputs with the
+residuals of its VJP (a flat NamedTuple of arrays and ``None``); :func:`backward` runs the
+hand-written VJP and brings every cotangent back to the shape and dtype of its raw argument
+(summing over broadcast axes). Both are plain array-API code: the torch and JAX adapters wrap
+exactly these two functions, and :func:`tr_projections.vjp` calls them directly for every other
+library.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .._inputs import bound, namespace_of, prepare
+from ..losses import LossResiduals, loss_fwd, loss_vjp
 from ..projections.entropy import EntropyResiduals, entropy_fwd, entropy_vjp
 from ..projections.frobenius import FrobeniusResiduals, frobenius_fwd, frobenius_vjp
 from ..projections.kl import KLResiduals, kl_fwd, kl_vjp
@@ -75,11 +77,25 @@ def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tu
     return (entropy_vjp(scale, res, g, **options),)
 
 
+def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+    out, res = loss_fwd(prepare(*arrays), **options)
+    return (out,), res
+
+
+def _loss_backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
+    p = prepare(*arrays)
+    g = _cotangent(cots[0], p.mean[..., 0], xp=p.xp)
+    return loss_vjp(p, res, g, **options)
+
+
+LOSS_ARGS = ("mean", "scale", "proj_mean", "proj_scale")
+
 OPERATIONS: dict[str, Operation] = {
     "kl": _projection(kl_fwd, kl_vjp, KLResiduals),
     "frobenius": _projection(frobenius_fwd, frobenius_vjp, FrobeniusResiduals),
     "wasserstein": _projection(wasserstein_fwd, wasserstein_vjp, WassersteinResiduals),
     "entropy": Operation(("scale",), 1, EntropyResiduals, _entropy_forward, _entropy_backward),
+    "trust_region_loss": Operation(LOSS_ARGS, 1, LossResiduals, _loss_forward, _loss_backward),
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from .._compat import while_loop
 from .._inputs import Problem
-from ..distances import kl_cov_from_eigs, kl_eigs, kl_h, mean_distance
+from ..distances import KLEigs, kl_cov_from_eigs, kl_eigs, kl_h, mean_distance
 from ..gaussian import Gaussian, diag_embed, diagonal, mT, sym
 from ._core import (
     Cotangents,
@@ -44,11 +44,20 @@ Array = Any
 MAX_ITER = 100
 
 
-def _g_and_slope(tau: Array, a: Array, *, xp: Any) -> tuple[Array, Array]:
-    r"""Return :math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/(1+x_i))^2`."""
+def _t(tau: Array, lam: Array) -> Array:
+    r""":math:`t = 1 + \tau a = (1 - \tau) + \tau\lambda`, the eigenvalues of
+    :math:`L_o^\top\tilde\Lambda L_o`; the second form keeps :math:`t > 0` accurate when
+    :math:`\lambda \ll 1`."""
+    tau = tau[..., None]
+    return (1.0 - tau) + tau * lam
+
+
+def _g_and_slope(tau: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Array]:
+    r"""Return :math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/t_i)^2`."""
     x = tau[..., None] * a
-    r = x / (1.0 + x)
-    return 0.5 * xp.sum(kl_h(x, xp=xp), axis=-1), 0.5 * xp.sum(r * r, axis=-1)
+    t = _t(tau, lam)
+    r = x / t
+    return 0.5 * xp.sum(kl_h(x, t, xp=xp), axis=-1), 0.5 * xp.sum(r * r, axis=-1)
 
 
 def _running(state: tuple) -> Array:
@@ -63,10 +72,10 @@ def _newton_step(state: tuple, *, xp: Any) -> tuple:
     precision); else the geometric midpoint of the bracket. A row is done when its Newton
     residual ``|log g - log eps|`` and its step are both below ``sqrt(eps_mach)``.
     """
-    tau, lo, hi, done, a, eps, ds_old = state
+    tau, lo, hi, done, a, lam, eps, ds_old = state
     finfo = xp.finfo(a.dtype)
     tol = math.sqrt(finfo.eps)
-    g, slope = _g_and_slope(tau, a, xp=xp)
+    g, slope = _g_and_slope(tau, a, lam, xp=xp)
     below = g <= eps
     lo = xp.where(below, xp.maximum(lo, tau), lo)
     hi = xp.where(below, hi, xp.minimum(hi, tau))
@@ -85,7 +94,7 @@ def _newton_step(state: tuple, *, xp: Any) -> tuple:
     tau = xp.where(done, tau, new)
     ds_old = xp.where(done, ds_old, ds_new)
     done = done | converged
-    return tau, lo, hi, done, a, eps, ds_old
+    return tau, lo, hi, done, a, lam, eps, ds_old
 
 
 @functools.cache
@@ -94,7 +103,7 @@ def _step_for(xp: Any):
     return functools.partial(_newton_step, xp=xp)
 
 
-def solve_tau(a: Array, g1: Array, eps: Array, *, xp: Any) -> Array:
+def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     r"""The weight :math:`\tau \in (0, 1]` with :math:`g(\tau) = \epsilon` on rows where
     :math:`g(1) = ` ``g1`` :math:`> \epsilon`, and :math:`\tau = 1` elsewhere.
 
@@ -108,12 +117,13 @@ def solve_tau(a: Array, g1: Array, eps: Array, *, xp: Any) -> Array:
     active = g1 > eps
     eps = eps + xp.zeros_like(g1)
     # Inactive rows keep tau = 1; give them finite stand-in data so no lane computes log(0).
-    a = xp.where(active[..., None], a, xp.ones_like(a))
+    a = xp.where(active[..., None], eigs.a, xp.ones_like(eigs.a))
+    lam = xp.where(active[..., None], eigs.lam, 2.0 * xp.ones_like(eigs.lam))
     S = xp.sum(a * a, axis=-1)
     one = xp.ones_like(S)
     tau0 = xp.minimum(one, 2.0 * xp.sqrt(eps / S))
     lo = xp.minimum(0.5 * one, 0.5 * tau0)
-    state = (xp.where(active, tau0, one), lo, one, ~active, a, eps, xp.full_like(S, math.inf))
+    state = (xp.where(active, tau0, one), lo, one, ~active, a, lam, eps, xp.full_like(S, math.inf))
     state = while_loop(_running, _step_for(xp), state, max_iter=MAX_ITER, check_every=2, xp=xp)
     return xp.where(active, state[0], one)
 
@@ -125,6 +135,7 @@ class KLResiduals(NamedTuple):
     dist_mean: Array
     active_mean: Array
     a: Array  # eigenvalues of L_o^T Lambda L_o, minus one
+    lam: Array  # the same eigenvalues, accurate when small
     U: Array | None  # their eigenvectors (full only)
     tau: Array
     active: Array
@@ -139,10 +150,11 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weigh
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
 
-    a, U = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=True, xp=xp)
-    g1 = kl_cov_from_eigs(a, xp=xp)
-    tau = solve_tau(a, g1, eps_cov, xp=xp)
-    t = 1.0 + tau[..., None] * a  # eigenvalues of L_o^T Lambda~ L_o
+    eigs = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=True, xp=xp)
+    a, lam, U = eigs
+    g1 = kl_cov_from_eigs(eigs, xp=xp)
+    tau = solve_tau(eigs, g1, eps_cov, xp=xp)
+    t = _t(tau, lam)  # eigenvalues of L_o^T Lambda~ L_o
     if p.full:
         W = xp.matmul(p.old_scale, U)  # Sigma~ = W diag(1/t) W^T, no inverse formed
         cov = sym(xp.matmul(W / t[..., None, :], mT(W, xp=xp)), xp=xp)
@@ -151,7 +163,7 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weigh
         proj = p.old_scale / xp.sqrt(t)
     active = g1 > eps_cov
     scale = select(active, proj, p.scale, event_ndim=2 if p.full else 1, xp=xp)
-    res = KLResiduals(tau_mean, dist_mean, dist_mean > eps_mean, a, U, tau, active, proj)
+    res = KLResiduals(tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, active, proj)
     return Gaussian(mean, scale), Weights(tau_mean, tau), res
 
 
@@ -188,10 +200,9 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
         g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
         coef=0.5, scale_prec=True, full=full, xp=xp,
     )  # fmt: skip
-    a, tau, active = res.a, res.tau, res.active
+    a, lam, tau, active = res.a, res.lam, res.tau, res.active
     tau_e = tau[..., None]
-    t = 1.0 + tau_e * a
-    lam = 1.0 + a
+    t = _t(tau, lam)
     # m_i: M in the basis V; dg/dtau = <M, D> = sum_i m_i a_i.
     m_eig = 0.5 * tau_e * a / (t * t)
     dg_dtau = xp.where(active, xp.sum(m_eig * a, axis=-1), xp.ones_like(tau))

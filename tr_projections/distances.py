@@ -58,25 +58,28 @@ def _h_series_threshold(dtype: Any, *, xp: Any) -> float:
     return 0.01 if xp.finfo(dtype).eps < 1e-10 else 0.1
 
 
-def kl_h(x: Array, t: Array, *, xp: Any) -> Array:
-    r""":math:`h(x) = \log t - x/t` with :math:`t = 1 + x > 0`, accurate near 0 and near -1.
+def kl_h(x: Array, t: Array, *, xp: Any, series: bool = True) -> Array:
+    r""":math:`h(x) = \log(1 + x) - x/t` with :math:`t = 1 + x > 0`, accurate near 0 and near -1.
 
     :math:`\tfrac12 \sum_i h(x_i)` is the KL covariance part when :math:`t_i = 1 + x_i` are the
     eigenvalues of :math:`L_o^\top \Lambda L_o`. The caller passes ``t`` computed without the
     cancellation of ``1 + x`` (which loses :math:`t` entirely when :math:`x \approx -1`, i.e. a
-    new std far above the old one). Near zero both terms cancel to :math:`x^2/2`, so a short
-    alternating series :math:`h(x) = \sum_{k\ge2} (-1)^k \tfrac{k-1}{k} x^k` is used there.
+    new std far above the old one): there :math:`h \approx 1/t` and only :math:`x/t` needs
+    full accuracy, so the logarithm may take ``x`` clamped just above -1. Near zero both terms
+    cancel to :math:`x^2/2` (relative error about :math:`4\varepsilon_{mach}/|x|`); with
+    ``series`` the alternating series :math:`\sum_{k\ge2} (-1)^k \tfrac{k-1}{k} x^k` replaces
+    them there.
     """
-    thr = _h_series_threshold(x.dtype, xp=xp)
-    small = xp.abs(x) < thr
+    finfo = xp.finfo(x.dtype)
+    direct = xp.log1p(xp.maximum(x, finfo.eps - 1.0)) - x / t
+    if not series:
+        return direct
+    small = xp.abs(x) < _h_series_threshold(x.dtype, xp=xp)
     xs = xp.where(small, x, xp.zeros_like(x))
-    series = xp.zeros_like(x)
+    poly = xp.zeros_like(x)
     for k in range(10, 1, -1):  # Horner on x^2 * sum_{k=2..10} c_k x^(k-2)
-        series = series * xs + ((-1.0) ** k) * (k - 1) / k
-    series = series * xs * xs
-    td = xp.where(small, xp.ones_like(t), t)
-    direct = xp.log(td) - xp.where(small, xp.zeros_like(x), x) / td
-    return xp.where(small, series, direct)
+        poly = poly * xs + ((-1.0) ** k) * (k - 1) / k
+    return xp.where(small, poly * xs * xs, direct)
 
 
 class KLEigs(NamedTuple):

@@ -53,48 +53,68 @@ def _t(tau: Array, lam: Array) -> Array:
 
 
 def _g_and_slope(tau: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Array]:
-    r"""Return :math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/t_i)^2`."""
+    r"""Return :math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/t_i)^2`.
+
+    The solver needs :math:`g` to a relative accuracy far below the bound's tolerance, not to the
+    last bit: in float64 the direct form of :func:`~tr_projections.distances.kl_h` (relative error
+    about :math:`4\varepsilon_{mach}/|x|`, 1e-11 even at eps = 1e-9) is enough, and its series
+    is kept for float32 only.
+    """
     x = tau[..., None] * a
     t = _t(tau, lam)
     r = x / t
-    return 0.5 * xp.sum(kl_h(x, t, xp=xp), axis=-1), 0.5 * xp.sum(r * r, axis=-1)
+    h = kl_h(x, t, xp=xp, series=xp.finfo(a.dtype).eps > 1e-10)
+    return 0.5 * xp.sum(h, axis=-1), 0.5 * xp.sum(r * r, axis=-1)
 
 
 def _running(state: tuple) -> Array:
-    return ~state[3]
+    return ~state[5]
 
 
 def _newton_step(state: tuple, *, xp: Any) -> tuple:
-    """One safeguarded Newton step on log g against log tau; finished rows stay as they are.
+    """One safeguarded Newton step on ``f = log g - log eps`` against ``log tau``; finished rows
+    stay as they are.
 
-    The step is Newton's when it stays in the bracket and shrinks at least by half against the
-    previous one (otherwise Newton is stalling, e.g. on the steep side of a nearly singular
-    precision); else the geometric midpoint of the bracket. A row is done when its Newton
-    residual ``|log g - log eps|`` and its step are both below ``sqrt(eps_mach)``.
+    The step is Newton's when it stays in the bracket ``[lo, hi]`` and shrinks at least by half
+    against the previous step (otherwise Newton is overshooting or stalling, e.g. on the steep
+    side of a nearly singular precision). Else it is the secant through the bracket's ends, in
+    log-log coordinates, once ``f`` is known at both (``f_hi`` at ``hi = 1`` is known from the
+    start), and the geometric midpoint before that. A row is done when its residual ``|f|`` and
+    its Newton step are both below ``sqrt(eps_mach)``.
     """
-    tau, lo, hi, done, a, lam, eps, ds_old = state
+    tau, lo, hi, f_lo, f_hi, done, a, lam, eps, ds_old, last_below = state
     finfo = xp.finfo(a.dtype)
     tol = math.sqrt(finfo.eps)
     g, slope = _g_and_slope(tau, a, lam, xp=xp)
-    below = g <= eps
-    lo = xp.where(below, xp.maximum(lo, tau), lo)
-    hi = xp.where(below, hi, xp.minimum(hi, tau))
     f = xp.log(g) - xp.log(eps)
+    below = f <= 0
+    # Illinois rule: an end retained twice in a row has its residual halved, so secant steps
+    # cannot creep towards the root from one side only.
+    same = below == last_below
+    f_lo = xp.where(same & ~below, 0.5 * f_lo, f_lo)
+    f_hi = xp.where(same & below, 0.5 * f_hi, f_hi)
+    lo, f_lo = xp.where(below, tau, lo), xp.where(below, f, f_lo)
+    hi, f_hi = xp.where(below, hi, tau), xp.where(below, f_hi, f)
     ds = -f * (g / slope)
     step = tau * xp.exp(ds)
-    # Accept steps inside the bracket up to rounding, so a converged iterate is never thrown back
-    # to the midpoint.
+    # Accept steps inside the bracket up to rounding, so a converged iterate is never thrown back.
     slack = 4.0 * finfo.eps
     inside = (step >= lo * (1.0 - slack)) & (step <= hi * (1.0 + slack))
     converged = inside & (xp.abs(ds) <= tol) & (xp.abs(f) <= tol)
     ok = converged | (inside & (2.0 * xp.abs(ds) <= xp.abs(ds_old)))
-    mid = xp.sqrt(lo * hi)
-    new = xp.where(ok, xp.minimum(xp.maximum(step, lo), hi), mid)
-    ds_new = xp.where(ok, ds, 0.5 * (xp.log(hi) - xp.log(lo)))
+    s_lo, s_hi = xp.log(lo), xp.log(hi)
+    span = f_hi - f_lo
+    known = (f_lo > -math.inf) & (span > 0)  # f is known at both ends and tells them apart
+    span = xp.where(known, span, xp.ones_like(f))
+    s_sec = xp.where(known, s_lo - xp.where(known, f_lo, 0.0) * (s_hi - s_lo) / span, 0.0)
+    s_fallback = xp.where(known, s_sec, 0.5 * (s_lo + s_hi))
+    new = xp.where(ok, xp.minimum(xp.maximum(step, lo), hi), xp.exp(s_fallback))
+    ds_new = xp.where(ok, ds, s_fallback - xp.log(tau))
     tau = xp.where(done, tau, new)
     ds_old = xp.where(done, ds_old, ds_new)
     done = done | converged
-    return tau, lo, hi, done, a, lam, eps, ds_old
+    last_below = xp.where(done, last_below, below)
+    return tau, lo, hi, f_lo, f_hi, done, a, lam, eps, ds_old, last_below
 
 
 @functools.cache
@@ -107,7 +127,10 @@ def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     r"""The weight :math:`\tau \in (0, 1]` with :math:`g(\tau) = \epsilon` on rows where
     :math:`g(1) = ` ``g1`` :math:`> \epsilon`, and :math:`\tau = 1` elsewhere.
 
-    Start: the quadratic model :math:`g \approx \tfrac14 \tau^2 S`, :math:`S = \sum a_i^2`.
+    Start: the cubic model :math:`g \approx \tfrac14 \tau^2 S - \tfrac13\tau^3\sum a_i^3`,
+    :math:`S = \sum a_i^2`, i.e. the quadratic root :math:`\tau_0 = 2\sqrt{\epsilon/S}` times
+    :math:`1 + \tfrac23\tau_0\sum a_i^3/S`; in the usual regime two Newton steps then reach
+    rounding level.
     Bracket: ``hi = 1``; ``lo = min(1/2, sqrt(eps / S))`` is always feasible because
     :math:`h(x) \le 2x^2` for :math:`|x| \le 1/2`, so :math:`g(\tau) \le \tau^2 S` there. The
     bracket tightens with every evaluation, and a Newton step that leaves it is replaced by the
@@ -119,12 +142,18 @@ def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     # Inactive rows keep tau = 1; give them finite stand-in data so no lane computes log(0).
     a = xp.where(active[..., None], eigs.a, xp.ones_like(eigs.a))
     lam = xp.where(active[..., None], eigs.lam, 2.0 * xp.ones_like(eigs.lam))
-    S = xp.sum(a * a, axis=-1)
+    a2 = a * a
+    S = xp.sum(a2, axis=-1)
     one = xp.ones_like(S)
     tau0 = xp.minimum(one, 2.0 * xp.sqrt(eps / S))
     lo = xp.minimum(0.5 * one, 0.5 * tau0)
-    state = (xp.where(active, tau0, one), lo, one, ~active, a, lam, eps, xp.full_like(S, math.inf))
-    state = while_loop(_running, _step_for(xp), state, max_iter=MAX_ITER, check_every=2, xp=xp)
+    # Cubic model g ~ tau^2 S/4 - tau^3 sum(a^3)/3: one correction factor, kept within [1/2, 2].
+    corr = 1.0 + (2.0 / 3.0) * tau0 * xp.sum(a2 * a, axis=-1) / S
+    start = xp.minimum(xp.maximum(tau0 * xp.clip(corr, 0.5, 2.0), lo), one)
+    f_hi = xp.where(active, xp.log(g1) - xp.log(eps), one)
+    inf = xp.full_like(S, math.inf)
+    state = (xp.where(active, start, one), lo, one, -inf, f_hi, ~active, a, lam, eps, inf, ~active)
+    state = while_loop(_running, _step_for(xp), state, max_iter=MAX_ITER, check_every=1, xp=xp)
     return xp.where(active, state[0], one)
 
 

@@ -150,7 +150,7 @@ def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     # Cubic model g ~ tau^2 S/4 - tau^3 sum(a^3)/3: one correction factor, kept within [1/2, 2].
     corr = 1.0 + (2.0 / 3.0) * tau0 * xp.sum(a2 * a, axis=-1) / S
     start = xp.minimum(xp.maximum(tau0 * xp.clip(corr, 0.5, 2.0), lo), one)
-    f_hi = xp.where(active, xp.log(g1) - xp.log(eps), one)
+    f_hi = xp.where(active, xp.log(xp.where(active, g1, one)) - xp.log(eps), one)
     inf = xp.full_like(S, math.inf)
     state = (xp.where(active, start, one), lo, one, -inf, f_hi, ~active, a, lam, eps, inf, ~active)
     state = while_loop(_running, _step_for(xp), state, max_iter=MAX_ITER, check_every=1, xp=xp)

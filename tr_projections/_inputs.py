@@ -23,8 +23,11 @@ import math
 import numbers
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import _compat
 from ._config import checks_enabled
+from ._values import check_gaussian_values, describe, in_range
 from .gaussian import is_full
 
 Array = Any
@@ -57,6 +60,8 @@ class Problem(NamedTuple):
 
 
 def _library(x: Any) -> str:
+    if isinstance(x, np.ndarray):  # including subclasses other libraries wrap them in
+        return "numpy.ndarray"
     mod = type(x).__module__.split(".")[0]
     return f"{mod}.{type(x).__name__}"
 
@@ -112,24 +117,29 @@ def _check_dtype(name: str, x: Array, xp: Any) -> None:
         )
 
 
-def _scale_batch(name: str, s: Array, d: int, full: bool) -> tuple[int, ...]:
-    """The batch shape of a scale of the given kind, or a ValueError that says what is wrong."""
+def _scale_batch(
+    name: str, s: Array, d: int, full: bool, *, names: tuple[str, ...] = _ARG_NAMES
+) -> tuple[int, ...]:
+    """The batch shape of a scale of the given kind, or a ValueError that says what is wrong.
+
+    ``names`` are the public names of ``(mean, scale, old_mean, old_scale)``, for messages."""
+    mean_name, scale_name = names[0], names[1]
     shape = tuple(s.shape)
     if full:
         if s.ndim < 2:
             raise ValueError(
                 f"`{name}` must be a lower Cholesky factor of shape (..., {d}, {d}) because "
-                f"`scale` is full; got {s.ndim} axes, shape {shape}"
+                f"`{scale_name}` is full; got {s.ndim} axes, shape {shape}"
             )
         if shape[-2] != shape[-1]:
             raise ValueError(
                 f"`{name}` must be a lower Cholesky factor of shape (..., {d}, {d}) because "
-                f"`scale` is full; got shape {shape}, whose last two axes are not square"
+                f"`{scale_name}` is full; got shape {shape}, whose last two axes are not square"
             )
         if shape[-2:] != (d, d):
             raise ValueError(
                 f"`{name}` must be a lower Cholesky factor of shape (..., {d}, {d}) because "
-                f"`scale` is full and `mean` has d = {d}; got shape {shape}"
+                f"`{scale_name}` is full and `{mean_name}` has d = {d}; got shape {shape}"
             )
         return shape[:-2]
     if s.ndim < 1:
@@ -143,7 +153,7 @@ def _scale_batch(name: str, s: Array, d: int, full: bool) -> tuple[int, ...]:
             hint = f" (a full scale must be square, ({d}, {d}); its last two axes are {shape[-2:]})"
         raise ValueError(
             f"`{name}` must hold standard deviations of shape (..., {d}) (diagonal) or a lower "
-            f"Cholesky factor of shape (..., {d}, {d}) (full), d = {d} from `mean`; "
+            f"Cholesky factor of shape (..., {d}, {d}) (full), d = {d} from `{mean_name}`; "
             f"got shape {shape}{hint}"
         )
     return shape[:-1]
@@ -156,35 +166,42 @@ def prepare(
     old_scale: Array,
     *,
     check_values: bool | None = None,
+    names: tuple[str, str, str, str] = _ARG_NAMES,
 ) -> Problem:
     """Check and broadcast the four arrays of a projection or distance call.
 
     ``check_values`` runs (``True``) or skips (``False``) the value checks; by default they
     follow :func:`tr_projections.checks_enabled`. Callers that re-read arrays already checked
-    (a backward pass) may pass ``False``.
+    (a backward pass) may pass ``False``. ``names`` are the public names of the four arguments
+    used in error messages (e.g. ``("mean", "scale", "proj_mean", "proj_scale")``); names of
+    scales must end in ``"scale"``.
     """
-    arrays = dict(zip(_ARG_NAMES, (mean, scale, old_mean, old_scale), strict=True))
+    n_mean, _, n_old_mean, _ = names
+    arrays = dict(zip(names, (mean, scale, old_mean, old_scale), strict=True))
     xp = namespace_of(arrays)
 
     for name, x in arrays.items():
         _check_dtype(name, x, xp)
     if mean.ndim < 1:
-        raise ValueError("`mean` must have shape (..., d) with at least one axis, got a scalar")
+        raise ValueError(
+            f"`{n_mean}` must have shape (..., d) with at least one axis, got a scalar"
+        )
     d = mean.shape[-1]
     if d == 0:
         raise ValueError(
-            f"`mean` has an action dimension d = 0 (shape {tuple(mean.shape)}); "
+            f"`{n_mean}` has an action dimension d = 0 (shape {tuple(mean.shape)}); "
             "at least one is needed"
         )
     if old_mean.ndim < 1 or old_mean.shape[-1] != d:
         raise ValueError(
-            f"`old_mean` must have shape (..., {d}) like `mean`, got {tuple(old_mean.shape)}"
+            f"`{n_old_mean}` must have shape (..., {d}) like `{n_mean}`, "
+            f"got {tuple(old_mean.shape)}"
         )
 
     full = is_full(mean, scale)
-    batches = {"mean": tuple(mean.shape[:-1]), "old_mean": tuple(old_mean.shape[:-1])}
-    for name, s in (("scale", scale), ("old_scale", old_scale)):
-        batches[name] = _scale_batch(name, s, d, full)
+    batches = {n_mean: tuple(mean.shape[:-1]), n_old_mean: tuple(old_mean.shape[:-1])}
+    for name, s in ((names[1], scale), (names[3], old_scale)):
+        batches[name] = _scale_batch(name, s, d, full, names=names)
     batch = broadcast_shapes(batches)
 
     devices = {n: _compat.device(x) for n, x in arrays.items()}
@@ -218,110 +235,39 @@ def prepare(
     )
 
 
-# --------------------------------------------------------------------------- value checks
-
-
-def scale_limits(dtype: Any, *, xp: Any) -> tuple[float, float]:
-    """``(lo, hi)``: a standard deviation or Cholesky entry must lie in ``[lo, hi]`` (diagonal
-    entries) or ``[-hi, hi]`` (off-diagonal) so that the variances are normal numbers of
-    ``dtype``: ``lo = sqrt(smallest normal)``, ``hi = sqrt(largest finite)``."""
-    fi = xp.finfo(dtype)
-    return math.sqrt(float(fi.smallest_normal)), math.sqrt(float(fi.max))
-
-
-class _Condition(NamedTuple):
-    """One value condition of one argument: ``ok`` is an elementwise mask (True where the
-    condition holds), ``source`` the array it indexes (for the message), ``expected`` words."""
-
-    name: str
-    ok: Array
-    source: Array
-    expected: str
-
-
-def _conditions(name: str, x: Array, *, kind: str, lo: float, hi: float, xp: Any) -> list:
-    """The value conditions of argument ``name``; ``kind`` is "mean", "diag" or "full"."""
-    if kind == "mean":
-        return [_Condition(name, xp.isfinite(x), x, "must be finite")]
-    limits = f"[{lo:.3g}, {hi:.3g}]"
-    if kind == "diag":
-        return [
-            _Condition(
-                name,
-                (x >= lo) & (x <= hi),
-                x,
-                f"(standard deviations) must be positive and finite, in {limits} so that the "
-                "variances are normal numbers",
-            )
-        ]
-    diag = xp.linalg.diagonal(x)
-    return [
-        _Condition(
-            name, xp.abs(x) <= hi, x, f"(a Cholesky factor) must be finite, |entries| <= {hi:.3g}"
-        ),
-        _Condition(
-            name,
-            (diag >= lo) & (diag <= hi),
-            diag,
-            f"(a Cholesky factor) must have a positive diagonal in {limits}: a singular factor, "
-            "or one whose squared diagonal underflows, is refused",
-        ),
-        _Condition(
-            name,
-            xp.triu(x, k=1) == 0,
-            x,
-            "(a Cholesky factor) must be lower triangular: zeros above the diagonal",
-        ),
-    ]
-
-
-def _describe(x: Array, ok: Array, *, xp: Any) -> str:
-    """How many entries of ``x`` break a condition, and the first of them with its index."""
-    bad = ~ok
-    n_bad = int(xp.sum(xp.astype(bad, xp.int64)))
-    first = tuple(int(i[0]) for i in xp.nonzero(bad))
-    value = float(x[first]) if first else float("nan")
-    size = math.prod(tuple(bad.shape))
-    return f"got {n_bad} offending entries of {size}, the first {value!r} at index {first}"
-
-
-_SWITCH_HINT = (
-    "(value checks can be turned off with `tr_projections.set_checks(False)` or "
-    "`with tr_projections.checks(False):`)"
-)
-
-
-def check_gaussian_values(arrays: dict[str, Array], *, full: bool, dtype: Any, xp: Any) -> None:
-    """Value checks of ``mean``/``old_mean`` (finite) and ``scale``/``old_scale`` (between the
-    :func:`scale_limits` of ``dtype``; full factors also lower triangular), on the arrays as
-    passed (before broadcasting). One synchronisation when all is well; arrays whose values
-    cannot be read (tracers) are skipped."""
-    lo, hi = scale_limits(dtype, xp=xp)
-    found: list[_Condition] = []
-    for name, x in arrays.items():
-        if _compat._is_traced(x, xp):
-            continue
-        kind = ("full" if full else "diag") if name.endswith("scale") else "mean"
-        lo_x, hi_x = lo, hi
-        if x.dtype != dtype:  # a float32 argument promoted to float64: limits it can hold
-            own = xp.finfo(x.dtype)
-            lo_x, hi_x = max(lo, float(own.smallest_normal)), min(hi, float(own.max))
-        found.extend(_conditions(name, x, kind=kind, lo=lo_x, hi=hi_x, xp=xp))
-    if not found:
-        return
-    all_ok = xp.all(found[0].ok)
-    for c in found[1:]:
-        all_ok = all_ok & xp.all(c.ok)
-    if not _compat.eager_any(~all_ok, xp=xp):
-        return
-    for c in found:  # the error path: find the first broken condition and describe it
-        if not bool(xp.all(c.ok)):
-            raise ValueError(
-                f"`{c.name}` {c.expected}; {_describe(c.source, c.ok, xp=xp)} {_SWITCH_HINT}"
-            )
-
-
 # --------------------------------------------------------------------------- bounds
+
+
+def is_static_bound(eps: Any, name: str) -> bool:
+    """Whether a bound is a Python or NumPy real number (checked statically, a constant under
+    tracing) rather than an array; a TypeError naming ``name`` for anything that is neither.
+
+    Adapters that treat the two differently (the JAX ``custom_vjp``) can call this before
+    handing a bound to their library, so a wrong type is reported by name.
+    """
+    if isinstance(eps, bool) or eps is None or isinstance(eps, str):
+        raise TypeError(f"`{name}` must be a positive float or an array of them, got {eps!r}")
+    if isinstance(eps, numbers.Real):
+        return True
+    if isinstance(eps, numbers.Number):
+        raise TypeError(f"`{name}` must be a real number, got {eps!r}")
+    if not _compat_is_array(eps):
+        raise TypeError(
+            f"`{name}` must be a positive float or an array of the inputs' library, "
+            f"got {type(eps).__name__}"
+        )
+    return False
+
+
+def _is_numpy_scalar_array(eps: Any, xp: Any) -> bool:
+    # A 0-d NumPy array passed with another library's inputs is a number, not a foreign array
+    # (JAX's custom_vjp turns NumPy scalars into such arrays before they get here).
+    return (
+        not _compat.is_numpy(xp)
+        and isinstance(eps, np.ndarray)
+        and eps.ndim == 0
+        and (np.issubdtype(eps.dtype, np.floating) or np.issubdtype(eps.dtype, np.integer))
+    )
 
 
 def bound(eps: Any, name: str, problem: Problem) -> Array:
@@ -336,9 +282,7 @@ def bound(eps: Any, name: str, problem: Problem) -> Array:
     fi = xp.finfo(problem.dtype)
     tiny, big = float(fi.smallest_normal), float(fi.max)
     dtype_name = str(problem.dtype).rsplit(".", 1)[-1]
-    if isinstance(eps, bool) or eps is None or isinstance(eps, str):
-        raise TypeError(f"`{name}` must be a positive float or an array of them, got {eps!r}")
-    if isinstance(eps, numbers.Real):  # Python numbers and NumPy scalars: static checks
+    if is_static_bound(eps, name) or _is_numpy_scalar_array(eps, problem.xp):
         value = float(eps)
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"`{name}` must be positive and finite, got {eps!r}")
@@ -348,8 +292,6 @@ def bound(eps: Any, name: str, problem: Problem) -> Array:
                 f"(between {tiny:.3g} and {big:.3g}), got {eps!r}"
             )
         return xp.asarray(value, dtype=problem.dtype, device=problem.device)
-    if isinstance(eps, numbers.Number):
-        raise TypeError(f"`{name}` must be a real number, got {eps!r}")
     if not _compat_is_array(eps):
         raise TypeError(
             f"`{name}` must be a positive float or an array of the inputs' library, "
@@ -378,9 +320,10 @@ def bound(eps: Any, name: str, problem: Problem) -> Array:
         # overflow float32 is reported rather than silently (or noisily) becoming inf.
         own = xp.finfo(eps.dtype)
         lo, hi = max(tiny, float(own.smallest_normal)), min(big, float(own.max))
-        bad = ~((eps >= lo) & (eps <= hi))
-        if _compat.eager_any(bad, xp=xp):
-            detail = _describe(eps, bad, xp=xp) if eps.ndim else f"got {float(eps)!r}"
+        nonempty = math.prod(tuple(eps.shape)) > 0
+        if nonempty and _compat.eager_any(~in_range(eps, lo, hi, xp=xp), xp=xp):
+            ok = (eps >= lo) & (eps <= hi)
+            detail = describe(eps, ok, xp=xp) if eps.ndim else f"got {float(eps)!r}"
             raise ValueError(
                 f"`{name}` must be positive and finite everywhere (between {tiny:.3g} and "
                 f"{big:.3g} in {dtype_name}); {detail}"

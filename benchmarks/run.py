@@ -1,0 +1,547 @@
+"""Time every projection on every available backend and print (and save) the tables.
+
+One command::
+
+    python benchmarks/run.py            # the full grid on CPU, ~10 min on 2 cores
+    python benchmarks/run.py --quick    # a few seconds: keeps the benchmark working (CI)
+    python benchmarks/run.py --device cuda --label h100   # GPU backends, B up to 1e6
+
+The grid is method (kl, frobenius, wasserstein) × kind (diag, full) × d × batch size × mode
+(forward; forward + backward) × backend. Each backend runs in its own worker process
+(``_worker.py``); cells are interleaved across backends, so variants are compared in the same run
+and under the same load. Every backend gets the same seeded float64 data.
+
+Threads: ``--threads N`` (default 2) is applied *before* any array library is imported: the
+workers start with ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
+``VECLIB_MAXIMUM_THREADS`` and ``NUMEXPR_NUM_THREADS`` set to N, are pinned to N CPUs (which also
+caps XLA's thread pool) and call ``torch.set_num_threads(N)``. ``--threads 0`` changes nothing.
+
+Timing: ``time.perf_counter`` around each call, with synchronisation (``torch.cuda.synchronize``,
+``jax.block_until_ready``, the CuPy stream); warm-up first; then repeated runs, as many as fit in
+``--budget`` seconds (at least ``--min-repeat``, at most ``--repeat``); median and IQR reported.
+JAX functions are jitted and compiled ahead of time; compilation is reported separately.
+Forward + backward: torch ``loss.backward()`` and ``jax.value_and_grad`` of
+``sum(mean·g_mean) + sum(scale·g_scale)`` into the new ``(mean, scale)``, with fixed random
+cotangents; NumPy and CuPy ``trp.vjp`` (all four cotangents). Where gradients are not available
+the backward cells say "n/a".
+
+Results: a markdown report on stdout and JSON (machine, settings, every cell) in
+``benchmarks/results/<label>-<date>.json`` (``--quick``: a temporary file unless ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _report
+from _worker import BOUND_QUANTILE
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORKER = HERE / "_worker.py"
+
+METHODS = ("kl", "frobenius", "wasserstein")
+KINDS = ("diag", "full")
+MODES = ("forward", "backward")
+CPU_BACKENDS = ("numpy", "torch", "jax")
+GPU_BACKENDS = ("torch_cuda", "cupy", "jax_cuda")
+QUICK_CPU_BACKENDS = ("numpy", "torch")
+BACKEND_MODULE = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "torch_cuda": "torch",
+    "jax": "jax",
+    "jax_cuda": "jax",
+    "cupy": "cupy",
+}
+THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+PACKAGES = ("numpy", "torch", "jax", "jaxlib", "array-api-compat", "scipy", "cupy-cuda12x")
+
+FULL = {
+    "dims": [1, 2, 6, 17, 32],
+    "batches_cpu": [1_000, 10_000, 100_000],
+    "batches_gpu": [1_000, 10_000, 100_000, 1_000_000],
+    "repeat": 30,
+    "min_repeat": 3,
+    "warmup": 1,
+    "budget": 0.5,
+    "max_cell_s": 6.0,
+    "cell_timeout": 120.0,
+}
+QUICK = {
+    "dims": [2, 6],
+    "batches_cpu": [100, 1_000],
+    "batches_gpu": [100, 1_000],
+    "repeat": 3,
+    "min_repeat": 3,
+    "warmup": 1,
+    "budget": 0.0,
+    "max_cell_s": 2.0,
+    "cell_timeout": 60.0,
+}
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        return [kind(float(t)) if kind is int else kind(t) for t in text.split(",") if t.strip()]
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark tr_projections (see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="tiny grid in seconds (for CI)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--backends",
+        type=_csv(str),
+        help=f"comma list from {CPU_BACKENDS + GPU_BACKENDS}; default: the installed ones of "
+        "--device (cpu: numpy,torch,jax, with --quick numpy,torch; cuda: torch_cuda,cupy,jax_cuda)",
+    )
+    p.add_argument("--methods", type=_csv(str), default=list(METHODS))
+    p.add_argument("--kinds", type=_csv(str), default=list(KINDS))
+    p.add_argument("--dims", type=_csv(int), help="default 1,2,6,17,32 (quick: 2,6)")
+    p.add_argument(
+        "--batches", type=_csv(int), help="default 1e3,1e4,1e5 (+1e6 on cuda; quick: 100,1000)"
+    )
+    p.add_argument("--modes", type=_csv(str), default=list(MODES), help="forward,backward")
+    p.add_argument("--repeat", type=int, help="at most this many timed runs per cell (30)")
+    p.add_argument("--min-repeat", type=int, help="at least this many timed runs (3)")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing (1)")
+    p.add_argument("--budget", type=float, help="target seconds of timed runs per cell (0.5)")
+    p.add_argument(
+        "--max-cell-s", type=float, help="fewer than --min-repeat runs beyond this (6 s)"
+    )
+    p.add_argument(
+        "--cell-timeout", type=float, help="kill and restart a worker stuck this long (120 s)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="threads per backend; 0: leave alone")
+    p.add_argument(
+        "--omp-wait-policy",
+        default=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        help="OMP_WAIT_POLICY of the workers ('' to leave unset); PASSIVE keeps OpenMP threads "
+        "from spinning, which on a loaded machine with few cores slows torch 10-100x",
+    )
+    p.add_argument(
+        "--xla-flags",
+        help="extra XLA_FLAGS for the JAX workers; default: --xla_cpu_multi_thread_eigen=false "
+        "when they get at most 2 CPUs (jaxlib 0.10.2 deadlocks there otherwise: jitted "
+        "value_and_grad of full-covariance projections at B >= 5e4 never returns), else none",
+    )
+    p.add_argument(
+        "--max-mem-gb",
+        type=float,
+        help="skip cells whose estimated peak memory exceeds this (cpu 4, cuda 40)",
+    )
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory measurement (otherwise one extra call per cell at the largest B)",
+    )
+    p.add_argument("--seed", type=int, default=20210503)
+    p.add_argument("--label", help="name of the results file (default: the hostname)")
+    p.add_argument("--json", type=Path, help="where to write the JSON results")
+    p.add_argument("--markdown", type=Path, help="also write the markdown report here")
+    args = p.parse_args(argv)
+
+    preset = QUICK if args.quick else FULL
+    gpu = args.device == "cuda"
+    if args.dims is None:
+        args.dims = preset["dims"]
+    if args.batches is None:
+        args.batches = preset["batches_gpu" if gpu else "batches_cpu"]
+    for name in ("repeat", "min_repeat", "warmup", "budget", "max_cell_s", "cell_timeout"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    args.min_repeat = max(1, min(args.min_repeat, args.repeat))
+    if args.xla_flags is None:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        cpus = min(usable, args.threads) if args.threads > 0 else usable
+        args.xla_flags = "--xla_cpu_multi_thread_eigen=false" if cpus <= 2 and not gpu else ""
+    if args.max_mem_gb is None:
+        args.max_mem_gb = 40.0 if gpu else 4.0
+    args.methods = [{"w2": "wasserstein"}.get(m, m) for m in args.methods]
+    for name, allowed in (("methods", METHODS), ("kinds", KINDS), ("modes", MODES)):
+        bad = sorted(set(getattr(args, name)) - set(allowed))
+        if bad:
+            p.error(f"--{name}: unknown {bad}; choose from {list(allowed)}")
+    if args.backends is None:
+        wanted = GPU_BACKENDS if gpu else CPU_BACKENDS
+        if args.quick and not gpu:  # JAX compiles every shape anew: ~1 s a cell
+            wanted = QUICK_CPU_BACKENDS
+        args.backends = [b for b in wanted if importlib.util.find_spec(BACKEND_MODULE[b])]
+        args.explicit_backends = False
+    else:
+        if gpu:  # "torch"/"jax" with --device cuda mean the GPU variants
+            args.backends = [{"torch": "torch_cuda", "jax": "jax_cuda"}.get(b, b) for b in args.backends]
+        bad = sorted(set(args.backends) - set(BACKEND_MODULE))
+        if bad:
+            p.error(f"--backends: unknown {bad}; choose from {list(BACKEND_MODULE)}")
+        args.explicit_backends = True
+    return args
+
+
+# ------------------------------------------------------------------------------------ machine
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory_gb = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal"):
+                    memory_gb = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "cpus_usable": usable,
+        "memory_gb": memory_gb,
+        "python": platform.python_version(),
+        "packages": packages,
+        "tr_projections": _tr_version(),
+        "git": _git_describe(),
+        "load_start": _load(),
+        "threads": threads,
+    }
+
+
+def _tr_version() -> str:
+    text = (REPO / "tr_projections" / "__init__.py").read_text()
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "?"
+
+
+def _git_describe() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "tr_projections"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def _load() -> str | None:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+# -------------------------------------------------------------------------------- the workers
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """A child process timing the cells of one backend; one JSON line per request and reply."""
+
+    def __init__(
+        self, name: str, threads: int, log_dir: str, omp_wait_policy: str = "", xla_flags: str = ""
+    ) -> None:
+        self.name, self.threads = name, threads
+        self.omp_wait_policy, self.xla_flags = omp_wait_policy, xla_flags
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self.proc: subprocess.Popen | None = None
+        self.hello: dict[str, Any] = {}
+
+    def start(self, timeout: float = 300.0) -> dict[str, Any]:
+        env = dict(os.environ)
+        if self.threads > 0:
+            env.update({k: str(self.threads) for k in THREAD_ENV})
+        if self.omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = self.omp_wait_policy
+        if self.xla_flags and self.name.startswith("jax"):
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {self.xla_flags}".strip()
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), self.name, str(self.threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            cwd=REPO,
+        )
+        log.close()
+        self._buf = b""
+        self.hello = self._read(timeout)
+        if not self.hello.get("ready"):
+            self.kill()
+            raise WorkerError(self.hello.get("error", "worker failed to start"))
+        return self.hello
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer within {timeout:.0f} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise WorkerError(f"worker exited (code {self.proc.wait()}); {self.log_tail()}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def request(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def log_tail(self, n: int = 600) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # our own child, by its handle
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.request({"quit": True}, timeout=0.1)
+        except (TimeoutError, WorkerError, OSError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+# ---------------------------------------------------------------------------------- the grid
+
+
+def estimate_peak_bytes(kind: str, d: int, batch: int) -> int:
+    """A rough upper bound of one cell's peak memory in a worker: data, generation, projection."""
+    size = d if kind == "diag" else d * d
+    inputs = 8 * batch * (2 * d + 2 * size)
+    # measured peaks (forward + backward, outputs and gradients included) reach ~6x the inputs
+    # for diagonal and ~14x for full Gaussians; add the inputs and the cotangents
+    return int(inputs * (7 if kind == "diag" else 15))
+
+
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every cell, data-sharing cells adjacent and backends innermost (interleaved)."""
+    cells = []
+    mem_batch = max(args.batches)
+    for kind in args.kinds:
+        for d in args.dims:
+            for batch in args.batches:
+                est = estimate_peak_bytes(kind, d, batch)
+                for method in args.methods:
+                    for mode in args.modes:
+                        for backend in args.backends:
+                            cell = {
+                                "method": method,
+                                "kind": kind,
+                                "d": d,
+                                "batch": batch,
+                                "mode": mode,
+                                "backend": backend,
+                                "est_peak_bytes": est,
+                                "memory": not args.no_memory and batch == mem_batch,
+                            }
+                            if est > args.max_mem_gb * 2**30:
+                                cell.update(
+                                    status="skipped",
+                                    note=f"estimated peak {est / 2**30:.1f} GB > --max-mem-gb "
+                                    f"{args.max_mem_gb:g}",
+                                )
+                            cells.append(cell)
+    return cells
+
+
+def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str, dict]:
+    """Time every cell in place; returns what each backend reported about itself."""
+    log_dir = tempfile.mkdtemp(prefix="trp-bench-")
+    workers: dict[str, Worker] = {}
+    info: dict[str, dict] = {}
+    for name in args.backends:
+        w = Worker(name, args.threads, log_dir, args.omp_wait_policy, args.xla_flags)
+        try:
+            info[name] = w.start()
+            workers[name] = w
+            print(f"# {name}: ready on {w.hello.get('device')}", file=sys.stderr)
+        except (WorkerError, TimeoutError) as exc:
+            info[name] = {"ready": False, "error": str(exc)}
+            print(f"# {name}: not available ({exc})", file=sys.stderr)
+    req_common = {
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "budget_s": args.budget,
+        "min_repeat": args.min_repeat,
+        "max_repeat": args.repeat,
+        "max_cell_s": args.max_cell_s,
+    }
+    t_start = time.perf_counter()
+    todo = [c for c in cells if c.get("status") != "skipped"]
+    last_group = None
+    try:
+        for i, cell in enumerate(todo):
+            group = (cell["kind"], cell["d"], cell["batch"])
+            if group != last_group:
+                last_group = group
+                print(
+                    f"# [{i}/{len(todo)} cells, {time.perf_counter() - t_start:.0f} s] "
+                    f"{cell['kind']} d={cell['d']} B={cell['batch']}",
+                    file=sys.stderr,
+                )
+            w = workers.get(cell["backend"])
+            if w is None:
+                cell.update(status="n/a", note=f"backend {cell['backend']} not available")
+                continue
+            keys = ("method", "kind", "d", "batch", "mode", "memory")
+            req = {**req_common, **{k: cell[k] for k in keys}}
+            t_cell = time.perf_counter()
+            try:
+                cell.update(w.request(req, args.cell_timeout))
+                cell["cell_wall_s"] = round(time.perf_counter() - t_cell, 3)
+            except (TimeoutError, WorkerError, OSError) as exc:
+                cell.update(status="error", note=f"{exc} (worker restarted)")
+                print(f"# {cell['backend']} {req}: {exc}", file=sys.stderr)
+                w.kill()
+                try:
+                    w.start()
+                except (WorkerError, TimeoutError) as exc2:
+                    print(f"# {cell['backend']}: cannot restart ({exc2})", file=sys.stderr)
+                    del workers[cell["backend"]]
+            if cell.get("status") == "error":
+                print(f"# error: {cell.get('note')}", file=sys.stderr)
+    finally:
+        for w in workers.values():
+            w.close()
+    print(f"# timed {len(todo)} cells in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+    return info
+
+
+def default_json_path(args: argparse.Namespace, date: str) -> Path:
+    if args.json is not None:
+        return args.json
+    label = args.label or socket.gethostname()
+    if args.quick:
+        return Path(tempfile.gettempdir()) / f"trp-bench-quick-{label}-{os.getpid()}.json"
+    return HERE / "results" / f"{label}-{date}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    now = dt.datetime.now(dt.timezone.utc)
+    machine = machine_info(args.threads)
+    cells = plan(args)
+    backend_info = run_grid(args, cells)
+    machine["load_end"] = _load()
+    ready = [b for b in args.backends if backend_info.get(b, {}).get("ready")]
+    result = {
+        "schema": 1,
+        "label": args.label or machine["hostname"],
+        "date": now.isoformat(timespec="seconds"),
+        "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
+        "machine": machine,
+        "settings": {
+            "quick": args.quick,
+            "device": args.device,
+            "threads": args.threads,
+            "omp_wait_policy": args.omp_wait_policy or None,
+            "xla_flags": args.xla_flags or None,
+            "dtype": "float64",
+            "methods": args.methods,
+            "kinds": args.kinds,
+            "dims": args.dims,
+            "batches": args.batches,
+            "modes": args.modes,
+            "warmup": args.warmup,
+            "min_repeat": args.min_repeat,
+            "max_repeat": args.repeat,
+            "budget_s": args.budget,
+            "max_cell_s": args.max_cell_s,
+            "max_mem_gb": args.max_mem_gb,
+            "seed": args.seed,
+            "bound_quantile": BOUND_QUANTILE,
+        },
+        "backends": {b: backend_info.get(b, {}) for b in args.backends},
+        "cells": cells,
+    }
+    result["targets"] = _report.evaluate_targets(cells, ready)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    text = _report.render(result)
+    print(text)
+    path = default_json_path(args, now.date().isoformat())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    if args.markdown is not None:
+        args.markdown.write_text(text + "\n")
+    print(f"# results: {path} ({result['wall_s']} s)", file=sys.stderr)
+    errors = [c for c in cells if c.get("status") == "error"]
+    timed = [c for c in cells if c.get("status") == "ok"]
+    if errors or not timed:
+        print(f"# {len(errors)} cell(s) failed, {len(timed)} timed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The benchmark suite keeps working: ``benchmarks/run.py --quick`` runs and writes sane JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "benchmarks" / "run.py"
+
+
+@pytest.mark.skipif(not RUN.exists(), reason="benchmarks/ is not shipped with this copy")
+def test_quick_benchmark_runs(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--backends", "numpy,torch", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### Targets" in proc.stdout
+
+    result = json.loads(out.read_text())
+    assert result["settings"]["quick"] is True
+    assert set(result["backends"]) == {"numpy", "torch"}
+    cells = result["cells"]
+    assert cells
+    timed = [c for c in cells if c["status"] == "ok"]
+    assert timed, "no cell was timed"
+    for c in timed:
+        assert c["n"] >= 1
+        for key in ("median_s", "q1_s", "q3_s", "min_s"):
+            assert math.isfinite(c[key]) and c[key] > 0, (key, c)
+        assert all(math.isfinite(t) and t > 0 for t in c["times_s"]), c
+    # Every cell either ran, or says why not; forward cells always run.
+    for c in cells:
+        assert c["status"] in {"ok", "n/a", "skipped"}, c
+        if c["mode"] == "forward":
+            assert c["status"] == "ok", c
+    # Same data and bounds for every backend.
+    bounds = {}
+    for c in timed:
+        key = (c["method"], c["kind"], c["d"], c["batch"])
+        bounds.setdefault(key, (c["eps_mean"], c["eps_cov"]))
+        assert bounds[key] == (c["eps_mean"], c["eps_cov"]), c

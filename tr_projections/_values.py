@@ -1,0 +1,152 @@
+"""Value checks: what is read from the arrays themselves (see :mod:`._inputs` for the rest).
+
+Each condition is first evaluated with reductions only (``min``, ``max``, ``all``), combined
+into one boolean and read once: one synchronisation per call when all is well. Only on the
+error path is the elementwise picture computed, to name the first offending entry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import _compat
+
+Array = Any
+
+__all__ = ["check_gaussian_values", "describe", "in_range", "scale_limits"]
+
+
+def scale_limits(dtype: Any, *, xp: Any) -> tuple[float, float]:
+    """``(lo, hi)``: a standard deviation or Cholesky entry must lie in ``[lo, hi]`` (diagonal
+    entries) or ``[-hi, hi]`` (off-diagonal) so that the variances are normal numbers of
+    ``dtype``: ``lo = sqrt(smallest normal)``, ``hi = sqrt(largest finite)``."""
+    fi = xp.finfo(dtype)
+    return math.sqrt(float(fi.smallest_normal)), math.sqrt(float(fi.max))
+
+
+class _Condition(NamedTuple):
+    """One value condition of one argument.
+
+    ``holds`` is a 0-d boolean array (computed with reductions: cheap, no synchronisation);
+    ``mask`` recomputes the elementwise picture on the error path only, for the message.
+    """
+
+    name: str
+    holds: Array
+    mask: Callable[[], tuple[Array, Array]]  # () -> (ok elementwise, the array it indexes)
+    expected: str
+
+
+def in_range(x: Array, lo: float, hi: float, *, xp: Any) -> Array:
+    # min/max propagate NaN (array API standard), and NaN compares false: no temporaries.
+    return (xp.min(x) >= lo) & (xp.max(x) <= hi)
+
+
+def _conditions(name: str, x: Array, *, kind: str, lo: float, hi: float, xp: Any) -> list:
+    """The value conditions of argument ``name``; ``kind`` is "mean", "diag" or "full"."""
+    if math.prod(tuple(x.shape)) == 0:  # an empty batch has nothing to check
+        return []
+    if kind == "mean":
+        big = float(xp.finfo(x.dtype).max)
+        return [
+            _Condition(
+                name, in_range(x, -big, big, xp=xp), lambda: (xp.isfinite(x), x), "must be finite"
+            )
+        ]
+    limits = f"[{lo:.3g}, {hi:.3g}]"
+    if kind == "diag":
+        return [
+            _Condition(
+                name,
+                in_range(x, lo, hi, xp=xp),
+                lambda: ((x >= lo) & (x <= hi), x),
+                f"(standard deviations) must be positive and finite, in {limits} so that the "
+                "variances are normal numbers",
+            )
+        ]
+    d = x.shape[-1]
+    dev = _compat.device(x)
+    diag = xp.linalg.diagonal(x)
+    # One pass for two conditions: |L_ij| <= hi on and below the diagonal (finite, and L L^T
+    # cannot overflow) and |L_ij| <= 0 above it (lower triangular).
+    limit = xp.tril(xp.full((d, d), hi, dtype=x.dtype, device=dev))
+    upper = xp.triu(xp.ones((d, d), dtype=xp.bool, device=dev), k=1)
+
+    def finite_mask() -> tuple[Array, Array]:
+        return (xp.abs(x) <= limit) | upper, x
+
+    def upper_mask() -> tuple[Array, Array]:
+        return (x == 0) | ~upper, x
+
+    entries = xp.all(xp.abs(x) <= limit)
+    return [
+        _Condition(
+            name,
+            entries,
+            finite_mask,
+            f"(a Cholesky factor) must be finite, |L_ij| <= {hi:.3g}",
+        ),
+        _Condition(
+            name,
+            entries,
+            upper_mask,
+            "(a Cholesky factor) must be lower triangular: zeros above the diagonal",
+        ),
+        _Condition(
+            name,
+            in_range(diag, lo, hi, xp=xp),
+            lambda: ((diag >= lo) & (diag <= hi), diag),
+            f"(a Cholesky factor) must have a positive diagonal in {limits}: a singular factor, "
+            "or one whose squared diagonal underflows, is refused",
+        ),
+    ]
+
+
+def describe(x: Array, ok: Array, *, xp: Any) -> str:
+    """How many entries of ``x`` break a condition, and the first of them with its index."""
+    bad = ~ok
+    n_bad = int(xp.sum(xp.astype(bad, xp.int64)))
+    first = tuple(int(i[0]) for i in xp.nonzero(bad))
+    value = float(x[first]) if first else float("nan")
+    size = math.prod(tuple(bad.shape))
+    return f"got {n_bad} offending entries of {size}, the first {value!r} at index {first}"
+
+
+_SWITCH_HINT = (
+    "(value checks can be turned off with `tr_projections.set_checks(False)` or "
+    "`with tr_projections.checks(False):`)"
+)
+
+
+def check_gaussian_values(arrays: dict[str, Array], *, full: bool, dtype: Any, xp: Any) -> None:
+    """Value checks of ``mean``/``old_mean`` (finite) and ``scale``/``old_scale`` (between the
+    :func:`scale_limits` of ``dtype``; full factors also lower triangular), on the arrays as
+    passed (before broadcasting). A few reductions and one synchronisation when all is well;
+    arrays whose values cannot be read (tracers) are skipped."""
+    lo, hi = scale_limits(dtype, xp=xp)
+    found: list[_Condition] = []
+    for name, x in arrays.items():
+        if _compat._is_traced(x, xp):
+            continue
+        kind = ("full" if full else "diag") if name.endswith("scale") else "mean"
+        lo_x, hi_x = lo, hi
+        if x.dtype != dtype:  # a float32 argument promoted to float64: limits it can hold
+            own = xp.finfo(x.dtype)
+            lo_x, hi_x = max(lo, float(own.smallest_normal)), min(hi, float(own.max))
+        found.extend(_conditions(name, x, kind=kind, lo=lo_x, hi=hi_x, xp=xp))
+    if not found:
+        return
+    all_hold = found[0].holds
+    for c in found[1:]:
+        all_hold = all_hold & c.holds
+    if not _compat.eager_any(~all_hold, xp=xp):
+        return
+    for c in found:  # the error path: find the first broken condition and describe it
+        ok, source = c.mask()
+        if not bool(xp.all(ok)):
+            raise ValueError(
+                f"`{c.name}` {c.expected}; {describe(source, ok, xp=xp)} {_SWITCH_HINT}"
+            )
+    raise AssertionError("a value check failed but no condition reports it")  # pragma: no cover

@@ -35,7 +35,11 @@ def series(cells: list[dict], d: int) -> dict[tuple[str, str, str], tuple[str, l
     for key in sorted({(c["method"], c["kind"], c["backend"]) for c in ok}):
         for mode in ("backward", "forward"):
             sub = sorted(
-                (c for c in ok if (c["method"], c["kind"], c["backend"]) == key and c["mode"] == mode),
+                (
+                    c
+                    for c in ok
+                    if (c["method"], c["kind"], c["backend"]) == key and c["mode"] == mode
+                ),
                 key=lambda c: c["batch"],
             )
             if sub:

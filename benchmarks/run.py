@@ -60,6 +60,12 @@ MODES = ("forward", "backward")
 CPU_BACKENDS = ("numpy", "torch", "jax")
 GPU_BACKENDS = ("torch_cuda", "cupy", "jax_cuda")
 QUICK_CPU_BACKENDS = ("numpy", "torch")
+#: A cell counts as hung after this multiple of the slowest other backend's time on it ...
+HANG_FACTOR = 6.0
+#: ... but never before this many seconds.
+HANG_FLOOR_S = 30.0
+#: A backend that hangs this often on one kind of Gaussian skips that kind's larger batches.
+HANGS_BEFORE_SKIP = 2
 BACKEND_MODULE = {
     "numpy": "numpy",
     "torch": "torch",
@@ -136,7 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-cell-s", type=float, help="fewer than --min-repeat runs beyond this (6 s)"
     )
     p.add_argument(
-        "--cell-timeout", type=float, help="kill and restart a worker stuck this long (120 s)"
+        "--cell-timeout",
+        type=float,
+        help="kill and restart a worker stuck this long on one cell (120 s); once another "
+        f"backend has run the cell, {HANG_FACTOR:g}x its time (at least {HANG_FLOOR_S:g} s)",
     )
     p.add_argument("--threads", type=int, default=2, help="threads per backend; 0: leave alone")
     p.add_argument(
@@ -145,12 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="OMP_WAIT_POLICY of the workers ('' to leave unset); PASSIVE keeps OpenMP threads "
         "from spinning, which on a loaded machine with few cores slows torch 10-100x",
     )
-    p.add_argument(
-        "--xla-flags",
-        help="extra XLA_FLAGS for the JAX workers; default: --xla_cpu_multi_thread_eigen=false "
-        "when they get at most 2 CPUs (jaxlib 0.10.2 deadlocks there otherwise: jitted "
-        "value_and_grad of full-covariance projections at B >= 5e4 never returns), else none",
-    )
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX workers")
     p.add_argument(
         "--max-mem-gb",
         type=float,
@@ -159,7 +163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-memory",
         action="store_true",
-        help="skip the peak-memory measurement (otherwise one extra call per cell at the largest B)",
+        help="skip the peak-memory measurement (else one extra call per cell at the largest B)",
     )
     p.add_argument("--seed", type=int, default=20210503)
     p.add_argument("--label", help="name of the results file (default: the hostname)")
@@ -177,10 +181,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, preset[name])
     args.min_repeat = max(1, min(args.min_repeat, args.repeat))
-    if args.xla_flags is None:
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        cpus = min(usable, args.threads) if args.threads > 0 else usable
-        args.xla_flags = "--xla_cpu_multi_thread_eigen=false" if cpus <= 2 and not gpu else ""
     if args.max_mem_gb is None:
         args.max_mem_gb = 40.0 if gpu else 4.0
     args.methods = [{"w2": "wasserstein"}.get(m, m) for m in args.methods]
@@ -196,7 +196,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.explicit_backends = False
     else:
         if gpu:  # "torch"/"jax" with --device cuda mean the GPU variants
-            args.backends = [{"torch": "torch_cuda", "jax": "jax_cuda"}.get(b, b) for b in args.backends]
+            args.backends = [
+                {"torch": "torch_cuda", "jax": "jax_cuda"}.get(b, b) for b in args.backends
+            ]
         bad = sorted(set(args.backends) - set(BACKEND_MODULE))
         if bad:
             p.error(f"--backends: unknown {bad}; choose from {list(BACKEND_MODULE)}")
@@ -436,6 +438,8 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
         "max_repeat": args.repeat,
         "max_cell_s": args.max_cell_s,
     }
+    walls: dict[tuple, float] = {}  # the slowest backend's wall time per cell so far
+    hangs: dict[tuple[str, str], list[int]] = {}  # (backend, kind) -> batches that timed out
     t_start = time.perf_counter()
     todo = [c for c in cells if c.get("status") != "skipped"]
     last_group = None
@@ -453,15 +457,30 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
             if w is None:
                 cell.update(status="n/a", note=f"backend {cell['backend']} not available")
                 continue
+            hung = [b for b in hangs.get((cell["backend"], cell["kind"]), []) if b <= cell["batch"]]
+            if len(hung) >= HANGS_BEFORE_SKIP:
+                cell.update(
+                    status="skipped",
+                    note=f"{cell['backend']} hung {len(hung)} times on {cell['kind']} cells "
+                    f"at B <= {cell['batch']:,}",
+                )
+                continue
             keys = ("method", "kind", "d", "batch", "mode", "memory")
             req = {**req_common, **{k: cell[k] for k in keys}}
+            key = tuple(cell[k] for k in keys)
+            timeout = args.cell_timeout
+            if key in walls:
+                timeout = min(timeout, max(HANG_FLOOR_S, HANG_FACTOR * walls[key]))
             t_cell = time.perf_counter()
             try:
-                cell.update(w.request(req, args.cell_timeout))
+                cell.update(w.request(req, timeout))
                 cell["cell_wall_s"] = round(time.perf_counter() - t_cell, 3)
+                walls[key] = max(walls.get(key, 0.0), cell["cell_wall_s"])
             except (TimeoutError, WorkerError, OSError) as exc:
+                if isinstance(exc, TimeoutError):
+                    hangs.setdefault((cell["backend"], cell["kind"]), []).append(cell["batch"])
                 cell.update(status="error", note=f"{exc} (worker restarted)")
-                print(f"# {cell['backend']} {req}: {exc}", file=sys.stderr)
+                print(f"# {cell['backend']} {key}: {exc}", file=sys.stderr)
                 w.kill()
                 try:
                     w.start()

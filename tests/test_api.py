@@ -168,3 +168,24 @@ def test_project_entropy(backend, make):
     np.testing.assert_array_equal(backend.to_numpy(out)[~low], backend.to_numpy(scale)[~low])
     eq = trp.project_entropy(scale, beta, equality=True)
     np.testing.assert_allclose(backend.to_numpy(trp.entropy(eq)), beta, rtol=1e-12)
+
+
+def test_jax_jit_and_vmap_with_a_closed_over_old_policy():
+    """An old policy captured from outside the traced function (concrete arrays beside
+    tracers, which report no device) is accepted under jit and vmap."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    mean, scale, _, _ = _full()
+    old_mean, old_scale = jnp.zeros(D), jnp.asarray(np.linalg.cholesky(2.0 * np.eye(D)))
+
+    def f(m, s):
+        return trp.project_kl(m, s, old_mean, old_scale, eps_mean=0.01, eps_cov=0.01)
+
+    eager = f(jnp.asarray(mean), jnp.asarray(scale))
+    jitted = jax.jit(f)(jnp.asarray(mean), jnp.asarray(scale))
+    mapped = jax.vmap(f)(jnp.asarray(mean), jnp.asarray(scale))
+    for out in (jitted, mapped):
+        for a, b in zip(out, eager, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)

@@ -204,7 +204,9 @@ def prepare(
         batches[name] = _scale_batch(name, s, d, full, names=names)
     batch = broadcast_shapes(batches)
 
+    # Traced JAX arrays (jit, vmap) report no device; only concrete devices are compared.
     devices = {n: _compat.device(x) for n, x in arrays.items()}
+    devices = {n: v for n, v in devices.items() if v is not None}
     if len({str(v) for v in devices.values()}) > 1:
         listed = ", ".join(f"`{n}` on {v}" for n, v in devices.items())
         raise ValueError(f"all arrays in one call must be on one device; got {listed}")
@@ -298,7 +300,8 @@ def bound(eps: Any, name: str, problem: Problem) -> Array:
             f"got {type(eps).__name__}"
         )
     namespace_of({"mean": problem.mean, name: eps})
-    if str(_compat.device(eps)) != str(problem.device):
+    eps_device, own_device = _compat.device(eps), problem.device
+    if eps_device is not None and own_device is not None and str(eps_device) != str(own_device):
         raise ValueError(
             f"`{name}` must be on the inputs' device {problem.device}, got {_compat.device(eps)}"
         )

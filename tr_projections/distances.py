@@ -95,27 +95,29 @@ class KLEigs(NamedTuple):
 def kl_eigs(scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: Any) -> KLEigs:
     r"""The eigenvalues of the precision relative to the old covariance.
 
-    Full: :math:`A - I = E + E^\top + E^\top E` with :math:`E = L^{-1}(L_o - L)`, which keeps
-    :math:`a_i` accurate when the new policy is close to the old one (no :math:`1 - 1`
-    cancellation); :math:`\lambda = 1 + a` is kept at least :math:`\varepsilon_{mach}`, below
-    which rounding of the ``eigh`` can make it vanish or change sign. Diagonal:
-    :math:`a = \operatorname{expm1}(r)`, :math:`\lambda = \exp(r)` with
-    :math:`r = 2(\log\sigma_{o} - \log\sigma)`, both to full relative accuracy and with no
-    decomposition. ``U`` is ``None`` for diagonals or when ``vectors`` is false.
+    Full: with :math:`B = L^{-1}L_o = I + E`, :math:`E = L^{-1}(L_o - L)`, one ``eigh`` of
+    :math:`A - I = E + E^\top + E^\top E` keeps :math:`a_i` accurate when the new policy is
+    close to the old one (no :math:`1 - 1` cancellation). Where :math:`\lambda_i < 1/2` (a new
+    covariance much wider than the old one) the Rayleigh quotients
+    :math:`\lambda_i = \|B u_i\|^2` replace :math:`1 + a_i`: they keep :math:`\lambda_i`
+    relatively accurate down to the underflow range, where :math:`1 + a_i` would only be known to
+    :math:`\varepsilon_{mach}`. Diagonal: :math:`a = \operatorname{expm1}(r)`,
+    :math:`\lambda = \exp(r)` with :math:`r = 2(\log\sigma_{o} - \log\sigma)`, both to full
+    relative accuracy and with no decomposition. ``U`` is returned only with ``vectors``.
     """
-    finfo = xp.finfo(scale.dtype)
+    tiny = xp.finfo(scale.dtype).smallest_normal
     if not full:
         r = 2.0 * (xp.log(old_scale) - xp.log(scale))
-        return KLEigs(xp.expm1(r), xp.maximum(xp.exp(r), finfo.smallest_normal), None)
+        return KLEigs(xp.expm1(r), xp.maximum(xp.exp(r), tiny), None)
     E = solve_triangular(scale, old_scale - scale, lower=True, xp=xp)
     A_minus_I = sym(E + mT(E, xp=xp) + xp.matmul(mT(E, xp=xp), E), xp=xp)
-    U = None
-    if vectors:
-        a, U = xp.linalg.eigh(A_minus_I)
-    else:
-        a = xp.linalg.eigvalsh(A_minus_I)
-    a = xp.maximum(a, finfo.eps - 1.0)
-    return KLEigs(a, 1.0 + a, U)
+    a, U = xp.linalg.eigh(A_minus_I)
+    BU = U + xp.matmul(E, U)
+    rayleigh = xp.sum(BU * BU, axis=-2)
+    wide = a < -0.5
+    lam = xp.maximum(xp.where(wide, rayleigh, 1.0 + a), tiny)
+    a = xp.where(wide, lam - 1.0, a)
+    return KLEigs(a, lam, U if vectors else None)
 
 
 def kl_cov_from_eigs(eigs: KLEigs, *, xp: Any) -> Array:

@@ -25,6 +25,7 @@ from ..projections.wasserstein import WassersteinResiduals, wasserstein_fwd, was
 Array = Any
 
 PROJECTION_ARGS = ("mean", "scale", "old_mean", "old_scale")
+LOSS_ARGS = ("mean", "scale", "proj_mean", "proj_scale")
 
 
 class Operation(NamedTuple):
@@ -58,7 +59,7 @@ def _projection(fwd: Callable, vjp: Callable, residuals: type) -> Operation:
         return tuple(out), res
 
     def backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
-        p = prepare(*arrays)
+        p = prepare(*arrays, check_values=False)  # checked by the forward already
         g_mean = _cotangent(cots[0], p.mean, xp=p.xp)
         g_scale = _cotangent(cots[1], p.scale, xp=p.xp)
         return tuple(vjp(p, res, g_mean, g_scale, **options))
@@ -78,17 +79,15 @@ def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tu
 
 
 def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
-    out, res = loss_fwd(prepare(*arrays), **options)
+    out, res = loss_fwd(prepare(*arrays, names=LOSS_ARGS), **options)
     return (out,), res
 
 
 def _loss_backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
-    p = prepare(*arrays)
+    p = prepare(*arrays, check_values=False, names=LOSS_ARGS)
     g = _cotangent(cots[0], p.mean[..., 0], xp=p.xp)
     return loss_vjp(p, res, g, **options)
 
-
-LOSS_ARGS = ("mean", "scale", "proj_mean", "proj_scale")
 
 OPERATIONS: dict[str, Operation] = {
     "kl": _projection(kl_fwd, kl_vjp, KLResiduals),

@@ -44,24 +44,27 @@ Array = Any
 MAX_ITER = 100
 
 
-def _t(tau: Array, lam: Array) -> Array:
-    r""":math:`t = 1 + \tau a = (1 - \tau) + \tau\lambda`, the eigenvalues of
-    :math:`L_o^\top\tilde\Lambda L_o`; the second form keeps :math:`t > 0` accurate when
-    :math:`\lambda \ll 1`."""
-    tau = tau[..., None]
-    return (1.0 - tau) + tau * lam
+def _t(s: Array, lam: Array, *, xp: Any) -> Array:
+    r""":math:`t = 1 + \tau a = (1 - \tau) + \tau\lambda` from :math:`s = \log\tau`, the
+    eigenvalues of :math:`L_o^\top\tilde\Lambda L_o`. Both terms are accurate,
+    :math:`1 - \tau = -\operatorname{expm1}(s)` even when :math:`\tau` is within rounding of 1,
+    so :math:`t` keeps its relative accuracy when :math:`\lambda \ll 1` (a new std far above
+    the old one, where the root has :math:`t \ll 1`)."""
+    s = s[..., None]
+    return -xp.expm1(s) + xp.exp(s) * lam
 
 
-def _g_and_slope(tau: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Array]:
-    r"""Return :math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/t_i)^2`.
+def _g_and_slope(s: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Array]:
+    r"""Return :math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/t_i)^2` at
+    :math:`\tau = e^s`.
 
     The solver needs :math:`g` to a relative accuracy far below the bound's tolerance, not to the
     last bit: in float64 the direct form of :func:`~tr_projections.distances.kl_h` (relative error
     about :math:`4\varepsilon_{mach}/|x|`, 1e-11 even at eps = 1e-9) is enough, and its series
     is kept for float32 only.
     """
-    x = tau[..., None] * a
-    t = _t(tau, lam)
+    x = xp.exp(s)[..., None] * a
+    t = _t(s, lam, xp=xp)
     r = x / t
     h = kl_h(x, t, xp=xp, series=xp.finfo(a.dtype).eps > 1e-10)
     return 0.5 * xp.sum(h, axis=-1), 0.5 * xp.sum(r * r, axis=-1)
@@ -72,49 +75,47 @@ def _running(state: tuple) -> Array:
 
 
 def _newton_step(state: tuple, *, xp: Any) -> tuple:
-    """One safeguarded Newton step on ``f = log g - log eps`` against ``log tau``; finished rows
-    stay as they are.
+    """One safeguarded Newton step on ``f = log g - log eps`` against ``s = log tau``; finished
+    rows stay as they are.
 
-    The step is Newton's when it stays in the bracket ``[lo, hi]`` and shrinks at least by half
-    against the previous step (otherwise Newton is overshooting or stalling, e.g. on the steep
-    side of a nearly singular precision). Else it is the secant through the bracket's ends, in
-    log-log coordinates, once ``f`` is known at both (``f_hi`` at ``hi = 1`` is known from the
-    start), and the geometric midpoint before that. A row is done when its residual ``|f|`` and
-    its Newton step are both below ``sqrt(eps_mach)``.
+    The step is Newton's when it stays in the bracket ``[s_lo, s_hi]`` and shrinks at least by
+    half against the previous step (otherwise Newton is overshooting or stalling, e.g. on the
+    steep side of a nearly singular precision). Else it is the secant through the bracket's ends
+    once ``f`` is known at both (``f_hi`` at ``tau = 1`` is known from the start; the Illinois
+    rule halves the residual of an end kept twice), and the midpoint before that. A row is done
+    when its residual ``|f|`` and its Newton step are both below ``sqrt(eps_mach)``. Working in
+    ``s`` keeps ``tau`` and ``1 - tau`` accurate at once, and no step can overflow.
     """
-    tau, lo, hi, f_lo, f_hi, done, a, lam, eps, ds_old, last_below = state
+    s, s_lo, s_hi, f_lo, f_hi, done, a, lam, eps, ds_old, last_below = state
     finfo = xp.finfo(a.dtype)
     tol = math.sqrt(finfo.eps)
-    g, slope = _g_and_slope(tau, a, lam, xp=xp)
-    f = xp.log(g) - xp.log(eps)
+    g, slope = _g_and_slope(s, a, lam, xp=xp)
+    f = xp.log(xp.maximum(g, finfo.smallest_normal)) - xp.log(eps)
     below = f <= 0
-    # Illinois rule: an end retained twice in a row has its residual halved, so secant steps
-    # cannot creep towards the root from one side only.
     same = below == last_below
     f_lo = xp.where(same & ~below, 0.5 * f_lo, f_lo)
     f_hi = xp.where(same & below, 0.5 * f_hi, f_hi)
-    lo, f_lo = xp.where(below, tau, lo), xp.where(below, f, f_lo)
-    hi, f_hi = xp.where(below, hi, tau), xp.where(below, f_hi, f)
-    ds = -f * (g / slope)
-    step = tau * xp.exp(ds)
+    s_lo, f_lo = xp.where(below, s, s_lo), xp.where(below, f, f_lo)
+    s_hi, f_hi = xp.where(below, s_hi, s), xp.where(below, f_hi, f)
+    ds = -f * (g / xp.maximum(slope, finfo.smallest_normal))
+    step = s + ds
     # Accept steps inside the bracket up to rounding, so a converged iterate is never thrown back.
-    slack = 4.0 * finfo.eps
-    inside = (step >= lo * (1.0 - slack)) & (step <= hi * (1.0 + slack))
+    slack = 4.0 * finfo.eps * xp.abs(s) + finfo.smallest_normal
+    inside = (step >= s_lo - slack) & (step <= s_hi + slack)
     converged = inside & (xp.abs(ds) <= tol) & (xp.abs(f) <= tol)
     ok = converged | (inside & (2.0 * xp.abs(ds) <= xp.abs(ds_old)))
-    s_lo, s_hi = xp.log(lo), xp.log(hi)
     span = f_hi - f_lo
     known = (f_lo > -math.inf) & (span > 0)  # f is known at both ends and tells them apart
     span = xp.where(known, span, xp.ones_like(f))
-    s_sec = xp.where(known, s_lo - xp.where(known, f_lo, 0.0) * (s_hi - s_lo) / span, 0.0)
-    s_fallback = xp.where(known, s_sec, 0.5 * (s_lo + s_hi))
-    new = xp.where(ok, xp.minimum(xp.maximum(step, lo), hi), xp.exp(s_fallback))
-    ds_new = xp.where(ok, ds, s_fallback - xp.log(tau))
-    tau = xp.where(done, tau, new)
+    s_sec = s_lo - xp.where(known, f_lo, xp.zeros_like(f)) * (s_hi - s_lo) / span
+    fallback = xp.where(known, s_sec, 0.5 * (s_lo + s_hi))
+    new = xp.where(ok, xp.minimum(xp.maximum(step, s_lo), s_hi), fallback)
+    ds_new = new - s
+    s = xp.where(done, s, new)
     ds_old = xp.where(done, ds_old, ds_new)
-    done = done | converged
     last_below = xp.where(done, last_below, below)
-    return tau, lo, hi, f_lo, f_hi, done, a, lam, eps, ds_old, last_below
+    done = done | converged
+    return s, s_lo, s_hi, f_lo, f_hi, done, a, lam, eps, ds_old, last_below
 
 
 @functools.cache
@@ -123,19 +124,17 @@ def _step_for(xp: Any):
     return functools.partial(_newton_step, xp=xp)
 
 
-def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
-    r"""The weight :math:`\tau \in (0, 1]` with :math:`g(\tau) = \epsilon` on rows where
-    :math:`g(1) = ` ``g1`` :math:`> \epsilon`, and :math:`\tau = 1` elsewhere.
+def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
+    r""":math:`s = \log\tau` for the weight :math:`\tau \in (0, 1]` with
+    :math:`g(\tau) = \epsilon` on rows where :math:`g(1) = ` ``g1`` :math:`> \epsilon`, and
+    :math:`s = 0` elsewhere.
 
     Start: the cubic model :math:`g \approx \tfrac14 \tau^2 S - \tfrac13\tau^3\sum a_i^3`,
     :math:`S = \sum a_i^2`, i.e. the quadratic root :math:`\tau_0 = 2\sqrt{\epsilon/S}` times
     :math:`1 + \tfrac23\tau_0\sum a_i^3/S`; in the usual regime two Newton steps then reach
-    rounding level.
-    Bracket: ``hi = 1``; ``lo = min(1/2, sqrt(eps / S))`` is always feasible because
-    :math:`h(x) \le 2x^2` for :math:`|x| \le 1/2`, so :math:`g(\tau) \le \tau^2 S` there. The
-    bracket tightens with every evaluation, and a Newton step that leaves it is replaced by the
-    geometric midpoint. A row stops once an accepted Newton step changes :math:`\log\tau` by less
-    than :math:`\sqrt{\varepsilon_{mach}}` (the next error is then at rounding level).
+    rounding level. Bracket: ``tau = 1`` above; ``min(1/2, sqrt(eps / S))`` below, always
+    feasible because :math:`h(x) \le 2x^2` for :math:`|x| \le 1/2`, so
+    :math:`g(\tau) \le \tau^2 S` there.
     """
     active = g1 > eps
     eps = eps + xp.zeros_like(g1)
@@ -145,16 +144,24 @@ def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     a2 = a * a
     S = xp.sum(a2, axis=-1)
     one = xp.ones_like(S)
+    zero = xp.zeros_like(S)
     tau0 = xp.minimum(one, 2.0 * xp.sqrt(eps / S))
     lo = xp.minimum(0.5 * one, 0.5 * tau0)
-    # Cubic model g ~ tau^2 S/4 - tau^3 sum(a^3)/3: one correction factor, kept within [1/2, 2].
-    corr = 1.0 + (2.0 / 3.0) * tau0 * xp.sum(a2 * a, axis=-1) / S
+    # Cubic model: one correction factor, kept within [1/2, 2]; a^3 is formed as (a^2/S)(tau0 a)
+    # so that it cannot overflow.
+    corr = 1.0 + (2.0 / 3.0) * xp.sum((a2 / S[..., None]) * (tau0[..., None] * a), axis=-1)
     start = xp.minimum(xp.maximum(tau0 * xp.clip(corr, 0.5, 2.0), lo), one)
     f_hi = xp.where(active, xp.log(xp.where(active, g1, one)) - xp.log(eps), one)
     inf = xp.full_like(S, math.inf)
-    state = (xp.where(active, start, one), lo, one, -inf, f_hi, ~active, a, lam, eps, inf, ~active)
+    s0 = xp.where(active, xp.log(start), zero)
+    state = (s0, xp.log(lo), zero, -inf, f_hi, ~active, a, lam, eps, inf, ~active)
     state = while_loop(_running, _step_for(xp), state, max_iter=MAX_ITER, check_every=1, xp=xp)
-    return xp.where(active, state[0], one)
+    return xp.where(active, state[0], zero)
+
+
+def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
+    """The weight itself, ``exp`` of :func:`solve_log_tau`."""
+    return xp.exp(solve_log_tau(eigs, g1, eps, xp=xp))
 
 
 class KLResiduals(NamedTuple):
@@ -167,6 +174,7 @@ class KLResiduals(NamedTuple):
     lam: Array  # the same eigenvalues, accurate when small
     U: Array | None  # their eigenvectors (full only)
     tau: Array
+    log_tau: Array  # carries 1 - tau accurately
     active: Array
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
 
@@ -182,8 +190,9 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weigh
     eigs = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=True, xp=xp)
     a, lam, U = eigs
     g1 = kl_cov_from_eigs(eigs, xp=xp)
-    tau = solve_tau(eigs, g1, eps_cov, xp=xp)
-    t = _t(tau, lam)  # eigenvalues of L_o^T Lambda~ L_o
+    log_tau = solve_log_tau(eigs, g1, eps_cov, xp=xp)
+    tau = xp.exp(log_tau)
+    t = _t(log_tau, lam, xp=xp)  # eigenvalues of L_o^T Lambda~ L_o
     if p.full:
         W = xp.matmul(p.old_scale, U)  # Sigma~ = W diag(1/t) W^T, no inverse formed
         cov = sym(xp.matmul(W / t[..., None, :], mT(W, xp=xp)), xp=xp)
@@ -192,7 +201,9 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weigh
         proj = p.old_scale / xp.sqrt(t)
     active = g1 > eps_cov
     scale = select(active, proj, p.scale, event_ndim=2 if p.full else 1, xp=xp)
-    res = KLResiduals(tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, active, proj)
+    res = KLResiduals(
+        tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, log_tau, active, proj
+    )
     return Gaussian(mean, scale), Weights(tau_mean, tau), res
 
 
@@ -231,7 +242,7 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
     )  # fmt: skip
     a, lam, tau, active = res.a, res.lam, res.tau, res.active
     tau_e = tau[..., None]
-    t = _t(tau, lam)
+    t = _t(res.log_tau, lam, xp=xp)
     # m_i: M in the basis V; dg/dtau = <M, D> = sum_i m_i a_i.
     m_eig = 0.5 * tau_e * a / (t * t)
     dg_dtau = xp.where(active, xp.sum(m_eig * a, axis=-1), xp.ones_like(tau))
@@ -272,4 +283,4 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 
-__all__ = ["KLResiduals", "kl_forward", "kl_fwd", "kl_vjp", "solve_tau"]
+__all__ = ["KLResiduals", "kl_forward", "kl_fwd", "kl_vjp", "solve_log_tau", "solve_tau"]

@@ -147,8 +147,15 @@ def reference_distances(
     if method == "kl":
         Lo = np.linalg.cholesky(b.cov)
         M = np.linalg.solve(Lo, np.linalg.cholesky(a.cov))
-        y = np.linalg.eigvalsh(M @ np.swapaxes(M, -1, -2) - np.eye(d))
-        return 0.5 * maha, 0.5 * np.sum(y - np.log1p(y), axis=-1)
+        MMt = M @ np.swapaxes(M, -1, -2)
+        # Near 1 the shifted eigenvalues y keep their accuracy; far below 1 (a new covariance
+        # much narrower than the old one) the unshifted ones z do. Both come in ascending order.
+        y = np.linalg.eigvalsh(MMt - np.eye(d))
+        z = np.linalg.eigvalsh(MMt)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            far = (z - 1.0) - np.log(np.where(z > 0, z, 1.0))
+            terms = np.where(z < 0.5, far, y - np.log1p(np.maximum(y, -0.5)))
+        return 0.5 * maha, 0.5 * np.sum(terms, axis=-1)
     mean_part = maha if scale_prec else np.sum(delta * delta, axis=-1)
     if method == "frobenius":
         return mean_part, np.sum((a.cov - b.cov) ** 2, axis=(-2, -1))

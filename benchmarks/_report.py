@@ -335,7 +335,7 @@ def render(result: dict[str, Any]) -> str:
     """The whole report as markdown."""
     m = result["machine"]
     s = result["settings"]
-    backends = list(result["backends"])
+    backends = [b for b, info in result["backends"].items() if info.get("ready")]
     cells = result["cells"]
     lines = [
         f"## Benchmark: {result['label']} ({'quick' if s['quick'] else 'full'} run)",

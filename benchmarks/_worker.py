@@ -388,7 +388,7 @@ def summarize(times: list[float]) -> dict[str, Any]:
         "iqr_s": q3 - q1,
         "min_s": times_sorted[0],
         "n": len(times),
-        "times_s": times,
+        "times_s": [float(f"{t:.4g}") for t in times],  # raw runs; 4 digits are plenty
     }
 
 

@@ -505,6 +505,13 @@ def default_json_path(args: argparse.Namespace, date: str) -> Path:
     return HERE / "results" / f"{label}-{date}.json"
 
 
+def dump_json(result: dict[str, Any]) -> str:
+    """Indented JSON with one line per cell: readable, and small diffs between runs."""
+    head = json.dumps({k: v for k, v in result.items() if k != "cells"}, indent=1)
+    cells = ",\n  ".join(json.dumps(c) for c in result["cells"])
+    return f'{head[:-2]},\n "cells": [\n  {cells}\n ]\n}}\n'
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -550,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     path = default_json_path(args, now.date().isoformat())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(dump_json(result))
     if args.markdown is not None:
         args.markdown.write_text(text + "\n")
     print(f"# results: {path} ({result['wall_s']} s)", file=sys.stderr)

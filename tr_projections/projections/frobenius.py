@@ -62,13 +62,6 @@ def frobenius_fwd(
     return Gaussian(mean, scale), Weights(tau_mean, tau), res
 
 
-def frobenius_forward(
-    p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
-) -> tuple[Gaussian, Weights]:
-    """The Frobenius projection of ``p`` and its two weights."""
-    return frobenius_fwd(p, eps_mean, eps_cov, scale_prec=scale_prec)[:2]
-
-
 def frobenius_vjp(
     p: Problem, res: FrobeniusResiduals, g_mean: Array, g_scale: Array, *, scale_prec: bool = True
 ) -> Cotangents:
@@ -113,4 +106,4 @@ def frobenius_vjp(
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 
-__all__ = ["FrobeniusResiduals", "frobenius_forward", "frobenius_fwd", "frobenius_vjp"]
+__all__ = ["FrobeniusResiduals", "frobenius_fwd", "frobenius_vjp"]

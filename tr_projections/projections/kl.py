@@ -207,11 +207,6 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weigh
     return Gaussian(mean, scale), Weights(tau_mean, tau), res
 
 
-def kl_forward(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weights]:
-    """Project ``p`` onto the KL trust region; returns the projection and its two weights."""
-    return kl_fwd(p, eps_mean, eps_cov)[:2]
-
-
 def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotangents:
     r"""Cotangents of ``(mean, scale, old_mean, old_scale)`` of :func:`kl_fwd`, by the implicit
     function theorem on :math:`g(\tau, \Lambda, \Lambda_o) = \epsilon_\Sigma`.
@@ -283,4 +278,4 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 
-__all__ = ["KLResiduals", "kl_forward", "kl_fwd", "kl_vjp", "solve_log_tau", "solve_tau"]
+__all__ = ["KLResiduals", "kl_fwd", "kl_vjp", "solve_log_tau", "solve_tau"]

@@ -82,13 +82,6 @@ def wasserstein_fwd(
     return Gaussian(mean, scale), Weights(tau_mean, tau), res
 
 
-def wasserstein_forward(
-    p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
-) -> tuple[Gaussian, Weights]:
-    """The W2 projection of ``p`` and its two weights."""
-    return wasserstein_fwd(p, eps_mean, eps_cov, scale_prec=scale_prec)[:2]
-
-
 def wasserstein_vjp(
     p: Problem, res: WassersteinResiduals, g_mean: Array, g_scale: Array, *, scale_prec: bool = True
 ) -> Cotangents:
@@ -152,4 +145,4 @@ def wasserstein_vjp(
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 
-__all__ = ["WassersteinResiduals", "wasserstein_forward", "wasserstein_fwd", "wasserstein_vjp"]
+__all__ = ["WassersteinResiduals", "wasserstein_fwd", "wasserstein_vjp"]

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from ._compat import solve_triangular
 from ._inputs import prepare
-from .gaussian import covariance, frob2, mahalanobis, mT, sqrtm_psd, sym
+from .gaussian import covariance, frob2, mahalanobis, mT, root_from_cholesky, sym
 
 __all__ = ["DistanceParts", "frobenius", "kl", "wasserstein"]
 
@@ -207,8 +207,8 @@ def wasserstein_chart(scale: Array, old_scale: Array, *, full: bool, scale_prec:
         if scale_prec:
             diff = diff / old_scale
         return xp.sum(diff * diff, axis=-1), RootChart(scale, old_scale, None), None
-    S, U, s = sqrtm_psd(covariance(scale, full=True, xp=xp), xp=xp)
-    S_o, U_o, s_o = sqrtm_psd(covariance(old_scale, full=True, xp=xp), xp=xp)
+    S, U, s = root_from_cholesky(scale, xp=xp)
+    S_o, U_o, s_o = root_from_cholesky(old_scale, xp=xp)
     diff = S - S_o
     S_o_inv = None
     if scale_prec:

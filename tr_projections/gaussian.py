@@ -116,20 +116,9 @@ def log_det(scale: Array, *, full: bool, xp: Any) -> Array:
     return 2.0 * xp.sum(xp.log(diag), axis=-1)
 
 
-def sqrtm_psd(cov: Array, *, xp: Any) -> tuple[Array, Array, Array]:
-    r"""Symmetric square root :math:`S = U \operatorname{diag}(s) U^\top` of SPD matrices.
-
-    Returns ``(S, U, s)`` so callers can reuse the eigenbasis (inverse roots, VJPs).
-    """
-    w, U = xp.linalg.eigh(cov)
-    s = xp.sqrt(xp.clip(w, min=0.0))
-    S = sym(xp.matmul(U * s[..., None, :], mT(U, xp=xp)), xp=xp)
-    return S, U, s
-
-
 def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     r"""Symmetric square root of :math:`\Sigma = L L^\top` from the SVD :math:`L = U D V^\top`:
-    :math:`S = U D U^\top`, with ``(S, U, s = diag(D))`` as :func:`sqrtm_psd` returns them.
+    :math:`S = U D U^\top`, returned as ``(S, U, s = diag(D))`` so callers can reuse the basis (inverse roots, VJPs).
 
     The singular values of :math:`L` carry a relative error of about
     :math:`\kappa(L)\varepsilon = \sqrt{\kappa(\Sigma)}\varepsilon`, where the eigenvalues of

@@ -118,7 +118,8 @@ def log_det(scale: Array, *, full: bool, xp: Any) -> Array:
 
 def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     r"""Symmetric square root of :math:`\Sigma = L L^\top` from the SVD :math:`L = U D V^\top`:
-    :math:`S = U D U^\top`, returned as ``(S, U, s = diag(D))`` so callers can reuse the basis (inverse roots, VJPs).
+    :math:`S = U D U^\top`, returned as ``(S, U, s = diag(D))`` so callers can reuse the basis
+    (inverse roots, VJPs).
 
     The singular values of :math:`L` carry a relative error of about
     :math:`\kappa(L)\varepsilon = \sqrt{\kappa(\Sigma)}\varepsilon`, where the eigenvalues of

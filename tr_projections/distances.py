@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from . import _compat
 from ._compat import solve_triangular
 from ._inputs import prepare
 from .gaussian import covariance, frob2, mahalanobis, mT, root_from_cholesky, sym
@@ -110,13 +111,19 @@ def kl_eigs(scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: An
         r = 2.0 * (xp.log(old_scale) - xp.log(scale))
         return KLEigs(xp.expm1(r), xp.maximum(xp.exp(r), tiny), None)
     E = solve_triangular(scale, old_scale - scale, lower=True, xp=xp)
-    A_minus_I = sym(E + mT(E, xp=xp) + xp.matmul(mT(E, xp=xp), E), xp=xp)
-    a, U = xp.linalg.eigh(A_minus_I)
-    BU = U + xp.matmul(E, U)
-    rayleigh = xp.sum(BU * BU, axis=-2)
+    Et = mT(E, xp=xp)
+    # Symmetric up to rounding, and eigh reads one triangle: no symmetrisation pass needed.
+    a, U = xp.linalg.eigh(E + Et + xp.matmul(Et, E))
     wide = a < -0.5
-    lam = xp.maximum(xp.where(wide, rayleigh, 1.0 + a), tiny)
-    a = xp.where(wide, lam - 1.0, a)
+    # The Rayleigh quotients cost a batched matmul; eager arrays skip it when no row needs it
+    # (the result is the same either way).
+    if _compat.eager_any(wide, xp=xp) is not False:
+        BU = U + xp.matmul(E, U)
+        rayleigh = xp.sum(BU * BU, axis=-2)
+        lam = xp.maximum(xp.where(wide, rayleigh, 1.0 + a), tiny)
+        a = xp.where(wide, lam - 1.0, a)
+    else:
+        lam = 1.0 + a
     return KLEigs(a, lam, U if vectors else None)
 
 

@@ -13,6 +13,7 @@ from test_gradients import (  # noqa: E402
     METHODS,
     assert_cotangents_close,
     make_case,
+    numpy_vjp,
     random_cholesky,
 )
 
@@ -40,11 +41,6 @@ def _function(case, kwargs):
         return out.mean, out.scale
 
     return f
-
-
-def _numpy_vjp(case, g):
-    _, vjp_fn = trp.vjp(case.fn, *case.args, **case.kwargs)
-    return list(vjp_fn(trp.Gaussian(*g)))
 
 
 @pytest.mark.parametrize("states", ["mixed", "active", "inactive"])
@@ -76,7 +72,7 @@ def test_gradcheck_entropy(kind, equality):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", list(METHODS))
-def test_backward_equals_numpy_vjp(method, kind):
+def test_backward_equalsnumpy_vjp(method, kind):
     """``loss.backward()`` through the autograd.Function gives the NumPy ``trp.vjp``
     cotangents, in each argument's shape (shared old policy) and dtype."""
     case = make_case(22, method, kind == "full", d=3, batch=(4,))
@@ -89,7 +85,7 @@ def test_backward_equals_numpy_vjp(method, kind):
     loss.backward()
     got = [a.grad.numpy() for a in args]
     assert [x.shape for x in got] == [a.shape for a in case.args]
-    assert_cotangents_close(got, _numpy_vjp(case, g))
+    assert_cotangents_close(got, numpy_vjp(case, g))
 
 
 def test_trp_vjp_on_tensors_leaves_no_graph():
@@ -116,7 +112,7 @@ def test_torch_func_grad_and_vmap_agree_with_eager(method, kind):
         return (out.mean * gm).sum() + (out.scale * gs).sum()
 
     em, ec = kwargs["eps_mean"], kwargs["eps_cov"]
-    want = _numpy_vjp(case, (gm.numpy(), gs.numpy()))
+    want = numpy_vjp(case, (gm.numpy(), gs.numpy()))
 
     grads = torch.func.grad(loss, argnums=(0, 1, 2, 3))(*args, em, ec, gm, gs)
     assert_cotangents_close([x.numpy() for x in grads], want)
@@ -139,7 +135,7 @@ def test_torch_func_grad_and_vmap_agree_with_eager(method, kind):
     jac = torch.func.jacrev(lambda m: project(m, *args[1:], em, ec)[0])(args[0])
     contracted = torch.einsum("bi,bicj->cj", gm, jac)
     # only the mean part reaches the mean output: compare with the VJP of g = (gm, 0)
-    want_mean = _numpy_vjp(case, (gm.numpy(), np.zeros_like(gs.numpy())))[0]
+    want_mean = numpy_vjp(case, (gm.numpy(), np.zeros_like(gs.numpy())))[0]
     np.testing.assert_allclose(contracted.numpy(), want_mean, rtol=1e-10, atol=1e-12)
 
 
@@ -162,4 +158,4 @@ def test_torch_compile_agrees_with_eager(method, kind):
     value = compiled(*args)
     grads = torch.autograd.grad(value, args)
     torch.testing.assert_close(value, loss(*args), rtol=1e-12, atol=1e-12)
-    assert_cotangents_close([x.numpy() for x in grads], _numpy_vjp(case, (gm.numpy(), gs.numpy())))
+    assert_cotangents_close([x.numpy() for x in grads], numpy_vjp(case, (gm.numpy(), gs.numpy())))

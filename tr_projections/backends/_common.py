@@ -55,7 +55,7 @@ def _projection(fwd: Callable, vjp: Callable, residuals: type) -> Operation:
         p = prepare(*arrays)
         eps_mean = bound(bounds[0], "eps_mean", p)
         eps_cov = bound(bounds[1], "eps_cov", p)
-        out, _, res = fwd(p, eps_mean, eps_cov, **options)
+        out, res = fwd(p, eps_mean, eps_cov, **options)
         return tuple(out), res
 
     def backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:

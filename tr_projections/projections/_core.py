@@ -20,13 +20,6 @@ from ._vjp_core import solve_lower, solve_lower_t, tril
 Array = Any
 
 
-class Weights(NamedTuple):
-    """The interpolation weights of the two parts, batch shape each (diagnostics and VJPs)."""
-
-    mean: Array
-    cov: Array
-
-
 def closed_form_tau(dist: Array, eps: Array, *, xp: Any) -> Array:
     r""":math:`\tau = \min(1, \sqrt{\epsilon / d})`, finite for ``dist == 0`` and under autodiff."""
     active = dist > eps

@@ -14,7 +14,6 @@ from ..distances import frobenius_cov, mean_distance
 from ..gaussian import Gaussian, covariance
 from ._core import (
     Cotangents,
-    Weights,
     add_old_scale,
     closed_form_tau,
     closed_form_tau_vjp,
@@ -43,7 +42,7 @@ class FrobeniusResiduals(NamedTuple):
 
 def frobenius_fwd(
     p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
-) -> tuple[Gaussian, Weights, FrobeniusResiduals]:
+) -> tuple[Gaussian, FrobeniusResiduals]:
     """The Frobenius projection of ``p``, its weights and the residuals of its VJP."""
     xp = p.xp
     dist_mean = mean_distance(
@@ -59,7 +58,7 @@ def frobenius_fwd(
     active = dist > eps_cov
     scale = select(active, proj, p.scale, event_ndim=event_ndim, xp=xp)
     res = FrobeniusResiduals(tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active, proj)
-    return Gaussian(mean, scale), Weights(tau_mean, tau), res
+    return Gaussian(mean, scale), res
 
 
 def frobenius_vjp(

@@ -27,7 +27,6 @@ from ..distances import KLEigs, kl_cov_from_eigs, kl_eigs, kl_h, mean_distance
 from ..gaussian import Gaussian, diag_embed, diagonal, mT, sym
 from ._core import (
     Cotangents,
-    Weights,
     add_old_scale,
     mean_residuals,
     project_mean,
@@ -179,7 +178,7 @@ class KLResiduals(NamedTuple):
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
 
 
-def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weights, KLResiduals]:
+def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLResiduals]:
     """The KL projection of ``p``, its weights and the residuals of its VJP."""
     xp = p.xp
     dist_mean = 0.5 * mean_distance(
@@ -204,7 +203,7 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, Weigh
     res = KLResiduals(
         tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, log_tau, active, proj
     )
-    return Gaussian(mean, scale), Weights(tau_mean, tau), res
+    return Gaussian(mean, scale), res
 
 
 def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotangents:

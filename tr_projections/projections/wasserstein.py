@@ -16,7 +16,6 @@ from ..distances import mean_distance, wasserstein_chart
 from ..gaussian import Gaussian, sym
 from ._core import (
     Cotangents,
-    Weights,
     add_old_scale,
     closed_form_tau,
     closed_form_tau_vjp,
@@ -54,7 +53,7 @@ class WassersteinResiduals(NamedTuple):
 
 def wasserstein_fwd(
     p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
-) -> tuple[Gaussian, Weights, WassersteinResiduals]:
+) -> tuple[Gaussian, WassersteinResiduals]:
     """The W2 projection of ``p``, its weights and the residuals of its VJP."""
     xp = p.xp
     dist_mean = mean_distance(
@@ -79,7 +78,7 @@ def wasserstein_fwd(
         res = WassersteinResiduals(*mean_res, *chart, *eig, root, proj)
     else:
         res = WassersteinResiduals(*mean_res, *(None,) * 8, proj)
-    return Gaussian(mean, scale), Weights(tau_mean, tau), res
+    return Gaussian(mean, scale), res
 
 
 def wasserstein_vjp(

@@ -93,15 +93,6 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
     return xp.linalg.solve(a, b)
 
 
-def solve_triangular_vec(a: Array, v: Array, *, lower: bool = True, xp: Namespace) -> Array:
-    """Triangular solve with a vector right-hand side ``v`` of shape ``(..., d)``.
-
-    The standard's ``solve`` would read a ``(B, d)`` right-hand side as a matrix; an explicit
-    trailing axis keeps it a batch of vectors.
-    """
-    return solve_triangular(a, v[..., None], lower=lower, xp=xp)[..., 0]
-
-
 # --------------------------------------------------------------------------- control flow
 
 

@@ -58,11 +58,6 @@ def sym(x: Array, *, xp: Any) -> Array:
     return 0.5 * (x + mT(x, xp=xp))
 
 
-def eye_like(x: Array, *, xp: Any) -> Array:
-    d = x.shape[-1]
-    return xp.eye(d, dtype=x.dtype, device=_device(x))
-
-
 def diag_embed(v: Array, *, xp: Any) -> Array:
     """``(..., d)`` to the diagonal matrices ``(..., d, d)``."""
     return v[..., :, None] * xp.eye(v.shape[-1], dtype=v.dtype, device=_device(v))
@@ -70,10 +65,6 @@ def diag_embed(v: Array, *, xp: Any) -> Array:
 
 def diagonal(x: Array, *, xp: Any) -> Array:
     return xp.linalg.diagonal(x)
-
-
-def matmul(a: Array, b: Array, *, xp: Any) -> Array:
-    return xp.matmul(a, b)
 
 
 def frob2(x: Array, *, xp: Any) -> Array:

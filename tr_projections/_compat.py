@@ -23,6 +23,7 @@ __all__ = [
     "is_jax",
     "is_numpy",
     "is_torch",
+    "qr_r",
     "solve_triangular",
     "stop_gradient",
     "while_loop",
@@ -91,6 +92,34 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
 
         return sl.solve_triangular(a, b, lower=lower, check_finite=False)
     return xp.linalg.solve(a, b)
+
+
+def qr_r(a: Array, *, xp: Namespace) -> Array:
+    """The triangular factor ``R`` of ``a = QR`` (``(..., d, d)``), without forming ``Q`` where
+    the library can skip it (NumPy, CuPy, JAX: ``mode="r"``; torch returns an empty ``Q``)."""
+    if is_torch(xp):
+        import torch
+
+        return torch.linalg.qr(a, mode="r")[1]
+    if is_numpy(xp) or is_jax(xp) or is_cupy(xp):
+        return _native_namespace(xp).linalg.qr(a, mode="r")
+    return xp.linalg.qr(a)[1]
+
+
+def _native_namespace(xp: Namespace) -> Namespace:
+    # array_api_compat's numpy/cupy wrappers (and jax.numpy itself) accept mode="r" through to
+    # the library; the wrapper namespaces do not expose it, the libraries do.
+    if is_numpy(xp):
+        import numpy
+
+        return numpy
+    if is_cupy(xp):
+        import cupy
+
+        return cupy
+    import jax.numpy
+
+    return jax.numpy
 
 
 # --------------------------------------------------------------------------- control flow

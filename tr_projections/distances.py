@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from . import _compat
 from ._compat import solve_triangular
 from ._inputs import prepare
-from .gaussian import covariance, frob2, mahalanobis, mT, root_from_cholesky, sym
+from .gaussian import covariance, diagonal, frob2, mahalanobis, mT, root_from_cholesky, sym
 
 __all__ = ["DistanceParts", "frobenius", "kl", "wasserstein"]
 
@@ -96,35 +96,64 @@ class KLEigs(NamedTuple):
 def kl_eigs(scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: Any) -> KLEigs:
     r"""The eigenvalues of the precision relative to the old covariance.
 
-    Full: with :math:`B = L^{-1}L_o = I + E`, :math:`E = L^{-1}(L_o - L)`, one ``eigh`` of
-    :math:`A - I = E + E^\top + E^\top E` keeps :math:`a_i` accurate when the new policy is
-    close to the old one (no :math:`1 - 1` cancellation). Where :math:`\lambda_i < 1/2` (a new
-    covariance much wider than the old one) the Rayleigh quotients
-    :math:`\lambda_i = \|B u_i\|^2` replace :math:`1 + a_i`: they keep :math:`\lambda_i`
-    relatively accurate down to the underflow range, where :math:`1 + a_i` would only be known to
-    :math:`\varepsilon_{mach}`. Diagonal: :math:`a = \operatorname{expm1}(r)`,
-    :math:`\lambda = \exp(r)` with :math:`r = 2(\log\sigma_{o} - \log\sigma)`, both to full
-    relative accuracy and with no decomposition. ``U`` is returned only with ``vectors``.
+    Full: :math:`A = L_o^\top\Lambda L_o = B^\top B` with :math:`B = L^{-1}L_o`, and its
+    inverse :math:`C = A^{-1} = B^{-1}B^{-\top}`, :math:`B^{-1} = L_o^{-1}L`. A symmetric
+    ``eigh`` is accurate to :math:`\varepsilon_{mach}` times the norm of the matrix it is
+    given, and the KL is dominated by the small :math:`\lambda_i` (terms
+    :math:`1/(2\lambda_i)`; large ones only add :math:`\tfrac12\log\lambda_i`), so each row
+    decomposes the matrix that keeps its dominant eigenvalues relatively accurate, as a
+    difference from the identity that has no :math:`1 - 1` cancellation when the new policy is
+    close to the old:
+
+    * :math:`A - I = E + E^\top + E^\top E`, :math:`E = L^{-1}(L_o - L)`, when
+      :math:`\operatorname{tr}(C) \le d` (then every :math:`\lambda_i \ge 1/d`):
+      :math:`a = \text{eigenvalue}`, :math:`\lambda = 1 + a`;
+    * :math:`C - I = F + F^\top + F F^\top`, :math:`F = L_o^{-1}(L - L_o)`, when
+      :math:`\operatorname{tr}(C) > d` (some new variance above the old one): with its
+      eigenvalues :math:`c_i`, :math:`\lambda = 1/(1 + c)` and :math:`a = -c/(1 + c)`, relatively
+      accurate however wide the new covariance is.
+
+    The relative error of the resulting KL is then about :math:`\varepsilon_{mach}` times
+    :math:`\max(1, \lambda_{max})` (times :math:`d` in the first case), instead of
+    :math:`\varepsilon_{mach}\lambda_{max}/\lambda_{min}`. Both matrices share the eigenvectors
+    ``U``. Diagonal: :math:`a = \operatorname{expm1}(r)`, :math:`\lambda = \exp(r)` with
+    :math:`r = 2(\log\sigma_{o} - \log\sigma)`, both to full relative accuracy and with no
+    decomposition. ``U`` is returned only with ``vectors``.
     """
-    tiny = xp.finfo(scale.dtype).smallest_normal
+    finfo = xp.finfo(scale.dtype)
     if not full:
         r = 2.0 * (xp.log(old_scale) - xp.log(scale))
-        return KLEigs(xp.expm1(r), xp.maximum(xp.exp(r), tiny), None)
-    E = solve_triangular(scale, old_scale - scale, lower=True, xp=xp)
-    Et = mT(E, xp=xp)
-    # Symmetric up to rounding, and eigh reads one triangle: no symmetrisation pass needed.
-    a, U = xp.linalg.eigh(E + Et + xp.matmul(Et, E))
-    wide = a < -0.5
-    # The Rayleigh quotients cost a batched matmul; eager arrays skip it when no row needs it
-    # (the result is the same either way).
-    if _compat.eager_any(wide, xp=xp) is not False:
-        BU = U + xp.matmul(E, U)
-        rayleigh = xp.sum(BU * BU, axis=-2)
-        lam = xp.maximum(xp.where(wide, rayleigh, 1.0 + a), tiny)
-        a = xp.where(wide, lam - 1.0, a)
+        return KLEigs(xp.expm1(r), xp.maximum(xp.exp(r), finfo.smallest_normal), None)
+    d = scale.shape[-1]
+    F = solve_triangular(old_scale, scale - old_scale, lower=True, xp=xp)
+    # tr(C - I) = 2 tr(F) + ||F||_F^2 (F is lower triangular).
+    trace_c = 2.0 * xp.sum(diagonal(F, xp=xp), axis=-1) + frob2(F, xp=xp)
+    use_c = trace_c > 0.0
+    any_c = _compat.eager_any(use_c, xp=xp)
+    all_c = None if any_c is None else any_c and not _compat.eager_any(~use_c, xp=xp)
+    # Eager arrays build only the matrix some row needs.
+    if all_c:
+        M = F + mT(F, xp=xp) + xp.matmul(F, mT(F, xp=xp))
     else:
-        lam = 1.0 + a
-    return KLEigs(a, lam, U if vectors else None)
+        E = solve_triangular(scale, old_scale - scale, lower=True, xp=xp)
+        Et = mT(E, xp=xp)
+        M = E + Et + xp.matmul(Et, E)
+        if any_c is not False:
+            Mc = F + mT(F, xp=xp) + xp.matmul(F, mT(F, xp=xp))
+            M = xp.where(use_c[..., None, None], Mc, M)
+    # Symmetric up to rounding, and eigh reads one triangle: no symmetrisation pass needed.
+    # (eigh, not eigvalsh, without vectors too: a distance and its projection see the same
+    # eigenvalues, bit for bit.)
+    e, U = xp.linalg.eigh(M)
+    U = U if vectors else None
+    if any_c is False:
+        return KLEigs(e, 1.0 + e, U)
+    # On C rows, 1 + c = 1/lambda > 0; rounding (absolute eps * max|c|) can only make the
+    # smallest ones inaccurate, where lambda is large and adds just log(lambda) to the KL.
+    one_c = xp.maximum(1.0 + e, (4.0 * d * finfo.eps) * xp.max(1.0 + e, axis=-1, keepdims=True))
+    lam = xp.where(use_c[..., None], 1.0 / one_c, 1.0 + e)
+    a = xp.where(use_c[..., None], -e / one_c, e)
+    return KLEigs(a, lam, U)
 
 
 def kl_cov_from_eigs(eigs: KLEigs, *, xp: Any) -> Array:

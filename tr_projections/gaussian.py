@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ._compat import array_namespace, solve_triangular
+from ._compat import array_namespace, qr_r, solve_triangular
 
 __all__ = ["Gaussian", "entropy", "is_full"]
 
@@ -105,6 +105,21 @@ def log_det(scale: Array, *, full: bool, xp: Any) -> Array:
     r""":math:`\log|\Sigma| = 2 \sum_i \log L_{ii}` (or :math:`2 \sum_i \log \sigma_i`)."""
     diag = diagonal(scale, xp=xp) if full else scale
     return 2.0 * xp.sum(xp.log(diag), axis=-1)
+
+
+def cholesky_of_gram(m: Array, *, xp: Any) -> Array:
+    r"""The Cholesky factor :math:`L` of :math:`M^\top M`, from the QR decomposition
+    :math:`M = QR` (:math:`L = R^\top`, rows signed so the diagonal is positive), never
+    forming :math:`M^\top M`.
+
+    Squaring first would put a relative error of :math:`\kappa(M)^2\varepsilon` into the small
+    directions of the covariance; QR is backward stable in :math:`M` itself, so they keep
+    :math:`\kappa(M)\varepsilon`.
+    """
+    R = qr_r(m, xp=xp)
+    r = xp.linalg.diagonal(R)[..., :, None]
+    sign = xp.where(r < 0.0, -xp.ones_like(r), xp.ones_like(r))
+    return mT(R * sign, xp=xp)
 
 
 def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:

@@ -30,13 +30,15 @@ LOSS_ARGS = ("mean", "scale", "proj_mean", "proj_scale")
 
 class Operation(NamedTuple):
     """A differentiable operation: names of its array arguments, number of outputs, the type
-    of its residuals, and its forward and backward on raw (unbroadcast) arguments."""
+    of its residuals, its forward and backward on raw (unbroadcast) arguments, and the names
+    of its bounds (for error messages)."""
 
     arg_names: tuple[str, ...]
     n_out: int
     residuals: type
     forward: Callable[[tuple, tuple, dict], tuple[tuple, Any]]
     backward: Callable[[tuple, Any, tuple, dict], tuple]
+    bound_names: tuple[str, ...] = ()
 
 
 def _cotangent(g: Array | None, like: Array, *, xp: Any) -> Array:
@@ -64,7 +66,7 @@ def _projection(fwd: Callable, vjp: Callable, residuals: type) -> Operation:
         g_scale = _cotangent(cots[1], p.scale, xp=p.xp)
         return tuple(vjp(p, res, g_mean, g_scale, **options))
 
-    return Operation(PROJECTION_ARGS, 2, residuals, forward, backward)
+    return Operation(PROJECTION_ARGS, 2, residuals, forward, backward, ("eps_mean", "eps_cov"))
 
 
 def _entropy_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
@@ -93,7 +95,9 @@ OPERATIONS: dict[str, Operation] = {
     "kl": _projection(kl_fwd, kl_vjp, KLResiduals),
     "frobenius": _projection(frobenius_fwd, frobenius_vjp, FrobeniusResiduals),
     "wasserstein": _projection(wasserstein_fwd, wasserstein_vjp, WassersteinResiduals),
-    "entropy": Operation(("scale",), 1, EntropyResiduals, _entropy_forward, _entropy_backward),
+    "entropy": Operation(
+        ("scale",), 1, EntropyResiduals, _entropy_forward, _entropy_backward, ("min_entropy",)
+    ),
     "trust_region_loss": Operation(LOSS_ARGS, 1, LossResiduals, _loss_forward, _loss_backward),
 }
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._inputs import is_static_bound
 from . import _common
 
 
@@ -53,7 +54,11 @@ _operation.defvjp(_fwd, _bwd)
 
 def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
     """Outputs of operation ``kind``, differentiable with ``jax.grad`` under ``jit``/``vmap``."""
-    static_bounds = tuple(b if isinstance(b, (int, float)) else None for b in bounds)
-    dynamic = tuple(None if isinstance(b, (int, float)) else b for b in bounds)
+    names = _common.OPERATIONS[kind].bound_names
+    # Numbers are static; anything else must be an array (a TypeError naming the bound, before
+    # custom_vjp would reject it in its own words).
+    is_static = [is_static_bound(b, name) for b, name in zip(bounds, names, strict=True)]
+    static_bounds = tuple(b if s else None for b, s in zip(bounds, is_static, strict=True))
+    dynamic = tuple(None if s else b for b, s in zip(bounds, is_static, strict=True))
     static = (kind, tuple(sorted(options.items())), static_bounds)
     return tuple(_operation(static, dynamic, tuple(arrays)))

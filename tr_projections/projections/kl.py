@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from .._compat import while_loop
 from .._inputs import Problem
 from ..distances import KLEigs, kl_cov_from_eigs, kl_eigs, kl_h, mean_distance
-from ..gaussian import Gaussian, diag_embed, diagonal, mT, sym
+from ..gaussian import Gaussian, cholesky_of_gram, diag_embed, diagonal, mT, sym
 from ._core import (
     Cotangents,
     add_old_scale,
@@ -193,9 +193,10 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     tau = xp.exp(log_tau)
     t = _t(log_tau, lam, xp=xp)  # eigenvalues of L_o^T Lambda~ L_o
     if p.full:
-        W = xp.matmul(p.old_scale, U)  # Sigma~ = W diag(1/t) W^T, no inverse formed
-        cov = sym(xp.matmul(W / t[..., None, :], mT(W, xp=xp)), xp=xp)
-        proj = xp.linalg.cholesky(cov)
+        # Sigma~ = W diag(1/t) W^T with W = L_o U: no inverse formed, and its factor from
+        # the QR of diag(t^-1/2) W^T, without squaring.
+        W = xp.matmul(p.old_scale, U)
+        proj = cholesky_of_gram(mT(W / xp.sqrt(t)[..., None, :], xp=xp), xp=xp)
     else:
         proj = p.old_scale / xp.sqrt(t)
     active = g1 > eps_cov

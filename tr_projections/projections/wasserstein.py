@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from .._inputs import Problem
 from ..distances import mean_distance, wasserstein_chart
-from ..gaussian import Gaussian, sym
+from ..gaussian import Gaussian, cholesky_of_gram, sym
 from ._core import (
     Cotangents,
     add_old_scale,
@@ -68,7 +68,7 @@ def wasserstein_fwd(
     tau = closed_form_tau(dist, eps_cov, xp=xp)
     root = interpolate(chart.root, chart.old_root, tau, event_ndim=event_ndim, xp=xp)
     if p.full:
-        proj = xp.linalg.cholesky(sym(xp.matmul(root, root), xp=xp))
+        proj = cholesky_of_gram(root, xp=xp)  # the factor of root @ root, without squaring
     else:
         proj = root
     active = dist > eps_cov

@@ -537,10 +537,52 @@ def test_float64_bound_array_that_overflows_float32_inputs(backend):
         trp.project_frobenius(*args, eps_mean=eps, eps_cov=0.1)
 
 
+_SCALE_CASES = [c for c in VALUE if "scale" in c.match]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", _SCALE_CASES, ids=lambda c: c.id)
+def test_lone_scale_value_check(backend, case, dtype):
+    """``entropy`` and ``project_entropy`` read a scale alone: the same bad values raise there,
+    naming ``scale``; with checks off the call runs without the check."""
+    valid = _valid(case.full)
+    edited = case.edit(valid, dtype)
+    i = 1 if not np.array_equal(edited[1], valid[1], equal_nan=True) else 3
+    scale = _on(backend, [edited[i]], dtype)[0]
+    match = case.match.replace("`old_scale`", "`scale`")
+    calls = [
+        lambda: trp.entropy(scale),
+        lambda: trp.project_entropy(scale, 0.0),
+        lambda: trp.project_entropy(scale, -1.0, equality=True),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=match) as info:
+            call()
+        assert HINT in str(info.value)
+        with trp.checks(False):
+            try:
+                _quiet(call)
+            except Exception as err:
+                assert HINT not in str(err), "a value check ran although checks are off"
+    count("malformed calls (lone-scale value kinds x dtypes x backends)")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_min_entropy_array_value_check(backend, value):
+    scale = _on(backend, [_valid(False)[1]])[0]
+    beta = backend.asarray(np.where(np.arange(B) == 2, value, 0.0))
+    with pytest.raises(ValueError, match=r"`min_entropy` must be finite.*index \(2,\)"):
+        trp.project_entropy(scale, beta)
+    with trp.checks(False):
+        _quiet(lambda: trp.project_entropy(scale, beta))
+
+
 def test_value_checks_are_counted():
-    kinds = len(VALUE) + len(BAD_BOUNDS) + 1  # + the float32 overflow of a float64 bound array
-    assert kinds == 21
-    assert len(STATIC) + kinds == 57
+    # + the float32 overflow of a float64 bound array, + a non-finite min_entropy array
+    kinds = len(VALUE) + len(BAD_BOUNDS) + 2
+    assert kinds == 22
+    assert len(STATIC) + kinds == 58
+    assert len(_SCALE_CASES) == 14
 
 
 def test_valid_edge_values_pass(backend):

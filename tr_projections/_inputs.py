@@ -240,6 +240,33 @@ def prepare(
 # --------------------------------------------------------------------------- bounds
 
 
+def check_scale(scale: Any, full: bool | None, *, name: str = "scale") -> tuple[Any, bool]:
+    """Check a lone scale (:func:`tr_projections.entropy`, ``project_entropy``) statically and,
+    while checks are enabled, by value; return ``(xp, full)``.
+
+    ``full=None`` reads a square trailing block as a Cholesky factor, anything else as standard
+    deviations.
+    """
+    xp = namespace_of({name: scale})
+    _check_dtype(name, scale, xp)
+    if full is None:
+        full = scale.ndim >= 2 and scale.shape[-1] == scale.shape[-2]
+    event_ndim = 2 if full else 1
+    if scale.ndim < event_ndim or scale.shape[-1] == 0 or (full and not is_full_shape(scale)):
+        raise ValueError(
+            f"`{name}` must have shape (..., d) (standard deviations) or (..., d, d) (a lower "
+            f"Cholesky factor) with d >= 1, got {tuple(scale.shape)}"
+            + (" with full=True" if full else "")
+        )
+    if checks_enabled():
+        check_gaussian_values({name: scale}, full=bool(full), dtype=scale.dtype, xp=xp)
+    return xp, bool(full)
+
+
+def is_full_shape(scale: Any) -> bool:
+    return scale.ndim >= 2 and scale.shape[-1] == scale.shape[-2]
+
+
 def is_static_bound(eps: Any, name: str) -> bool:
     """Whether a bound is a Python or NumPy real number (checked statically, a constant under
     tracing) rather than an array; a TypeError naming ``name`` for anything that is neither.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ._compat import array_namespace, qr_r, solve_triangular
+from ._compat import qr_r, solve_triangular
 
 __all__ = ["Gaussian", "entropy", "is_full"]
 
@@ -150,9 +150,9 @@ def entropy(scale: Array, *, full: bool | None = None) -> Array:
     >>> float(trp.entropy(np.ones(2)))  # standard normal in 2-D: log(2 pi e)
     2.8378770664093453
     """
-    xp = array_namespace(scale)
-    if full is None:
-        full = scale.ndim >= 2 and scale.shape[-1] == scale.shape[-2]
+    from ._inputs import check_scale  # _inputs reads gaussian's kind rule
+
+    xp, full = check_scale(scale, full)
     return _entropy(scale, full=full, xp=xp)
 
 

@@ -12,7 +12,9 @@ import math
 from typing import Any, NamedTuple
 
 from .. import _compat
-from .._inputs import broadcast_shapes, namespace_of
+from .._config import checks_enabled
+from .._inputs import broadcast_shapes, check_scale, namespace_of
+from .._values import describe
 from ..gaussian import _entropy, diag_embed, diagonal
 
 Array = Any
@@ -55,14 +57,8 @@ def project_entropy(
 def entropy_inputs(scale: Array, min_entropy: Any, full: bool | None) -> tuple[Any, bool, Any]:
     """Check the arguments of :func:`project_entropy`; return ``(xp, full, beta)``, with
     ``beta`` a Python float or an array of the same library as ``scale``."""
-    xp = namespace_of({"scale": scale})
-    if not xp.isdtype(scale.dtype, "real floating"):
-        raise TypeError(f"`scale` must have a real floating dtype, got {scale.dtype}")
-    if full is None:
-        full = scale.ndim >= 2 and scale.shape[-1] == scale.shape[-2]
+    xp, full = check_scale(scale, full)
     event_ndim = 2 if full else 1
-    if scale.ndim < event_ndim or scale.shape[-1] == 0:
-        raise ValueError(f"`scale` must have shape (..., d) or (..., d, d), got {scale.shape}")
     batch = tuple(scale.shape[:-event_ndim])
     if isinstance(min_entropy, (int, float)) and not isinstance(min_entropy, bool):
         if not math.isfinite(min_entropy):
@@ -74,6 +70,17 @@ def entropy_inputs(scale: Array, min_entropy: Any, full: bool | None) -> tuple[A
         raise ValueError(
             f"`min_entropy` of shape {shape} must broadcast to the batch shape {batch}"
         )
+    if not xp.isdtype(min_entropy.dtype, ("real floating", "integral")):
+        raise TypeError(f"`min_entropy` must have a real dtype, got {min_entropy.dtype}")
+    if (
+        checks_enabled()
+        and math.prod(shape) > 0
+        and not _compat._is_traced(min_entropy, xp)
+        and not bool(xp.all(xp.isfinite(min_entropy)))
+    ):
+        ok = xp.isfinite(min_entropy)
+        detail = describe(min_entropy, ok, xp=xp) if min_entropy.ndim else repr(min_entropy)
+        raise ValueError(f"`min_entropy` must be finite everywhere; {detail}")
     return xp, bool(full), min_entropy
 
 

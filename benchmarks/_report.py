@@ -263,11 +263,47 @@ def timing_tables(cells: list[dict[str, Any]], backends: list[str]) -> list[str]
     return lines
 
 
+def baseline_table(cells: list[dict[str, Any]], backends: list[str], d: int = 6) -> list[str]:
+    """Speed-up of this checkout over each baseline backend (``<backend>@REF``): the baseline's
+    median time over the current one, per method, kind, mode and batch at one ``d``."""
+    pairs = [(b.split("@")[0], b) for b in backends if "@" in b]
+    pairs = [(cur, base) for cur, base in pairs if cur in backends]
+    idx = Index(cells)
+    batches = sorted({c["batch"] for c in cells if c["d"] == d})
+    if not pairs or not batches:
+        return []
+    lines = [
+        "| method | kind | mode | backend | "
+        + " | ".join(f"B={fmt_batch(b)}" for b in batches)
+        + " |",
+        "|---|---|---|---|" + "---:|" * len(batches),
+    ]
+    for method in METHOD_NAMES:
+        for kind in ("diag", "full"):
+            for mode in MODE_NAMES:
+                for cur, base in pairs:
+                    cols = []
+                    for b in batches:
+                        new = idx.get(method, kind, d, b, mode, cur)
+                        old = idx.get(method, kind, d, b, mode, base)
+                        if new and old and new.get("status") == old.get("status") == "ok":
+                            cols.append(f"{old['median_s'] / new['median_s']:.2f}×")
+                        else:
+                            cols.append("")
+                    if any(cols):
+                        lines.append(
+                            f"| {METHOD_NAMES[method]} | {kind} | {MODE_NAMES[mode]} | {cur} | "
+                            + " | ".join(cols)
+                            + " |"
+                        )
+    return lines
+
+
 def ratio_table(cells: list[dict[str, Any]], backends: list[str], d: int = 6) -> list[str]:
     """Time of every other backend over torch's, per method, kind and batch at one ``d``."""
     if "torch" not in backends:
         return []
-    others = [b for b in backends if b != "torch"]
+    others = [b for b in backends if b != "torch" and "@" not in b]
     idx = Index(cells)
     batches = sorted({c["batch"] for c in cells if c["d"] == d})
     if not others or not batches:
@@ -355,9 +391,11 @@ def render(result: dict[str, Any]) -> str:
         if not b.get("ready", True):
             grad = f"not available: {b.get('error')}"
         lines.append(f"- backend {name}: device {b.get('device', '?')}, {grad}")
+    fracs = [c["frac_projected"] for c in cells if c.get("frac_projected") is not None]
+    frac = f"{min(fracs):.0%}–{max(fracs):.0%}" if fracs else "?"
     lines += [
         f"- float64; bounds at the {s['bound_quantile']:g} quantile of each distance part "
-        "(about half the states projected); "
+        f"({frac} of the states outside at least one bound); "
         f"median (IQR) of {s['min_repeat']}–{s['max_repeat']} timed runs after "
         f"{s['warmup']} warm-up, about {s['budget_s']:g} s per cell; times in ms; "
         "`*` = slow cell with fewer runs; JAX jitted, compilation excluded",
@@ -367,6 +405,17 @@ def render(result: dict[str, Any]) -> str:
         *targets_table(result["targets"]),
         "",
     ]
+    speedups = baseline_table(cells, backends)
+    if speedups:
+        lines += [
+            f"### Speed-up over the baseline git {s.get('baseline')} (d=6, same run)",
+            "",
+            "Baseline median time over this checkout's; backends `<name>@REF` in the tables below "
+            "are the baseline.",
+            "",
+            *speedups,
+            "",
+        ]
     ratios = ratio_table(cells, backends)
     if ratios:
         lines += ["### Time relative to torch (d=6)", "", *ratios, ""]

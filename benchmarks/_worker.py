@@ -92,23 +92,26 @@ def make_data(kind: str, d: int, batch: int, seed: int) -> dict[str, Any]:
     }
 
 
-def bounds_for(data: dict[str, Any], method: str) -> tuple[float, float, float]:
+def bounds_for(
+    data: dict[str, Any], method: str, quantile: float = BOUND_QUANTILE
+) -> tuple[float, float, float]:
     """``(eps_mean, eps_cov, fraction projected)`` for ``method`` on ``data`` (cached).
 
-    Each bound is the :data:`BOUND_QUANTILE` quantile of its distance part over the batch.
+    Each bound is the ``quantile`` quantile of its distance part over the batch.
     """
-    if method not in data["bounds"]:
+    key = (method, quantile)
+    if key not in data["bounds"]:
         import numpy as np
 
         import tr_projections as trp
 
         distance = {"kl": trp.kl, "frobenius": trp.frobenius, "wasserstein": trp.wasserstein}
         mean_part, cov_part = distance[method](*data["arrays"])
-        eps_mean = float(np.quantile(mean_part, BOUND_QUANTILE))
-        eps_cov = float(np.quantile(cov_part, BOUND_QUANTILE))
+        eps_mean = float(np.quantile(mean_part, quantile))
+        eps_cov = float(np.quantile(cov_part, quantile))
         frac = float(np.mean((mean_part > eps_mean) | (cov_part > eps_cov)))
-        data["bounds"][method] = (eps_mean, eps_cov, frac)
-    return data["bounds"][method]
+        data["bounds"][key] = (eps_mean, eps_cov, frac)
+    return data["bounds"][key]
 
 
 # ----------------------------------------------------------------------------------- backends
@@ -429,7 +432,9 @@ def run_cell(
         cache["key"] = key
         cache["data"] = make_data(req["kind"], req["d"], req["batch"], req["seed"])
     data = cache["data"]
-    eps_mean, eps_cov, frac = bounds_for(data, req["method"])
+    eps_mean, eps_cov, frac = bounds_for(
+        data, req["method"], req.get("bound_quantile", BOUND_QUANTILE)
+    )
     input_bytes = sum(a.nbytes for a in data["arrays"])
     out: dict[str, Any] = {
         "eps_mean": eps_mean,
@@ -468,14 +473,15 @@ def main(argv: list[str]) -> int:
     # The protocol owns the original stdout; anything a library prints goes to stderr.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    sys.path.insert(0, str(REPO))
+    # A baseline worker imports the package of another git ref (see run.py --baseline).
+    sys.path.insert(0, os.environ.get("TRP_BENCH_SOURCE") or str(REPO))
 
     def send(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")
         proto.flush()
 
     try:
-        backend = make_backend(name, threads)
+        backend = make_backend(name.split("@")[0], threads)
         import tr_projections as trp
 
         backward_error = probe_backward(backend)
@@ -488,6 +494,7 @@ def main(argv: list[str]) -> int:
             "backend": name,
             "device": backend.device,
             "versions": {**backend.versions(), "tr_projections": trp.__version__},
+            "source": str(Path(trp.__file__).parent),
             "backward": backward_error is None,
             "backward_error": backward_error,
             "affinity": pinned,

@@ -165,6 +165,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="skip the peak-memory measurement (else one extra call per cell at the largest B)",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also time the tr_projections of git REF (e.g. a commit before an optimisation) "
+        "in the same run, interleaved, as backends named '<backend>@REF'",
+    )
+    p.add_argument(
+        "--baseline-backends",
+        type=_csv(str),
+        default=["torch"],
+        help="which backends also run the --baseline version",
+    )
+    p.add_argument(
+        "--bound-quantile",
+        type=float,
+        default=BOUND_QUANTILE,
+        help="each bound is this quantile of its distance part over the batch (0.7: about half "
+        "the states projected; 0: all but one)",
+    )
     p.add_argument("--seed", type=int, default=20210503)
     p.add_argument("--label", help="name of the results file (default: the hostname)")
     p.add_argument("--json", type=Path, help="where to write the JSON results")
@@ -203,7 +222,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if bad:
             p.error(f"--backends: unknown {bad}; choose from {list(BACKEND_MODULE)}")
         args.explicit_backends = True
+    if not 0.0 <= args.bound_quantile < 1.0:
+        p.error("--bound-quantile must be in [0, 1)")
+    args.baseline_src = None
+    if args.baseline:
+        missing = sorted(set(args.baseline_backends) - set(args.backends))
+        if missing:
+            p.error(f"--baseline-backends {missing} are not among --backends {args.backends}")
+        args.backends = args.backends + [f"{b}@{args.baseline}" for b in args.baseline_backends]
     return args
+
+
+def export_baseline(ref: str) -> str:
+    """The package tree of git ``ref`` in a temporary directory (``git archive``), for the
+    baseline workers to import instead of this checkout."""
+    out = tempfile.mkdtemp(prefix="trp-baseline-")
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref, "tr_projections"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------ machine
@@ -292,9 +333,15 @@ class Worker:
     """A child process timing the cells of one backend; one JSON line per request and reply."""
 
     def __init__(
-        self, name: str, threads: int, log_dir: str, omp_wait_policy: str = "", xla_flags: str = ""
+        self,
+        name: str,
+        threads: int,
+        log_dir: str,
+        omp_wait_policy: str = "",
+        xla_flags: str = "",
+        source: str | None = None,
     ) -> None:
-        self.name, self.threads = name, threads
+        self.name, self.threads, self.source = name, threads, source
         self.omp_wait_policy, self.xla_flags = omp_wait_policy, xla_flags
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.proc: subprocess.Popen | None = None
@@ -309,6 +356,8 @@ class Worker:
         if self.xla_flags and self.name.startswith("jax"):
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {self.xla_flags}".strip()
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if self.source:
+            env["TRP_BENCH_SOURCE"] = self.source
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), self.name, str(self.threads)],
@@ -422,7 +471,8 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
     workers: dict[str, Worker] = {}
     info: dict[str, dict] = {}
     for name in args.backends:
-        w = Worker(name, args.threads, log_dir, args.omp_wait_policy, args.xla_flags)
+        source = args.baseline_src if "@" in name else None
+        w = Worker(name, args.threads, log_dir, args.omp_wait_policy, args.xla_flags, source)
         try:
             info[name] = w.start()
             workers[name] = w
@@ -437,6 +487,7 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
         "min_repeat": args.min_repeat,
         "max_repeat": args.repeat,
         "max_cell_s": args.max_cell_s,
+        "bound_quantile": args.bound_quantile,
     }
     walls: dict[tuple, float] = {}  # the slowest backend's wall time per cell so far
     hangs: dict[tuple[str, str], list[int]] = {}  # (backend, kind) -> batches that timed out
@@ -518,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now(dt.timezone.utc)
     machine = machine_info(args.threads)
     cells = plan(args)
+    if args.baseline:
+        args.baseline_src = export_baseline(args.baseline)
     backend_info = run_grid(args, cells)
     machine["load_end"] = _load()
     ready = [b for b in args.backends if backend_info.get(b, {}).get("ready")]
@@ -546,12 +599,13 @@ def main(argv: list[str] | None = None) -> int:
             "max_cell_s": args.max_cell_s,
             "max_mem_gb": args.max_mem_gb,
             "seed": args.seed,
-            "bound_quantile": BOUND_QUANTILE,
+            "bound_quantile": args.bound_quantile,
+            "baseline": args.baseline,
         },
         "backends": {b: backend_info.get(b, {}) for b in args.backends},
         "cells": cells,
     }
-    result["targets"] = _report.evaluate_targets(cells, ready)
+    result["targets"] = _report.evaluate_targets(cells, [b for b in ready if "@" not in b])
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     text = _report.render(result)
     print(text)

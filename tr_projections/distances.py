@@ -93,7 +93,33 @@ class KLEigs(NamedTuple):
     U: Array | None
 
 
-def kl_eigs(scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: Any) -> KLEigs:
+def kl_f(scale: Array, old_scale: Array, *, xp: Any) -> Array:
+    r""":math:`F = L_o^{-1}(L - L_o)` (full scales): :math:`L_o^{-1}L = I + F`."""
+    return solve_triangular(old_scale, scale - old_scale, lower=True, xp=xp)
+
+
+def kl_may_exceed(F: Array, scale: Array, old_scale: Array, eps: Array, *, xp: Any) -> Array:
+    r"""Rows (full scales) whose KL covariance part may exceed ``eps``, decided without a
+    decomposition: the trace/log-determinant form
+    :math:`	frac12[\operatorname{tr}(A^{-1} - I) - \log|A^{-1}|]` with
+    :math:`\operatorname{tr}(A^{-1} - I) = 2\operatorname{tr}F + \|F\|_F^2` and
+    :math:`\log|A^{-1}| = 2\sum_i(\log L_{ii} - \log L_{o,ii})`, less a margin far above its
+    rounding (a thousandth of ``eps`` plus 64 :math:`arepsilon_{mach}` times the size of its
+    terms). A row outside the result is inside its bound; the rows in it are decided exactly,
+    from the eigenvalues."""
+    finfo = xp.finfo(F.dtype)
+    diag_f = diagonal(F, xp=xp)
+    sq = frob2(F, xp=xp)
+    log_r = xp.log(diagonal(scale, xp=xp)) - xp.log(diagonal(old_scale, xp=xp))
+    g = 0.5 * (2.0 * xp.sum(diag_f, axis=-1) + sq) - xp.sum(log_r, axis=-1)
+    size = 2.0 * xp.sum(xp.abs(diag_f), axis=-1) + sq + 2.0 * xp.sum(xp.abs(log_r), axis=-1)
+    margin = 1e-3 * eps + 64.0 * finfo.eps * (size + F.shape[-1])
+    return g > eps - margin
+
+
+def kl_eigs(
+    scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: Any, F: Array | None = None
+) -> KLEigs:
     r"""The eigenvalues of the precision relative to the old covariance.
 
     Full: :math:`A = L_o^\top\Lambda L_o = B^\top B` with :math:`B = L^{-1}L_o`, and its
@@ -116,7 +142,8 @@ def kl_eigs(scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: An
     The relative error of the resulting KL is then about :math:`\varepsilon_{mach}` times
     :math:`\max(1, \lambda_{max})` (times :math:`d` in the first case), instead of
     :math:`\varepsilon_{mach}\lambda_{max}/\lambda_{min}`. Both matrices share the eigenvectors
-    ``U``. Diagonal: :math:`a = \operatorname{expm1}(r)`, :math:`\lambda = \exp(r)` with
+    ``U``; ``F`` may be passed when the caller has it (:func:`kl_f`). Diagonal:
+    :math:`a = \operatorname{expm1}(r)`, :math:`\lambda = \exp(r)` with
     :math:`r = 2(\log\sigma_{o} - \log\sigma)`, both to full relative accuracy and with no
     decomposition. ``U`` is returned only with ``vectors``.
     """
@@ -125,7 +152,8 @@ def kl_eigs(scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: An
         r = 2.0 * (xp.log(old_scale) - xp.log(scale))
         return KLEigs(xp.expm1(r), xp.maximum(xp.exp(r), finfo.smallest_normal), None)
     d = scale.shape[-1]
-    F = solve_triangular(old_scale, scale - old_scale, lower=True, xp=xp)
+    if F is None:
+        F = kl_f(scale, old_scale, xp=xp)
     # tr(C - I) = 2 tr(F) + ||F||_F^2 (F is lower triangular).
     trace_c = 2.0 * xp.sum(diagonal(F, xp=xp), axis=-1) + frob2(F, xp=xp)
     use_c = trace_c > 0.0

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from .. import _compat
+from .._rows import choose, put, take
 from ._vjp_core import solve_lower, solve_lower_t, tril
 
 Array = Any
@@ -105,13 +107,18 @@ def project_mean_vjp(
     :math:`\bar L_o = -2c\,\bar d\,\operatorname{tril}(L_o^{-\top} z z^\top)`.
     Inactive rows pass :math:`\bar g` to the mean and nothing to the old policy.
     """
+    rows = choose(res.active, xp=xp)  # eager arrays: the active rows only
+    g_all = g
+    g, mean, old_mean = (take(x, rows, event_ndim=1, xp=xp) for x in (g, mean, old_mean))
+    tau, dist, active = (take(x, rows, event_ndim=0, xp=xp) for x in res)
     delta = mean - old_mean
-    dist_bar = closed_form_tau_vjp(xp.sum(g * delta, axis=-1), res.tau, res.dist, res.active, xp=xp)
+    dist_bar = closed_form_tau_vjp(xp.sum(g * delta, axis=-1), tau, dist, active, xp=xp)
     db = dist_bar[..., None]
     old_scale_bar = None
     if not scale_prec:
         grad_delta = 2.0 * delta
     elif full:
+        old_scale = take(old_scale, rows, event_ndim=2, xp=xp)
         z = solve_lower(old_scale, delta[..., None], xp=xp)
         w = solve_lower_t(old_scale, z, xp=xp)  # Lambda_o delta, (..., d, 1)
         grad_delta = (2.0 * coef) * w[..., 0]
@@ -119,12 +126,26 @@ def project_mean_vjp(
             (-2.0 * coef) * db[..., None] * xp.matmul(w, xp.matrix_transpose(z)), xp=xp
         )
     else:
+        old_scale = take(old_scale, rows, event_ndim=1, xp=xp)
         z = delta / old_scale
         grad_delta = (2.0 * coef) * z / old_scale
         old_scale_bar = (-2.0 * coef) * db * z * z / old_scale
-    active = res.active[..., None]
-    mean_bar = xp.where(active, res.tau[..., None] * g + db * grad_delta, g)
-    old_mean_bar = xp.where(active, g - mean_bar, xp.zeros_like(g))
+    act = active[..., None]
+    mean_bar = xp.where(act, tau[..., None] * g + db * grad_delta, g)
+    old_mean_bar = xp.where(act, g - mean_bar, xp.zeros_like(g))
+    zeros = xp.zeros_like(g_all)
+    mean_bar = put(mean_bar, rows, g_all, event_ndim=1, xp=xp)
+    old_mean_bar = put(old_mean_bar, rows, zeros, event_ndim=1, xp=xp)
+    if old_scale_bar is not None and rows is not None:
+        ev = 2 if full else 1
+        shape = tuple(zeros.shape[:-1]) + tuple(old_scale_bar.shape[1:])
+        old_scale_bar = put(
+            old_scale_bar,
+            rows,
+            xp.zeros(shape, dtype=g.dtype, device=_compat.device(g)),
+            event_ndim=ev,
+            xp=xp,
+        )
     return MeanCotangents(mean_bar, old_mean_bar, old_scale_bar)
 
 

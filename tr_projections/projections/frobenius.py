@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._inputs import Problem
+from .._rows import Rows, choose, put, take
 from ..distances import frobenius_cov, mean_distance
 from ..gaussian import Gaussian, covariance
 from ._core import (
@@ -29,7 +30,8 @@ Array = Any
 
 
 class FrobeniusResiduals(NamedTuple):
-    """What :func:`frobenius_vjp` needs from the forward pass: flat, arrays only."""
+    """What :func:`frobenius_vjp` needs from the forward pass: flat, arrays only. The covariance
+    fields cover the rows ``rows`` of the flattened batch (every row when ``rows`` is ``None``)."""
 
     tau_mean: Array
     dist_mean: Array
@@ -38,12 +40,15 @@ class FrobeniusResiduals(NamedTuple):
     dist: Array
     active: Array
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
+    rows: Array | None
+    row_mask: Array | None
 
 
 def frobenius_fwd(
     p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
 ) -> tuple[Gaussian, FrobeniusResiduals]:
-    """The Frobenius projection of ``p``, its weights and the residuals of its VJP."""
+    """The Frobenius projection of ``p``, its weights and the residuals of its VJP (with eager
+    arrays the output factor and the VJP cover only the rows outside their bound)."""
     xp = p.xp
     dist_mean = mean_distance(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
@@ -51,13 +56,22 @@ def frobenius_fwd(
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
 
     dist, cov, old_cov = frobenius_cov(p.scale, p.old_scale, full=p.full, xp=xp)
-    event_ndim = 2 if p.full else 1
+    ev = 2 if p.full else 1
+    eps_cov = xp.broadcast_to(eps_cov, p.batch)
+    rows = choose(dist > eps_cov, xp=xp)
+    cov, old_cov, scale = (take(x, rows, event_ndim=ev, xp=xp) for x in (cov, old_cov, p.scale))
+    dist, eps_cov = (take(x, rows, event_ndim=0, xp=xp) for x in (dist, eps_cov))
     tau = closed_form_tau(dist, eps_cov, xp=xp)
-    cov = interpolate(cov, old_cov, tau, event_ndim=event_ndim, xp=xp)
+    cov = interpolate(cov, old_cov, tau, event_ndim=ev, xp=xp)
     proj = xp.linalg.cholesky(cov) if p.full else xp.sqrt(cov)
     active = dist > eps_cov
-    scale = select(active, proj, p.scale, event_ndim=event_ndim, xp=xp)
-    res = FrobeniusResiduals(tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active, proj)
+    scale = put(
+        select(active, proj, scale, event_ndim=ev, xp=xp), rows, p.scale, event_ndim=ev, xp=xp
+    )
+    res = FrobeniusResiduals(
+        tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active, proj,
+        *((None, None) if rows is None else rows),
+    )  # fmt: skip
     return Gaussian(mean, scale), res
 
 
@@ -79,10 +93,15 @@ def frobenius_vjp(
         coef=1.0, scale_prec=scale_prec, full=full, xp=xp,
     )  # fmt: skip
     event_ndim = 2 if full else 1
-    cov = covariance(p.scale, full=full, xp=xp)
-    D = cov - covariance(p.old_scale, full=full, xp=xp)
+    rows = None if res.rows is None else Rows(res.rows, res.row_mask)
     if full:
         g_scale = tril(g_scale, xp=xp)
+    g_all = g_scale
+    g_scale, scale, old_scale = (
+        take(x, rows, event_ndim=event_ndim, xp=xp) for x in (g_scale, p.scale, p.old_scale)
+    )
+    D = covariance(scale, full=full, xp=xp) - covariance(old_scale, full=full, xp=xp)
+    if full:
         cov_bar = cholesky_vjp(res.proj_scale, g_scale, xp=xp)
         tau_bar = xp.sum(cov_bar * D, axis=(-2, -1))
     else:
@@ -94,14 +113,17 @@ def frobenius_vjp(
     )
     old_bar = cov_bar - D_bar
     if full:
-        scale_bar = gram_vjp(D_bar, p.scale, xp=xp)
-        old_scale_bar = gram_vjp(old_bar, p.old_scale, xp=xp)
+        scale_bar = gram_vjp(D_bar, scale, xp=xp)
+        old_scale_bar = gram_vjp(old_bar, old_scale, xp=xp)
     else:
-        scale_bar = 2.0 * D_bar * p.scale
-        old_scale_bar = 2.0 * old_bar * p.old_scale
+        scale_bar = 2.0 * D_bar * scale
+        old_scale_bar = 2.0 * old_bar * old_scale
     active = expand(res.active, event_ndim, xp=xp)
     scale_bar = xp.where(active, scale_bar, g_scale)
     old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
+    scale_bar = put(scale_bar, rows, g_all, event_ndim=event_ndim, xp=xp)
+    zeros = xp.zeros_like(p.old_scale)
+    old_scale_bar = put(old_scale_bar, rows, zeros, event_ndim=event_ndim, xp=xp)
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 

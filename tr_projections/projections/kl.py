@@ -23,7 +23,16 @@ from typing import Any, NamedTuple
 
 from .._compat import while_loop
 from .._inputs import Problem
-from ..distances import KLEigs, kl_cov_from_eigs, kl_eigs, kl_h, mean_distance
+from .._rows import Rows, choose, put, take
+from ..distances import (
+    KLEigs,
+    kl_cov_from_eigs,
+    kl_eigs,
+    kl_f,
+    kl_h,
+    kl_may_exceed,
+    mean_distance,
+)
 from ..gaussian import Gaussian, cholesky_of_gram, diag_embed, diagonal, mT, sym
 from ._core import (
     Cotangents,
@@ -164,7 +173,8 @@ def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
 
 
 class KLResiduals(NamedTuple):
-    """What :func:`kl_vjp` needs from the forward pass: flat, arrays only."""
+    """What :func:`kl_vjp` needs from the forward pass: flat, arrays only. The covariance
+    fields cover the rows ``rows`` of the flattened batch (every row when ``rows`` is ``None``)."""
 
     tau_mean: Array
     dist_mean: Array
@@ -176,35 +186,65 @@ class KLResiduals(NamedTuple):
     log_tau: Array  # carries 1 - tau accurately
     active: Array
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
+    rows: Array | None  # flat indices of the rows the covariance fields cover
+    row_mask: Array | None  # the same rows as a flat mask of the batch
+
+
+def _rows_of(res: KLResiduals) -> Rows | None:
+    return None if res.rows is None else Rows(res.rows, res.row_mask)
 
 
 def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLResiduals]:
-    """The KL projection of ``p``, its weights and the residuals of its VJP."""
+    """The KL projection of ``p``, its weights and the residuals of its VJP.
+
+    With eager arrays the covariance stages (``eigh``, the solve, the output factor) run only on
+    the rows that may be outside their bound (:mod:`._rows`): decided exactly from the
+    eigenvalues for diagonal Gaussians, and for full ones by a margin test on the trace form
+    (:func:`~tr_projections.distances.kl_may_exceed`) before any decomposition.
+    """
     xp = p.xp
+    ev = 2 if p.full else 1
     dist_mean = 0.5 * mean_distance(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
 
-    eigs = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=True, xp=xp)
+    eps_cov = xp.broadcast_to(eps_cov, p.batch)
+    if p.full:
+        F = kl_f(p.scale, p.old_scale, xp=xp)
+        rows = choose(kl_may_exceed(F, p.scale, p.old_scale, eps_cov, xp=xp), xp=xp)
+        scale, old_scale = (take(x, rows, event_ndim=2, xp=xp) for x in (p.scale, p.old_scale))
+        eigs = kl_eigs(
+            scale, old_scale, full=True, vectors=True, xp=xp, F=take(F, rows, event_ndim=2, xp=xp)
+        )
+        g1 = kl_cov_from_eigs(eigs, xp=xp)
+    else:
+        eigs = kl_eigs(p.scale, p.old_scale, full=False, vectors=True, xp=xp)
+        g1 = kl_cov_from_eigs(eigs, xp=xp)
+        rows = choose(g1 > eps_cov, xp=xp)
+        scale, old_scale = (take(x, rows, event_ndim=1, xp=xp) for x in (p.scale, p.old_scale))
+        eigs = KLEigs(*(take(x, rows, event_ndim=1, xp=xp) for x in eigs[:2]), None)
+        g1 = take(g1, rows, event_ndim=0, xp=xp)
+    eps_cov = take(eps_cov, rows, event_ndim=0, xp=xp)
     a, lam, U = eigs
-    g1 = kl_cov_from_eigs(eigs, xp=xp)
     log_tau = solve_log_tau(eigs, g1, eps_cov, xp=xp)
     tau = xp.exp(log_tau)
     t = _t(log_tau, lam, xp=xp)  # eigenvalues of L_o^T Lambda~ L_o
     if p.full:
         # Sigma~ = W diag(1/t) W^T with W = L_o U: no inverse formed, and its factor from
         # the QR of diag(t^-1/2) W^T, without squaring.
-        W = xp.matmul(p.old_scale, U)
+        W = xp.matmul(old_scale, U)
         proj = cholesky_of_gram(mT(W / xp.sqrt(t)[..., None, :], xp=xp), xp=xp)
     else:
-        proj = p.old_scale / xp.sqrt(t)
+        proj = old_scale / xp.sqrt(t)
     active = g1 > eps_cov
-    scale = select(active, proj, p.scale, event_ndim=2 if p.full else 1, xp=xp)
+    new_scale = select(active, proj, scale, event_ndim=ev, xp=xp)
+    out = put(new_scale, rows, p.scale, event_ndim=ev, xp=xp)
     res = KLResiduals(
-        tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, log_tau, active, proj
-    )
-    return Gaussian(mean, scale), res
+        tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, log_tau, active, proj,
+        *((None, None) if rows is None else rows),
+    )  # fmt: skip
+    return Gaussian(mean, out), res
 
 
 def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotangents:
@@ -236,14 +276,21 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
         coef=0.5, scale_prec=True, full=full, xp=xp,
     )  # fmt: skip
     a, lam, tau, active = res.a, res.lam, res.tau, res.active
+    rows = _rows_of(res)
+    ev = 2 if full else 1
+    if full:
+        g_scale = tril(g_scale, xp=xp)
+    g_all = g_scale
+    g_scale, scale, old_scale = (
+        take(x, rows, event_ndim=ev, xp=xp) for x in (g_scale, p.scale, p.old_scale)
+    )
     tau_e = tau[..., None]
     t = _t(res.log_tau, lam, xp=xp)
     # m_i: M in the basis V; dg/dtau = <M, D> = sum_i m_i a_i.
     m_eig = 0.5 * tau_e * a / (t * t)
     dg_dtau = xp.where(active, xp.sum(m_eig * a, axis=-1), xp.ones_like(tau))
     if full:
-        L, L_o, U = p.scale, p.old_scale, res.U
-        g_scale = tril(g_scale, xp=xp)
+        L, L_o, U = scale, old_scale, res.U
         cov_bar = cholesky_vjp(res.proj_scale, g_scale, xp=xp)
         V = xp.matmul(L_o, U)
         C = xp.matmul(xp.matmul(mT(V, xp=xp), cov_bar), V)
@@ -269,12 +316,14 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
         t_bar = -0.5 * g_scale * res.proj_scale / t
         kappa = xp.sum(t_bar * a, axis=-1) / dg_dtau
         a_bar = tau_e * t_bar - kappa[..., None] * tau_e * m_eig
-        scale_bar = -2.0 * a_bar * lam / p.scale
-        old_scale_bar = g_scale / xp.sqrt(t) + 2.0 * a_bar * lam / p.old_scale
+        scale_bar = -2.0 * a_bar * lam / scale
+        old_scale_bar = g_scale / xp.sqrt(t) + 2.0 * a_bar * lam / old_scale
         event_ndim = 1
     act = expand(active, event_ndim, xp=xp)
     scale_bar = xp.where(act, scale_bar, g_scale)
     old_scale_bar = xp.where(act, old_scale_bar, xp.zeros_like(old_scale_bar))
+    scale_bar = put(scale_bar, rows, g_all, event_ndim=ev, xp=xp)
+    old_scale_bar = put(old_scale_bar, rows, xp.zeros_like(p.old_scale), event_ndim=ev, xp=xp)
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 

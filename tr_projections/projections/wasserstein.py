@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._inputs import Problem
+from .._rows import Rows, choose, put, take
 from ..distances import mean_distance, wasserstein_chart
 from ..gaussian import Gaussian, cholesky_of_gram, sym
 from ._core import (
@@ -49,12 +50,15 @@ class WassersteinResiduals(NamedTuple):
     old_s: Array | None
     proj_root: Array | None
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
+    rows: Array | None  # flat indices of the rows the covariance fields cover (None: all)
+    row_mask: Array | None
 
 
 def wasserstein_fwd(
     p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
 ) -> tuple[Gaussian, WassersteinResiduals]:
-    """The W2 projection of ``p``, its weights and the residuals of its VJP."""
+    """The W2 projection of ``p``, its weights and the residuals of its VJP (with eager arrays
+    the output factor and the VJP cover only the rows outside their bound)."""
     xp = p.xp
     dist_mean = mean_distance(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
@@ -64,20 +68,32 @@ def wasserstein_fwd(
     dist, chart, eig = wasserstein_chart(
         p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
     )
-    event_ndim = 2 if p.full else 1
+    ev = 2 if p.full else 1
+    eps_cov = xp.broadcast_to(eps_cov, p.batch)
+    rows = choose(dist > eps_cov, xp=xp)
+    dist, eps_cov = (take(x, rows, event_ndim=0, xp=xp) for x in (dist, eps_cov))
+    scale = take(p.scale, rows, event_ndim=ev, xp=xp)
+    chart = type(chart)(
+        *(None if x is None else take(x, rows, event_ndim=ev, xp=xp) for x in chart)
+    )
+    if eig is not None:
+        eig = type(eig)(*(take(x, rows, event_ndim=x.ndim - len(p.batch), xp=xp) for x in eig))
     tau = closed_form_tau(dist, eps_cov, xp=xp)
-    root = interpolate(chart.root, chart.old_root, tau, event_ndim=event_ndim, xp=xp)
+    root = interpolate(chart.root, chart.old_root, tau, event_ndim=ev, xp=xp)
     if p.full:
         proj = cholesky_of_gram(root, xp=xp)  # the factor of root @ root, without squaring
     else:
         proj = root
     active = dist > eps_cov
-    scale = select(active, proj, p.scale, event_ndim=event_ndim, xp=xp)
+    scale = put(
+        select(active, proj, scale, event_ndim=ev, xp=xp), rows, p.scale, event_ndim=ev, xp=xp
+    )
     mean_res = (tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active)
+    row_res = (None, None) if rows is None else tuple(rows)
     if p.full:
-        res = WassersteinResiduals(*mean_res, *chart, *eig, root, proj)
+        res = WassersteinResiduals(*mean_res, *chart, *eig, root, proj, *row_res)
     else:
-        res = WassersteinResiduals(*mean_res, *(None,) * 8, proj)
+        res = WassersteinResiduals(*mean_res, *(None,) * 8, proj, *row_res)
     return Gaussian(mean, scale), res
 
 
@@ -105,13 +121,19 @@ def wasserstein_vjp(
     )  # fmt: skip
     event_ndim = 2 if full else 1
     axes = (-2, -1) if full else (-1,)
+    rows = None if res.rows is None else Rows(res.rows, res.row_mask)
     if full:
         g_scale = tril(g_scale, xp=xp)
+    g_all = g_scale
+    g_scale, scale, old_scale = (
+        take(x, rows, event_ndim=event_ndim, xp=xp) for x in (g_scale, p.scale, p.old_scale)
+    )
+    if full:
         root_bar = square_vjp(res.proj_root, cholesky_vjp(res.proj_scale, g_scale, xp=xp), xp=xp)
         root, old_root = res.root, res.old_root
     else:
         root_bar = g_scale
-        root, old_root = p.scale, p.old_scale
+        root, old_root = scale, old_scale
     delta = root - old_root
     tau_bar = xp.sum(root_bar * delta, axis=axes)
     dist_bar = expand(
@@ -133,14 +155,17 @@ def wasserstein_vjp(
     bar = tau * root_bar + dist_bar * d_root
     old_bar = (1.0 - tau) * root_bar + dist_bar * d_old
     if full:
-        scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, bar, xp=xp), p.scale, xp=xp)
+        scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, bar, xp=xp), scale, xp=xp)
         old_bar = sqrtm_vjp(res.old_U, res.old_s, old_bar, xp=xp)
-        old_scale_bar = gram_vjp(old_bar, p.old_scale, xp=xp)
+        old_scale_bar = gram_vjp(old_bar, old_scale, xp=xp)
     else:
         scale_bar, old_scale_bar = bar, old_bar
     active = expand(res.active, event_ndim, xp=xp)
     scale_bar = xp.where(active, scale_bar, g_scale)
     old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
+    scale_bar = put(scale_bar, rows, g_all, event_ndim=event_ndim, xp=xp)
+    zeros = xp.zeros_like(p.old_scale)
+    old_scale_bar = put(old_scale_bar, rows, zeros, event_ndim=event_ndim, xp=xp)
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "is_jax",
     "is_numpy",
     "is_torch",
+    "put_rows",
     "qr_r",
     "solve_triangular",
     "stop_gradient",
@@ -104,6 +105,28 @@ def qr_r(a: Array, *, xp: Namespace) -> Array:
     if is_numpy(xp) or is_jax(xp) or is_cupy(xp):
         return _native_namespace(xp).linalg.qr(a, mode="r")
     return xp.linalg.qr(a)[1]
+
+
+def put_rows(default: Array, index: Array, mask: Array, sub: Array, *, xp: Namespace) -> Array:
+    """A copy of ``default`` (rows along axis 0) with rows ``index`` (ascending; ``mask`` the
+    same rows as a boolean vector) replaced by ``sub``.
+
+    The standard has no scatter: the fallback gathers every row of ``sub``'s positions and
+    selects with ``where``; NumPy, CuPy, torch and JAX write the selected rows into a copy (or,
+    for JAX, ``.at[].set``), one pass over the batch instead of three.
+    """
+    if is_torch(xp):
+        return default.index_copy(0, index, sub)
+    if is_jax(xp):
+        return default.at[index].set(sub)
+    if is_numpy(xp) or is_cupy(xp):
+        out = default.copy()
+        out[index] = sub
+        return out
+    pos = xp.cumulative_sum(xp.astype(mask, xp.int64)) - 1
+    gathered = xp.take(sub, xp.maximum(pos, xp.zeros_like(pos)), axis=0)
+    m = xp.reshape(mask, (-1,) + (1,) * (default.ndim - 1))
+    return xp.where(m, gathered, default)
 
 
 def _native_namespace(xp: Namespace) -> Namespace:

@@ -4,13 +4,13 @@ A projection changes only the states outside their trust region; with eager arra
 stages (decompositions, the KL solve, the VJPs) run on those rows alone. The subset is chosen
 from values, so this is for eager arrays only: under tracing (``jax.jit``, ``torch.func``,
 ``torch.compile``) :func:`choose` returns ``None`` and every stage runs on the whole batch, as
-it would with every row selected. Nothing here writes into an array: rows are gathered with
-``take`` and put back with ``take`` + ``where`` (the standard has no scatter).
+it would with every row selected. Nothing here writes into a caller's array: rows are gathered
+with ``take`` and put back into a copy (:func:`tr_projections._compat.put_rows`; the standard
+has no scatter, its fallback is ``take`` + ``where``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 from . import _compat
@@ -26,15 +26,19 @@ class Rows(NamedTuple):
     mask: Array
 
 
+#: Gathering and putting back cost about as much as a few elementwise passes over the selected
+#: rows: above this fraction of the batch the whole batch is cheaper.
+MAX_FRACTION = 0.75
+
+
 def choose(mask: Array, *, xp: Any) -> Rows | None:
     """The rows where ``mask`` (batch shape) is true, or ``None`` for "every row": under tracing,
-    and when every row is selected anyway."""
+    and when more than :data:`MAX_FRACTION` of the rows are selected anyway."""
     if _compat._is_traced(mask, xp):
         return None
     flat = xp.reshape(mask, (-1,))
-    n_all = flat.shape[0]
     index = xp.nonzero(flat)[0]
-    if index.shape[0] == n_all:
+    if index.shape[0] > MAX_FRACTION * flat.shape[0]:
         return None
     return Rows(index, flat)
 
@@ -56,16 +60,8 @@ def put(sub: Array, rows: Rows | None, default: Array, *, event_ndim: int, xp: A
     shape = tuple(default.shape)
     event = shape[len(shape) - event_ndim :]
     flat_default = xp.reshape(default, (-1,) + event)
-    # Position of each row in ``sub``: the running count of selected rows, minus one.
-    pos = xp.cumulative_sum(xp.astype(rows.mask, xp.int64)) - 1
-    pos = xp.maximum(pos, xp.zeros_like(pos))
-    gathered = xp.take(sub, pos, axis=0)
-    m = xp.reshape(rows.mask, (-1,) + (1,) * len(event))
-    return xp.reshape(xp.where(m, gathered, flat_default), shape)
+    out = _compat.put_rows(flat_default, rows.index, rows.mask, sub, xp=xp)
+    return xp.reshape(out, shape)
 
 
-def n_rows(x: Array, *, event_ndim: int) -> int:
-    return math.prod(tuple(x.shape[: x.ndim - event_ndim]))
-
-
-__all__ = ["Rows", "choose", "n_rows", "put", "take"]
+__all__ = ["Rows", "choose", "put", "take"]

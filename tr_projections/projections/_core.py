@@ -107,7 +107,9 @@ def project_mean_vjp(
     :math:`\bar L_o = -2c\,\bar d\,\operatorname{tril}(L_o^{-\top} z z^\top)`.
     Inactive rows pass :math:`\bar g` to the mean and nothing to the old policy.
     """
-    rows = choose(res.active, xp=xp)  # eager arrays: the active rows only
+    # Eager full scales: the active rows only (for diagonal ones, a few elementwise passes, the
+    # gather would cost more than it saves).
+    rows = choose(res.active, xp=xp) if full and scale_prec else None
     g_all = g
     g, mean, old_mean = (take(x, rows, event_ndim=1, xp=xp) for x in (g, mean, old_mean))
     tau, dist, active = (take(x, rows, event_ndim=0, xp=xp) for x in res)

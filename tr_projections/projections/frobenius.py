@@ -58,7 +58,9 @@ def frobenius_fwd(
     dist, cov, old_cov = frobenius_cov(p.scale, p.old_scale, full=p.full, xp=xp)
     ev = 2 if p.full else 1
     eps_cov = xp.broadcast_to(eps_cov, p.batch)
-    rows = choose(dist > eps_cov, xp=xp)
+    # Eager full scales: the output factor and the VJP on the rows outside their bound only
+    # (diagonal ones are a few elementwise passes, cheaper than the gather).
+    rows = choose(dist > eps_cov, xp=xp) if p.full else None
     cov, old_cov, scale = (take(x, rows, event_ndim=ev, xp=xp) for x in (cov, old_cov, p.scale))
     dist, eps_cov = (take(x, rows, event_ndim=0, xp=xp) for x in (dist, eps_cov))
     tau = closed_form_tau(dist, eps_cov, xp=xp)

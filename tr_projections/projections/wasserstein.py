@@ -70,7 +70,9 @@ def wasserstein_fwd(
     )
     ev = 2 if p.full else 1
     eps_cov = xp.broadcast_to(eps_cov, p.batch)
-    rows = choose(dist > eps_cov, xp=xp)
+    # Eager full scales: the output factor and the VJP on the rows outside their bound only
+    # (diagonal ones are a few elementwise passes, cheaper than the gather).
+    rows = choose(dist > eps_cov, xp=xp) if p.full else None
     dist, eps_cov = (take(x, rows, event_ndim=0, xp=xp) for x in (dist, eps_cov))
     scale = take(p.scale, rows, event_ndim=ev, xp=xp)
     chart = type(chart)(

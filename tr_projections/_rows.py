@@ -64,4 +64,19 @@ def put(sub: Array, rows: Rows | None, default: Array, *, event_ndim: int, xp: A
     return xp.reshape(out, shape)
 
 
-__all__ = ["Rows", "choose", "put", "take"]
+def take_batch(x: Array, rows: Rows | None, batch: tuple[int, ...], *, xp: Any) -> Array:
+    """``x`` broadcast to ``batch`` (no event axes, e.g. a bound) and restricted to ``rows``;
+    ``x`` itself when every row is used."""
+    if rows is None:
+        return x
+    return take(xp.broadcast_to(x, batch), rows, event_ndim=0, xp=xp)
+
+
+def put_or_zero(sub: Array, rows: Rows | None, like: Array, *, event_ndim: int, xp: Any) -> Array:
+    """:func:`put` into zeros of ``like``'s shape (a cotangent that vanishes off the rows)."""
+    if rows is None:
+        return sub
+    return put(sub, rows, xp.zeros_like(like), event_ndim=event_ndim, xp=xp)
+
+
+__all__ = ["Rows", "choose", "put", "put_or_zero", "take", "take_batch"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import _compat
-from .._rows import choose, put, take
+from .._rows import choose, put, put_or_zero, take
 from ._vjp_core import solve_lower, solve_lower_t, tril
 
 Array = Any
@@ -135,19 +135,12 @@ def project_mean_vjp(
     act = active[..., None]
     mean_bar = xp.where(act, tau[..., None] * g + db * grad_delta, g)
     old_mean_bar = xp.where(act, g - mean_bar, xp.zeros_like(g))
-    zeros = xp.zeros_like(g_all)
     mean_bar = put(mean_bar, rows, g_all, event_ndim=1, xp=xp)
-    old_mean_bar = put(old_mean_bar, rows, zeros, event_ndim=1, xp=xp)
+    old_mean_bar = put_or_zero(old_mean_bar, rows, g_all, event_ndim=1, xp=xp)
     if old_scale_bar is not None and rows is not None:
-        ev = 2 if full else 1
-        shape = tuple(zeros.shape[:-1]) + tuple(old_scale_bar.shape[1:])
-        old_scale_bar = put(
-            old_scale_bar,
-            rows,
-            xp.zeros(shape, dtype=g.dtype, device=_compat.device(g)),
-            event_ndim=ev,
-            xp=xp,
-        )
+        shape = tuple(g_all.shape[:-1]) + tuple(old_scale_bar.shape[1:])
+        zeros = xp.zeros(shape, dtype=g.dtype, device=_compat.device(g))
+        old_scale_bar = put(old_scale_bar, rows, zeros, event_ndim=2 if full else 1, xp=xp)
     return MeanCotangents(mean_bar, old_mean_bar, old_scale_bar)
 
 

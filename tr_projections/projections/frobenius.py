@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._inputs import Problem
-from .._rows import Rows, choose, put, take
+from .._rows import Rows, choose, put, put_or_zero, take, take_batch
 from ..distances import frobenius_cov, mean_distance
 from ..gaussian import Gaussian, covariance
 from ._core import (
@@ -57,12 +57,12 @@ def frobenius_fwd(
 
     dist, cov, old_cov = frobenius_cov(p.scale, p.old_scale, full=p.full, xp=xp)
     ev = 2 if p.full else 1
-    eps_cov = xp.broadcast_to(eps_cov, p.batch)
     # Eager full scales: the output factor and the VJP on the rows outside their bound only
     # (diagonal ones are a few elementwise passes, cheaper than the gather).
     rows = choose(dist > eps_cov, xp=xp) if p.full else None
     cov, old_cov, scale = (take(x, rows, event_ndim=ev, xp=xp) for x in (cov, old_cov, p.scale))
-    dist, eps_cov = (take(x, rows, event_ndim=0, xp=xp) for x in (dist, eps_cov))
+    dist = take(dist, rows, event_ndim=0, xp=xp)
+    eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
     tau = closed_form_tau(dist, eps_cov, xp=xp)
     cov = interpolate(cov, old_cov, tau, event_ndim=ev, xp=xp)
     proj = xp.linalg.cholesky(cov) if p.full else xp.sqrt(cov)
@@ -124,8 +124,7 @@ def frobenius_vjp(
     scale_bar = xp.where(active, scale_bar, g_scale)
     old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
     scale_bar = put(scale_bar, rows, g_all, event_ndim=event_ndim, xp=xp)
-    zeros = xp.zeros_like(p.old_scale)
-    old_scale_bar = put(old_scale_bar, rows, zeros, event_ndim=event_ndim, xp=xp)
+    old_scale_bar = put_or_zero(old_scale_bar, rows, p.old_scale, event_ndim=event_ndim, xp=xp)
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 

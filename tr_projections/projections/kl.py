@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from .._compat import while_loop
 from .._inputs import Problem
-from .._rows import Rows, choose, put, take
+from .._rows import Rows, choose, put, put_or_zero, take, take_batch
 from ..distances import (
     KLEigs,
     kl_cov_from_eigs,
@@ -209,10 +209,10 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
 
-    eps_cov = xp.broadcast_to(eps_cov, p.batch)
     if p.full:
         F = kl_f(p.scale, p.old_scale, xp=xp)
-        rows = choose(kl_may_exceed(F, p.scale, p.old_scale, eps_cov, xp=xp), xp=xp)
+        may_exceed = kl_may_exceed(F, p.scale, p.old_scale, eps_cov, xp=xp)
+        rows = choose(may_exceed, xp=xp)
         scale, old_scale = (take(x, rows, event_ndim=2, xp=xp) for x in (p.scale, p.old_scale))
         eigs = kl_eigs(
             scale, old_scale, full=True, vectors=True, xp=xp, F=take(F, rows, event_ndim=2, xp=xp)
@@ -225,7 +225,7 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
         scale, old_scale = (take(x, rows, event_ndim=1, xp=xp) for x in (p.scale, p.old_scale))
         eigs = KLEigs(*(take(x, rows, event_ndim=1, xp=xp) for x in eigs[:2]), None)
         g1 = take(g1, rows, event_ndim=0, xp=xp)
-    eps_cov = take(eps_cov, rows, event_ndim=0, xp=xp)
+    eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
     a, lam, U = eigs
     log_tau = solve_log_tau(eigs, g1, eps_cov, xp=xp)
     tau = xp.exp(log_tau)
@@ -323,7 +323,7 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
     scale_bar = xp.where(act, scale_bar, g_scale)
     old_scale_bar = xp.where(act, old_scale_bar, xp.zeros_like(old_scale_bar))
     scale_bar = put(scale_bar, rows, g_all, event_ndim=ev, xp=xp)
-    old_scale_bar = put(old_scale_bar, rows, xp.zeros_like(p.old_scale), event_ndim=ev, xp=xp)
+    old_scale_bar = put_or_zero(old_scale_bar, rows, p.old_scale, event_ndim=ev, xp=xp)
     return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
 
 

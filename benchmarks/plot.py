@@ -4,7 +4,8 @@
     python benchmarks/plot.py RESULTS.json --dim 6 --out docs/img/benchmarks.png
 
 One log-log line per method, kind and backend at one dimension ``d`` (default 6): forward +
-backward where gradients ran, forward otherwise (dashed-dotted and marked "fwd" in the legend).
+backward where gradients ran, forward otherwise (dashed-dotted and marked "fwd" in the legend);
+a ``--baseline`` backend (``torch@REF``) is dotted.
 Error bars show the interquartile range.
 """
 
@@ -77,8 +78,10 @@ def plot(result: dict, d: int, out: Path) -> Path:
                 y,
                 yerr=err,
                 color=COLORS.get(method),
-                marker=MARKERS.get(backend, "x"),
-                linestyle="-" if mode == "backward" else "-.",
+                marker=MARKERS.get(backend.split("@")[0], "x"),
+                # a baseline (run.py --baseline, backend "name@REF") is dotted
+                linestyle=":" if "@" in backend else ("-" if mode == "backward" else "-."),
+                alpha=0.6 if "@" in backend else 1.0,
                 capsize=2,
                 label=label,
             )

@@ -263,11 +263,11 @@ def timing_tables(cells: list[dict[str, Any]], backends: list[str]) -> list[str]
     return lines
 
 
-def baseline_table(cells: list[dict[str, Any]], backends: list[str], d: int = 6) -> list[str]:
-    """Speed-up of this checkout over each baseline backend (``<backend>@REF``): the baseline's
-    median time over the current one, per method, kind, mode and batch at one ``d``."""
-    pairs = [(b.split("@")[0], b) for b in backends if "@" in b]
-    pairs = [(cur, base) for cur, base in pairs if cur in backends]
+def _pair_table(
+    cells: list[dict[str, Any]], pairs: list[tuple[str, str, str]], d: int, suffix: str
+) -> list[str]:
+    """A table of time ratios at one ``d``: for each ``(label, num, den)`` in ``pairs``, the
+    median time of backend ``num`` over that of ``den``, per method, kind, mode and batch."""
     idx = Index(cells)
     batches = sorted({c["batch"] for c in cells if c["d"] == d})
     if not pairs or not batches:
@@ -281,22 +281,29 @@ def baseline_table(cells: list[dict[str, Any]], backends: list[str], d: int = 6)
     for method in METHOD_NAMES:
         for kind in ("diag", "full"):
             for mode in MODE_NAMES:
-                for cur, base in pairs:
+                for label, num, den in pairs:
                     cols = []
                     for b in batches:
-                        new = idx.get(method, kind, d, b, mode, cur)
-                        old = idx.get(method, kind, d, b, mode, base)
-                        if new and old and new.get("status") == old.get("status") == "ok":
-                            cols.append(f"{old['median_s'] / new['median_s']:.2f}×")
+                        top = idx.get(method, kind, d, b, mode, num)
+                        bottom = idx.get(method, kind, d, b, mode, den)
+                        if top and bottom and top.get("status") == bottom.get("status") == "ok":
+                            cols.append(f"{top['median_s'] / bottom['median_s']:.2f}{suffix}")
                         else:
                             cols.append("")
                     if any(cols):
                         lines.append(
-                            f"| {METHOD_NAMES[method]} | {kind} | {MODE_NAMES[mode]} | {cur} | "
+                            f"| {METHOD_NAMES[method]} | {kind} | {MODE_NAMES[mode]} | {label} | "
                             + " | ".join(cols)
                             + " |"
                         )
     return lines
+
+
+def baseline_table(cells: list[dict[str, Any]], backends: list[str], d: int = 6) -> list[str]:
+    """Speed-up of this checkout over each baseline backend (``<backend>@REF``): the baseline's
+    median time over the current one, per method, kind, mode and batch at one ``d``."""
+    pairs = [(b.split("@")[0], b) for b in backends if "@" in b]
+    return _pair_table(cells, [(cur, base, cur) for cur, base in pairs if cur in backends], d, "×")
 
 
 def ratio_table(cells: list[dict[str, Any]], backends: list[str], d: int = 6) -> list[str]:
@@ -304,35 +311,7 @@ def ratio_table(cells: list[dict[str, Any]], backends: list[str], d: int = 6) ->
     if "torch" not in backends:
         return []
     others = [b for b in backends if b != "torch" and "@" not in b]
-    idx = Index(cells)
-    batches = sorted({c["batch"] for c in cells if c["d"] == d})
-    if not others or not batches:
-        return []
-    lines = [
-        "| method | kind | mode | backend | "
-        + " | ".join(f"B={fmt_batch(b)}" for b in batches)
-        + " |",
-        "|---|---|---|---|" + "---:|" * len(batches),
-    ]
-    for method in METHOD_NAMES:
-        for kind in ("diag", "full"):
-            for mode in MODE_NAMES:
-                for other in others:
-                    cols = []
-                    for b in batches:
-                        ref = idx.get(method, kind, d, b, mode, "torch")
-                        c = idx.get(method, kind, d, b, mode, other)
-                        if ref and c and ref.get("status") == c.get("status") == "ok":
-                            cols.append(f"{c['median_s'] / ref['median_s']:.2f}")
-                        else:
-                            cols.append("")
-                    if any(cols):
-                        lines.append(
-                            f"| {METHOD_NAMES[method]} | {kind} | {MODE_NAMES[mode]} | {other} | "
-                            + " | ".join(cols)
-                            + " |"
-                        )
-    return lines
+    return _pair_table(cells, [(other, other, "torch") for other in others], d, "")
 
 
 def memory_table(cells: list[dict[str, Any]], backends: list[str]) -> list[str]:

@@ -249,10 +249,10 @@ def check_scale(scale: Any, full: bool | None, *, name: str = "scale") -> tuple[
     """
     xp = namespace_of({name: scale})
     _check_dtype(name, scale, xp)
+    square = scale.ndim >= 2 and scale.shape[-1] == scale.shape[-2]
     if full is None:
-        full = scale.ndim >= 2 and scale.shape[-1] == scale.shape[-2]
-    event_ndim = 2 if full else 1
-    if scale.ndim < event_ndim or scale.shape[-1] == 0 or (full and not is_full_shape(scale)):
+        full = square
+    if scale.ndim < 1 or scale.shape[-1] == 0 or (full and not square):
         raise ValueError(
             f"`{name}` must have shape (..., d) (standard deviations) or (..., d, d) (a lower "
             f"Cholesky factor) with d >= 1, got {tuple(scale.shape)}"
@@ -261,10 +261,6 @@ def check_scale(scale: Any, full: bool | None, *, name: str = "scale") -> tuple[
     if checks_enabled():
         check_gaussian_values({name: scale}, full=bool(full), dtype=scale.dtype, xp=xp)
     return xp, bool(full)
-
-
-def is_full_shape(scale: Any) -> bool:
-    return scale.ndim >= 2 and scale.shape[-1] == scale.shape[-2]
 
 
 def is_static_bound(eps: Any, name: str) -> bool:

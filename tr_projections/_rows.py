@@ -43,6 +43,16 @@ def choose(mask: Array, *, xp: Any) -> Rows | None:
     return Rows(index, flat)
 
 
+def fields(rows: Rows | None) -> tuple[Array | None, Array | None]:
+    """``(index, mask)`` for a residual tuple's ``rows`` and ``row_mask`` fields."""
+    return (None, None) if rows is None else (rows.index, rows.mask)
+
+
+def from_fields(index: Array | None, mask: Array | None) -> Rows | None:
+    """The inverse of :func:`fields`."""
+    return None if index is None else Rows(index, mask)
+
+
 def take(x: Array, rows: Rows | None, *, event_ndim: int, xp: Any) -> Array:
     """``x`` (batch shape + ``event_ndim`` axes) restricted to ``rows``: shape ``(n,) + event``."""
     if rows is None:
@@ -79,4 +89,4 @@ def put_or_zero(sub: Array, rows: Rows | None, like: Array, *, event_ndim: int, 
     return put(sub, rows, xp.zeros_like(like), event_ndim=event_ndim, xp=xp)
 
 
-__all__ = ["Rows", "choose", "put", "put_or_zero", "take", "take_batch"]
+__all__ = ["Rows", "choose", "fields", "from_fields", "put", "put_or_zero", "take", "take_batch"]

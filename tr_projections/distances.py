@@ -17,6 +17,7 @@ disagree.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 from . import _compat
@@ -157,8 +158,10 @@ def kl_eigs(
     # tr(C - I) = 2 tr(F) + ||F||_F^2 (F is lower triangular).
     trace_c = 2.0 * xp.sum(diagonal(F, xp=xp), axis=-1) + frob2(F, xp=xp)
     use_c = trace_c > 0.0
-    any_c = _compat.eager_any(use_c, xp=xp)
-    all_c = None if any_c is None else any_c and not _compat.eager_any(~use_c, xp=xp)
+    any_c = all_c = None  # unknown under tracing
+    if not _compat._is_traced(use_c, xp):  # one host read for both
+        n_c = int(xp.sum(xp.astype(use_c, xp.int64)))
+        any_c, all_c = n_c > 0, n_c == math.prod(tuple(use_c.shape))
     # Eager arrays build only the matrix some row needs.
     if all_c:
         M = F + mT(F, xp=xp) + xp.matmul(F, mT(F, xp=xp))

@@ -144,7 +144,7 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     rough = ~(w_min * 1e-12 >= w_max * float(xp.finfo(w.dtype).eps))
     s = xp.sqrt(xp.maximum(w, xp.zeros_like(w)))
     rows = choose(rough, xp=xp)
-    if rows is None:  # every row is rough (or there are no rows)
+    if rows is None:  # most rows are rough (or there are none): the SVD for all
         return _root_svd(scale, xp=xp)
     n = rows.index.shape[0]
     if n > 0:

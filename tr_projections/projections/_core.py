@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .. import _compat
 from .._rows import choose, put, put_or_zero, take
 from ._vjp_core import solve_lower, solve_lower_t, tril
 
@@ -110,7 +109,7 @@ def project_mean_vjp(
     # Eager full scales: the active rows only (for diagonal ones, a few elementwise passes, the
     # gather would cost more than it saves).
     rows = choose(res.active, xp=xp) if full and scale_prec else None
-    g_all = g
+    g_all, old_scale_all = g, old_scale
     g, mean, old_mean = (take(x, rows, event_ndim=1, xp=xp) for x in (g, mean, old_mean))
     tau, dist, active = (take(x, rows, event_ndim=0, xp=xp) for x in res)
     delta = mean - old_mean
@@ -137,10 +136,9 @@ def project_mean_vjp(
     old_mean_bar = xp.where(act, g - mean_bar, xp.zeros_like(g))
     mean_bar = put(mean_bar, rows, g_all, event_ndim=1, xp=xp)
     old_mean_bar = put_or_zero(old_mean_bar, rows, g_all, event_ndim=1, xp=xp)
-    if old_scale_bar is not None and rows is not None:
-        shape = tuple(g_all.shape[:-1]) + tuple(old_scale_bar.shape[1:])
-        zeros = xp.zeros(shape, dtype=g.dtype, device=_compat.device(g))
-        old_scale_bar = put(old_scale_bar, rows, zeros, event_ndim=2 if full else 1, xp=xp)
+    if old_scale_bar is not None:
+        ev = 2 if full else 1
+        old_scale_bar = put_or_zero(old_scale_bar, rows, old_scale_all, event_ndim=ev, xp=xp)
     return MeanCotangents(mean_bar, old_mean_bar, old_scale_bar)
 
 

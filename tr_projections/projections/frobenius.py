@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._inputs import Problem
-from .._rows import Rows, choose, put, put_or_zero, take, take_batch
+from .._rows import choose, fields, from_fields, put, put_or_zero, take, take_batch
 from ..distances import frobenius_cov, mean_distance
 from ..gaussian import Gaussian, covariance
 from ._core import (
@@ -72,7 +72,7 @@ def frobenius_fwd(
     )
     res = FrobeniusResiduals(
         tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active, proj,
-        *((None, None) if rows is None else rows),
+        *fields(rows),
     )  # fmt: skip
     return Gaussian(mean, scale), res
 
@@ -95,7 +95,7 @@ def frobenius_vjp(
         coef=1.0, scale_prec=scale_prec, full=full, xp=xp,
     )  # fmt: skip
     event_ndim = 2 if full else 1
-    rows = None if res.rows is None else Rows(res.rows, res.row_mask)
+    rows = from_fields(res.rows, res.row_mask)
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale

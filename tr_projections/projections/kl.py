@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from .._compat import while_loop
 from .._inputs import Problem
-from .._rows import Rows, choose, put, put_or_zero, take, take_batch
+from .._rows import choose, fields, from_fields, put, put_or_zero, take, take_batch
 from ..distances import (
     KLEigs,
     kl_cov_from_eigs,
@@ -190,10 +190,6 @@ class KLResiduals(NamedTuple):
     row_mask: Array | None  # the same rows as a flat mask of the batch
 
 
-def _rows_of(res: KLResiduals) -> Rows | None:
-    return None if res.rows is None else Rows(res.rows, res.row_mask)
-
-
 def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLResiduals]:
     """The KL projection of ``p``, its weights and the residuals of its VJP.
 
@@ -242,7 +238,7 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     out = put(new_scale, rows, p.scale, event_ndim=ev, xp=xp)
     res = KLResiduals(
         tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, log_tau, active, proj,
-        *((None, None) if rows is None else rows),
+        *fields(rows),
     )  # fmt: skip
     return Gaussian(mean, out), res
 
@@ -276,7 +272,7 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
         coef=0.5, scale_prec=True, full=full, xp=xp,
     )  # fmt: skip
     a, lam, tau, active = res.a, res.lam, res.tau, res.active
-    rows = _rows_of(res)
+    rows = from_fields(res.rows, res.row_mask)
     ev = 2 if full else 1
     if full:
         g_scale = tril(g_scale, xp=xp)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._inputs import Problem
-from .._rows import Rows, choose, put, put_or_zero, take, take_batch
+from .._rows import choose, fields, from_fields, put, put_or_zero, take, take_batch
 from ..distances import mean_distance, wasserstein_chart
 from ..gaussian import Gaussian, cholesky_of_gram, sym
 from ._core import (
@@ -91,11 +91,10 @@ def wasserstein_fwd(
         select(active, proj, scale, event_ndim=ev, xp=xp), rows, p.scale, event_ndim=ev, xp=xp
     )
     mean_res = (tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active)
-    row_res = (None, None) if rows is None else tuple(rows)
     if p.full:
-        res = WassersteinResiduals(*mean_res, *chart, *eig, root, proj, *row_res)
+        res = WassersteinResiduals(*mean_res, *chart, *eig, root, proj, *fields(rows))
     else:
-        res = WassersteinResiduals(*mean_res, *(None,) * 8, proj, *row_res)
+        res = WassersteinResiduals(*mean_res, *(None,) * 8, proj, *fields(rows))
     return Gaussian(mean, scale), res
 
 
@@ -123,7 +122,7 @@ def wasserstein_vjp(
     )  # fmt: skip
     event_ndim = 2 if full else 1
     axes = (-2, -1) if full else (-1,)
-    rows = None if res.rows is None else Rows(res.rows, res.row_mask)
+    rows = from_fields(res.rows, res.row_mask)
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale

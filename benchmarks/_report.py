@@ -360,7 +360,9 @@ def render(result: dict[str, Any]) -> str:
         f"{m['memory_gb']} GB RAM; {m['platform']}",
         f"- threads: {s['threads']} (torch.set_num_threads, OMP/MKL/OpenBLAS env vars, CPU "
         f"affinity), OMP_WAIT_POLICY={s.get('omp_wait_policy') or 'unset'}, JAX XLA_FLAGS "
-        f"{s.get('xla_flags') or 'unchanged'}; load average "
+        f"{s.get('xla_flags') or 'unchanged'}; worker environment "
+        + (", ".join(f"{k}={v}" for k, v in (s.get("worker_env") or {}).items()) or "unchanged")
+        + f"; load average "
         f"{m['load_start']} at start, {m['load_end']} at end",
         f"- python {m['python']}; "
         + ", ".join(f"{k} {v}" for k, v in sorted(m["packages"].items()) if v),

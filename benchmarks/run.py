@@ -114,6 +114,13 @@ def _csv(kind):
     return parse
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark tr_projections (see the module docstring).",
@@ -155,6 +162,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "from spinning, which on a loaded machine with few cores slows torch 10-100x",
     )
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX workers")
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_env_pair,
+        help="set in every worker's environment (repeatable; recorded in the results), e.g. "
+        "glibc's MALLOC_MMAP_THRESHOLD_ to compare allocator settings",
+    )
     p.add_argument(
         "--max-mem-gb",
         type=float,
@@ -340,8 +356,10 @@ class Worker:
         omp_wait_policy: str = "",
         xla_flags: str = "",
         source: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.name, self.threads, self.source = name, threads, source
+        self.extra_env = dict(extra_env or {})
         self.omp_wait_policy, self.xla_flags = omp_wait_policy, xla_flags
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.proc: subprocess.Popen | None = None
@@ -355,6 +373,7 @@ class Worker:
             env["OMP_WAIT_POLICY"] = self.omp_wait_policy
         if self.xla_flags and self.name.startswith("jax"):
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {self.xla_flags}".strip()
+        env.update(self.extra_env)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if self.source:
             env["TRP_BENCH_SOURCE"] = self.source
@@ -472,7 +491,15 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
     info: dict[str, dict] = {}
     for name in args.backends:
         source = args.baseline_src if "@" in name else None
-        w = Worker(name, args.threads, log_dir, args.omp_wait_policy, args.xla_flags, source)
+        w = Worker(
+            name,
+            args.threads,
+            log_dir,
+            args.omp_wait_policy,
+            args.xla_flags,
+            source,
+            dict(args.worker_env),
+        )
         try:
             info[name] = w.start()
             workers[name] = w
@@ -586,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "omp_wait_policy": args.omp_wait_policy or None,
             "xla_flags": args.xla_flags or None,
+            "worker_env": dict(args.worker_env) or None,
             "dtype": "float64",
             "methods": args.methods,
             "kinds": args.kinds,

@@ -117,8 +117,8 @@ def put_rows(default: Array, index: Array, mask: Array, sub: Array, *, xp: Names
     """
     if is_torch(xp):
         return default.index_copy(0, index, sub)
-    if is_jax(xp):
-        return default.at[index].set(sub)
+    if is_jax(xp):  # (a NumPy ``default``, e.g. an incoming cotangent, becomes a JAX array)
+        return xp.asarray(default).at[index].set(sub)
     if is_numpy(xp) or is_cupy(xp):
         out = default.copy()
         out[index] = sub
@@ -127,6 +127,24 @@ def put_rows(default: Array, index: Array, mask: Array, sub: Array, *, xp: Names
     gathered = xp.take(sub, xp.maximum(pos, xp.zeros_like(pos)), axis=0)
     m = xp.reshape(mask, (-1,) + (1,) * (default.ndim - 1))
     return xp.where(m, gathered, default)
+
+
+def add_rows(default: Array, index: Array, mask: Array, sub: Array, *, xp: Namespace) -> Array:
+    """A copy of ``default`` with ``sub`` added to rows ``index`` (ascending, distinct; ``mask``
+    the same rows as a boolean vector): :func:`put_rows` with a sum, through each library's
+    indexed add where it has one."""
+    if is_torch(xp):
+        return default.index_add(0, index, sub)
+    if is_jax(xp):
+        return xp.asarray(default).at[index].add(sub)
+    if is_numpy(xp) or is_cupy(xp):
+        out = default.copy()
+        out[index] += sub  # distinct indices: no repeated-index accumulation is needed
+        return out
+    pos = xp.cumulative_sum(xp.astype(mask, xp.int64)) - 1
+    gathered = xp.take(sub, xp.maximum(pos, xp.zeros_like(pos)), axis=0)
+    m = xp.reshape(mask, (-1,) + (1,) * (default.ndim - 1))
+    return xp.where(m, default + gathered, default)
 
 
 def _native_namespace(xp: Namespace) -> Namespace:

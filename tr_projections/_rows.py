@@ -89,4 +89,27 @@ def put_or_zero(sub: Array, rows: Rows | None, like: Array, *, event_ndim: int, 
     return put(sub, rows, xp.zeros_like(like), event_ndim=event_ndim, xp=xp)
 
 
-__all__ = ["Rows", "choose", "fields", "from_fields", "put", "put_or_zero", "take", "take_batch"]
+def add_to(base: Array, sub: Array, rows: Rows | None, *, event_ndim: int, xp: Any) -> Array:
+    """``base`` (full batch) plus ``sub`` on ``rows`` (``base + sub`` when every row is used);
+    a new array, ``base`` is not written."""
+    if rows is None:
+        return base + sub
+    if rows.index.shape[0] == 0:
+        return xp.asarray(base, copy=True)
+    shape = tuple(base.shape)
+    event = shape[len(shape) - event_ndim :]
+    flat = xp.reshape(base, (-1,) + event)
+    return xp.reshape(_compat.add_rows(flat, rows.index, rows.mask, sub, xp=xp), shape)
+
+
+__all__ = [
+    "Rows",
+    "add_to",
+    "choose",
+    "fields",
+    "from_fields",
+    "put",
+    "put_or_zero",
+    "take",
+    "take_batch",
+]

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from . import _compat
 from ._compat import solve_triangular
 from ._inputs import prepare
-from .gaussian import covariance, diagonal, frob2, mahalanobis, mT, root_from_cholesky, sym
+from .gaussian import diagonal, frob2, mahalanobis, mT, root_from_cholesky, sym
 
 __all__ = ["DistanceParts", "frobenius", "kl", "wasserstein"]
 
@@ -118,6 +118,24 @@ def kl_may_exceed(F: Array, scale: Array, old_scale: Array, eps: Array, *, xp: A
     return g > eps - margin
 
 
+def kl_may_exceed_diag(eigs: KLEigs, eps: Array, *, xp: Any) -> Array:
+    r"""Rows (diagonal scales) whose KL covariance part may exceed ``eps``, from the direct
+    form :math:`\tfrac12\sum_i[\log\lambda_i - a_i/\lambda_i]` (a few elementwise passes, no
+    series), less the same kind of margin as :func:`kl_may_exceed`: a thousandth of ``eps`` plus
+    64 :math:`\varepsilon_{mach}` times the size of its terms, far above its rounding (the
+    cancellation near :math:`a = 0` is absolute, at most a few :math:`\varepsilon_{mach}`
+    times the terms). Rows outside the result are inside their bound; the others are decided
+    from the accurate :func:`kl_cov_from_eigs`."""
+    finfo = xp.finfo(eigs.a.dtype)
+    ratio = eigs.a / eigs.lam
+    g = 0.5 * xp.sum(xp.log(eigs.lam) - ratio, axis=-1)
+    # log(lam) and a/lam share their sign, and |log(lam)| <= |a/lam| + h: the size of the terms
+    # is at most 2 sum|a/lam| + 2g.
+    size = 2.0 * (xp.sum(xp.abs(ratio), axis=-1) + xp.abs(g))
+    margin = 1e-3 * eps + 64.0 * finfo.eps * (size + eigs.a.shape[-1])
+    return g > eps - margin
+
+
 def kl_eigs(
     scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: Any, F: Array | None = None
 ) -> KLEigs:
@@ -143,15 +161,15 @@ def kl_eigs(
     The relative error of the resulting KL is then about :math:`\varepsilon_{mach}` times
     :math:`\max(1, \lambda_{max})` (times :math:`d` in the first case), instead of
     :math:`\varepsilon_{mach}\lambda_{max}/\lambda_{min}`. Both matrices share the eigenvectors
-    ``U``; ``F`` may be passed when the caller has it (:func:`kl_f`). Diagonal:
-    :math:`a = \operatorname{expm1}(r)`, :math:`\lambda = \exp(r)` with
-    :math:`r = 2(\log\sigma_{o} - \log\sigma)`, both to full relative accuracy and with no
-    decomposition. ``U`` is returned only with ``vectors``.
+    ``U``; ``F`` may be passed when the caller has it (:func:`kl_f`). Diagonal: with
+    :math:`q = \sigma_o/\sigma`, :math:`\lambda = q^2` and :math:`a = (q - 1)(q + 1)`, both to
+    full relative accuracy (``q - 1`` is exact near 1), with no decomposition and no
+    transcendental function. ``U`` is returned only with ``vectors``.
     """
     finfo = xp.finfo(scale.dtype)
     if not full:
-        r = 2.0 * (xp.log(old_scale) - xp.log(scale))
-        return KLEigs(xp.expm1(r), xp.maximum(xp.exp(r), finfo.smallest_normal), None)
+        q = old_scale / scale
+        return KLEigs((q - 1.0) * (q + 1.0), xp.maximum(q * q, finfo.smallest_normal), None)
     d = scale.shape[-1]
     if F is None:
         F = kl_f(scale, old_scale, xp=xp)
@@ -218,12 +236,16 @@ def kl(mean: Array, scale: Array, old_mean: Array, old_scale: Array) -> Distance
 
 def frobenius_cov(scale: Array, old_scale: Array, *, full: bool, xp: Any):
     r""":math:`\|\Sigma - \Sigma_o\|_F^2` and the chart coordinates :math:`(\Sigma, \Sigma_o)`
-    (variances for diagonals). Never precision-scaled, as in the reference method."""
-    cov = covariance(scale, full=full, xp=xp)
-    old = covariance(old_scale, full=full, xp=xp)
-    diff = cov - old
-    dist = frob2(diff, xp=xp) if full else xp.sum(diff * diff, axis=-1)
-    return dist, cov, old
+    (variances for diagonals). Never precision-scaled, as in the reference method. Full: the
+    plain products :math:`LL^\top`, symmetric up to rounding; their users read one triangle
+    (Cholesky) or symmetrise what they keep."""
+    if not full:
+        cov, old = scale * scale, old_scale * old_scale
+        diff = cov - old
+        return xp.sum(diff * diff, axis=-1), cov, old
+    cov = xp.matmul(scale, mT(scale, xp=xp))
+    old = xp.matmul(old_scale, mT(old_scale, xp=xp))
+    return frob2(cov - old, xp=xp), cov, old
 
 
 def frobenius(

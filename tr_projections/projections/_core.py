@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._rows import choose, put, put_or_zero, take
+from .._rows import Rows, add_to, choose, put, put_or_zero, take
 from ._vjp_core import solve_lower, solve_lower_t, tril
 
 Array = Any
@@ -106,34 +106,35 @@ def project_mean_vjp(
     :math:`\bar L_o = -2c\,\bar d\,\operatorname{tril}(L_o^{-\top} z z^\top)`.
     Inactive rows pass :math:`\bar g` to the mean and nothing to the old policy.
     """
-    # Eager full scales: the active rows only (for diagonal ones, a few elementwise passes, the
-    # gather would cost more than it saves).
-    rows = choose(res.active, xp=xp) if full and scale_prec else None
+    # Eager arrays: the active rows only (:mod:`.._rows`), where no row needs masking.
+    rows = choose(res.active, xp=xp)
     g_all, old_scale_all = g, old_scale
     g, mean, old_mean = (take(x, rows, event_ndim=1, xp=xp) for x in (g, mean, old_mean))
     tau, dist, active = (take(x, rows, event_ndim=0, xp=xp) for x in res)
     delta = mean - old_mean
     dist_bar = closed_form_tau_vjp(xp.sum(g * delta, axis=-1), tau, dist, active, xp=xp)
-    db = dist_bar[..., None]
+    # dd/ddelta = 2 coef w with w = Lambda_o delta (or delta itself): k w, k = 2 coef dist_bar.
+    k = (2.0 * coef) * dist_bar[..., None]
     old_scale_bar = None
     if not scale_prec:
-        grad_delta = 2.0 * delta
+        w = delta
     elif full:
         old_scale = take(old_scale, rows, event_ndim=2, xp=xp)
         z = solve_lower(old_scale, delta[..., None], xp=xp)
-        w = solve_lower_t(old_scale, z, xp=xp)  # Lambda_o delta, (..., d, 1)
-        grad_delta = (2.0 * coef) * w[..., 0]
-        old_scale_bar = tril(
-            (-2.0 * coef) * db[..., None] * xp.matmul(w, xp.matrix_transpose(z)), xp=xp
-        )
+        w_col = solve_lower_t(old_scale, z, xp=xp)  # (..., d, 1)
+        w = w_col[..., 0]
+        old_scale_bar = tril(-k[..., None] * xp.matmul(w_col, xp.matrix_transpose(z)), xp=xp)
     else:
         old_scale = take(old_scale, rows, event_ndim=1, xp=xp)
         z = delta / old_scale
-        grad_delta = (2.0 * coef) * z / old_scale
-        old_scale_bar = (-2.0 * coef) * db * z * z / old_scale
-    act = active[..., None]
-    mean_bar = xp.where(act, tau[..., None] * g + db * grad_delta, g)
-    old_mean_bar = xp.where(act, g - mean_bar, xp.zeros_like(g))
+        w = z / old_scale
+        old_scale_bar = -k * (z * w)
+    mean_bar = tau[..., None] * g + k * w
+    old_mean_bar = g - mean_bar
+    if rows is None:  # every row, inactive ones included: they pass g to the mean
+        act = active[..., None]
+        mean_bar = xp.where(act, mean_bar, g)
+        old_mean_bar = xp.where(act, old_mean_bar, xp.zeros_like(g))
     mean_bar = put(mean_bar, rows, g_all, event_ndim=1, xp=xp)
     old_mean_bar = put_or_zero(old_mean_bar, rows, g_all, event_ndim=1, xp=xp)
     if old_scale_bar is not None:
@@ -151,6 +152,18 @@ class Cotangents(NamedTuple):
     old_scale: Array
 
 
-def add_old_scale(cov_part: Array, mean_part: Array | None) -> Array:
-    """The old scale's cotangent: covariance part plus the mean part's, if the mean uses it."""
-    return cov_part if mean_part is None else cov_part + mean_part
+def old_scale_cotangent(
+    cov_part: Array,
+    rows: Rows | None,
+    mean_part: Array | None,
+    like: Array,
+    *,
+    event_ndim: int,
+    xp: Any,
+) -> Array:
+    """The old scale's cotangent: the covariance part, computed on ``rows`` only (zero on the
+    other rows), plus the mean part's (a whole-batch array, or ``None`` when the mean's distance
+    does not use the old scale). ``like`` gives the shape."""
+    if mean_part is None:
+        return put_or_zero(cov_part, rows, like, event_ndim=event_ndim, xp=xp)
+    return add_to(mean_part, cov_part, rows, event_ndim=event_ndim, xp=xp)

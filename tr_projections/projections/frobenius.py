@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._inputs import Problem
-from .._rows import choose, fields, from_fields, put, put_or_zero, take, take_batch
+from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import frobenius_cov, mean_distance
-from ..gaussian import Gaussian, covariance
+from ..gaussian import Gaussian, sym
 from ._core import (
     Cotangents,
-    add_old_scale,
     closed_form_tau,
     closed_form_tau_vjp,
     interpolate,
     mean_residuals,
+    old_scale_cotangent,
     project_mean,
     project_mean_vjp,
     select,
@@ -40,6 +40,7 @@ class FrobeniusResiduals(NamedTuple):
     dist: Array
     active: Array
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
+    diff: Array  # Sigma - Sigma_o (variances for diagonals)
     rows: Array | None
     row_mask: Array | None
 
@@ -61,9 +62,14 @@ def frobenius_fwd(
     # (diagonal ones are a few elementwise passes, cheaper than the gather).
     rows = choose(dist > eps_cov, xp=xp) if p.full else None
     cov, old_cov, scale = (take(x, rows, event_ndim=ev, xp=xp) for x in (cov, old_cov, p.scale))
+    diff = cov - old_cov  # kept for the VJP, symmetric
+    if p.full:
+        diff = sym(diff, xp=xp)
     dist = take(dist, rows, event_ndim=0, xp=xp)
     eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
     tau = closed_form_tau(dist, eps_cov, xp=xp)
+    # The convex combination, positive definite up to rounding however close tau is to 1
+    # (old + tau * diff is not, when the new covariance is tiny next to the old one).
     cov = interpolate(cov, old_cov, tau, event_ndim=ev, xp=xp)
     proj = xp.linalg.cholesky(cov) if p.full else xp.sqrt(cov)
     active = dist > eps_cov
@@ -71,7 +77,7 @@ def frobenius_fwd(
         select(active, proj, scale, event_ndim=ev, xp=xp), rows, p.scale, event_ndim=ev, xp=xp
     )
     res = FrobeniusResiduals(
-        tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active, proj,
+        tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active, proj, diff,
         *fields(rows),
     )  # fmt: skip
     return Gaussian(mean, scale), res
@@ -102,7 +108,7 @@ def frobenius_vjp(
     g_scale, scale, old_scale = (
         take(x, rows, event_ndim=event_ndim, xp=xp) for x in (g_scale, p.scale, p.old_scale)
     )
-    D = covariance(scale, full=full, xp=xp) - covariance(old_scale, full=full, xp=xp)
+    D = res.diff
     if full:
         cov_bar = cholesky_vjp(res.proj_scale, g_scale, xp=xp)
         tau_bar = xp.sum(cov_bar * D, axis=(-2, -1))
@@ -124,8 +130,10 @@ def frobenius_vjp(
     scale_bar = xp.where(active, scale_bar, g_scale)
     old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
     scale_bar = put(scale_bar, rows, g_all, event_ndim=event_ndim, xp=xp)
-    old_scale_bar = put_or_zero(old_scale_bar, rows, p.old_scale, event_ndim=event_ndim, xp=xp)
-    return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
+    old_scale_bar = old_scale_cotangent(
+        old_scale_bar, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
+    )
+    return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 
 __all__ = ["FrobeniusResiduals", "frobenius_fwd", "frobenius_vjp"]

@@ -21,9 +21,10 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+from .. import _compat
 from .._compat import while_loop
 from .._inputs import Problem
-from .._rows import choose, fields, from_fields, put, put_or_zero, take, take_batch
+from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import (
     KLEigs,
     kl_cov_from_eigs,
@@ -31,13 +32,14 @@ from ..distances import (
     kl_f,
     kl_h,
     kl_may_exceed,
+    kl_may_exceed_diag,
     mean_distance,
 )
 from ..gaussian import Gaussian, cholesky_of_gram, diag_embed, diagonal, mT, sym
 from ._core import (
     Cotangents,
-    add_old_scale,
     mean_residuals,
+    old_scale_cotangent,
     project_mean,
     project_mean_vjp,
     select,
@@ -52,14 +54,16 @@ Array = Any
 MAX_ITER = 100
 
 
-def _t(s: Array, lam: Array, *, xp: Any) -> Array:
+def _t(s: Array, lam: Array, *, xp: Any, e: Array | None = None) -> Array:
     r""":math:`t = 1 + \tau a = (1 - \tau) + \tau\lambda` from :math:`s = \log\tau`, the
     eigenvalues of :math:`L_o^\top\tilde\Lambda L_o`. Both terms are accurate,
     :math:`1 - \tau = -\operatorname{expm1}(s)` even when :math:`\tau` is within rounding of 1,
     so :math:`t` keeps its relative accuracy when :math:`\lambda \ll 1` (a new std far above
-    the old one, where the root has :math:`t \ll 1`)."""
-    s = s[..., None]
-    return -xp.expm1(s) + xp.exp(s) * lam
+    the old one, where the root has :math:`t \ll 1`). ``e`` is :math:`\tau` with an event
+    axis, when the caller has it."""
+    if e is None:
+        e = xp.exp(s)[..., None]
+    return e * lam - xp.expm1(s)[..., None]
 
 
 def _g_and_slope(s: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Array]:
@@ -71,10 +75,15 @@ def _g_and_slope(s: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Arr
     about :math:`4\varepsilon_{mach}/|x|`, 1e-11 even at eps = 1e-9) is enough, and its series
     is kept for float32 only.
     """
-    x = xp.exp(s)[..., None] * a
-    t = _t(s, lam, xp=xp)
+    e = xp.exp(s)[..., None]
+    x = e * a
+    t = _t(s, lam, xp=xp, e=e)
     r = x / t
-    h = kl_h(x, t, xp=xp, series=xp.finfo(a.dtype).eps > 1e-10)
+    finfo = xp.finfo(a.dtype)
+    if finfo.eps > 1e-10:
+        h = kl_h(x, t, xp=xp)
+    else:  # the direct form, sharing x / t
+        h = xp.log1p(xp.maximum(x, finfo.eps - 1.0)) - r
     return 0.5 * xp.sum(h, axis=-1), 0.5 * xp.sum(r * r, axis=-1)
 
 
@@ -92,13 +101,14 @@ def _newton_step(state: tuple, *, xp: Any) -> tuple:
     once ``f`` is known at both (``f_hi`` at ``tau = 1`` is known from the start; the Illinois
     rule halves the residual of an end kept twice), and the midpoint before that. A row is done
     when its residual ``|f|`` and its Newton step are both below ``sqrt(eps_mach)``. Working in
-    ``s`` keeps ``tau`` and ``1 - tau`` accurate at once, and no step can overflow.
+    ``s`` keeps ``tau`` and ``1 - tau`` accurate at once, and no step can overflow. Eager arrays
+    skip the fallback's arithmetic when no running row needs it (the usual case).
     """
-    s, s_lo, s_hi, f_lo, f_hi, done, a, lam, eps, ds_old, last_below = state
+    s, s_lo, s_hi, f_lo, f_hi, done, a, lam, log_eps, ds_old, last_below = state
     finfo = xp.finfo(a.dtype)
     tol = math.sqrt(finfo.eps)
     g, slope = _g_and_slope(s, a, lam, xp=xp)
-    f = xp.log(xp.maximum(g, finfo.smallest_normal)) - xp.log(eps)
+    f = xp.log(xp.maximum(g, finfo.smallest_normal)) - log_eps
     below = f <= 0
     same = below == last_below
     f_lo = xp.where(same & ~below, 0.5 * f_lo, f_lo)
@@ -110,20 +120,22 @@ def _newton_step(state: tuple, *, xp: Any) -> tuple:
     # Accept steps inside the bracket up to rounding, so a converged iterate is never thrown back.
     slack = 4.0 * finfo.eps * xp.abs(s) + finfo.smallest_normal
     inside = (step >= s_lo - slack) & (step <= s_hi + slack)
-    converged = inside & (xp.abs(ds) <= tol) & (xp.abs(f) <= tol)
-    ok = converged | (inside & (2.0 * xp.abs(ds) <= xp.abs(ds_old)))
-    span = f_hi - f_lo
-    known = (f_lo > -math.inf) & (span > 0)  # f is known at both ends and tells them apart
-    span = xp.where(known, span, xp.ones_like(f))
-    s_sec = s_lo - xp.where(known, f_lo, xp.zeros_like(f)) * (s_hi - s_lo) / span
-    fallback = xp.where(known, s_sec, 0.5 * (s_lo + s_hi))
-    new = xp.where(ok, xp.minimum(xp.maximum(step, s_lo), s_hi), fallback)
+    abs_ds = xp.abs(ds)
+    converged = inside & (abs_ds <= tol) & (xp.abs(f) <= tol)
+    ok = converged | (inside & (2.0 * abs_ds <= xp.abs(ds_old)))
+    new = xp.minimum(xp.maximum(step, s_lo), s_hi)
+    if _compat.eager_any(~(ok | done), xp=xp) is not False:
+        span = f_hi - f_lo
+        known = (f_lo > -math.inf) & (span > 0)  # f is known at both ends and tells them apart
+        span = xp.where(known, span, xp.ones_like(f))
+        s_sec = s_lo - xp.where(known, f_lo, xp.zeros_like(f)) * (s_hi - s_lo) / span
+        new = xp.where(ok, new, xp.where(known, s_sec, 0.5 * (s_lo + s_hi)))
     ds_new = new - s
     s = xp.where(done, s, new)
     ds_old = xp.where(done, ds_old, ds_new)
     last_below = xp.where(done, last_below, below)
     done = done | converged
-    return s, s_lo, s_hi, f_lo, f_hi, done, a, lam, eps, ds_old, last_below
+    return s, s_lo, s_hi, f_lo, f_hi, done, a, lam, log_eps, ds_old, last_below
 
 
 @functools.cache
@@ -159,10 +171,11 @@ def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     # so that it cannot overflow.
     corr = 1.0 + (2.0 / 3.0) * xp.sum((a2 / S[..., None]) * (tau0[..., None] * a), axis=-1)
     start = xp.minimum(xp.maximum(tau0 * xp.clip(corr, 0.5, 2.0), lo), one)
-    f_hi = xp.where(active, xp.log(xp.where(active, g1, one)) - xp.log(eps), one)
+    log_eps = xp.log(eps)
+    f_hi = xp.where(active, xp.log(xp.where(active, g1, one)) - log_eps, one)
     inf = xp.full_like(S, math.inf)
     s0 = xp.where(active, xp.log(start), zero)
-    state = (s0, xp.log(lo), zero, -inf, f_hi, ~active, a, lam, eps, inf, ~active)
+    state = (s0, xp.log(lo), zero, -inf, f_hi, ~active, a, lam, log_eps, inf, ~active)
     state = while_loop(_running, _step_for(xp), state, max_iter=MAX_ITER, check_every=1, xp=xp)
     return xp.where(active, state[0], zero)
 
@@ -194,9 +207,10 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     """The KL projection of ``p``, its weights and the residuals of its VJP.
 
     With eager arrays the covariance stages (``eigh``, the solve, the output factor) run only on
-    the rows that may be outside their bound (:mod:`._rows`): decided exactly from the
-    eigenvalues for diagonal Gaussians, and for full ones by a margin test on the trace form
-    (:func:`~tr_projections.distances.kl_may_exceed`) before any decomposition.
+    the rows that may be outside their bound (:mod:`._rows`), picked by a margin test on a cheap
+    form of the KL before the accurate one is evaluated: the direct form in the eigenvalues for
+    diagonal Gaussians (:func:`~tr_projections.distances.kl_may_exceed_diag`), the trace form
+    for full ones (:func:`~tr_projections.distances.kl_may_exceed`, before any decomposition).
     """
     xp = p.xp
     ev = 2 if p.full else 1
@@ -216,11 +230,10 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
         g1 = kl_cov_from_eigs(eigs, xp=xp)
     else:
         eigs = kl_eigs(p.scale, p.old_scale, full=False, vectors=True, xp=xp)
-        g1 = kl_cov_from_eigs(eigs, xp=xp)
-        rows = choose(g1 > eps_cov, xp=xp)
+        rows = choose(kl_may_exceed_diag(eigs, eps_cov, xp=xp), xp=xp)
         scale, old_scale = (take(x, rows, event_ndim=1, xp=xp) for x in (p.scale, p.old_scale))
         eigs = KLEigs(*(take(x, rows, event_ndim=1, xp=xp) for x in eigs[:2]), None)
-        g1 = take(g1, rows, event_ndim=0, xp=xp)
+        g1 = kl_cov_from_eigs(eigs, xp=xp)
     eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
     a, lam, U = eigs
     log_tau = solve_log_tau(eigs, g1, eps_cov, xp=xp)
@@ -319,8 +332,10 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
     scale_bar = xp.where(act, scale_bar, g_scale)
     old_scale_bar = xp.where(act, old_scale_bar, xp.zeros_like(old_scale_bar))
     scale_bar = put(scale_bar, rows, g_all, event_ndim=ev, xp=xp)
-    old_scale_bar = put_or_zero(old_scale_bar, rows, p.old_scale, event_ndim=ev, xp=xp)
-    return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
+    old_scale_bar = old_scale_cotangent(
+        old_scale_bar, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
+    )
+    return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 
 __all__ = ["KLResiduals", "kl_fwd", "kl_vjp", "solve_log_tau", "solve_tau"]

@@ -12,16 +12,16 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._inputs import Problem
-from .._rows import choose, fields, from_fields, put, put_or_zero, take, take_batch
+from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import mean_distance, wasserstein_chart
 from ..gaussian import Gaussian, cholesky_of_gram, sym
 from ._core import (
     Cotangents,
-    add_old_scale,
     closed_form_tau,
     closed_form_tau_vjp,
     interpolate,
     mean_residuals,
+    old_scale_cotangent,
     project_mean,
     project_mean_vjp,
     select,
@@ -165,8 +165,10 @@ def wasserstein_vjp(
     scale_bar = xp.where(active, scale_bar, g_scale)
     old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
     scale_bar = put(scale_bar, rows, g_all, event_ndim=event_ndim, xp=xp)
-    old_scale_bar = put_or_zero(old_scale_bar, rows, p.old_scale, event_ndim=event_ndim, xp=xp)
-    return Cotangents(m.mean, scale_bar, m.old_mean, add_old_scale(old_scale_bar, m.old_scale))
+    old_scale_bar = old_scale_cotangent(
+        old_scale_bar, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
+    )
+    return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 
 __all__ = ["WassersteinResiduals", "wasserstein_fwd", "wasserstein_vjp"]

@@ -310,7 +310,7 @@ def ratio_table(cells: list[dict[str, Any]], backends: list[str], d: int = 6) ->
     """Time of every other backend over torch's, per method, kind and batch at one ``d``."""
     if "torch" not in backends:
         return []
-    others = [b for b in backends if b != "torch" and "@" not in b]
+    others = [b for b in backends if b != "torch" and "@" not in b and "+" not in b]
     return _pair_table(cells, [(other, other, "torch") for other in others], d, "")
 
 
@@ -395,6 +395,16 @@ def render(result: dict[str, Any]) -> str:
             "are the baseline.",
             "",
             *speedups,
+            "",
+        ]
+    if "torch+env" in backends:
+        env = ", ".join(f"{k}={v}" for k, v in (s.get("variant_env") or {}).items())
+        lines += [
+            "### Speed-up of torch with the variant environment (d=6, same run)",
+            "",
+            f"torch's median time over that of `torch+env` ({env}), timed interleaved.",
+            "",
+            *_pair_table(cells, [("torch+env", "torch", "torch+env")], 6, "×"),
             "",
         ]
     ratios = ratio_table(cells, backends)

@@ -481,7 +481,7 @@ def main(argv: list[str]) -> int:
         proto.flush()
 
     try:
-        backend = make_backend(name.split("@")[0], threads)
+        backend = make_backend(name.split("@")[0].split("+")[0], threads)
         import tr_projections as trp
 
         backward_error = probe_backward(backend)

@@ -83,6 +83,9 @@ THREAD_ENV = (
 )
 PACKAGES = ("numpy", "torch", "jax", "jaxlib", "array-api-compat", "scipy", "cupy-cuda12x")
 
+#: The worker of ``--variant-env``: torch with extra environment variables.
+VARIANT = "torch+env"
+
 FULL = {
     "dims": [1, 2, 6, 17, 32],
     "batches_cpu": [1_000, 10_000, 100_000],
@@ -194,6 +197,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="which backends also run the --baseline version",
     )
     p.add_argument(
+        "--variant-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_env_pair,
+        help=f"also run torch in a worker named '{VARIANT}' with this set in its environment "
+        "(repeatable), interleaved with the plain one, and print the speed-up: e.g. glibc's "
+        "MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_",
+    )
+    p.add_argument(
         "--bound-quantile",
         type=float,
         default=BOUND_QUANTILE,
@@ -246,6 +259,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if missing:
             p.error(f"--baseline-backends {missing} are not among --backends {args.backends}")
         args.backends = args.backends + [f"{b}@{args.baseline}" for b in args.baseline_backends]
+    if args.variant_env:
+        if "torch" not in args.backends:
+            p.error("--variant-env needs the torch backend")
+        args.backends = args.backends + [VARIANT]
     return args
 
 
@@ -491,6 +508,9 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
     info: dict[str, dict] = {}
     for name in args.backends:
         source = args.baseline_src if "@" in name else None
+        extra_env = dict(args.worker_env)
+        if name == VARIANT:
+            extra_env.update(args.variant_env)
         w = Worker(
             name,
             args.threads,
@@ -498,7 +518,7 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
             args.omp_wait_policy,
             args.xla_flags,
             source,
-            dict(args.worker_env),
+            extra_env,
         )
         try:
             info[name] = w.start()
@@ -614,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             "omp_wait_policy": args.omp_wait_policy or None,
             "xla_flags": args.xla_flags or None,
             "worker_env": dict(args.worker_env) or None,
+            "variant_env": dict(args.variant_env) or None,
             "dtype": "float64",
             "methods": args.methods,
             "kinds": args.kinds,

@@ -51,3 +51,44 @@ def test_quick_benchmark_runs(tmp_path):
         key = (c["method"], c["kind"], c["d"], c["batch"])
         bounds.setdefault(key, (c["eps_mean"], c["eps_cov"]))
         assert bounds[key] == (c["eps_mean"], c["eps_cov"]), c
+
+
+@pytest.mark.skipif(not RUN.exists(), reason="benchmarks/ is not shipped with this copy")
+def test_variant_environment_runs_beside_torch(tmp_path):
+    """``--variant-env`` adds a ``torch+env`` worker timed on the same cells, and its speed-up
+    table; ``--worker-env`` and the variant's environment are recorded in the results."""
+    pytest.importorskip("torch")
+    out = tmp_path / "variant.json"
+    proc = subprocess.run(
+        [
+            sys.executable, str(RUN), "--quick", "--backends", "torch", "--methods", "kl",
+            "--kinds", "diag", "--no-memory", "--json", str(out),
+            "--variant-env", "MALLOC_MMAP_THRESHOLD_=33554432",
+            "--worker-env", "TRP_CHECKS=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### Speed-up of torch with the variant environment" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["backends"]) == {"torch", "torch+env"}
+    assert result["settings"]["variant_env"] == {"MALLOC_MMAP_THRESHOLD_": "33554432"}
+    assert result["settings"]["worker_env"] == {"TRP_CHECKS": "1"}
+    variant = [c for c in result["cells"] if c["backend"] == "torch+env" and c["status"] == "ok"]
+    plain = [c for c in result["cells"] if c["backend"] == "torch" and c["status"] == "ok"]
+    assert variant and len(variant) == len(plain)
+
+
+def test_worker_env_must_be_key_value():
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--worker-env", "NOEQUALS"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "expected KEY=VALUE" in proc.stderr

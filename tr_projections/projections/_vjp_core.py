@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import _compat
 from .._compat import solve_triangular
 from ..gaussian import diag_embed, diagonal, mT, sym
 
@@ -25,8 +26,15 @@ Array = Any
 
 
 def tril(x: Array, *, xp: Any) -> Array:
-    """Lower triangle (diagonal included) of a batch of square matrices."""
-    return xp.tril(x)
+    """Lower triangle (diagonal included) of a batch of square matrices.
+
+    A ``where`` with one ``(d, d)`` mask: the same values as ``xp.tril``, which torch runs about
+    twice as slowly on a batch of small matrices."""
+    x = xp.asarray(x)  # (an incoming NumPy cotangent under JAX: the mask needs x's device)
+    d = x.shape[-1]
+    dev = _compat.device(x)
+    mask = xp.tril(xp.ones((d, d), dtype=xp.bool, device=dev))
+    return xp.where(mask, x, xp.zeros((), dtype=x.dtype, device=dev))
 
 
 def solve_lower(L: Array, B: Array, *, xp: Any) -> Array:

@@ -14,6 +14,7 @@ bounds.
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import math
 import os
@@ -181,9 +182,16 @@ class NumpyLike(Backend):
         else:
             ct = trp.Gaussian(*(self.to(g) for g in cotangents))
 
+            # The new policy's cotangents only, as torch and JAX are asked for (the old policy
+            # is a constant); a baseline without `wrt` computes all four.
+            wrt: dict[str, Any] = {}
+
             def call():
                 _, vjp_fn = trp.vjp(trp.project, *x, **kw)
-                return vjp_fn(ct)
+                if not wrt:
+                    has = "wrt" in inspect.signature(vjp_fn).parameters
+                    wrt["kw"] = {"wrt": ("mean", "scale")} if has else {}
+                return vjp_fn(ct, **wrt["kw"])
 
         return Prepared(call, self._sync)
 

@@ -414,3 +414,33 @@ def test_adapters_are_imported_only_for_their_library():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("kind", ["diag", "full"])
+@pytest.mark.parametrize("method", ["kl", "frobenius", "wasserstein"])
+def test_vjp_wrt_new_policy_only(method, kind):
+    """``vjp_fn(g, wrt=("mean", "scale"))`` returns exactly the first two cotangents of the full
+    VJP and ``None`` for the old policy (whose part of the VJP is skipped)."""
+    case = make_case(31, method, kind == "full", d=3, batch=(6,), states="mixed")
+    _, vjp_fn = trp.vjp(case.fn, *case.args, **case.kwargs)
+    rng = np.random.default_rng(2)
+    g = trp.Gaussian(
+        rng.standard_normal(case.args[0].shape), rng.standard_normal(case.args[1].shape)
+    )
+    every = vjp_fn(g)
+    some = vjp_fn(g, wrt=("mean", "scale"))
+    assert some.old_mean is None and some.old_scale is None
+    np.testing.assert_array_equal(some.mean, every.mean)
+    np.testing.assert_array_equal(some.scale, every.scale)
+    only_scale = vjp_fn(g, wrt="scale")
+    assert only_scale.mean is None and only_scale.old_mean is None
+    np.testing.assert_array_equal(only_scale.scale, every.scale)
+
+
+@pytest.mark.parametrize("wrt", [("mean", "sigma"), (1,), "old"])
+def test_vjp_wrt_names_arguments(wrt):
+    case = make_case(32, "kl", False, d=2, batch=(3,))
+    _, vjp_fn = trp.vjp(case.fn, *case.args, **case.kwargs)
+    g = trp.Gaussian(np.ones(case.args[0].shape), np.ones(case.args[1].shape))
+    with pytest.raises(ValueError, match="`wrt` must name arguments"):
+        vjp_fn(g, wrt=wrt)

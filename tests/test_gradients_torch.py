@@ -88,6 +88,37 @@ def test_backward_equalsnumpy_vjp(method, kind):
     assert_cotangents_close(got, numpy_vjp(case, g))
 
 
+@pytest.mark.parametrize("states", ["mixed", "active"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_constant_old_policy_skips_its_cotangents(method, kind, states, monkeypatch):
+    """With the old policy a constant (the usual case in training) only the new policy's
+    cotangents are computed, and they equal the NumPy ``trp.vjp`` ones; the VJP is told so."""
+    from tr_projections.backends import _common
+
+    case = make_case(24, method, kind == "full", d=3, batch=(5,), states=states)
+    args, kwargs = _tensors(case, requires_grad=False)
+    mean, scale = (a.detach().requires_grad_(True) for a in args[:2])
+    seen = []
+    real = _common.backward
+
+    def spy(kind_, arrays, res, cots, options, needs=None):
+        seen.append(tuple(needs))
+        return real(kind_, arrays, res, cots, options, needs)
+
+    rng = np.random.default_rng(1)
+    shapes = (case.args[0].shape, case.args[1].shape)
+    g = tuple(rng.standard_normal(shape) for shape in shapes)
+    want = numpy_vjp(case, g)
+    monkeypatch.setattr(_common, "backward", spy)
+    out = case.fn(mean, scale, args[2], args[3], **kwargs)
+    loss = (out.mean * torch.tensor(g[0])).sum() + (out.scale * torch.tensor(g[1])).sum()
+    loss.backward()
+    assert seen == [(True, True, False, False)]
+    assert args[2].grad is None and args[3].grad is None
+    assert_cotangents_close([mean.grad.numpy(), scale.grad.numpy()], want[:2])
+
+
 def test_trp_vjp_on_tensors_leaves_no_graph():
     case = make_case(23, "kl", True, d=2)
     args, kwargs = _tensors(case)

@@ -61,16 +61,26 @@ def take(x: Array, rows: Rows | None, *, event_ndim: int, xp: Any) -> Array:
     return xp.take(xp.reshape(x, (-1,) + event), rows.index, axis=0)
 
 
-def put(sub: Array, rows: Rows | None, default: Array, *, event_ndim: int, xp: Any) -> Array:
-    """``default`` (full batch) with ``rows`` replaced by ``sub`` (one entry per selected row)."""
+def put(
+    sub: Array,
+    rows: Rows | None,
+    default: Array,
+    *,
+    event_ndim: int,
+    xp: Any,
+    owned: bool = False,
+) -> Array:
+    """``default`` (full batch) with ``rows`` replaced by ``sub`` (one entry per selected row).
+    A new array, unless ``owned`` says ``default`` is the caller's own temporary: then it may be
+    written and returned (NumPy, CuPy, torch)."""
     if rows is None:
         return sub
     if rows.index.shape[0] == 0:
-        return xp.asarray(default, copy=True)  # a new array, as on every other path
+        return default if owned else xp.asarray(default, copy=True)  # new, as on every path
     shape = tuple(default.shape)
     event = shape[len(shape) - event_ndim :]
     flat_default = xp.reshape(default, (-1,) + event)
-    out = _compat.put_rows(flat_default, rows.index, rows.mask, sub, xp=xp)
+    out = _compat.put_rows(flat_default, rows.index, rows.mask, sub, xp=xp, owned=owned)
     return xp.reshape(out, shape)
 
 
@@ -86,20 +96,29 @@ def put_or_zero(sub: Array, rows: Rows | None, like: Array, *, event_ndim: int, 
     """:func:`put` into zeros of ``like``'s shape (a cotangent that vanishes off the rows)."""
     if rows is None:
         return sub
-    return put(sub, rows, xp.zeros_like(like), event_ndim=event_ndim, xp=xp)
+    return put(sub, rows, xp.zeros_like(like), event_ndim=event_ndim, xp=xp, owned=True)
 
 
-def add_to(base: Array, sub: Array, rows: Rows | None, *, event_ndim: int, xp: Any) -> Array:
+def add_to(
+    base: Array,
+    sub: Array,
+    rows: Rows | None,
+    *,
+    event_ndim: int,
+    xp: Any,
+    owned: bool = False,
+) -> Array:
     """``base`` (full batch) plus ``sub`` on ``rows`` (``base + sub`` when every row is used);
-    a new array, ``base`` is not written."""
+    a new array, unless ``owned`` (as for :func:`put`)."""
     if rows is None:
         return base + sub
     if rows.index.shape[0] == 0:
-        return xp.asarray(base, copy=True)
+        return base if owned else xp.asarray(base, copy=True)
     shape = tuple(base.shape)
     event = shape[len(shape) - event_ndim :]
     flat = xp.reshape(base, (-1,) + event)
-    return xp.reshape(_compat.add_rows(flat, rows.index, rows.mask, sub, xp=xp), shape)
+    out = _compat.add_rows(flat, rows.index, rows.mask, sub, xp=xp, owned=owned)
+    return xp.reshape(out, shape)
 
 
 __all__ = [

@@ -39,6 +39,18 @@ def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
     return adapter.apply(kind, arrays, bounds, options)
 
 
+def _needs(wrt: Any, names: tuple[str, ...]) -> tuple[bool, ...]:
+    """One flag per array argument: whether ``wrt`` (``None``: all, else argument names) asks
+    for its cotangent."""
+    if wrt is None:
+        return (True,) * len(names)
+    wanted = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+    unknown = [w for w in wanted if w not in names]
+    if unknown or not all(isinstance(w, str) for w in wanted):
+        raise ValueError(f"`wrt` must name arguments among {list(names)}, got {wrt!r}")
+    return tuple(n in wanted for n in names)
+
+
 def _bind(fn: Callable, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, dict]:
     """``(kind, arrays, bounds, options)`` of a call ``fn(*args, **kwargs)`` of a public
     projection function."""
@@ -101,7 +113,10 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
     arguments in the caller's library, shapes and dtypes: ``(mean, scale, old_mean, old_scale)``
     for projections, ``(scale,)`` for the entropy projection. Bounds are constants.
     :func:`~tr_projections.trust_region_loss` works too: its cotangent is an array of the batch
-    shape, and the cotangents of its projected arguments are zero.
+    shape, and the cotangents of its projected arguments are zero. ``vjp_fn(cotangent,
+    wrt=("mean", "scale"))`` computes only the cotangents of the named arguments and returns
+    ``None`` for the others: with a constant old policy, the usual case in training, the old
+    policy's part of the VJP is skipped (as torch's autograd does by itself).
 
     Works for every array library (NumPy, CuPy, array-api-strict, PyTorch, JAX) with the same
     hand-written VJPs that the torch and JAX adapters register. Cotangents of full (Cholesky)
@@ -128,7 +143,8 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
     arrays = tuple(_compat.stop_gradient(x, xp=xp) for x in arrays)
     outs, res = forward(kind, arrays, bounds, options)
 
-    def vjp_fn(cotangent: Any) -> tuple:
+    def vjp_fn(cotangent: Any, *, wrt: Any = None) -> tuple:
+        needs = _needs(wrt, op.arg_names)
         if op.n_out == 1:
             cots = tuple(cotangent) if isinstance(cotangent, (tuple, list)) else (cotangent,)
         else:
@@ -137,7 +153,7 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
             raise ValueError(
                 f"the cotangent must match the output: {op.n_out} array(s), got {len(cots)}"
             )
-        grads = backward(kind, arrays, res, cots, options)
+        grads = backward(kind, arrays, res, cots, options, needs)
         return Cotangents(*grads) if op.n_out == 2 else grads
 
     if op.n_out == 2:

@@ -37,7 +37,7 @@ class Operation(NamedTuple):
     n_out: int
     residuals: type
     forward: Callable[[tuple, tuple, dict], tuple[tuple, Any]]
-    backward: Callable[[tuple, Any, tuple, dict], tuple]
+    backward: Callable[[tuple, Any, tuple, dict, tuple], tuple]
     bound_names: tuple[str, ...] = ()
 
 
@@ -60,11 +60,11 @@ def _projection(fwd: Callable, vjp: Callable, residuals: type) -> Operation:
         out, res = fwd(p, eps_mean, eps_cov, **options)
         return tuple(out), res
 
-    def backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
+    def backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs: tuple) -> tuple:
         p = prepare(*arrays, check_values=False)  # checked by the forward already
         g_mean = _cotangent(cots[0], p.mean, xp=p.xp)
         g_scale = _cotangent(cots[1], p.scale, xp=p.xp)
-        return tuple(vjp(p, res, g_mean, g_scale, **options))
+        return tuple(vjp(p, res, g_mean, g_scale, old=needs[2] or needs[3], **options))
 
     return Operation(PROJECTION_ARGS, 2, residuals, forward, backward, ("eps_mean", "eps_cov"))
 
@@ -74,7 +74,7 @@ def _entropy_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple
     return (out,), res
 
 
-def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
+def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs: tuple) -> tuple:
     scale = arrays[0]
     g = _cotangent(cots[0], scale, xp=namespace_of({"scale": scale}))
     return (entropy_vjp(scale, res, g, **options),)
@@ -85,7 +85,7 @@ def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, A
     return (out,), res
 
 
-def _loss_backward(arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
+def _loss_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs: tuple) -> tuple:
     p = prepare(*arrays, check_values=False, names=LOSS_ARGS)
     g = _cotangent(cots[0], p.mean[..., 0], xp=p.xp)
     return loss_vjp(p, res, g, **options)
@@ -121,13 +121,22 @@ def unbroadcast(x: Array, like: Array, *, xp: Any) -> Array:
     return x
 
 
-def backward(kind: str, arrays: tuple, res: Any, cots: tuple, options: dict) -> tuple:
+def backward(
+    kind: str, arrays: tuple, res: Any, cots: tuple, options: dict, needs: tuple | None = None
+) -> tuple:
     """Cotangents of the raw ``arrays`` (their shapes and dtypes) of operation ``kind``.
 
-    ``cots`` holds one cotangent per output (``None`` for zero). The one place where
+    ``cots`` holds one cotangent per output (``None`` for zero). ``needs`` (one flag per array,
+    default all) says which cotangents are wanted: the others come back as ``None``, and a
+    projection skips the old policy's part of its VJP when neither of the old arrays is wanted
+    (the usual case in training, where the old policy is a constant). The one place where
     cotangents are summed over broadcast axes and cast back, for every adapter.
     """
     op = OPERATIONS[kind]
+    needs = (True,) * len(arrays) if needs is None else tuple(bool(n) for n in needs)
     xp = namespace_of(dict(zip(op.arg_names, arrays, strict=True)))
-    grads = op.backward(arrays, res, tuple(cots), options)
-    return tuple(unbroadcast(g, x, xp=xp) for g, x in zip(grads, arrays, strict=True))
+    grads = op.backward(arrays, res, tuple(cots), options, needs)
+    return tuple(
+        unbroadcast(g, x, xp=xp) if need else None
+        for g, x, need in zip(grads, arrays, needs, strict=True)
+    )

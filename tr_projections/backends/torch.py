@@ -6,7 +6,9 @@ requires; ``generate_vmap_rule`` lets ``torch.func.vmap`` batch forward and back
 ``torch.func`` transforms the KL solver cannot read its convergence mask and runs its fixed
 iteration cap; under ``torch.compile`` its loop is a graph break and runs eagerly with its early
 exit (see :func:`tr_projections._compat.while_loop`). Gradients are first order: ``backward`` is
-``once_differentiable``, so a double backward raises instead of silently missing terms.
+``once_differentiable``, so a double backward raises instead of silently missing terms. Only the
+cotangents autograd asks for are computed (``ctx.needs_input_grad``): with a constant old policy,
+the usual case in training, the old policy's part of the VJP is skipped.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class _Operation(torch.autograd.Function):
         arrays = saved[: ctx.n_arrays]
         it = iter(saved[ctx.n_arrays :])
         res = op.residuals._make(None if m else next(it) for m in ctx.missing)
-        cots = _common.backward(kind, arrays, res, grads[: op.n_out], dict(options))
+        needs = ctx.needs_input_grad[1 + n_bounds :]
+        cots = _common.backward(kind, arrays, res, grads[: op.n_out], dict(options), needs)
         return (None,) * (1 + n_bounds) + tuple(cots)
 
 

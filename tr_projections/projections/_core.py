@@ -43,10 +43,17 @@ def select(active: Array, projected: Array, original: Array, *, event_ndim: int,
 def project_mean(
     mean: Array, old_mean: Array, dist: Array, eps: Array, *, xp: Any
 ) -> tuple[Array, Array]:
-    """The mean part of every projection: closed-form interpolation in the chart ``mean``."""
+    """The mean part of every projection: closed-form interpolation in the chart ``mean``, on
+    the active rows only with eager arrays (:mod:`.._rows`)."""
     tau = closed_form_tau(dist, eps, xp=xp)
-    out = interpolate(mean, old_mean, tau, event_ndim=1, xp=xp)
-    return select(dist > eps, out, mean, event_ndim=1, xp=xp), tau
+    active = dist > eps
+    rows = choose(active, xp=xp)
+    if rows is None:
+        out = interpolate(mean, old_mean, tau, event_ndim=1, xp=xp)
+        return select(active, out, mean, event_ndim=1, xp=xp), tau
+    mean_r, old_r = (take(x, rows, event_ndim=1, xp=xp) for x in (mean, old_mean))
+    out = interpolate(mean_r, old_r, take(tau, rows, event_ndim=0, xp=xp), event_ndim=1, xp=xp)
+    return put(out, rows, mean, event_ndim=1, xp=xp), tau
 
 
 class MeanResiduals(NamedTuple):
@@ -76,7 +83,8 @@ def closed_form_tau_vjp(
 
 
 class MeanCotangents(NamedTuple):
-    """Cotangents from the mean part; ``old_scale`` is ``None`` when the distance ignores it."""
+    """Cotangents from the mean part; ``old_scale`` is ``None`` when the distance ignores it,
+    and both old ones are ``None`` when they were not asked for."""
 
     mean: Array
     old_mean: Array
@@ -94,6 +102,7 @@ def project_mean_vjp(
     scale_prec: bool,
     full: bool,
     xp: Any,
+    old: bool = True,
 ) -> MeanCotangents:
     r"""VJP of :func:`project_mean` for the distance ``coef`` times Mahalanobis (``scale_prec``)
     or squared Euclidean.
@@ -104,7 +113,8 @@ def project_mean_vjp(
     \bar\delta`. With :math:`z = L_o^{-1}\delta`, :math:`d = c\,z^\top z` gives
     :math:`\partial d/\partial\delta = 2c L_o^{-\top} z` and
     :math:`\bar L_o = -2c\,\bar d\,\operatorname{tril}(L_o^{-\top} z z^\top)`.
-    Inactive rows pass :math:`\bar g` to the mean and nothing to the old policy.
+    Inactive rows pass :math:`\bar g` to the mean and nothing to the old policy. Without
+    ``old`` the old policy's cotangents are not computed (``None``).
     """
     # Eager arrays: the active rows only (:mod:`.._rows`), where no row needs masking.
     rows = choose(res.active, xp=xp)
@@ -115,7 +125,7 @@ def project_mean_vjp(
     dist_bar = closed_form_tau_vjp(xp.sum(g * delta, axis=-1), tau, dist, active, xp=xp)
     # dd/ddelta = 2 coef w with w = Lambda_o delta (or delta itself): k w, k = 2 coef dist_bar.
     k = (2.0 * coef) * dist_bar[..., None]
-    old_scale_bar = None
+    old_scale_bar = old_mean_bar = None
     if not scale_prec:
         w = delta
     elif full:
@@ -123,20 +133,25 @@ def project_mean_vjp(
         z = solve_lower(old_scale, delta[..., None], xp=xp)
         w_col = solve_lower_t(old_scale, z, xp=xp)  # (..., d, 1)
         w = w_col[..., 0]
-        old_scale_bar = tril(-k[..., None] * xp.matmul(w_col, xp.matrix_transpose(z)), xp=xp)
+        if old:
+            old_scale_bar = tril(-k[..., None] * xp.matmul(w_col, xp.matrix_transpose(z)), xp=xp)
     else:
         old_scale = take(old_scale, rows, event_ndim=1, xp=xp)
         z = delta / old_scale
         w = z / old_scale
-        old_scale_bar = -k * (z * w)
+        if old:
+            old_scale_bar = -k * (z * w)
     mean_bar = tau[..., None] * g + k * w
-    old_mean_bar = g - mean_bar
+    if old:
+        old_mean_bar = g - mean_bar
     if rows is None:  # every row, inactive ones included: they pass g to the mean
         act = active[..., None]
         mean_bar = xp.where(act, mean_bar, g)
-        old_mean_bar = xp.where(act, old_mean_bar, xp.zeros_like(g))
+        if old:
+            old_mean_bar = xp.where(act, old_mean_bar, xp.zeros_like(g))
     mean_bar = put(mean_bar, rows, g_all, event_ndim=1, xp=xp)
-    old_mean_bar = put_or_zero(old_mean_bar, rows, g_all, event_ndim=1, xp=xp)
+    if old:
+        old_mean_bar = put_or_zero(old_mean_bar, rows, g_all, event_ndim=1, xp=xp)
     if old_scale_bar is not None:
         ev = 2 if full else 1
         old_scale_bar = put_or_zero(old_scale_bar, rows, old_scale_all, event_ndim=ev, xp=xp)
@@ -144,7 +159,8 @@ def project_mean_vjp(
 
 
 class Cotangents(NamedTuple):
-    """Cotangents of the four inputs of a projection, in the broadcast batch shape."""
+    """Cotangents of the four inputs of a projection, in the broadcast batch shape (the old
+    policy's are ``None`` when they were not asked for)."""
 
     mean: Array
     scale: Array
@@ -166,4 +182,5 @@ def old_scale_cotangent(
     does not use the old scale). ``like`` gives the shape."""
     if mean_part is None:
         return put_or_zero(cov_part, rows, like, event_ndim=event_ndim, xp=xp)
-    return add_to(mean_part, cov_part, rows, event_ndim=event_ndim, xp=xp)
+    # (mean_part is a fresh array of the mean part's VJP: the rows are added in place)
+    return add_to(mean_part, cov_part, rows, event_ndim=event_ndim, xp=xp, owned=True)

@@ -84,7 +84,13 @@ def frobenius_fwd(
 
 
 def frobenius_vjp(
-    p: Problem, res: FrobeniusResiduals, g_mean: Array, g_scale: Array, *, scale_prec: bool = True
+    p: Problem,
+    res: FrobeniusResiduals,
+    g_mean: Array,
+    g_scale: Array,
+    *,
+    scale_prec: bool = True,
+    old: bool = True,
 ) -> Cotangents:
     r"""Cotangents of ``(mean, scale, old_mean, old_scale)`` of :func:`frobenius_fwd`.
 
@@ -93,12 +99,13 @@ def frobenius_vjp(
     :math:`\bar d = \langle\bar{\tilde\Sigma}, D\rangle\,\partial\tau/\partial d` and
     :math:`\bar D = \tau\bar{\tilde\Sigma} + 2\bar d D`, so :math:`\bar\Sigma = \bar D` and
     :math:`\bar\Sigma_o = \bar{\tilde\Sigma} - \bar D`, then :math:`\Sigma = LL^\top` back to the
-    scales. Inactive rows pass ``g_scale`` through unchanged.
+    scales. Inactive rows pass ``g_scale`` through unchanged. Without ``old`` the old policy's
+    cotangents are skipped (``None``).
     """
     xp, full = p.xp, p.full
     m = project_mean_vjp(
         g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
-        coef=1.0, scale_prec=scale_prec, full=full, xp=xp,
+        coef=1.0, scale_prec=scale_prec, full=full, xp=xp, old=old,
     )  # fmt: skip
     event_ndim = 2 if full else 1
     rows = from_fields(res.rows, res.row_mask)
@@ -119,17 +126,22 @@ def frobenius_vjp(
     D_bar = (
         expand(res.tau, event_ndim, xp=xp) * cov_bar + 2.0 * expand(dist_bar, event_ndim, xp=xp) * D
     )
-    old_bar = cov_bar - D_bar
     if full:
         scale_bar = gram_vjp(D_bar, scale, xp=xp)
-        old_scale_bar = gram_vjp(old_bar, old_scale, xp=xp)
     else:
         scale_bar = 2.0 * D_bar * scale
-        old_scale_bar = 2.0 * old_bar * old_scale
     active = expand(res.active, event_ndim, xp=xp)
-    scale_bar = xp.where(active, scale_bar, g_scale)
+    scale_bar = put(
+        xp.where(active, scale_bar, g_scale), rows, g_all, event_ndim=event_ndim, xp=xp, owned=full
+    )
+    if not old:
+        return Cotangents(m.mean, scale_bar, None, None)
+    old_bar = cov_bar - D_bar
+    if full:
+        old_scale_bar = gram_vjp(old_bar, old_scale, xp=xp)
+    else:
+        old_scale_bar = 2.0 * old_bar * old_scale
     old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
-    scale_bar = put(scale_bar, rows, g_all, event_ndim=event_ndim, xp=xp)
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
     )

@@ -256,7 +256,9 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     return Gaussian(mean, out), res
 
 
-def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotangents:
+def kl_vjp(
+    p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array, *, old: bool = True
+) -> Cotangents:
     r"""Cotangents of ``(mean, scale, old_mean, old_scale)`` of :func:`kl_fwd`, by the implicit
     function theorem on :math:`g(\tau, \Lambda, \Lambda_o) = \epsilon_\Sigma`.
 
@@ -277,12 +279,13 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
     :math:`V^\top\Lambda_oV = I`, :math:`V^\top\Lambda V = \operatorname{diag}(1 + a)` and
     :math:`G, M` and the two cotangents are diagonal up to :math:`\bar{\tilde\Sigma}`;
     back in scales it takes triangular solves with :math:`L_o` only. Diagonal Gaussians are the
-    same with :math:`U = I`, elementwise. Inactive rows pass ``g_scale`` through.
+    same with :math:`U = I`, elementwise. Inactive rows pass ``g_scale`` through. Without
+    ``old`` the old policy's cotangents are skipped (``None``).
     """
     xp, full = p.xp, p.full
     m = project_mean_vjp(
         g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
-        coef=0.5, scale_prec=True, full=full, xp=xp,
+        coef=0.5, scale_prec=True, full=full, xp=xp, old=old,
     )  # fmt: skip
     a, lam, tau, active = res.a, res.lam, res.tau, res.active
     rows = from_fields(res.rows, res.row_mask)
@@ -308,17 +311,18 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
         k = kappa[..., None]
         H = G - diag_embed(k * m_eig, xp=xp)
         prec_bar = tau[..., None, None] * H
-        old_prec_bar = (1.0 - tau[..., None, None]) * H + diag_embed(
-            (0.5 * k) * tau_e * a / t, xp=xp
-        )
         # Sigma_bar = -Lambda Lambda_bar Lambda = -L_o^-T U [lam Lhat lam] U^T L_o^-1, then
         # L_bar = tril(2 Sigma_bar L); and Sigma_o_bar = -L_o^-T U Lhat_o U^T L_o^-1.
         Ut = mT(U, xp=xp)
         Y = xp.matmul(xp.matmul(U, lam[..., :, None] * prec_bar * lam[..., None, :]), Ut)
         Y = solve_lower_t(L_o, sym(Y, xp=xp), xp=xp)
         scale_bar = tril(-2.0 * xp.matmul(Y, solve_lower(L_o, L, xp=xp)), xp=xp)
-        Y_o = sym(xp.matmul(xp.matmul(U, old_prec_bar), Ut), xp=xp)
-        old_scale_bar = tril(-2.0 * solve_lower_t(L_o, Y_o, xp=xp), xp=xp)
+        if old:
+            old_prec_bar = (1.0 - tau[..., None, None]) * H + diag_embed(
+                (0.5 * k) * tau_e * a / t, xp=xp
+            )
+            Y_o = sym(xp.matmul(xp.matmul(U, old_prec_bar), Ut), xp=xp)
+            old_scale_bar = tril(-2.0 * solve_lower_t(L_o, Y_o, xp=xp), xp=xp)
         event_ndim = 2
     else:
         # sigma~ = sigma_o / sqrt(t): t_bar = -g sigma~ / (2t); a_i = sigma_o^2/sigma^2 - 1.
@@ -326,12 +330,16 @@ def kl_vjp(p: Problem, res: KLResiduals, g_mean: Array, g_scale: Array) -> Cotan
         kappa = xp.sum(t_bar * a, axis=-1) / dg_dtau
         a_bar = tau_e * t_bar - kappa[..., None] * tau_e * m_eig
         scale_bar = -2.0 * a_bar * lam / scale
-        old_scale_bar = g_scale / xp.sqrt(t) + 2.0 * a_bar * lam / old_scale
+        if old:
+            old_scale_bar = g_scale / xp.sqrt(t) + 2.0 * a_bar * lam / old_scale
         event_ndim = 1
     act = expand(active, event_ndim, xp=xp)
-    scale_bar = xp.where(act, scale_bar, g_scale)
+    scale_bar = put(
+        xp.where(act, scale_bar, g_scale), rows, g_all, event_ndim=ev, xp=xp, owned=full
+    )
+    if not old:
+        return Cotangents(m.mean, scale_bar, None, None)
     old_scale_bar = xp.where(act, old_scale_bar, xp.zeros_like(old_scale_bar))
-    scale_bar = put(scale_bar, rows, g_all, event_ndim=ev, xp=xp)
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
     )

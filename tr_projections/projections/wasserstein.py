@@ -99,7 +99,13 @@ def wasserstein_fwd(
 
 
 def wasserstein_vjp(
-    p: Problem, res: WassersteinResiduals, g_mean: Array, g_scale: Array, *, scale_prec: bool = True
+    p: Problem,
+    res: WassersteinResiduals,
+    g_mean: Array,
+    g_scale: Array,
+    *,
+    scale_prec: bool = True,
+    old: bool = True,
 ) -> Cotangents:
     r"""Cotangents of ``(mean, scale, old_mean, old_scale)`` of :func:`wasserstein_fwd`.
 
@@ -113,12 +119,12 @@ def wasserstein_vjp(
     :math:`\partial d/\partial S_o = -2\operatorname{sym}(RES R)` (unscaled: :math:`\pm 2\Delta`).
     The symmetric-root VJP in each eigenbasis and :math:`\Sigma = LL^\top` lead back to the
     scales. Diagonal Gaussians: the same, elementwise, with :math:`S = \sigma`. Inactive rows pass
-    ``g_scale`` through.
+    ``g_scale`` through. Without ``old`` the old policy's cotangents are skipped (``None``).
     """
     xp, full = p.xp, p.full
     m = project_mean_vjp(
         g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
-        coef=1.0, scale_prec=scale_prec, full=full, xp=xp,
+        coef=1.0, scale_prec=scale_prec, full=full, xp=xp, old=old,
     )  # fmt: skip
     event_ndim = 2 if full else 1
     axes = (-2, -1) if full else (-1,)
@@ -126,9 +132,9 @@ def wasserstein_vjp(
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale
-    g_scale, scale, old_scale = (
-        take(x, rows, event_ndim=event_ndim, xp=xp) for x in (g_scale, p.scale, p.old_scale)
-    )
+    g_scale, scale = (take(x, rows, event_ndim=event_ndim, xp=xp) for x in (g_scale, p.scale))
+    # (full: the old factor is needed only for the old policy's cotangent)
+    old_scale = take(p.old_scale, rows, event_ndim=event_ndim, xp=xp) if old or not full else None
     if full:
         root_bar = square_vjp(res.proj_root, cholesky_vjp(res.proj_scale, g_scale, xp=xp), xp=xp)
         root, old_root = res.root, res.old_root
@@ -148,23 +154,30 @@ def wasserstein_vjp(
         R = res.old_root_inv
         RE = xp.matmul(R, xp.matmul(R, delta))
         d_root = 2.0 * sym(RE, xp=xp)
-        d_old = -2.0 * sym(xp.matmul(xp.matmul(RE, root), R), xp=xp)
+        if old:
+            d_old = -2.0 * sym(xp.matmul(xp.matmul(RE, root), R), xp=xp)
     else:
         r = delta / old_root
         d_root = 2.0 * r / old_root
         d_old = -d_root * root / old_root
     bar = tau * root_bar + dist_bar * d_root
+    del d_root, delta  # batch-sized temporaries: free them before the root VJPs
+    if not old:
+        del root_bar
+    scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, bar, xp=xp), scale, xp=xp) if full else bar
+    active = expand(res.active, event_ndim, xp=xp)
+    scale_bar = put(
+        xp.where(active, scale_bar, g_scale), rows, g_all, event_ndim=event_ndim, xp=xp, owned=full
+    )
+    if not old:
+        return Cotangents(m.mean, scale_bar, None, None)
     old_bar = (1.0 - tau) * root_bar + dist_bar * d_old
     if full:
-        scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, bar, xp=xp), scale, xp=xp)
         old_bar = sqrtm_vjp(res.old_U, res.old_s, old_bar, xp=xp)
         old_scale_bar = gram_vjp(old_bar, old_scale, xp=xp)
     else:
-        scale_bar, old_scale_bar = bar, old_bar
-    active = expand(res.active, event_ndim, xp=xp)
-    scale_bar = xp.where(active, scale_bar, g_scale)
+        old_scale_bar = old_bar
     old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
-    scale_bar = put(scale_bar, rows, g_all, event_ndim=event_ndim, xp=xp)
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
     )

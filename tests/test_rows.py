@@ -21,6 +21,27 @@ PROJECTIONS = {
 }
 #: The modules that select rows (each imported ``choose`` by name).
 USERS = (gaussian, _core, frobenius, kl, wasserstein)
+
+
+@pytest.fixture(autouse=True)
+def _select_rows_in_small_batches(monkeypatch):
+    """The batches here are small: let elementwise stages select rows too, so that their
+    row-selected path is what is compared with the whole batch."""
+    monkeypatch.setattr(rows_mod, "MIN_ROWS_ELEMENTWISE", 0)
+
+
+def test_elementwise_stages_select_rows_only_in_large_batches(monkeypatch):
+    import array_api_compat.numpy as xp
+
+    monkeypatch.setattr(rows_mod, "MIN_ROWS_ELEMENTWISE", 100)
+    small = np.arange(99) % 3 == 0
+    large = np.arange(100) % 3 == 0
+    assert rows_mod.choose(small, xp=xp, elementwise=True) is None
+    assert rows_mod.choose(small, xp=xp) is not None
+    rows = rows_mod.choose(large, xp=xp, elementwise=True)
+    assert rows is not None and rows.index.tolist() == np.flatnonzero(large).tolist()
+
+
 DISTANCES = {"kl": trp.kl, "frobenius": trp.frobenius, "wasserstein": trp.wasserstein}
 
 
@@ -81,7 +102,7 @@ def test_selected_rows_match_the_whole_batch(backend, method, kind, quantile, mo
         g[1] = np.tril(g[1])
     selected = _run(backend, method, args, eps, g)
     for mod in USERS:  # every row, as under tracing
-        monkeypatch.setattr(mod, "choose", lambda mask, *, xp: None)
+        monkeypatch.setattr(mod, "choose", lambda mask, *, xp, elementwise=False: None)
     whole = _run(backend, method, args, eps, g)
     for name, a, b in zip(("mean", "scale", "g_mean", "g_scale", "g_old_mean", "g_old_scale"),
                           selected, whole, strict=True):  # fmt: skip

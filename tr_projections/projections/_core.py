@@ -47,7 +47,7 @@ def project_mean(
     the active rows only with eager arrays (:mod:`.._rows`)."""
     tau = closed_form_tau(dist, eps, xp=xp)
     active = dist > eps
-    rows = choose(active, xp=xp)
+    rows = choose(active, xp=xp, elementwise=True)
     if rows is None:
         out = interpolate(mean, old_mean, tau, event_ndim=1, xp=xp)
         return select(active, out, mean, event_ndim=1, xp=xp), tau
@@ -117,7 +117,7 @@ def project_mean_vjp(
     ``old`` the old policy's cotangents are not computed (``None``).
     """
     # Eager arrays: the active rows only (:mod:`.._rows`), where no row needs masking.
-    rows = choose(res.active, xp=xp)
+    rows = choose(res.active, xp=xp, elementwise=not (full and scale_prec))
     g_all, old_scale_all = g, old_scale
     g, mean, old_mean = (take(x, rows, event_ndim=1, xp=xp) for x in (g, mean, old_mean))
     tau, dist, active = (take(x, rows, event_ndim=0, xp=xp) for x in res)

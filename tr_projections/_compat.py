@@ -128,49 +128,43 @@ def qr_r(a: Array, *, xp: Namespace) -> Array:
 
 
 def put_rows(
-    default: Array, index: Array, mask: Array, sub: Array, *, xp: Namespace, owned: bool = False
+    default: Array,
+    index: Array,
+    mask: Array,
+    sub: Array,
+    *,
+    xp: Namespace,
+    add: bool = False,
+    owned: bool = False,
 ) -> Array:
-    """A copy of ``default`` (rows along axis 0) with rows ``index`` (ascending; ``mask`` the
-    same rows as a boolean vector) replaced by ``sub``.
+    """A copy of ``default`` (rows along axis 0) with rows ``index`` (ascending, distinct;
+    ``mask`` the same rows as a boolean vector) replaced by ``sub``, or increased by it with
+    ``add``.
 
     The standard has no scatter: the fallback gathers every row of ``sub``'s positions and
     selects with ``where``; NumPy, CuPy, torch and JAX write the selected rows into a copy (or,
-    for JAX, ``.at[].set``), one pass over the batch instead of three. ``owned``: ``default``
-    is a temporary of the caller's own that nobody else sees, so NumPy, CuPy and torch write
-    into it instead of a copy (one batch-sized array less at the peak).
+    for JAX, ``.at[]``), one pass over the batch instead of three. ``owned``: ``default`` is a
+    temporary of the caller's own that nobody else sees, so NumPy, CuPy and torch write into it
+    instead of a copy (one batch-sized array less at the peak).
     """
     if is_torch(xp):
+        if add:
+            return default.index_add_(0, index, sub) if owned else default.index_add(0, index, sub)
         return default.index_copy_(0, index, sub) if owned else default.index_copy(0, index, sub)
     if is_jax(xp):  # (a NumPy ``default``, e.g. an incoming cotangent, becomes a JAX array)
-        return xp.asarray(default).at[index].set(sub)
+        at = xp.asarray(default).at[index]
+        return at.add(sub) if add else at.set(sub)
     if is_numpy(xp) or is_cupy(xp):
         out = default if owned else default.copy()
-        out[index] = sub
+        if add:
+            out[index] += sub  # distinct indices: no repeated-index accumulation is needed
+        else:
+            out[index] = sub
         return out
     pos = xp.cumulative_sum(xp.astype(mask, xp.int64)) - 1
     gathered = xp.take(sub, xp.maximum(pos, xp.zeros_like(pos)), axis=0)
     m = xp.reshape(mask, (-1,) + (1,) * (default.ndim - 1))
-    return xp.where(m, gathered, default)
-
-
-def add_rows(
-    default: Array, index: Array, mask: Array, sub: Array, *, xp: Namespace, owned: bool = False
-) -> Array:
-    """A copy of ``default`` with ``sub`` added to rows ``index`` (ascending, distinct; ``mask``
-    the same rows as a boolean vector): :func:`put_rows` with a sum, through each library's
-    indexed add where it has one (into ``default`` itself when ``owned``)."""
-    if is_torch(xp):
-        return default.index_add_(0, index, sub) if owned else default.index_add(0, index, sub)
-    if is_jax(xp):
-        return xp.asarray(default).at[index].add(sub)
-    if is_numpy(xp) or is_cupy(xp):
-        out = default if owned else default.copy()
-        out[index] += sub  # distinct indices: no repeated-index accumulation is needed
-        return out
-    pos = xp.cumulative_sum(xp.astype(mask, xp.int64)) - 1
-    gathered = xp.take(sub, xp.maximum(pos, xp.zeros_like(pos)), axis=0)
-    m = xp.reshape(mask, (-1,) + (1,) * (default.ndim - 1))
-    return xp.where(m, default + gathered, default)
+    return xp.where(m, default + gathered if add else gathered, default)
 
 
 def _native_namespace(xp: Namespace) -> Namespace:

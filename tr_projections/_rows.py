@@ -85,12 +85,19 @@ def put(
     written and returned (NumPy, CuPy, torch)."""
     if rows is None:
         return sub
+    return _scatter(sub, rows, default, event_ndim=event_ndim, xp=xp, add=False, owned=owned)
+
+
+def _scatter(
+    sub: Array, rows: Rows, base: Array, *, event_ndim: int, xp: Any, add: bool, owned: bool
+) -> Array:
+    # put / add_to on selected rows: through the flattened batch, back to base's shape.
     if rows.index.shape[0] == 0:
-        return default if owned else xp.asarray(default, copy=True)  # new, as on every path
-    shape = tuple(default.shape)
+        return base if owned else xp.asarray(base, copy=True)  # new, as on every path
+    shape = tuple(base.shape)
     event = shape[len(shape) - event_ndim :]
-    flat_default = xp.reshape(default, (-1,) + event)
-    out = _compat.put_rows(flat_default, rows.index, rows.mask, sub, xp=xp, owned=owned)
+    flat = xp.reshape(base, (-1,) + event)
+    out = _compat.put_rows(flat, rows.index, rows.mask, sub, xp=xp, add=add, owned=owned)
     return xp.reshape(out, shape)
 
 
@@ -122,13 +129,7 @@ def add_to(
     a new array, unless ``owned`` (as for :func:`put`)."""
     if rows is None:
         return base + sub
-    if rows.index.shape[0] == 0:
-        return base if owned else xp.asarray(base, copy=True)
-    shape = tuple(base.shape)
-    event = shape[len(shape) - event_ndim :]
-    flat = xp.reshape(base, (-1,) + event)
-    out = _compat.add_rows(flat, rows.index, rows.mask, sub, xp=xp, owned=owned)
-    return xp.reshape(out, shape)
+    return _scatter(sub, rows, base, event_ndim=event_ndim, xp=xp, add=True, owned=owned)
 
 
 __all__ = [

@@ -108,14 +108,12 @@ def kl_may_exceed(F: Array, scale: Array, old_scale: Array, eps: Array, *, xp: A
     rounding (a thousandth of ``eps`` plus 64 :math:`arepsilon_{mach}` times the size of its
     terms). A row outside the result is inside its bound; the rows in it are decided exactly,
     from the eigenvalues."""
-    finfo = xp.finfo(F.dtype)
     diag_f = diagonal(F, xp=xp)
     sq = frob2(F, xp=xp)
     log_r = xp.log(diagonal(scale, xp=xp)) - xp.log(diagonal(old_scale, xp=xp))
     g = 0.5 * (2.0 * xp.sum(diag_f, axis=-1) + sq) - xp.sum(log_r, axis=-1)
     size = 2.0 * xp.sum(xp.abs(diag_f), axis=-1) + sq + 2.0 * xp.sum(xp.abs(log_r), axis=-1)
-    margin = 1e-3 * eps + 64.0 * finfo.eps * (size + F.shape[-1])
-    return g > eps - margin
+    return _above_with_margin(g, size, eps, d=F.shape[-1], dtype=F.dtype, xp=xp)
 
 
 def kl_may_exceed_diag(eigs: KLEigs, eps: Array, *, xp: Any) -> Array:
@@ -126,14 +124,18 @@ def kl_may_exceed_diag(eigs: KLEigs, eps: Array, *, xp: Any) -> Array:
     cancellation near :math:`a = 0` is absolute, at most a few :math:`\varepsilon_{mach}`
     times the terms). Rows outside the result are inside their bound; the others are decided
     from the accurate :func:`kl_cov_from_eigs`."""
-    finfo = xp.finfo(eigs.a.dtype)
     ratio = eigs.a / eigs.lam
     g = 0.5 * xp.sum(xp.log(eigs.lam) - ratio, axis=-1)
     # log(lam) and a/lam share their sign, and |log(lam)| <= |a/lam| + h: the size of the terms
     # is at most 2 sum|a/lam| + 2g.
     size = 2.0 * (xp.sum(xp.abs(ratio), axis=-1) + xp.abs(g))
-    margin = 1e-3 * eps + 64.0 * finfo.eps * (size + eigs.a.shape[-1])
-    return g > eps - margin
+    return _above_with_margin(g, size, eps, d=eigs.a.shape[-1], dtype=g.dtype, xp=xp)
+
+
+def _above_with_margin(g: Array, size: Array, eps: Array, *, d: int, dtype: Any, xp: Any) -> Array:
+    """``g > eps - margin``: the margin of the row tests above, a thousandth of ``eps`` plus
+    64 machine epsilons times the size of the terms of ``g`` (and ``d``)."""
+    return g > eps - (1e-3 * eps + 64.0 * xp.finfo(dtype).eps * (size + d))
 
 
 def kl_eigs(

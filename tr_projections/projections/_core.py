@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._rows import Rows, add_to, choose, put, put_or_zero, take
-from ._vjp_core import solve_lower, solve_lower_t, tril
+from ._vjp_core import expand, solve_lower, solve_lower_t, tril
 
 Array = Any
 
@@ -168,8 +168,28 @@ class Cotangents(NamedTuple):
     old_scale: Array
 
 
+def scale_cotangent(
+    cov_part: Array,
+    g_rows: Array,
+    active: Array,
+    rows: Rows | None,
+    g_all: Array,
+    *,
+    event_ndim: int,
+    xp: Any,
+    owned: bool = False,
+) -> Array:
+    """The new scale's cotangent: the covariance part on the active ones of ``rows``, the
+    incoming cotangent passed through elsewhere (``g_rows`` on the rows, ``g_all`` on the whole
+    batch; ``owned`` when ``g_all`` is the caller's own temporary, see :func:`.._rows.put`)."""
+    act = expand(active, event_ndim, xp=xp)
+    sub = xp.where(act, cov_part, g_rows)
+    return put(sub, rows, g_all, event_ndim=event_ndim, xp=xp, owned=owned)
+
+
 def old_scale_cotangent(
     cov_part: Array,
+    active: Array,
     rows: Rows | None,
     mean_part: Array | None,
     like: Array,
@@ -177,9 +197,11 @@ def old_scale_cotangent(
     event_ndim: int,
     xp: Any,
 ) -> Array:
-    """The old scale's cotangent: the covariance part, computed on ``rows`` only (zero on the
-    other rows), plus the mean part's (a whole-batch array, or ``None`` when the mean's distance
-    does not use the old scale). ``like`` gives the shape."""
+    """The old scale's cotangent: the covariance part on the active ones of ``rows`` (zero on
+    every other row), plus the mean part's (a whole-batch array, or ``None`` when the mean's
+    distance does not use the old scale). ``like`` gives the shape."""
+    act = expand(active, event_ndim, xp=xp)
+    cov_part = xp.where(act, cov_part, xp.zeros_like(cov_part))
     if mean_part is None:
         return put_or_zero(cov_part, rows, like, event_ndim=event_ndim, xp=xp)
     # (mean_part is a fresh array of the mean part's VJP: the rows are added in place)

@@ -22,6 +22,7 @@ from ._core import (
     old_scale_cotangent,
     project_mean,
     project_mean_vjp,
+    scale_cotangent,
     select,
 )
 from ._vjp_core import cholesky_vjp, expand, gram_vjp, tril
@@ -130,9 +131,8 @@ def frobenius_vjp(
         scale_bar = gram_vjp(D_bar, scale, xp=xp)
     else:
         scale_bar = 2.0 * D_bar * scale
-    active = expand(res.active, event_ndim, xp=xp)
-    scale_bar = put(
-        xp.where(active, scale_bar, g_scale), rows, g_all, event_ndim=event_ndim, xp=xp, owned=full
+    scale_bar = scale_cotangent(
+        scale_bar, g_scale, res.active, rows, g_all, event_ndim=event_ndim, xp=xp, owned=full
     )
     if not old:
         return Cotangents(m.mean, scale_bar, None, None)
@@ -141,9 +141,8 @@ def frobenius_vjp(
         old_scale_bar = gram_vjp(old_bar, old_scale, xp=xp)
     else:
         old_scale_bar = 2.0 * old_bar * old_scale
-    old_scale_bar = xp.where(active, old_scale_bar, xp.zeros_like(old_scale_bar))
     old_scale_bar = old_scale_cotangent(
-        old_scale_bar, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
+        old_scale_bar, res.active, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
     )
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 

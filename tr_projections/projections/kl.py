@@ -21,7 +21,6 @@ import functools
 import math
 from typing import Any, NamedTuple
 
-from .. import _compat
 from .._compat import while_loop
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, put, take, take_batch
@@ -42,9 +41,10 @@ from ._core import (
     old_scale_cotangent,
     project_mean,
     project_mean_vjp,
+    scale_cotangent,
     select,
 )
-from ._vjp_core import cholesky_vjp, expand, solve_lower, solve_lower_t, tril
+from ._vjp_core import cholesky_vjp, solve_lower, solve_lower_t, tril
 
 Array = Any
 
@@ -101,8 +101,7 @@ def _newton_step(state: tuple, *, xp: Any) -> tuple:
     once ``f`` is known at both (``f_hi`` at ``tau = 1`` is known from the start; the Illinois
     rule halves the residual of an end kept twice), and the midpoint before that. A row is done
     when its residual ``|f|`` and its Newton step are both below ``sqrt(eps_mach)``. Working in
-    ``s`` keeps ``tau`` and ``1 - tau`` accurate at once, and no step can overflow. Eager arrays
-    skip the fallback's arithmetic when no running row needs it (the usual case).
+    ``s`` keeps ``tau`` and ``1 - tau`` accurate at once, and no step can overflow.
     """
     s, s_lo, s_hi, f_lo, f_hi, done, a, lam, log_eps, ds_old, last_below = state
     finfo = xp.finfo(a.dtype)
@@ -123,13 +122,12 @@ def _newton_step(state: tuple, *, xp: Any) -> tuple:
     abs_ds = xp.abs(ds)
     converged = inside & (abs_ds <= tol) & (xp.abs(f) <= tol)
     ok = converged | (inside & (2.0 * abs_ds <= xp.abs(ds_old)))
-    new = xp.minimum(xp.maximum(step, s_lo), s_hi)
-    if _compat.eager_any(~(ok | done), xp=xp) is not False:
-        span = f_hi - f_lo
-        known = (f_lo > -math.inf) & (span > 0)  # f is known at both ends and tells them apart
-        span = xp.where(known, span, xp.ones_like(f))
-        s_sec = s_lo - xp.where(known, f_lo, xp.zeros_like(f)) * (s_hi - s_lo) / span
-        new = xp.where(ok, new, xp.where(known, s_sec, 0.5 * (s_lo + s_hi)))
+    span = f_hi - f_lo
+    known = (f_lo > -math.inf) & (span > 0)  # f is known at both ends and tells them apart
+    span = xp.where(known, span, xp.ones_like(f))
+    s_sec = s_lo - xp.where(known, f_lo, xp.zeros_like(f)) * (s_hi - s_lo) / span
+    fallback = xp.where(known, s_sec, 0.5 * (s_lo + s_hi))
+    new = xp.where(ok, xp.minimum(xp.maximum(step, s_lo), s_hi), fallback)
     ds_new = new - s
     s = xp.where(done, s, new)
     ds_old = xp.where(done, ds_old, ds_new)
@@ -227,13 +225,12 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
         eigs = kl_eigs(
             scale, old_scale, full=True, vectors=True, xp=xp, F=take(F, rows, event_ndim=2, xp=xp)
         )
-        g1 = kl_cov_from_eigs(eigs, xp=xp)
     else:
         eigs = kl_eigs(p.scale, p.old_scale, full=False, vectors=True, xp=xp)
         rows = choose(kl_may_exceed_diag(eigs, eps_cov, xp=xp), xp=xp)
         scale, old_scale = (take(x, rows, event_ndim=1, xp=xp) for x in (p.scale, p.old_scale))
         eigs = KLEigs(*(take(x, rows, event_ndim=1, xp=xp) for x in eigs[:2]), None)
-        g1 = kl_cov_from_eigs(eigs, xp=xp)
+    g1 = kl_cov_from_eigs(eigs, xp=xp)  # accurate, on the chosen rows
     eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
     a, lam, U = eigs
     log_tau = solve_log_tau(eigs, g1, eps_cov, xp=xp)
@@ -323,7 +320,6 @@ def kl_vjp(
             )
             Y_o = sym(xp.matmul(xp.matmul(U, old_prec_bar), Ut), xp=xp)
             old_scale_bar = tril(-2.0 * solve_lower_t(L_o, Y_o, xp=xp), xp=xp)
-        event_ndim = 2
     else:
         # sigma~ = sigma_o / sqrt(t): t_bar = -g sigma~ / (2t); a_i = sigma_o^2/sigma^2 - 1.
         t_bar = -0.5 * g_scale * res.proj_scale / t
@@ -332,16 +328,13 @@ def kl_vjp(
         scale_bar = -2.0 * a_bar * lam / scale
         if old:
             old_scale_bar = g_scale / xp.sqrt(t) + 2.0 * a_bar * lam / old_scale
-        event_ndim = 1
-    act = expand(active, event_ndim, xp=xp)
-    scale_bar = put(
-        xp.where(act, scale_bar, g_scale), rows, g_all, event_ndim=ev, xp=xp, owned=full
+    scale_bar = scale_cotangent(
+        scale_bar, g_scale, active, rows, g_all, event_ndim=ev, xp=xp, owned=full
     )
     if not old:
         return Cotangents(m.mean, scale_bar, None, None)
-    old_scale_bar = xp.where(act, old_scale_bar, xp.zeros_like(old_scale_bar))
     old_scale_bar = old_scale_cotangent(
-        old_scale_bar, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
+        old_scale_bar, active, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
     )
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 

@@ -25,3 +25,79 @@ def test_batched_triangular_solve_matches_lu(d, k, lower):
     np.testing.assert_array_equal(a, a0)
     np.testing.assert_array_equal(b, b0)
     assert got.shape == b.shape and got.dtype == b.dtype
+
+
+def _spd(rng, shape, d):
+    m = rng.standard_normal(shape + (d, d))
+    return m @ np.swapaxes(m, -1, -2) + d * np.eye(d)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_decompositions_in_chunks_equal_one_call(name, monkeypatch):
+    """``eigh`` and ``svd`` of a batch split into chunks (as torch CUDA tensors are) give the
+    one-call result bit for bit, in the batch's shape, and leave the argument alone."""
+    if name == "torch":
+        torch = pytest.importorskip("torch")
+        import array_api_compat.torch as ns
+
+        conv, back = torch.asarray, np.asarray
+    else:
+        ns, conv, back = xp, np.asarray, np.asarray
+    rng = np.random.default_rng(5)
+    a = conv(_spd(rng, (3, 5), 4))
+    a0 = np.array(back(a), copy=True)
+    whole_eigh = _compat.eigh(a, xp=ns)
+    whole_svd = _compat.svd(a[..., :3], xp=ns)
+    calls = []
+    monkeypatch.setattr(_compat, "_max_batch", lambda x, xp: calls.append(x.shape) or 4)
+    for got, want in [
+        (_compat.eigh(a, xp=ns), whole_eigh),
+        (_compat.svd(a[..., :3], xp=ns), whole_svd),
+    ]:
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert tuple(g.shape) == tuple(w.shape)
+            np.testing.assert_array_equal(back(g), back(w))
+    np.testing.assert_array_equal(back(a), a0)
+    assert len(calls) == 2
+
+
+def test_only_torch_cuda_tensors_are_chunked():
+    """The chunk limit applies to torch CUDA tensors only."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    import array_api_compat.torch as ns
+
+    fake_cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    assert _compat._max_batch(fake_cuda, ns) == _compat.TORCH_CUDA_MAX_BATCH
+    assert _compat._max_batch(torch.ones(2, 2), ns) is None
+    assert _compat._max_batch(np.ones((2, 2)), xp) is None
+    assert 0 < _compat.TORCH_CUDA_MAX_BATCH < 65536
+
+
+@pytest.mark.parametrize("method", ["kl", "wasserstein"])
+def test_projections_with_chunked_decompositions(method, monkeypatch):
+    """A full-Gaussian projection and its gradients are the same, bit for bit, when the batched
+    decompositions go in chunks (what torch CUDA batches above the limit do)."""
+    torch = pytest.importorskip("torch")
+    import tr_projections as trp
+
+    rng = np.random.default_rng(11)
+    d, n = 3, 41
+    old_scale = np.linalg.cholesky(_spd(rng, (n,), d))
+    scale = np.linalg.cholesky(_spd(rng, (n,), d) * rng.uniform(0.3, 3.0, (n, 1, 1)))
+    mean, old_mean = rng.standard_normal((2, n, d))
+
+    def run():
+        args = [torch.tensor(v, requires_grad=True) for v in (mean, scale, old_mean, old_scale)]
+        out = trp.project(*args, method=method, eps_mean=0.05, eps_cov=0.05)
+        (out.mean.sum() + (out.scale * out.scale).sum()).backward()
+        return [out.mean, out.scale] + [x.grad for x in args]
+
+    whole = run()
+    sizes = []
+    monkeypatch.setattr(_compat, "_max_batch", lambda x, xp: sizes.append(x.shape[0]) or 5)
+    for got, want in zip(run(), whole, strict=True):
+        np.testing.assert_array_equal(got.detach().numpy(), want.detach().numpy())
+    assert max(sizes) > 5  # the decompositions did go in chunks

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tr_projections as trp
+from tr_projections.testing import available_backends, get_backend
 from tr_projections.testing import invariants as inv
 from tr_projections.testing.strategies import bounds_for, policy_pairs
 
@@ -62,7 +63,7 @@ def test_bounds_hold(backend, method, kind, dtype):
     def run(case):
         pair, em, ec = case
         args, out = _run(backend, method, pair, em, ec, dtype)
-        rep = inv.check_bounds(
+        inv.check_bounds(
             method, out, args[2:], full=pair.full, eps_mean=em, eps_cov=ec, dtype=dtype
         )
         record(f"bound excess, mean ({method})", dtype, rep.mean_excess)
@@ -186,3 +187,32 @@ def test_distances_match_dense(backend, method, kind):
                 np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12 * max(1, np.max(r)))
 
     run()
+
+
+GPU_BACKENDS = [n for n in available_backends() if n in ("torch_cuda", "cupy")]
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_large_gpu_batches(name, method):
+    """70,000 full 6-D Gaussians, every one outside its bound, project on the GPU within their
+    bounds: more matrices than torch's CUDA ``eigh`` takes in one call (it fails from 65,536)."""
+    from tr_projections.testing.strategies import cholesky_factors
+
+    backend = get_backend(name)
+    rng = np.random.default_rng(7)
+    n, d = 70_000, 6
+    old_scale = cholesky_factors(rng, (n,), d, cond=10.0)
+    scale = cholesky_factors(rng, (n,), d, cond=10.0)
+    mean, old_mean = rng.standard_normal((2, n, d))
+    eps_mean, eps_cov = 1e-3, 1e-3
+    args = [backend.asarray(x) for x in (mean, scale, old_mean, old_scale)]
+    out = trp.project(*args, method=method, eps_mean=eps_mean, eps_cov=eps_cov)
+    out = [backend.to_numpy(x) for x in out]
+    assert all(np.all(np.isfinite(x)) for x in out)
+    old = (old_mean, old_scale)
+    inv.check_bounds(
+        method, out, old, full=True, eps_mean=eps_mean, eps_cov=eps_cov, dtype="float64"
+    )
+    m, c = inv.reference_distances(method, (mean, scale), old, full=True)
+    assert np.min(c) > eps_cov and np.min(m) > eps_mean  # every state was projected

@@ -195,7 +195,7 @@ def kl_eigs(
     # Symmetric up to rounding, and eigh reads one triangle: no symmetrisation pass needed.
     # (eigh, not eigvalsh, without vectors too: a distance and its projection see the same
     # eigenvalues, bit for bit.)
-    e, U = xp.linalg.eigh(M)
+    e, U = _compat.eigh(M, xp=xp)
     U = U if vectors else None
     if any_c is False:
         return KLEigs(e, 1.0 + e, U)

@@ -138,7 +138,7 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     """
     if _compat._is_traced(scale, xp):
         return _root_svd(scale, xp=xp)
-    w, U = xp.linalg.eigh(xp.matmul(scale, mT(scale, xp=xp)))  # eigh reads one triangle
+    w, U = _compat.eigh(xp.matmul(scale, mT(scale, xp=xp)), xp=xp)  # reads one triangle
     w_min, w_max = w[..., 0], w[..., -1]
     # kappa * eps > 1e-12, written without dividing by a possibly non-positive w_min.
     rough = ~(w_min * 1e-12 >= w_max * float(xp.finfo(w.dtype).eps))
@@ -156,7 +156,7 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
 
 
 def _root_svd(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
-    U, s, _ = xp.linalg.svd(scale, full_matrices=False)
+    U, s, _ = _compat.svd(scale, xp=xp)
     S = sym(xp.matmul(U * s[..., None, :], mT(U, xp=xp)), xp=xp)
     return S, U, s
 

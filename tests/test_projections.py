@@ -63,7 +63,7 @@ def test_bounds_hold(backend, method, kind, dtype):
     def run(case):
         pair, em, ec = case
         args, out = _run(backend, method, pair, em, ec, dtype)
-        inv.check_bounds(
+        rep = inv.check_bounds(
             method, out, args[2:], full=pair.full, eps_mean=em, eps_cov=ec, dtype=dtype
         )
         record(f"bound excess, mean ({method})", dtype, rep.mean_excess)

@@ -132,3 +132,34 @@ def test_take_and_put_round_trip():
                     want = x
                 np.testing.assert_array_equal(out, want)
                 assert out is not default
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e5])
+@pytest.mark.parametrize("step", [1e-7, 1e-3, 0.3, 3.0])
+def test_wasserstein_row_test_keeps_every_row_outside(cond, step):
+    """The W2 row test (an upper bound from one triangular solve) never drops a state whose
+    exact precision-scaled part exceeds its bound, down to bounds a hair below the part; it is
+    exact when the new root is a multiple of the old one."""
+    import array_api_compat.numpy as xp
+
+    from tr_projections.distances import kl_f, wasserstein_may_exceed
+
+    rng = np.random.default_rng(int(np.log10(cond) * 10 + np.log10(step) + 100))
+    n, d = 400, 5
+    old_scale = cholesky_factors(rng, (n,), d, cond=cond)
+    cov = old_scale @ np.swapaxes(old_scale, -1, -2)
+    noise = rng.normal(size=(n, d, d)) * step
+    # A new covariance near the old one: Sigma_o^1/2 expm(sym noise) Sigma_o^1/2.
+    w, u = np.linalg.eigh(0.5 * (noise + np.swapaxes(noise, -1, -2)))
+    half = np.linalg.cholesky(cov)
+    new = half @ (u * np.exp(w)[..., None, :]) @ np.swapaxes(u, -1, -2) @ np.swapaxes(half, -1, -2)
+    scale = np.linalg.cholesky(0.5 * (new + np.swapaxes(new, -1, -2)))
+    _, c = trp.wasserstein(np.zeros((n, d)), scale, np.zeros((n, d)), old_scale)
+    F = kl_f(scale, old_scale, xp=xp)
+    for below in (1e-6, 1e-3, 0.5):
+        assert np.all(wasserstein_may_exceed(F, c * (1.0 - below), xp=xp))
+    # S = a S_o: the bound is the part itself (up to the margin).
+    a = np.exp(rng.normal(size=(n, 1, 1)) * step)
+    F = kl_f(old_scale * a, old_scale, xp=xp)
+    _, c = trp.wasserstein(np.zeros((n, d)), old_scale * a, np.zeros((n, d)), old_scale)
+    assert not np.any(wasserstein_may_exceed(F, c * 1.01 + 1e-300, xp=xp))

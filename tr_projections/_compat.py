@@ -19,6 +19,7 @@ import array_api_compat as _aac
 
 __all__ = [
     "array_namespace",
+    "copy",
     "device",
     "eager_any",
     "eigh",
@@ -174,6 +175,14 @@ def qr_r(a: Array, *, xp: Namespace) -> Array:
     if is_numpy(xp) or is_jax(xp) or is_cupy(xp):
         return _native_namespace(xp).linalg.qr(a, mode="r")
     return xp.linalg.qr(a)[1]
+
+
+def copy(x: Array, *, xp: Namespace) -> Array:
+    """A new array equal to ``x``. torch: ``clone`` (``asarray(copy=True)`` of a tensor that
+    requires grad warns, since torch 2.13 changed what it returns)."""
+    if is_torch(xp):
+        return x.clone()
+    return xp.asarray(x, copy=True)
 
 
 def put_rows(

@@ -53,6 +53,20 @@ def choose(mask: Array, *, xp: Any, elementwise: bool = False) -> Rows | None:
     return Rows(index, flat)
 
 
+def narrow(rows: Rows | None, mask: Array, *, xp: Any) -> tuple[Rows | None, Rows | None]:
+    """The rows of ``rows`` (every row: ``None``) where ``mask`` is true, for a stage that
+    first needed a wider set (the candidates of a cheap test). ``mask`` has one entry per row
+    of ``rows`` (the batch shape when ``None``). Returns the narrowed rows of the batch and the
+    positions, among ``rows``, that they keep (``None``: all of them, as when more than
+    :data:`MAX_FRACTION` stay); :func:`take` with the latter narrows what was computed on
+    ``rows``."""
+    sub = choose(mask, xp=xp)
+    if rows is None or sub is None:
+        return (sub if rows is None else rows), sub
+    flat = put(sub.mask, rows, xp.zeros_like(rows.mask), event_ndim=0, xp=xp, owned=True)
+    return Rows(xp.take(rows.index, sub.index, axis=0), flat), sub
+
+
 def fields(rows: Rows | None) -> tuple[Array | None, Array | None]:
     """``(index, mask)`` for a residual tuple's ``rows`` and ``row_mask`` fields."""
     return (None, None) if rows is None else (rows.index, rows.mask)
@@ -93,7 +107,7 @@ def _scatter(
 ) -> Array:
     # put / add_to on selected rows: through the flattened batch, back to base's shape.
     if rows.index.shape[0] == 0:
-        return base if owned else xp.asarray(base, copy=True)  # new, as on every path
+        return base if owned else _compat.copy(base, xp=xp)  # new, as on every path
     shape = tuple(base.shape)
     event = shape[len(shape) - event_ndim :]
     flat = xp.reshape(base, (-1,) + event)
@@ -138,6 +152,7 @@ __all__ = [
     "choose",
     "fields",
     "from_fields",
+    "narrow",
     "put",
     "put_or_zero",
     "take",

@@ -95,7 +95,9 @@ class KLEigs(NamedTuple):
 
 
 def kl_f(scale: Array, old_scale: Array, *, xp: Any) -> Array:
-    r""":math:`F = L_o^{-1}(L - L_o)` (full scales): :math:`L_o^{-1}L = I + F`."""
+    r""":math:`F = L_o^{-1}(L - L_o)` (full scales): :math:`L_o^{-1}L = I + F`. The KL's
+    eigenvalue problem and both row tests (:func:`kl_may_exceed`,
+    :func:`wasserstein_may_exceed`) start from it."""
     return solve_triangular(old_scale, scale - old_scale, lower=True, xp=xp)
 
 
@@ -289,6 +291,35 @@ class RootEig(NamedTuple):
     s: Array
     old_U: Array
     old_s: Array
+
+
+def wasserstein_may_exceed(F: Array, eps: Array, *, xp: Any) -> Array:
+    r"""Rows (full scales, precision-scaled W2) whose covariance part may exceed ``eps``,
+    decided without a decomposition, from ``F`` :math:`= L_o^{-1}(L - L_o)` (:func:`kl_f`).
+
+    With :math:`X = S_o^{-1}S` the part is :math:`\operatorname{tr}(X^\top X) -
+    2\operatorname{tr}X + d`, where :math:`\operatorname{tr}(X^\top X) =
+    \operatorname{tr}(\Sigma_o^{-1}\Sigma) = \|I + F\|_F^2`. :math:`X` is similar to the SPD
+    :math:`S_o^{-1/2}SS_o^{-1/2}`, so its eigenvalues are positive and the AM-GM inequality gives
+    :math:`\operatorname{tr}X \ge d\,(\det X)^{1/d}` with
+    :math:`\det X = \det L/\det L_o = \prod_i(1 + F_{ii})`. Hence the part is at most
+
+    .. math:: \|F\|_F^2 + 2d\,\big(\overline{F_{ii}} - \operatorname{expm1}
+              (\overline{\log(1 + F_{ii})})\big)
+
+    (both terms non-negative, exact when :math:`S` and :math:`S_o` commute with equal
+    eigenvalue ratios, about twice the part for small random steps), less the margin of
+    :func:`kl_may_exceed` (without its term in ``d``: every term here scales with ``F``). A row
+    outside the result is inside its bound; the others are decided from the roots."""
+    diag_f = diagonal(F, xp=xp)
+    d = F.shape[-1]
+    mean_f = xp.mean(diag_f, axis=-1)
+    gm = xp.expm1(xp.mean(xp.log1p(diag_f), axis=-1))
+    sq = frob2(F, xp=xp)
+    ub = sq + (2.0 * d) * (mean_f - gm)
+    size = sq + (2.0 * d) * (xp.abs(mean_f) + xp.abs(gm))
+    # (no term of size one here, unlike the KL's trace form: the margin scales with F alone)
+    return _above_with_margin(ub, size, eps, d=0, dtype=F.dtype, xp=xp)
 
 
 def wasserstein_chart(scale: Array, old_scale: Array, *, full: bool, scale_prec: bool, xp: Any):

@@ -30,7 +30,8 @@ def tril(x: Array, *, xp: Any) -> Array:
 
     A ``where`` with one ``(d, d)`` mask: the same values as ``xp.tril``, which torch runs about
     twice as slowly on a batch of small matrices."""
-    x = xp.asarray(x)  # (an incoming NumPy cotangent under JAX: the mask needs x's device)
+    if _compat.is_jax(xp):  # an incoming NumPy cotangent: the mask needs x's device
+        x = xp.asarray(x)
     d = x.shape[-1]
     dev = _compat.device(x)
     mask = xp.tril(xp.ones((d, d), dtype=xp.bool, device=dev))

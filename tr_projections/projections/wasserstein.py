@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from .. import _compat
 from .._inputs import Problem
-from .._rows import choose, fields, from_fields, put, take, take_batch
-from ..distances import mean_distance, wasserstein_chart
+from .._rows import choose, fields, from_fields, narrow, put, take, take_batch
+from ..distances import kl_f, mean_distance, wasserstein_chart, wasserstein_may_exceed
 from ..gaussian import Gaussian, cholesky_of_gram, sym
 from ._core import (
     Cotangents,
@@ -66,21 +67,34 @@ def wasserstein_fwd(
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
 
-    dist, chart, eig = wasserstein_chart(
-        p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
-    )
     ev = 2 if p.full else 1
-    # Eager full scales: the output factor and the VJP on the rows outside their bound only
-    # (diagonal ones are a few elementwise passes, cheaper than the gather).
-    rows = choose(dist > eps_cov, xp=xp) if p.full else None
-    dist = take(dist, rows, event_ndim=0, xp=xp)
-    eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
-    scale = take(p.scale, rows, event_ndim=ev, xp=xp)
-    chart = type(chart)(
-        *(None if x is None else take(x, rows, event_ndim=ev, xp=xp) for x in chart)
+    rows = None
+    scale = p.scale
+    if p.full and scale_prec and not _compat._is_traced(p.scale, xp):
+        # Eager full scales, precision-scaled: the roots (two eigh) only on the rows that may
+        # be outside their bound, by a bound that needs one triangular solve.
+        F = kl_f(p.scale, p.old_scale, xp=xp)
+        rows = choose(wasserstein_may_exceed(F, eps_cov, xp=xp), xp=xp)
+        del F
+        scale = take(p.scale, rows, event_ndim=2, xp=xp)
+        old_scale = take(p.old_scale, rows, event_ndim=2, xp=xp)
+    else:
+        old_scale = p.old_scale
+    dist, chart, eig = wasserstein_chart(
+        scale, old_scale, full=p.full, scale_prec=scale_prec, xp=xp
     )
-    if eig is not None:
-        eig = type(eig)(*(take(x, rows, event_ndim=x.ndim - len(p.batch), xp=xp) for x in eig))
+    if p.full:
+        # Eager full scales: the output factor and the VJP on the rows outside their bound
+        # only (diagonal ones are a few elementwise passes, cheaper than the gather).
+        nb = dist.ndim  # batch axes of what the chart computed: (n,) or the batch shape
+        rows, keep = narrow(rows, dist > take_batch(eps_cov, rows, p.batch, xp=xp), xp=xp)
+        scale = take(scale, keep, event_ndim=2, xp=xp)
+        chart = type(chart)(
+            *(None if x is None else take(x, keep, event_ndim=2, xp=xp) for x in chart)
+        )
+        eig = type(eig)(*(take(x, keep, event_ndim=x.ndim - nb, xp=xp) for x in eig))
+        dist = take(dist, keep, event_ndim=0, xp=xp)
+    eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
     tau = closed_form_tau(dist, eps_cov, xp=xp)
     root = interpolate(chart.root, chart.old_root, tau, event_ndim=ev, xp=xp)
     if p.full:

@@ -88,6 +88,29 @@ def test_backward_equalsnumpy_vjp(method, kind):
     assert_cotangents_close(got, numpy_vjp(case, g))
 
 
+@pytest.mark.parametrize("used", ["mean", "scale"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_backward_of_one_output(method, kind, used):
+    """A loss of one output only: autograd hands the Function no cotangent for the other (nor
+    for the residuals, which get none materialised); the gradients are the NumPy VJP's with a
+    zero cotangent there."""
+    case = make_case(23, method, kind == "full", d=3, batch=(4,))
+    args, kwargs = _tensors(case)
+    out = case.fn(*args, **kwargs)
+    rng = np.random.default_rng(2)
+    g = [rng.standard_normal(out.mean.shape), rng.standard_normal(tuple(out.scale.shape))]
+    if used == "mean":
+        (out.mean * torch.tensor(g[0])).sum().backward()
+        g[1] = np.zeros_like(g[1])
+    else:
+        (out.scale * torch.tensor(g[1])).sum().backward()
+        g[0] = np.zeros_like(g[0])
+    got = [a.grad.numpy() for a in args]
+    assert all(np.all(np.isfinite(x)) for x in got)
+    assert_cotangents_close(got, numpy_vjp(case, tuple(g)))
+
+
 @pytest.mark.parametrize("states", ["mixed", "active"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", list(METHODS))

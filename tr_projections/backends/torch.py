@@ -38,6 +38,11 @@ class _Operation(torch.autograd.Function):
         res = output[n_out:]
         saved = [r for r in res if r is not None]
         ctx.mark_non_differentiable(*saved)
+        # No zero cotangents for the residual outputs (autograd would otherwise fill one
+        # batch-sized array per residual before every backward); the real outputs get zeros
+        # in ``backward`` when unused.
+        ctx.set_materialize_grads(False)
+        ctx.out_meta = tuple((o.shape, o.dtype, o.device) for o in output[:n_out])
         arrays = inputs[1 + n_bounds :]
         ctx.save_for_backward(*arrays, *saved)
         ctx.static = static
@@ -54,7 +59,11 @@ class _Operation(torch.autograd.Function):
         it = iter(saved[ctx.n_arrays :])
         res = op.residuals._make(None if m else next(it) for m in ctx.missing)
         needs = ctx.needs_input_grad[1 + n_bounds :]
-        cots = _common.backward(kind, arrays, res, grads[: op.n_out], dict(options), needs)
+        grads = tuple(
+            torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+            for g, (shape, dtype, device) in zip(grads[: op.n_out], ctx.out_meta, strict=True)
+        )
+        cots = _common.backward(kind, arrays, res, grads, dict(options), needs)
         return (None,) * (1 + n_bounds) + tuple(cots)
 
 

@@ -31,6 +31,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 BACKENDS = available_backends()
 
 
+@pytest.fixture(autouse=True)
+def _torch_kernels(request, monkeypatch):
+    """Torch tensors run torch's own kernels in the tests: the NumPy route that small CPU
+    batches take by default is compared with them in ``test_torch_route.py`` (marked
+    ``numpy_route``), and the NumPy kernels themselves are the ``numpy`` backend's."""
+    if request.node.get_closest_marker("numpy_route") is not None:
+        return
+    try:
+        from tr_projections.backends import torch as adapter
+    except ImportError:  # no torch installed
+        return
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+
+
 @pytest.fixture(params=BACKENDS, scope="session")
 def backend(request):
     """A :class:`tr_projections.testing.Backend` (namespace, converters) per usable library."""

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from . import _compat
 from ._compat import solve_triangular
 from ._inputs import prepare
-from .gaussian import diagonal, frob2, mahalanobis, mT, root_from_cholesky, sym
+from .gaussian import diagonal, frob2, mahalanobis, mT, root_from_cholesky, root_from_eig
 
 __all__ = ["DistanceParts", "frobenius", "kl", "wasserstein"]
 
@@ -334,7 +334,7 @@ def wasserstein_chart(scale: Array, old_scale: Array, *, full: bool, scale_prec:
     diff = S - S_o
     S_o_inv = None
     if scale_prec:
-        S_o_inv = sym(xp.matmul(U_o / s_o[..., None, :], mT(U_o, xp=xp)), xp=xp)
+        S_o_inv = root_from_eig(U_o, s_o, xp=xp, power=-1.0)
         diff = xp.matmul(S_o_inv, diff)
     return frob2(diff, xp=xp), RootChart(S, S_o, S_o_inv), RootEig(U, s, U_o, s_o)
 

@@ -56,8 +56,12 @@ def mT(x: Array, *, xp: Any) -> Array:
 
 
 def sym(x: Array, *, xp: Any) -> Array:
-    """Symmetric part of a batch of square matrices."""
-    return 0.5 * (x + mT(x, xp=xp))
+    """Symmetric part of a batch of square matrices. The sum is this function's own new array,
+    halved with the standard's in-place ``*=`` (in place for NumPy, CuPy and torch; JAX
+    rebinds): one batch-sized array at a time instead of two."""
+    out = x + mT(x, xp=xp)
+    out *= 0.5
+    return out
 
 
 def diag_embed(v: Array, *, xp: Any) -> Array:
@@ -151,14 +155,20 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
         _, U_r, s_r = _root_svd(take(scale, rows, event_ndim=2, xp=xp), xp=xp)
         U = put(U_r, rows, U, event_ndim=2, xp=xp)
         s = put(s_r, rows, s, event_ndim=1, xp=xp)
-    S = sym(xp.matmul(U * s[..., None, :], mT(U, xp=xp)), xp=xp)
-    return S, U, s
+    return root_from_eig(U, s, xp=xp), U, s
+
+
+def root_from_eig(U: Array, s: Array, *, xp: Any, power: float = 1.0) -> Array:
+    r""":math:`U \operatorname{diag}(s^{p}) U^\top`, symmetrised, for ``power`` :math:`p = \pm1`:
+    the symmetric root from its eigenbasis, or its inverse. The VJPs rebuild roots with it
+    from the residual eigenbases, bit for bit as the forward built them."""
+    Us = U * s[..., None, :] if power == 1.0 else U / s[..., None, :]
+    return sym(xp.matmul(Us, mT(U, xp=xp)), xp=xp)
 
 
 def _root_svd(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     U, s, _ = _compat.svd(scale, xp=xp)
-    S = sym(xp.matmul(U * s[..., None, :], mT(U, xp=xp)), xp=xp)
-    return S, U, s
+    return root_from_eig(U, s, xp=xp), U, s
 
 
 def entropy(scale: Array, *, full: bool | None = None) -> Array:

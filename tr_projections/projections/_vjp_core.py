@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import _compat
 from .._compat import solve_triangular
-from ..gaussian import diag_embed, diagonal, mT, sym
+from ..gaussian import mT, sym
 
 Array = Any
 
@@ -34,8 +34,8 @@ def tril(x: Array, *, xp: Any) -> Array:
         x = xp.asarray(x)
     d = x.shape[-1]
     dev = _compat.device(x)
-    mask = xp.tril(xp.ones((d, d), dtype=xp.bool, device=dev))
-    return xp.where(mask, x, xp.zeros((), dtype=x.dtype, device=dev))
+    i = xp.arange(d, device=dev)  # (the mask from aranges: torch's tril of a (d, d) is slow)
+    return xp.where(i[:, None] >= i[None, :], x, xp.zeros((), dtype=x.dtype, device=dev))
 
 
 def solve_lower(L: Array, B: Array, *, xp: Any) -> Array:
@@ -54,18 +54,31 @@ def gram_vjp(sigma_bar: Array, L: Array, *, xp: Any) -> Array:
     return tril(2.0 * xp.matmul(sigma_bar, L), xp=xp)
 
 
+def _phi_mask(d: int, dtype: Any, device: Any, *, xp: Any) -> Array:
+    r"""The ``(d, d)`` multiplier of :math:`\Phi`: ones below the diagonal, 1/2 on it, zeros
+    above."""
+    i = xp.arange(d, device=device)
+    lower = xp.astype(i[:, None] > i[None, :], dtype)
+    return lower + 0.5 * xp.astype(i[:, None] == i[None, :], dtype)
+
+
 def cholesky_vjp(L: Array, L_bar: Array, *, xp: Any) -> Array:
     r"""VJP of :math:`L = \operatorname{chol}(\Sigma)`, symmetric :math:`\bar\Sigma`.
 
     :math:`P = \Phi(L^\top \bar L)` (lower triangle, diagonal halved) and
     :math:`\bar\Sigma = \operatorname{sym}(L^{-\top} P L^{-1})` (I. Murray, *Differentiation of
-    the Cholesky decomposition*, 2016), with two triangular solves and no inverse. Only the lower
-    triangle of ``L_bar`` is read.
+    the Cholesky decomposition*, 2016), with two triangular solves and no inverse. ``L_bar``
+    must be lower triangular (every caller passes the lower triangle of its cotangent);
+    :math:`\Phi` is one product with a constant ``(d, d)`` mask, and each batch-sized
+    temporary is dropped once used (they set the peak memory of a backward).
     """
-    X = xp.matmul(mT(L, xp=xp), tril(L_bar, xp=xp))
-    P = tril(X, xp=xp) - 0.5 * diag_embed(diagonal(X, xp=xp), xp=xp)
+    X = xp.matmul(mT(L, xp=xp), L_bar)
+    P = X * _phi_mask(L.shape[-1], X.dtype, _compat.device(X), xp=xp)
+    del X
     Y = solve_lower_t(L, P, xp=xp)  # L^-T P
+    del P
     Z = mT(solve_lower_t(L, mT(Y, xp=xp), xp=xp), xp=xp)  # (L^-T P) L^-1
+    del Y
     return sym(Z, xp=xp)
 
 

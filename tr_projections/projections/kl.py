@@ -300,18 +300,27 @@ def kl_vjp(
     dg_dtau = xp.where(active, xp.sum(m_eig * a, axis=-1), xp.ones_like(tau))
     if full:
         L, L_o, U = scale, old_scale, res.U
+        # (batch-sized temporaries are dropped as soon as they are used: with every state
+        # projected they set the peak memory of forward + backward)
         cov_bar = cholesky_vjp(res.proj_scale, g_scale, xp=xp)
         V = xp.matmul(L_o, U)
         C = xp.matmul(xp.matmul(mT(V, xp=xp), cov_bar), V)
+        del cov_bar, V
         G = -C / (t[..., :, None] * t[..., None, :])  # dl/dLambda~ in the basis V
+        del C
         kappa = xp.sum(diagonal(G, xp=xp) * a, axis=-1) / dg_dtau
         k = kappa[..., None]
         H = G - diag_embed(k * m_eig, xp=xp)
-        prec_bar = tau[..., None, None] * H
-        # Sigma_bar = -Lambda Lambda_bar Lambda = -L_o^-T U [lam Lhat lam] U^T L_o^-1, then
-        # L_bar = tril(2 Sigma_bar L); and Sigma_o_bar = -L_o^-T U Lhat_o U^T L_o^-1.
+        del G
+        # Sigma_bar = -Lambda Lambda_bar Lambda = -L_o^-T U [lam Lhat lam] U^T L_o^-1, with
+        # Lambda_bar = tau H; then L_bar = tril(2 Sigma_bar L); and
+        # Sigma_o_bar = -L_o^-T U Lhat_o U^T L_o^-1.
         Ut = mT(U, xp=xp)
-        Y = xp.matmul(xp.matmul(U, lam[..., :, None] * prec_bar * lam[..., None, :]), Ut)
+        inner = (tau[..., None] * lam)[..., :, None] * H * lam[..., None, :]
+        if not old:
+            del H
+        Y = xp.matmul(xp.matmul(U, inner), Ut)
+        del inner
         Y = solve_lower_t(L_o, sym(Y, xp=xp), xp=xp)
         scale_bar = tril(-2.0 * xp.matmul(Y, solve_lower(L_o, L, xp=xp)), xp=xp)
         if old:

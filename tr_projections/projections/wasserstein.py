@@ -15,7 +15,7 @@ from .. import _compat
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, narrow, put, take, take_batch
 from ..distances import kl_f, mean_distance, wasserstein_chart, wasserstein_may_exceed
-from ..gaussian import Gaussian, cholesky_of_gram, sym
+from ..gaussian import Gaussian, cholesky_of_gram, root_from_eig, sym
 from ._core import (
     Cotangents,
     closed_form_tau,
@@ -34,8 +34,10 @@ Array = Any
 
 
 class WassersteinResiduals(NamedTuple):
-    """What :func:`wasserstein_vjp` needs from the forward pass: flat, arrays only. The roots
-    and eigenbases are ``None`` for diagonal Gaussians (the chart is the stds themselves)."""
+    """What :func:`wasserstein_vjp` needs from the forward pass: flat, arrays only. The
+    eigenbases are ``None`` for diagonal Gaussians (the chart is the stds themselves); the roots
+    are not kept (rebuilt in the VJP: one product each, and three batch-sized arrays less
+    between forward and backward)."""
 
     tau_mean: Array
     dist_mean: Array
@@ -43,14 +45,10 @@ class WassersteinResiduals(NamedTuple):
     tau: Array
     dist: Array
     active: Array
-    root: Array | None
-    old_root: Array | None
-    old_root_inv: Array | None
-    U: Array | None
+    U: Array | None  # eigenbases of both roots (full only): the VJP rebuilds the roots from them
     s: Array | None
     old_U: Array | None
     old_s: Array | None
-    proj_root: Array | None
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
     rows: Array | None  # flat indices of the rows the covariance fields cover (None: all)
     row_mask: Array | None
@@ -89,9 +87,8 @@ def wasserstein_fwd(
         nb = dist.ndim  # batch axes of what the chart computed: (n,) or the batch shape
         rows, keep = narrow(rows, dist > take_batch(eps_cov, rows, p.batch, xp=xp), xp=xp)
         scale = take(scale, keep, event_ndim=2, xp=xp)
-        chart = type(chart)(
-            *(None if x is None else take(x, keep, event_ndim=2, xp=xp) for x in chart)
-        )
+        # (the inverse root is not needed past the distance)
+        chart = type(chart)(*(take(x, keep, event_ndim=2, xp=xp) for x in chart[:2]), None)
         eig = type(eig)(*(take(x, keep, event_ndim=x.ndim - nb, xp=xp) for x in eig))
         dist = take(dist, keep, event_ndim=0, xp=xp)
     eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
@@ -107,9 +104,9 @@ def wasserstein_fwd(
     )
     mean_res = (tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active)
     if p.full:
-        res = WassersteinResiduals(*mean_res, *chart, *eig, root, proj, *fields(rows))
+        res = WassersteinResiduals(*mean_res, *eig, proj, *fields(rows))
     else:
-        res = WassersteinResiduals(*mean_res, *(None,) * 8, proj, *fields(rows))
+        res = WassersteinResiduals(*mean_res, *(None,) * 4, proj, *fields(rows))
     return Gaussian(mean, scale), res
 
 
@@ -150,33 +147,44 @@ def wasserstein_vjp(
     g_scale, scale = (take(x, rows, event_ndim=event_ndim, xp=xp) for x in (g_scale, p.scale))
     # (full: the old factor is needed only for the old policy's cotangent)
     old_scale = take(p.old_scale, rows, event_ndim=event_ndim, xp=xp) if old or not full else None
+    tau = expand(res.tau, event_ndim, xp=xp)
     if full:
-        root_bar = square_vjp(res.proj_root, cholesky_vjp(res.proj_scale, g_scale, xp=xp), xp=xp)
-        root, old_root = res.root, res.old_root
+        # The roots from their eigenbases, as the forward built them; every batch-sized
+        # temporary is dropped once used (they set the peak memory of forward + backward).
+        root = root_from_eig(res.U, res.s, xp=xp)
+        old_root = root_from_eig(res.old_U, res.old_s, xp=xp)
+        delta = root - old_root
+        proj_root = interpolate(root, old_root, res.tau, event_ndim=2, xp=xp)
+        if not old:
+            del root
+        del old_root
+        root_bar = square_vjp(proj_root, cholesky_vjp(res.proj_scale, g_scale, xp=xp), xp=xp)
+        del proj_root
     else:
         root_bar = g_scale
         root, old_root = scale, old_scale
-    delta = root - old_root
+        delta = root - old_root
     tau_bar = xp.sum(root_bar * delta, axis=axes)
     dist_bar = expand(
         closed_form_tau_vjp(tau_bar, res.tau, res.dist, res.active, xp=xp), event_ndim, xp=xp
     )
-    tau = expand(res.tau, event_ndim, xp=xp)
     if not scale_prec:
         d_root = 2.0 * delta
         d_old = -d_root
     elif full:
-        R = res.old_root_inv
+        R = root_from_eig(res.old_U, res.old_s, xp=xp, power=-1.0)  # S_o^-1
         RE = xp.matmul(R, xp.matmul(R, delta))
         d_root = 2.0 * sym(RE, xp=xp)
         if old:
             d_old = -2.0 * sym(xp.matmul(xp.matmul(RE, root), R), xp=xp)
+        del R, RE
     else:
         r = delta / old_root
         d_root = 2.0 * r / old_root
         d_old = -d_root * root / old_root
+    del delta
     bar = tau * root_bar + dist_bar * d_root
-    del d_root, delta  # batch-sized temporaries: free them before the root VJPs
+    del d_root
     if not old:
         del root_bar
     scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, bar, xp=xp), scale, xp=xp) if full else bar

@@ -43,8 +43,9 @@ def in_range(x: Array, lo: float, hi: float, *, xp: Any, strided: bool = False) 
     # min/max propagate NaN (array API standard), and NaN compares false: no temporaries.
     # For a strided view (the diagonal of a batch of factors) reducing the last axis first keeps
     # torch on its fast kernel, 4x faster than one reduction over all axes; for a contiguous
-    # array the single reduction is the faster one.
-    if strided and x.ndim >= 2:
+    # array, and for NumPy always (7x at 1,000 factors, 4.6x at 1e5), the single reduction is
+    # the faster one.
+    if strided and x.ndim >= 2 and _compat.is_torch(xp):
         return (xp.min(xp.min(x, axis=-1)) >= lo) & (xp.max(xp.max(x, axis=-1)) <= hi)
     return (xp.min(x) >= lo) & (xp.max(x) <= hi)
 

@@ -92,3 +92,25 @@ def test_worker_env_must_be_key_value():
     )
     assert proc.returncode == 2
     assert "expected KEY=VALUE" in proc.stderr
+
+
+@pytest.mark.skipif(not RUN.exists(), reason="benchmarks/ is not shipped with this copy")
+def test_in_process_ab_runs():
+    """``benchmarks/ab.py`` imports this checkout and a git revision side by side and prints
+    both medians and their ratio for forward and forward + backward."""
+    pytest.importorskip("torch")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ab.py"), "HEAD", "--kind", "diag",
+         "--batch", "64", "--rounds", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| fwd")]
+    assert len(rows) == 2
+    for row in rows:
+        new_ms, base_ms, ratio = row.split("|")[2:5]
+        assert float(new_ms) > 0 and float(base_ms) > 0
+        assert float(ratio.strip().rstrip("×")) > 0

@@ -1,0 +1,107 @@
+"""In-process A/B of this checkout against a git revision, torch on the CPU.
+
+    python benchmarks/ab.py REF --kind full --method kl --batch 1000 [--rounds 30] [--quantile 0.7]
+
+Both versions of the package are imported into one process (REF extracted with ``git archive``
+under a temporary name) and their calls are alternated round by round on the same tensors, so
+that the machine's load hits both alike: on a shared machine this resolves differences of a few
+per cent that separate runs of ``run.py`` cannot (its cells moved by 0.7–1.4× between runs).
+Prints the median forward and forward + backward times of both and their ratio, with the machine
+and thread count. Data and bounds are ``run.py``'s (``_worker.make_data``/``bounds_for``); only the
+new policy requires grad, as in ``run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ref", help="git revision to compare against (e.g. cb96c53)")
+    ap.add_argument("--kind", choices=("diag", "full"), default="full")
+    ap.add_argument("--method", choices=("kl", "frobenius", "wasserstein"), default="kl")
+    ap.add_argument("--dim", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--quantile", type=float, default=0.7, help="bounds' quantile (run.py's)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    sys.path.insert(0, str(HERE))
+    from _worker import bounds_for, limit_threads, make_data
+
+    limit_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="trp_ab_"))
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", args.ref, "tr_projections"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    (tmp / "tr_projections").rename(tmp / "trp_ab_base")
+    sys.path.insert(0, str(tmp))
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+    import trp_ab_base as base
+
+    import tr_projections as new
+
+    torch.set_num_threads(args.threads)
+    data = make_data(args.kind, args.dim, args.batch, 0)
+    eps_mean, eps_cov, frac = bounds_for(data, args.method, args.quantile)
+    x = [torch.tensor(a, requires_grad=i < 2) for i, a in enumerate(data["arrays"])]
+    g = [torch.tensor(a) for a in data["cotangents"]]
+
+    def calls(mod):
+        def fwd():
+            with torch.no_grad():
+                mod.project(*x, method=args.method, eps_mean=eps_mean, eps_cov=eps_cov)
+
+        def both():
+            out = mod.project(*x, method=args.method, eps_mean=eps_mean, eps_cov=eps_cov)
+            torch.autograd.backward(list(out), g)
+
+        return {"fwd": fwd, "fwd+bwd": both}
+
+    fns = {"new": calls(new), "base": calls(base)}
+    times = {(v, m): [] for v in fns for m in ("fwd", "fwd+bwd")}
+    for v in fns:  # warm-up
+        for fn in fns[v].values():
+            fn(), fn()
+    for _ in range(args.rounds):
+        for v in fns:
+            for m, fn in fns[v].items():
+                start = time.perf_counter()
+                fn()
+                times[(v, m)].append(time.perf_counter() - start)
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"{platform.platform()}; torch {torch.__version__}"
+    )
+    print(f"# {args.method} {args.kind} d={args.dim} B={args.batch}, bounds at quantile "
+          f"{args.quantile} ({frac:.0%} projected), {args.rounds} rounds, medians")  # fmt: skip
+    print("| mode | this checkout [ms] | " + args.ref + " [ms] | speed-up |")
+    print("|---|---:|---:|---:|")
+    for m in ("fwd", "fwd+bwd"):
+        a, b = (1e3 * float(np.median(times[(v, m)])) for v in ("new", "base"))
+        print(f"| {m} | {a:.2f} | {b:.2f} | {b / a:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -118,6 +118,15 @@ def test_route_limits(monkeypatch):
     with pytest.raises(TypeError, match=r"one library.*`eps_cov`"):
         trp.project_kl(*arrays, eps_mean=0.1, eps_cov=np.full(4, 0.1))
     assert [lib for _, lib in seen] == ["torch"]
+    seen.clear()
+    # A lazily negated view (the imaginary part of a conjugate) has no NumPy view: torch kernels.
+    c = torch.complex(torch.zeros_like(arrays[0]), -arrays[0])
+    neg_mean = c.conj().imag
+    assert neg_mean.is_neg() and torch.equal(neg_mean, arrays[0])
+    got = trp.project_kl(neg_mean, *arrays[1:], eps_mean=0.1, eps_cov=0.1)
+    want = trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
+    assert [lib for _, lib in seen] == ["torch", "numpy"]
+    np.testing.assert_allclose(got.mean.numpy(), want.mean.numpy(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)

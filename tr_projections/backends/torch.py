@@ -42,6 +42,7 @@ def _plain_cpu(t: torch.Tensor) -> bool:
         type(t) in (torch.Tensor, torch.nn.Parameter)
         and t.device.type == "cpu"
         and t.layout == torch.strided
+        and not t.is_neg()  # (a lazily negated view, e.g. `c.conj().imag`: NumPy cannot view it)
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)
     )
 

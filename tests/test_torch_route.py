@@ -109,10 +109,12 @@ def test_route_limits(monkeypatch):
     arrays = [torch.tensor(a) for a in case.args]
     n = sum(a.numel() for a in arrays)
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", n)
-    trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
+    leaves = [a.clone().requires_grad_(True) for a in arrays]
+    out = trp.project_kl(*leaves, eps_mean=0.1, eps_cov=0.1)
+    (out.mean.sum() + out.scale.sum()).backward()  # the backward counts the same arrays
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", n - 1)
     trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
-    assert [lib for _, lib in seen] == ["numpy", "torch"]
+    assert [lib for _, lib in seen] == ["numpy", "numpy", "torch"]
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 1 << 19)
     seen.clear()
     with pytest.raises(TypeError, match=r"one library.*`eps_cov`"):
@@ -127,6 +129,27 @@ def test_route_limits(monkeypatch):
     want = trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
     assert [lib for _, lib in seen] == ["torch", "numpy"]
     np.testing.assert_allclose(got.mean.numpy(), want.mean.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_route_limit_for_large_full_gaussians(monkeypatch):
+    """Full Gaussians with d >= LARGE_D may hold LARGE_D_FACTOR times as many numbers; diagonal
+    ones (and full ones with smaller d) may not."""
+    seen = _spy(monkeypatch)
+    rng = np.random.default_rng(5)
+    d = adapter.LARGE_D
+    case = make_case(35, "kl", True, d=d, batch=(2,))
+    arrays = [torch.tensor(a) for a in case.args]
+    n = sum(a.numel() for a in arrays)
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", n // adapter.LARGE_D_FACTOR + 1)
+    trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", n // adapter.LARGE_D_FACTOR - 1)
+    trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
+    diag = [torch.tensor(rng.uniform(0.5, 1.5, (50, d))) for _ in range(2)]
+    mean = torch.zeros(50, d, dtype=torch.float64)
+    # within the factor of the limit, but diagonal: torch kernels
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 4 * 50 * d // 2)
+    trp.project_kl(mean, diag[0], mean, diag[1], eps_mean=0.1, eps_cov=0.1)
+    assert [lib for _, lib in seen] == ["numpy", "torch", "torch"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

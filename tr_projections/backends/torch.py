@@ -34,6 +34,13 @@ from . import _common
 #: full 6-D states). 0: never.
 NUMPY_MAX_ELEMENTS = 1 << 19
 
+#: Full Gaussians of this dimension and more (an argument whose last two axes are equal and at
+#: least this long) may hold :data:`LARGE_D_FACTOR` times as many numbers: torch's batched
+#: decompositions of 17x17 and 32x32 matrices are slow on the CPU, and NumPy was 1.3-4.5x
+#: faster at 10,000 full states with d = 17 and d = 32 (about 13,700 and 3,900 states now).
+LARGE_D = 12
+LARGE_D_FACTOR = 16
+
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
@@ -47,19 +54,21 @@ def _plain_cpu(t: torch.Tensor) -> bool:
     )
 
 
-def _via_numpy(tensors: tuple, residuals: tuple = ()) -> bool:
-    """Whether a call on ``tensors`` (arrays, bounds or cotangents; Python numbers allowed)
-    and ``residuals`` (``None`` allowed) runs on NumPy views: plain CPU tensors, float ones
-    among ``tensors``, few enough numbers there, no compiler or transform active."""
+def _via_numpy(tensors: tuple, others: tuple = ()) -> bool:
+    """Whether a call on ``tensors`` (the arrays, and the bounds in the forward; Python numbers
+    allowed) and ``others`` (residuals and cotangents in the backward; ``None`` allowed) runs on
+    NumPy views: plain CPU tensors, float ones among ``tensors``, few enough numbers there (the
+    same count forward and backward), no compiler or transform active."""
     if not all(isinstance(t, (torch.Tensor, int, float)) for t in tensors):
         return False  # (another library's array: the torch route reports it)
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if sum(t.numel() for t in ts) > NUMPY_MAX_ELEMENTS:
+    large_d = any(t.ndim >= 2 and t.shape[-1] == t.shape[-2] >= LARGE_D for t in ts)
+    if sum(t.numel() for t in ts) > NUMPY_MAX_ELEMENTS * (LARGE_D_FACTOR if large_d else 1):
         return False
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(_plain_cpu(t) and t.dtype in _NUMPY_DTYPES for t in ts) and all(
-        r is None or _plain_cpu(r) for r in residuals
+        r is None or _plain_cpu(r) for r in others
     )
 
 
@@ -121,7 +130,7 @@ class _Operation(torch.autograd.Function):
             torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             for g, (shape, dtype, device) in zip(grads[: op.n_out], ctx.out_meta, strict=True)
         )
-        if _via_numpy((*arrays, *grads), tuple(res)):  # (decided anew: torch.func may wrap)
+        if _via_numpy(arrays, (*res, *grads)):  # (decided anew: torch.func may wrap these)
             np_res = op.residuals._make(_to_numpy(tuple(res)))
             cots = _common.backward(
                 kind, _to_numpy(arrays), np_res, _to_numpy(grads), dict(options), needs

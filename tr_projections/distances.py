@@ -334,7 +334,7 @@ def wasserstein_chart(scale: Array, old_scale: Array, *, full: bool, scale_prec:
     diff = S - S_o
     S_o_inv = None
     if scale_prec:
-        S_o_inv = root_from_eig(U_o, s_o, xp=xp, power=-1.0)
+        S_o_inv = root_from_eig(U_o, s_o, xp=xp, inverse=True)
         diff = xp.matmul(S_o_inv, diff)
     return frob2(diff, xp=xp), RootChart(S, S_o, S_o_inv), RootEig(U, s, U_o, s_o)
 

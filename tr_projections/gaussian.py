@@ -158,11 +158,11 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     return root_from_eig(U, s, xp=xp), U, s
 
 
-def root_from_eig(U: Array, s: Array, *, xp: Any, power: float = 1.0) -> Array:
-    r""":math:`U \operatorname{diag}(s^{p}) U^\top`, symmetrised, for ``power`` :math:`p = \pm1`:
-    the symmetric root from its eigenbasis, or its inverse. The VJPs rebuild roots with it
-    from the residual eigenbases, bit for bit as the forward built them."""
-    Us = U * s[..., None, :] if power == 1.0 else U / s[..., None, :]
+def root_from_eig(U: Array, s: Array, *, xp: Any, inverse: bool = False) -> Array:
+    r""":math:`U \operatorname{diag}(s) U^\top` (``inverse``: :math:`U \operatorname{diag}(1/s)
+    U^\top`), symmetrised: the symmetric root from its eigenbasis, or its inverse. The VJPs
+    rebuild roots with it from the residual eigenbases, bit for bit as the forward built them."""
+    Us = U / s[..., None, :] if inverse else U * s[..., None, :]
     return sym(xp.matmul(Us, mT(U, xp=xp)), xp=xp)
 
 

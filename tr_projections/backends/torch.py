@@ -77,11 +77,12 @@ def _to_numpy(xs: tuple) -> tuple:
 
 
 def _to_torch(xs: tuple) -> tuple:
+    return tuple(None if x is None else _tensor(np.asarray(x)) for x in xs)
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
     # Zero-copy where NumPy allows writing (torch warns on read-only memory, e.g. broadcasts).
-    return tuple(
-        None if x is None else torch.from_numpy(x if x.flags.writeable else x.copy())
-        for x in (None if x is None else np.asarray(x) for x in xs)
-    )
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
 class _Operation(torch.autograd.Function):

@@ -32,10 +32,16 @@ def tril(x: Array, *, xp: Any) -> Array:
     twice as slowly on a batch of small matrices."""
     if _compat.is_jax(xp):  # an incoming NumPy cotangent: the mask needs x's device
         x = xp.asarray(x)
-    d = x.shape[-1]
     dev = _compat.device(x)
-    i = xp.arange(d, device=dev)  # (the mask from aranges: torch's tril of a (d, d) is slow)
-    return xp.where(i[:, None] >= i[None, :], x, xp.zeros((), dtype=x.dtype, device=dev))
+    row, col = _row_col(x.shape[-1], dev, xp=xp)
+    return xp.where(row >= col, x, xp.zeros((), dtype=x.dtype, device=dev))
+
+
+def _row_col(d: int, device: Any, *, xp: Any) -> tuple[Array, Array]:
+    """Row and column indices of a ``(d, d)`` matrix, as ``(d, 1)`` and ``(1, d)`` aranges: the
+    triangle masks are built from them (torch's ``tril`` of a ``(d, d)`` matrix is slow)."""
+    i = xp.arange(d, device=device)
+    return i[:, None], i[None, :]
 
 
 def solve_lower(L: Array, B: Array, *, xp: Any) -> Array:
@@ -57,9 +63,8 @@ def gram_vjp(sigma_bar: Array, L: Array, *, xp: Any) -> Array:
 def _phi_mask(d: int, dtype: Any, device: Any, *, xp: Any) -> Array:
     r"""The ``(d, d)`` multiplier of :math:`\Phi`: ones below the diagonal, 1/2 on it, zeros
     above."""
-    i = xp.arange(d, device=device)
-    lower = xp.astype(i[:, None] > i[None, :], dtype)
-    return lower + 0.5 * xp.astype(i[:, None] == i[None, :], dtype)
+    row, col = _row_col(d, device, xp=xp)
+    return xp.astype(row > col, dtype) + 0.5 * xp.astype(row == col, dtype)
 
 
 def cholesky_vjp(L: Array, L_bar: Array, *, xp: Any) -> Array:

@@ -172,7 +172,7 @@ def wasserstein_vjp(
         d_root = 2.0 * delta
         d_old = -d_root
     elif full:
-        R = root_from_eig(res.old_U, res.old_s, xp=xp, power=-1.0)  # S_o^-1
+        R = root_from_eig(res.old_U, res.old_s, xp=xp, inverse=True)  # S_o^-1
         RE = xp.matmul(R, xp.matmul(R, delta))
         d_root = 2.0 * sym(RE, xp=xp)
         if old:

@@ -101,3 +101,57 @@ def test_projections_with_chunked_decompositions(method, monkeypatch):
     for got, want in zip(run(), whole, strict=True):
         np.testing.assert_array_equal(got.detach().numpy(), want.detach().numpy())
     assert max(sizes) > 5  # the decompositions did go in chunks
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
+@pytest.mark.parametrize("shape", [(0, 6), (1, 1), (5, 6), (3, 4, 17), (1000, 2)])
+def test_row_sum_is_the_last_axis_sum(name, shape):
+    """``row_sum`` (a product with ones for NumPy and torch) equals ``sum(axis=-1)`` up to the
+    order of the additions, keeps non-finite values, and has the reduced shape and dtype."""
+    mod = pytest.importorskip(name)
+    from array_api_compat import array_namespace
+
+    rng = np.random.default_rng(sum(shape))
+    ref = rng.standard_normal(shape) * np.exp(rng.standard_normal(shape))
+    if ref.size:
+        ref.flat[0] = np.inf
+    x = mod.asarray(ref)
+    ns = array_namespace(x)
+    got = np.asarray(_compat.row_sum(x, xp=ns))
+    assert got.shape == shape[:-1] and got.dtype == np.float64
+    np.testing.assert_allclose(got, ref.sum(axis=-1), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
+def test_take_rows_matches_take(name):
+    mod = pytest.importorskip(name)
+    from array_api_compat import array_namespace
+
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((50, 3, 2))
+    index = np.sort(rng.choice(50, 20, replace=False))
+    x = mod.asarray(ref)
+    got = _compat.take_rows(x, mod.asarray(index), xp=array_namespace(x))
+    np.testing.assert_array_equal(np.asarray(got), ref[index])
+
+
+@pytest.mark.parametrize("shrink", [0.0, 0.25, 1.0])
+def test_eager_loop_shrinks_to_its_running_rows(shrink):
+    """A loop whose rows finish at different iterations gives the same state with or without
+    going on with its running rows alone, once (gathered a single time) at most ``shrink`` of
+    its rows are running: 90, 40, 10 and 2 of 100 rows run before the first four steps."""
+    stops = np.repeat([0, 1, 2, 3, 8], [10, 50, 30, 8, 2])  # iterations each row needs
+    seen = []
+
+    def body(state):
+        i, stop, acc = state
+        seen.append(i.shape[0])
+        running = i < stop
+        return (np.where(running, i + 1, i), stop, np.where(running, acc + 0.5 * i, acc))
+
+    state = (np.zeros(100, dtype=np.int64), stops, np.zeros(100))
+    out = _compat.while_loop(lambda s: s[0] < s[1], body, state, max_iter=50, shrink=shrink, xp=xp)
+    np.testing.assert_array_equal(out[0], stops)
+    np.testing.assert_array_equal(out[2], 0.25 * stops * (stops - 1))
+    expected = {0.0: [100] * 8, 0.25: [100, 100] + [10] * 6, 1.0: [90] * 8}
+    assert seen == expected[shrink]

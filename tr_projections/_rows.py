@@ -64,7 +64,7 @@ def narrow(rows: Rows | None, mask: Array, *, xp: Any) -> tuple[Rows | None, Row
     if rows is None or sub is None:
         return (sub if rows is None else rows), sub
     flat = put(sub.mask, rows, xp.zeros_like(rows.mask), event_ndim=0, xp=xp, owned=True)
-    return Rows(xp.take(rows.index, sub.index, axis=0), flat), sub
+    return Rows(_compat.take_rows(rows.index, sub.index, xp=xp), flat), sub
 
 
 def fields(rows: Rows | None) -> tuple[Array | None, Array | None]:
@@ -82,7 +82,7 @@ def take(x: Array, rows: Rows | None, *, event_ndim: int, xp: Any) -> Array:
     if rows is None:
         return x
     event = tuple(x.shape[x.ndim - event_ndim :])
-    return xp.take(xp.reshape(x, (-1,) + event), rows.index, axis=0)
+    return _compat.take_rows(xp.reshape(x, (-1,) + event), rows.index, xp=xp)
 
 
 def put(

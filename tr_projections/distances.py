@@ -21,7 +21,7 @@ import math
 from typing import Any, NamedTuple
 
 from . import _compat
-from ._compat import solve_triangular
+from ._compat import row_sum, solve_triangular
 from ._inputs import prepare
 from .gaussian import diagonal, frob2, mahalanobis, mT, root_from_cholesky, root_from_eig
 
@@ -47,7 +47,7 @@ def mean_distance(
     diff = mean - old_mean
     if scale_prec:
         return mahalanobis(diff, old_scale, full=full, xp=xp)
-    return xp.sum(diff * diff, axis=-1)
+    return row_sum(diff * diff, xp=xp)
 
 
 # --------------------------------------------------------------------------- KL
@@ -113,8 +113,8 @@ def kl_may_exceed(F: Array, scale: Array, old_scale: Array, eps: Array, *, xp: A
     diag_f = diagonal(F, xp=xp)
     sq = frob2(F, xp=xp)
     log_r = xp.log(diagonal(scale, xp=xp)) - xp.log(diagonal(old_scale, xp=xp))
-    g = 0.5 * (2.0 * xp.sum(diag_f, axis=-1) + sq) - xp.sum(log_r, axis=-1)
-    size = 2.0 * xp.sum(xp.abs(diag_f), axis=-1) + sq + 2.0 * xp.sum(xp.abs(log_r), axis=-1)
+    g = 0.5 * (2.0 * row_sum(diag_f, xp=xp) + sq) - row_sum(log_r, xp=xp)
+    size = 2.0 * row_sum(xp.abs(diag_f), xp=xp) + sq + 2.0 * row_sum(xp.abs(log_r), xp=xp)
     return _above_with_margin(g, size, eps, d=F.shape[-1], dtype=F.dtype, xp=xp)
 
 
@@ -127,10 +127,10 @@ def kl_may_exceed_diag(eigs: KLEigs, eps: Array, *, xp: Any) -> Array:
     times the terms). Rows outside the result are inside their bound; the others are decided
     from the accurate :func:`kl_cov_from_eigs`."""
     ratio = eigs.a / eigs.lam
-    g = 0.5 * xp.sum(xp.log(eigs.lam) - ratio, axis=-1)
+    g = 0.5 * row_sum(xp.log(eigs.lam) - ratio, xp=xp)
     # log(lam) and a/lam share their sign, and |log(lam)| <= |a/lam| + h: the size of the terms
     # is at most 2 sum|a/lam| + 2g.
-    size = 2.0 * (xp.sum(xp.abs(ratio), axis=-1) + xp.abs(g))
+    size = 2.0 * (row_sum(xp.abs(ratio), xp=xp) + xp.abs(g))
     return _above_with_margin(g, size, eps, d=eigs.a.shape[-1], dtype=g.dtype, xp=xp)
 
 
@@ -178,7 +178,7 @@ def kl_eigs(
     if F is None:
         F = kl_f(scale, old_scale, xp=xp)
     # tr(C - I) = 2 tr(F) + ||F||_F^2 (F is lower triangular).
-    trace_c = 2.0 * xp.sum(diagonal(F, xp=xp), axis=-1) + frob2(F, xp=xp)
+    trace_c = 2.0 * row_sum(diagonal(F, xp=xp), xp=xp) + frob2(F, xp=xp)
     use_c = trace_c > 0.0
     any_c = all_c = None  # unknown under tracing
     if not _compat._is_traced(use_c, xp):  # one host read for both
@@ -210,7 +210,7 @@ def kl_eigs(
 
 
 def kl_cov_from_eigs(eigs: KLEigs, *, xp: Any) -> Array:
-    return 0.5 * xp.sum(kl_h(eigs.a, eigs.lam, xp=xp), axis=-1)
+    return 0.5 * row_sum(kl_h(eigs.a, eigs.lam, xp=xp), xp=xp)
 
 
 def kl(mean: Array, scale: Array, old_mean: Array, old_scale: Array) -> DistanceParts:
@@ -246,7 +246,7 @@ def frobenius_cov(scale: Array, old_scale: Array, *, full: bool, xp: Any):
     if not full:
         cov, old = scale * scale, old_scale * old_scale
         diff = cov - old
-        return xp.sum(diff * diff, axis=-1), cov, old
+        return row_sum(diff * diff, xp=xp), cov, old
     cov = xp.matmul(scale, mT(scale, xp=xp))
     old = xp.matmul(old_scale, mT(old_scale, xp=xp))
     return frob2(cov - old, xp=xp), cov, old
@@ -328,7 +328,7 @@ def wasserstein_chart(scale: Array, old_scale: Array, *, full: bool, scale_prec:
         diff = scale - old_scale
         if scale_prec:
             diff = diff / old_scale
-        return xp.sum(diff * diff, axis=-1), RootChart(scale, old_scale, None), None
+        return row_sum(diff * diff, xp=xp), RootChart(scale, old_scale, None), None
     S, U, s = root_from_cholesky(scale, xp=xp)
     S_o, U_o, s_o = root_from_cholesky(old_scale, xp=xp)
     diff = S - S_o

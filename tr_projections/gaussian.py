@@ -16,7 +16,7 @@ import math
 from typing import Any, NamedTuple
 
 from . import _compat
-from ._compat import qr_r, solve_triangular
+from ._compat import qr_r, row_sum, solve_triangular
 from ._rows import choose, put, take
 
 __all__ = ["Gaussian", "entropy", "is_full"]
@@ -104,13 +104,13 @@ def whiten(v: Array, scale: Array, *, full: bool, xp: Any) -> Array:
 def mahalanobis(diff: Array, scale: Array, *, full: bool, xp: Any) -> Array:
     r"""Squared Mahalanobis length of ``diff``: :math:`\delta^\top \Sigma^{-1} \delta`."""
     z = whiten(diff, scale, full=full, xp=xp)
-    return xp.sum(z * z, axis=-1)
+    return row_sum(z * z, xp=xp)
 
 
 def log_det(scale: Array, *, full: bool, xp: Any) -> Array:
     r""":math:`\log|\Sigma| = 2 \sum_i \log L_{ii}` (or :math:`2 \sum_i \log \sigma_i`)."""
     diag = diagonal(scale, xp=xp) if full else scale
-    return 2.0 * xp.sum(xp.log(diag), axis=-1)
+    return 2.0 * row_sum(xp.log(diag), xp=xp)
 
 
 def cholesky_of_gram(m: Array, *, xp: Any) -> Array:

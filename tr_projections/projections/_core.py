@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from .._compat import row_sum
 from .._rows import Rows, add_to, choose, put, put_or_zero, take
 from ._vjp_core import expand, solve_lower, solve_lower_t, tril
 
@@ -122,7 +123,7 @@ def project_mean_vjp(
     g, mean, old_mean = (take(x, rows, event_ndim=1, xp=xp) for x in (g, mean, old_mean))
     tau, dist, active = (take(x, rows, event_ndim=0, xp=xp) for x in res)
     delta = mean - old_mean
-    dist_bar = closed_form_tau_vjp(xp.sum(g * delta, axis=-1), tau, dist, active, xp=xp)
+    dist_bar = closed_form_tau_vjp(row_sum(g * delta, xp=xp), tau, dist, active, xp=xp)
     # dd/ddelta = 2 coef w with w = Lambda_o delta (or delta itself): k w, k = 2 coef dist_bar.
     k = (2.0 * coef) * dist_bar[..., None]
     old_scale_bar = old_mean_bar = None

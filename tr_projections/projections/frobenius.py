@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from .._compat import row_sum
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import frobenius_cov, mean_distance
@@ -122,7 +123,7 @@ def frobenius_vjp(
         tau_bar = xp.sum(cov_bar * D, axis=(-2, -1))
     else:
         cov_bar = 0.5 * g_scale / res.proj_scale
-        tau_bar = xp.sum(cov_bar * D, axis=-1)
+        tau_bar = row_sum(cov_bar * D, xp=xp)
     dist_bar = closed_form_tau_vjp(tau_bar, res.tau, res.dist, res.active, xp=xp)
     D_bar = (
         expand(res.tau, event_ndim, xp=xp) * cov_bar + 2.0 * expand(dist_bar, event_ndim, xp=xp) * D

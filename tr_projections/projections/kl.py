@@ -21,7 +21,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
-from .._compat import while_loop
+from .._compat import row_sum, running_count, while_loop
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import (
@@ -66,9 +66,17 @@ def _t(s: Array, lam: Array, *, xp: Any, e: Array | None = None) -> Array:
     return e * lam - xp.expm1(s)[..., None]
 
 
-def _g_and_slope(s: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Array]:
-    r"""Return :math:`g(\tau)` and :math:`\tau g'(\tau) = \tfrac12\sum_i (x_i/t_i)^2` at
-    :math:`\tau = e^s`.
+def _halley(dtype: Any, *, xp: Any) -> bool:
+    r"""Whether the solver takes Halley's steps (float64) or Newton's (float32). Its curvature
+    term :math:`\sum_i r_i^2/t_i` overflows float32 already for new stds about 3,000 times
+    the old ones (float64: beyond 1e51 times), and float32's tolerance needs no third order."""
+    return xp.finfo(dtype).eps < 1e-10
+
+
+def _g_and_slopes(s: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Array, Array | None]:
+    r"""Return :math:`g(\tau)` and its first two derivatives in :math:`s = \log\tau`:
+    :math:`\tau g'(\tau) = \tfrac12\sum_i r_i^2` and :math:`\sum_i r_i^2 / t_i` (``None``
+    without Halley's steps), with :math:`r_i = x_i/t_i`, at :math:`\tau = e^s`.
 
     The solver needs :math:`g` to a relative accuracy far below the bound's tolerance, not to the
     last bit: in float64 the direct form of :func:`~tr_projections.distances.kl_h` (relative error
@@ -84,7 +92,51 @@ def _g_and_slope(s: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Arr
         h = kl_h(x, t, xp=xp)
     else:  # the direct form, sharing x / t
         h = xp.log1p(xp.maximum(x, finfo.eps - 1.0)) - r
-    return 0.5 * xp.sum(h, axis=-1), 0.5 * xp.sum(r * r, axis=-1)
+    r2 = r * r
+    curv = row_sum(r2 / t, xp=xp) if _halley(a.dtype, xp=xp) else None
+    return 0.5 * row_sum(h, xp=xp), 0.5 * row_sum(r2, xp=xp), curv
+
+
+def _halley_step(ds: Array, g: Array, slope: Array, curv: Array | None, *, xp: Any):
+    """Halley's correction of the Newton step ``ds`` on ``f = log g - log eps`` in ``s``, and
+    where it was taken: ``ds / (1 + c)`` with ``c = ds f''/(2 f')``, ``f' = slope/g``,
+    ``f'' = curv/g - f'^2``, where ``|c| <= 1/2``; Newton's step elsewhere (and without
+    ``curv``)."""
+    if curv is None:
+        return ds, None
+    c = 0.5 * ds * (curv / slope - slope / g)
+    halley = xp.abs(c) <= 0.5
+    return xp.where(halley, ds / (1.0 + c), ds), halley
+
+
+#: Unguarded steps tried first (eager arrays stop as soon as every row has converged); rows that
+#: have not converged by then go on with the safeguarded iteration.
+FAST_STEPS = 3
+
+
+def _fast_step(
+    s: Array, a: Array, lam: Array, log_eps: Array, log_lo: Array, *, xp: Any
+) -> tuple[Array, Array]:
+    """One unguarded Halley (float32: Newton) step on ``f = log g - log eps`` in ``s``, kept in
+    ``[log_lo, 0]``, and where it has converged: ``|f|`` and the step below ``eps_mach^(1/3)/4``
+    with a curvature correction ``|c| <= 1/2`` (Halley's error is cubic: the step lands at
+    rounding level), float32: below ``sqrt(eps_mach)`` (Newton's error is quadratic). Half the
+    work of a safeguarded step (:func:`_newton_step`: no bracket, no fallback), which the rows
+    that do not converge here go on with."""
+    finfo = xp.finfo(a.dtype)
+    g, slope, curv = _g_and_slopes(s, a, lam, xp=xp)
+    g = xp.maximum(g, finfo.smallest_normal)
+    slope = xp.maximum(slope, finfo.smallest_normal)
+    f = xp.log(g) - log_eps
+    ds = -f * (g / slope)
+    err = xp.maximum(xp.abs(ds), xp.abs(f))
+    if curv is None:
+        converged = err <= math.sqrt(finfo.eps)
+    else:
+        c = 0.5 * ds * (curv / slope - slope / g)
+        converged = (err <= 0.25 * finfo.eps ** (1.0 / 3.0)) & (xp.abs(c) <= 0.5)
+        ds = ds / (1.0 + xp.clip(c, -0.5, 0.5))
+    return xp.clip(s + ds, log_lo, 0.0), converged
 
 
 def _running(state: tuple) -> Array:
@@ -106,21 +158,28 @@ def _newton_step(state: tuple, *, xp: Any) -> tuple:
     s, s_lo, s_hi, f_lo, f_hi, done, a, lam, log_eps, ds_old, last_below = state
     finfo = xp.finfo(a.dtype)
     tol = math.sqrt(finfo.eps)
-    g, slope = _g_and_slope(s, a, lam, xp=xp)
-    f = xp.log(xp.maximum(g, finfo.smallest_normal)) - log_eps
+    tol3 = 0.25 * finfo.eps ** (1.0 / 3.0)
+    g, slope, curv = _g_and_slopes(s, a, lam, xp=xp)
+    g = xp.maximum(g, finfo.smallest_normal)
+    f = xp.log(g) - log_eps
     below = f <= 0
     same = below == last_below
     f_lo = xp.where(same & ~below, 0.5 * f_lo, f_lo)
     f_hi = xp.where(same & below, 0.5 * f_hi, f_hi)
     s_lo, f_lo = xp.where(below, s, s_lo), xp.where(below, f, f_lo)
     s_hi, f_hi = xp.where(below, s_hi, s), xp.where(below, f_hi, f)
-    ds = -f * (g / xp.maximum(slope, finfo.smallest_normal))
+    slope = xp.maximum(slope, finfo.smallest_normal)
+    ds, halley = _halley_step(-f * (g / slope), g, slope, curv, xp=xp)
     step = s + ds
     # Accept steps inside the bracket up to rounding, so a converged iterate is never thrown back.
     slack = 4.0 * finfo.eps * xp.abs(s) + finfo.smallest_normal
     inside = (step >= s_lo - slack) & (step <= s_hi + slack)
     abs_ds = xp.abs(ds)
-    converged = inside & (abs_ds <= tol) & (xp.abs(f) <= tol)
+    err = xp.maximum(abs_ds, xp.abs(f))
+    converged = err <= tol
+    if halley is not None:  # a Halley step from within tol3 lands at rounding level
+        converged = converged | (halley & (err <= tol3))
+    converged = inside & converged
     ok = converged | (inside & (2.0 * abs_ds <= xp.abs(ds_old)))
     span = f_hi - f_lo
     known = (f_lo > -math.inf) & (span > 0)  # f is known at both ends and tells them apart
@@ -142,40 +201,74 @@ def _step_for(xp: Any):
     return functools.partial(_newton_step, xp=xp)
 
 
+#: The Newton iteration goes on with its unfinished rows alone once they are at most this
+#: fraction of the rows (eager arrays; :func:`tr_projections._compat.while_loop`).
+SHRINK = 0.25
+
+
 def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     r""":math:`s = \log\tau` for the weight :math:`\tau \in (0, 1]` with
     :math:`g(\tau) = \epsilon` on rows where :math:`g(1) = ` ``g1`` :math:`> \epsilon`, and
     :math:`s = 0` elsewhere.
 
-    Start: the cubic model :math:`g \approx \tfrac14 \tau^2 S - \tfrac13\tau^3\sum a_i^3`,
-    :math:`S = \sum a_i^2`, i.e. the quadratic root :math:`\tau_0 = 2\sqrt{\epsilon/S}` times
-    :math:`1 + \tfrac23\tau_0\sum a_i^3/S`; in the usual regime two Newton steps then reach
-    rounding level. Bracket: ``tau = 1`` above; ``min(1/2, sqrt(eps / S))`` below, always
-    feasible because :math:`h(x) \le 2x^2` for :math:`|x| \le 1/2`, so
-    :math:`g(\tau) \le \tau^2 S` there.
+    Start, by how far ``g1`` is above the bound:
+
+    * :math:`g(1) \le e\,\epsilon` (the usual case in training: a step just outside its
+      region): Halley's step from :math:`\tau = 1`, where :math:`t = \lambda` and :math:`g`
+      are known, so the step costs a few products and no transcendental function;
+    * farther out: the cubic model :math:`g \approx \tfrac14 \tau^2 S -
+      \tfrac13\tau^3\sum a_i^3`, :math:`S = \sum a_i^2`, i.e. the quadratic root
+      :math:`\tau_0 = 2\sqrt{\epsilon/S}` times :math:`1 + \tfrac23\tau_0\sum a_i^3/S`.
+
+    In the usual regime one or two Halley steps then reach rounding level. Bracket: ``tau = 1``
+    above; ``min(1/2, sqrt(eps / S))`` below, always feasible because :math:`h(x) \le 2x^2` for
+    :math:`|x| \le 1/2`, so :math:`g(\tau) \le \tau^2 S` there.
     """
-    active = g1 > eps
-    eps = eps + xp.zeros_like(g1)
+    batch = tuple(g1.shape)
+    d = eigs.a.shape[-1]
+    active = xp.reshape(g1 > eps, (-1,))
+    eps = xp.reshape(eps + xp.zeros_like(g1), (-1,))
     # Inactive rows keep tau = 1; give them finite stand-in data so no lane computes log(0).
-    a = xp.where(active[..., None], eigs.a, xp.ones_like(eigs.a))
-    lam = xp.where(active[..., None], eigs.lam, 2.0 * xp.ones_like(eigs.lam))
+    act = active[:, None]
+    a = xp.where(act, xp.reshape(eigs.a, (-1, d)), xp.ones((), dtype=g1.dtype))
+    lam = xp.where(act, xp.reshape(eigs.lam, (-1, d)), 2.0 * xp.ones((), dtype=g1.dtype))
+    g1 = xp.where(active, xp.reshape(g1, (-1,)), 1.0 + eps)
     a2 = a * a
-    S = xp.sum(a2, axis=-1)
+    S = row_sum(a2, xp=xp)
     one = xp.ones_like(S)
     zero = xp.zeros_like(S)
     tau0 = xp.minimum(one, 2.0 * xp.sqrt(eps / S))
     lo = xp.minimum(0.5 * one, 0.5 * tau0)
+    log_lo = xp.log(lo)
     # Cubic model: one correction factor, kept within [1/2, 2]; a^3 is formed as (a^2/S)(tau0 a)
     # so that it cannot overflow.
-    corr = 1.0 + (2.0 / 3.0) * xp.sum((a2 / S[..., None]) * (tau0[..., None] * a), axis=-1)
-    start = xp.minimum(xp.maximum(tau0 * xp.clip(corr, 0.5, 2.0), lo), one)
+    corr = 1.0 + (2.0 / 3.0) * row_sum((a2 / S[:, None]) * (tau0[:, None] * a), xp=xp)
+    s_cubic = xp.log(xp.minimum(xp.maximum(tau0 * xp.clip(corr, 0.5, 2.0), lo), one))
     log_eps = xp.log(eps)
-    f_hi = xp.where(active, xp.log(xp.where(active, g1, one)) - log_eps, one)
+    f_hi = xp.log(g1) - log_eps  # > 0 on active rows, 1 on the others
+    # Halley's (float32: Newton's) step from tau = 1 (s = 0), where t = lam: r = a / lam.
+    r2 = a / lam
+    r2 = r2 * r2
+    slope = xp.maximum(0.5 * row_sum(r2, xp=xp), xp.finfo(a.dtype).smallest_normal)
+    curv = row_sum(r2 / lam, xp=xp) if _halley(a.dtype, xp=xp) else None
+    ds, _ = _halley_step(-f_hi * (g1 / slope), g1, slope, curv, xp=xp)
+    s_halley = xp.minimum(xp.maximum(ds, log_lo), zero)
+    s0 = xp.where(active, xp.where(f_hi <= 1.0, s_halley, s_cubic), zero)
+    done = ~active
+    for _ in range(FAST_STEPS):
+        s0, converged = _fast_step(s0, a, lam, log_eps, log_lo, xp=xp)
+        done = done | converged
+        left = running_count(done, xp=xp)
+        if left == 0:
+            return xp.reshape(xp.where(active, s0, zero), batch)
+        if left is not None and left <= SHRINK * done.shape[0]:
+            break  # the few rows left go on alone (the loop gathers them)
     inf = xp.full_like(S, math.inf)
-    s0 = xp.where(active, xp.log(start), zero)
-    state = (s0, xp.log(lo), zero, -inf, f_hi, ~active, a, lam, log_eps, inf, ~active)
-    state = while_loop(_running, _step_for(xp), state, max_iter=MAX_ITER, check_every=1, xp=xp)
-    return xp.where(active, state[0], zero)
+    state = (s0, log_lo, zero, -inf, f_hi, done, a, lam, log_eps, inf, ~active)
+    state = while_loop(
+        _running, _step_for(xp), state, max_iter=MAX_ITER, check_every=1, shrink=SHRINK, xp=xp
+    )
+    return xp.reshape(xp.where(active, state[0], zero), batch)
 
 
 def solve_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
@@ -297,7 +390,7 @@ def kl_vjp(
     t = _t(res.log_tau, lam, xp=xp)
     # m_i: M in the basis V; dg/dtau = <M, D> = sum_i m_i a_i.
     m_eig = 0.5 * tau_e * a / (t * t)
-    dg_dtau = xp.where(active, xp.sum(m_eig * a, axis=-1), xp.ones_like(tau))
+    dg_dtau = xp.where(active, row_sum(m_eig * a, xp=xp), xp.ones_like(tau))
     if full:
         L, L_o, U = scale, old_scale, res.U
         # (batch-sized temporaries are dropped as soon as they are used: with every state
@@ -308,7 +401,7 @@ def kl_vjp(
         del cov_bar, V
         G = -C / (t[..., :, None] * t[..., None, :])  # dl/dLambda~ in the basis V
         del C
-        kappa = xp.sum(diagonal(G, xp=xp) * a, axis=-1) / dg_dtau
+        kappa = row_sum(diagonal(G, xp=xp) * a, xp=xp) / dg_dtau
         k = kappa[..., None]
         H = G - diag_embed(k * m_eig, xp=xp)
         del G
@@ -332,7 +425,7 @@ def kl_vjp(
     else:
         # sigma~ = sigma_o / sqrt(t): t_bar = -g sigma~ / (2t); a_i = sigma_o^2/sigma^2 - 1.
         t_bar = -0.5 * g_scale * res.proj_scale / t
-        kappa = xp.sum(t_bar * a, axis=-1) / dg_dtau
+        kappa = row_sum(t_bar * a, xp=xp) / dg_dtau
         a_bar = tau_e * t_bar - kappa[..., None] * tau_e * m_eig
         scale_bar = -2.0 * a_bar * lam / scale
         if old:

@@ -153,5 +153,6 @@ def test_eager_loop_shrinks_to_its_running_rows(shrink):
     out = _compat.while_loop(lambda s: s[0] < s[1], body, state, max_iter=50, shrink=shrink, xp=xp)
     np.testing.assert_array_equal(out[0], stops)
     np.testing.assert_array_equal(out[2], 0.25 * stops * (stops - 1))
+    assert out[1] is stops  # passed through by the body: the full array itself, no scatter
     expected = {0.0: [100] * 8, 0.25: [100, 100] + [10] * 6, 1.0: [90] * 8}
     assert seen == expected[shrink]

@@ -105,6 +105,7 @@ def test_route_limits(monkeypatch):
     """Above the limit and for another library's bound the torch kernels run (and a NumPy
     bound is still refused)."""
     seen = _spy(monkeypatch)
+    monkeypatch.setattr(adapter, "MEASURED_THREADS", max(2, torch.get_num_threads()))
     case = make_case(33, "kl", True, d=3, batch=(4,))
     arrays = [torch.tensor(a) for a in case.args]
     n = sum(a.numel() for a in arrays)
@@ -131,10 +132,11 @@ def test_route_limits(monkeypatch):
     np.testing.assert_allclose(got.mean.numpy(), want.mean.numpy(), rtol=1e-10, atol=1e-12)
 
 
-def test_route_limit_for_large_full_gaussians(monkeypatch):
-    """Full Gaussians with d >= LARGE_D may hold LARGE_D_FACTOR times as many numbers; diagonal
-    ones (and full ones with smaller d) may not."""
+def test_route_limit_for_large_full_and_diagonal_gaussians(monkeypatch):
+    """Full Gaussians with d >= LARGE_D may hold LARGE_D_FACTOR times as many numbers, diagonal
+    ones DIAG_FACTOR times (full ones with smaller d: the limit itself, see above)."""
     seen = _spy(monkeypatch)
+    monkeypatch.setattr(adapter, "MEASURED_THREADS", max(2, torch.get_num_threads()))
     rng = np.random.default_rng(5)
     d = adapter.LARGE_D
     case = make_case(35, "kl", True, d=d, batch=(2,))
@@ -146,10 +148,31 @@ def test_route_limit_for_large_full_gaussians(monkeypatch):
     trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
     diag = [torch.tensor(rng.uniform(0.5, 1.5, (50, d))) for _ in range(2)]
     mean = torch.zeros(50, d, dtype=torch.float64)
-    # within the factor of the limit, but diagonal: torch kernels
-    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 4 * 50 * d // 2)
+    m = 4 * 50 * d
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", m // adapter.DIAG_FACTOR + 1)
     trp.project_kl(mean, diag[0], mean, diag[1], eps_mean=0.1, eps_cov=0.1)
-    assert [lib for _, lib in seen] == ["numpy", "torch", "torch"]
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", m // adapter.DIAG_FACTOR - 1)
+    trp.project_kl(mean, diag[0], mean, diag[1], eps_mean=0.1, eps_cov=0.1)
+    assert [lib for _, lib in seen] == ["numpy", "torch", "numpy", "torch"]
+
+
+def test_route_limit_shrinks_with_more_threads(monkeypatch):
+    """The limits hold for MEASURED_THREADS torch threads; with twice as many, half as many
+    numbers take the route."""
+    seen = _spy(monkeypatch)
+    case = make_case(36, "kl", True, d=3, batch=(4,))
+    arrays = [torch.tensor(a) for a in case.args]
+    n = sum(a.numel() for a in arrays)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(adapter, "MEASURED_THREADS", threads)
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 2 * n - 1)
+    trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
+    torch.set_num_threads(2 * threads)
+    try:
+        trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)  # limit (2n - 1) / 2 < n
+    finally:
+        torch.set_num_threads(threads)
+    assert [lib for _, lib in seen] == ["numpy", "torch"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

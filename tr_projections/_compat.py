@@ -318,8 +318,9 @@ def while_loop(
 
     ``shrink``: with eager arrays whose state is one row per element of a 1-D mask (every state
     array's first axis), the loop goes on with the running rows alone once they are at most this
-    fraction of the rows (gathered with ``take``, put back at the end): a few slow rows then no
-    longer cost a pass over the whole batch per iteration.
+    fraction of the rows (gathered with ``take``, put back at the end unless the body returned
+    the gathered array itself): a few slow rows then no longer cost a pass over the whole batch
+    per iteration.
     """
     if is_jax(xp) and _is_traced(state[0], xp):
         from jax import lax
@@ -365,9 +366,12 @@ def _eager_loop(
                 if n <= shrink * mask.shape[0]:
                     index = xp.nonzero(mask)[0]
                     sub = tuple(take_rows(x, index, xp=xp) for x in state)
-                    sub = _eager_loop(cond, body, sub, max_iter - i, check_every, 0.0, xp)
+                    out = _eager_loop(cond, body, sub, max_iter - i, check_every, 0.0, xp)
+                    # (entries the body passes through unchanged, such as constant data, keep
+                    # their full arrays: no scatter)
                     return tuple(
-                        put_rows(x, index, mask, y, xp=xp) for x, y in zip(state, sub, strict=True)
+                        x if y is z else put_rows(x, index, mask, y, xp=xp)
+                        for x, z, y in zip(state, sub, out, strict=True)
                     )
         state = body(state)
     return state

@@ -135,24 +135,31 @@ def test_take_rows_matches_take(name):
     np.testing.assert_array_equal(np.asarray(got), ref[index])
 
 
+@pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
 @pytest.mark.parametrize("shrink", [0.0, 0.25, 1.0])
-def test_eager_loop_shrinks_to_its_running_rows(shrink):
+def test_eager_loop_shrinks_to_its_running_rows(shrink, name):
     """A loop whose rows finish at different iterations gives the same state with or without
     going on with its running rows alone, once (gathered a single time) at most ``shrink`` of
     its rows are running: 90, 40, 10 and 2 of 100 rows run before the first four steps."""
-    stops = np.repeat([0, 1, 2, 3, 8], [10, 50, 30, 8, 2])  # iterations each row needs
+    mod = pytest.importorskip(name)
+    from array_api_compat import array_namespace
+
+    stops = mod.asarray(np.repeat([0, 1, 2, 3, 8], [10, 50, 30, 8, 2]))  # iterations per row
+    ns = array_namespace(stops)
     seen = []
 
     def body(state):
         i, stop, acc = state
         seen.append(i.shape[0])
         running = i < stop
-        return (np.where(running, i + 1, i), stop, np.where(running, acc + 0.5 * i, acc))
+        half = 0.5 * ns.astype(i, ns.float64)
+        return (ns.where(running, i + 1, i), stop, ns.where(running, acc + half, acc))
 
-    state = (np.zeros(100, dtype=np.int64), stops, np.zeros(100))
-    out = _compat.while_loop(lambda s: s[0] < s[1], body, state, max_iter=50, shrink=shrink, xp=xp)
-    np.testing.assert_array_equal(out[0], stops)
-    np.testing.assert_array_equal(out[2], 0.25 * stops * (stops - 1))
+    state = (ns.zeros(100, dtype=ns.int64), stops, ns.zeros(100, dtype=ns.float64))
+    out = _compat.while_loop(lambda s: s[0] < s[1], body, state, max_iter=50, shrink=shrink, xp=ns)
+    want = np.repeat([0, 1, 2, 3, 8], [10, 50, 30, 8, 2])
+    np.testing.assert_array_equal(np.asarray(out[0]), want)
+    np.testing.assert_array_equal(np.asarray(out[2]), 0.25 * want * (want - 1))
     assert out[1] is stops  # passed through by the body: the full array itself, no scatter
     expected = {0.0: [100] * 8, 0.25: [100, 100] + [10] * 6, 1.0: [90] * 8}
     assert seen == expected[shrink]

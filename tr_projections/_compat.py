@@ -189,12 +189,12 @@ def copy(x: Array, *, xp: Namespace) -> Array:
 
 
 def row_sum(x: Array, *, xp: Namespace) -> Array:
-    """The sum over the last axis of a float array. NumPy and torch compute it as a product with
-    a vector of ones (BLAS ``gemv``): their reductions over a short last axis are much slower
-    (float64, 100,000 x 6 on 2 threads: NumPy 1.78 ms against 0.13 ms, torch 0.30 against 0.17;
-    30,000 x 6: 0.53 against 0.06, 0.13 against 0.05). Same values up to the order of the
-    additions."""
-    if (is_numpy(xp) or is_torch(xp)) and x.ndim >= 2:
+    """The sum over the last axis of a float array. NumPy, and torch on the CPU, compute it as a
+    product with a vector of ones (BLAS ``gemv``): their reductions over a short last axis are
+    much slower (float64, 100,000 x 6 on 2 threads: NumPy 1.78 ms against 0.13 ms, torch 0.30
+    against 0.17; 30,000 x 6: 0.53 against 0.06, 0.13 against 0.05). Same values up to the
+    order of the additions."""
+    if x.ndim >= 2 and (is_numpy(xp) or (is_torch(xp) and x.device.type == "cpu")):
         return x @ xp.ones(x.shape[-1], dtype=x.dtype, device=device(x))
     return xp.sum(x, axis=-1)
 
@@ -316,7 +316,8 @@ def while_loop(
     which would otherwise compile the loop anew for every shape) read the mask every
     ``check_every`` iterations, one scalar a check.
 
-    ``shrink``: with eager arrays whose state is one row per element of a 1-D mask (every state
+    ``shrink``: with eager arrays (not JAX's, which would compile its operations anew for each
+    count of running rows) whose state is one row per element of a 1-D mask (every state
     array's first axis), the loop goes on with the running rows alone once they are at most this
     fraction of the rows (gathered with ``take``, put back at the end unless the body returned
     the gathered array itself): a few slow rows then no longer cost a pass over the whole batch
@@ -356,7 +357,7 @@ def _eager_loop(
             mask = cond(state)
             if _is_traced(mask, xp):
                 pass  # torch.func: run all iterations
-            elif not shrink:
+            elif not shrink or is_jax(xp):  # (eager JAX would compile anew for each row count)
                 if not bool(xp.any(mask)):
                     break
             else:

@@ -68,8 +68,9 @@ def _t(s: Array, lam: Array, *, xp: Any, e: Array | None = None) -> Array:
 
 def _halley(dtype: Any, *, xp: Any) -> bool:
     r"""Whether the solver takes Halley's steps (float64) or Newton's (float32). Its curvature
-    term :math:`\sum_i r_i^2/t_i` overflows float32 already for new stds about 3,000 times
-    the old ones (float64: beyond 1e51 times), and float32's tolerance needs no third order."""
+    term :math:`\sum_i r_i^2/t_i \approx \lambda^{-3}` overflows float32 for new stds about
+    2.6 million times the old ones (float64: beyond 1e51 times), and float32's tolerance needs
+    no third order."""
     return xp.finfo(dtype).eps < 1e-10
 
 
@@ -133,9 +134,8 @@ def _fast_step(
     if curv is None:
         converged = err <= math.sqrt(finfo.eps)
     else:
-        c = 0.5 * ds * (curv / slope - slope / g)
-        converged = (err <= 0.25 * finfo.eps ** (1.0 / 3.0)) & (xp.abs(c) <= 0.5)
-        ds = ds / (1.0 + xp.clip(c, -0.5, 0.5))
+        ds, halley = _halley_step(ds, g, slope, curv, xp=xp)
+        converged = (err <= 0.25 * finfo.eps ** (1.0 / 3.0)) & halley
     return xp.clip(s + ds, log_lo, 0.0), converged
 
 
@@ -144,16 +144,17 @@ def _running(state: tuple) -> Array:
 
 
 def _newton_step(state: tuple, *, xp: Any) -> tuple:
-    """One safeguarded Newton step on ``f = log g - log eps`` against ``s = log tau``; finished
-    rows stay as they are.
+    """One safeguarded Halley (float32: Newton) step on ``f = log g - log eps`` against
+    ``s = log tau``; finished rows stay as they are.
 
-    The step is Newton's when it stays in the bracket ``[s_lo, s_hi]`` and shrinks at least by
-    half against the previous step (otherwise Newton is overshooting or stalling, e.g. on the
-    steep side of a nearly singular precision). Else it is the secant through the bracket's ends
-    once ``f`` is known at both (``f_hi`` at ``tau = 1`` is known from the start; the Illinois
-    rule halves the residual of an end kept twice), and the midpoint before that. A row is done
-    when its residual ``|f|`` and its Newton step are both below ``sqrt(eps_mach)``. Working in
-    ``s`` keeps ``tau`` and ``1 - tau`` accurate at once, and no step can overflow.
+    The step is Halley's (:func:`_halley_step`) when it stays in the bracket ``[s_lo, s_hi]``
+    and shrinks at least by half against the previous step (otherwise it is overshooting or
+    stalling, e.g. on the steep side of a nearly singular precision). Else it is the secant
+    through the bracket's ends once ``f`` is known at both (``f_hi`` at ``tau = 1`` is known
+    from the start; the Illinois rule halves the residual of an end kept twice), and the
+    midpoint before that. A row is done when its residual ``|f|`` and its step are both below
+    ``sqrt(eps_mach)``, or below ``eps_mach^(1/3)/4`` for a Halley step (whose error is cubic).
+    Working in ``s`` keeps ``tau`` and ``1 - tau`` accurate at once, and no step can overflow.
     """
     s, s_lo, s_hi, f_lo, f_hi, done, a, lam, log_eps, ds_old, last_below = state
     finfo = xp.finfo(a.dtype)
@@ -230,9 +231,11 @@ def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     eps = xp.reshape(eps + xp.zeros_like(g1), (-1,))
     # Inactive rows keep tau = 1; give them finite stand-in data so no lane computes log(0).
     act = active[:, None]
-    a = xp.where(act, xp.reshape(eigs.a, (-1, d)), xp.ones((), dtype=g1.dtype))
-    lam = xp.where(act, xp.reshape(eigs.lam, (-1, d)), 2.0 * xp.ones((), dtype=g1.dtype))
-    g1 = xp.where(active, xp.reshape(g1, (-1,)), 1.0 + eps)
+    g1 = xp.reshape(g1, (-1,))
+    one = xp.ones_like(g1)[:, None]
+    a = xp.where(act, xp.reshape(eigs.a, (-1, d)), one)
+    lam = xp.where(act, xp.reshape(eigs.lam, (-1, d)), 2.0 * one)
+    g1 = xp.where(active, g1, 1.0 + eps)
     a2 = a * a
     S = row_sum(a2, xp=xp)
     one = xp.ones_like(S)
@@ -245,7 +248,7 @@ def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     corr = 1.0 + (2.0 / 3.0) * row_sum((a2 / S[:, None]) * (tau0[:, None] * a), xp=xp)
     s_cubic = xp.log(xp.minimum(xp.maximum(tau0 * xp.clip(corr, 0.5, 2.0), lo), one))
     log_eps = xp.log(eps)
-    f_hi = xp.log(g1) - log_eps  # > 0 on active rows, 1 on the others
+    f_hi = xp.log(g1) - log_eps  # > 0 on every row (inactive ones: g1 = 1 + eps)
     # Halley's (float32: Newton's) step from tau = 1 (s = 0), where t = lam: r = a / lam.
     r2 = a / lam
     r2 = r2 * r2

@@ -122,7 +122,9 @@ class _Operation(torch.autograd.Function):
         bounds, arrays = inputs[:n_bounds], inputs[n_bounds:]
         if _via_numpy(inputs):
             outs, res = _common.forward(kind, _to_numpy(arrays), _to_numpy(bounds), dict(options))
-            return _to_torch((*outs, *res))
+            # (a chunked call has one residual tuple per chunk: their entries in a row)
+            flat = [x for r in res for x in r] if isinstance(res, list) else res
+            return _to_torch((*outs, *flat))
         outs, res = _common.forward(kind, arrays, bounds, dict(options))
         return (*outs, *res)
 
@@ -153,14 +155,18 @@ class _Operation(torch.autograd.Function):
         saved = ctx.saved_tensors
         arrays = saved[: ctx.n_arrays]
         it = iter(saved[ctx.n_arrays :])
-        res = op.residuals._make(None if m else next(it) for m in ctx.missing)
+        entries = [None if m else next(it) for m in ctx.missing]
+        n = len(op.residuals._fields)
+        parts = [op.residuals._make(entries[i : i + n]) for i in range(0, len(entries), n)]
+        res = parts[0] if len(parts) == 1 else parts  # (a chunked forward: one per chunk)
         needs = ctx.needs_input_grad[1 + n_bounds :]
         grads = tuple(
             torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             for g, (shape, dtype, device) in zip(grads[: op.n_out], ctx.out_meta, strict=True)
         )
-        if _via_numpy(arrays, (*res, *grads)):  # (decided anew: torch.func may wrap these)
-            np_res = op.residuals._make(_to_numpy(tuple(res)))
+        if _via_numpy(arrays, (*entries, *grads)):  # (decided anew: torch.func may wrap these)
+            np_res = [op.residuals._make(_to_numpy(tuple(r))) for r in parts]
+            np_res = np_res[0] if len(np_res) == 1 else np_res
             cots = _common.backward(
                 kind, _to_numpy(arrays), np_res, _to_numpy(grads), dict(options), needs
             )

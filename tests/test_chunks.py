@@ -1,0 +1,127 @@
+"""Large eager NumPy projections run in chunks of rows (``backends._common.CHUNK_ROWS``): the
+same outputs and cotangents as one call, the same errors, and the torch adapter's NumPy route
+carries the chunks' residuals from its forward to its backward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_gradients import METHODS, make_case
+
+import tr_projections as trp
+from tr_projections.backends import _common
+
+FNS = {
+    "kl": trp.project_kl,
+    "frobenius": trp.project_frobenius,
+    "wasserstein": trp.project_wasserstein,
+}
+
+
+def _outputs_and_cotangents(fn, args, kwargs, g):
+    out, vjp_fn = trp.vjp(fn, *args, **kwargs)
+    return [np.asarray(x) for x in (*out, *vjp_fn(trp.Gaussian(*g)))]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("kind", ["diag", "full"])
+@pytest.mark.parametrize("bounds", ["numbers", "per-state"])
+def test_chunks_equal_one_call(monkeypatch, method, kind, bounds):
+    """50 states in chunks of at most 16 rows (4 chunks of 13, 13, 13, 11) against one call:
+    outputs and all four cotangents to rounding (the chunks may select other rows to work on),
+    with the states' own bounds sliced along."""
+    case = make_case(40, method, kind == "full", d=3, batch=(50,))
+    kwargs = dict(case.kwargs)
+    if bounds == "per-state":
+        rng = np.random.default_rng(2)
+        for name in ("eps_mean", "eps_cov"):
+            kwargs[name] = kwargs[name] * rng.uniform(0.5, 2.0, 50)
+    fn, op = case.fn, method.split("_")[0]  # (variants: frobenius_euclid, ...)
+    rng = np.random.default_rng(1)
+    out = fn(*case.args, **kwargs)
+    g = [rng.standard_normal(np.shape(x)) for x in out]
+    monkeypatch.setattr(_common, "CHUNK_ROWS", 0)
+    want = _outputs_and_cotangents(fn, case.args, kwargs, g)
+    monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
+    calls = []
+    real = _common.OPERATIONS[op].forward
+    monkeypatch.setitem(
+        _common.OPERATIONS,
+        op,
+        _common.OPERATIONS[op]._replace(
+            forward=lambda a, b, o: calls.append(a[0].shape[0]) or real(a, b, o)
+        ),
+    )
+    got = _outputs_and_cotangents(fn, case.args, kwargs, g)
+    assert calls == [13, 13, 13, 11]
+    for x, y in zip(got, want, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_what_is_not_chunked(monkeypatch):
+    """Batches up to CHUNK_ROWS, arrays broadcast along the batch, bounds of another shape,
+    and arrays of other libraries run as one call."""
+    monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
+    case = make_case(41, "kl", False, d=3, batch=(50,))
+    mean, scale, old_mean, old_scale = case.args
+    chunkable = _common._chunkable
+    assert chunkable("kl", case.args, (0.1, 0.1))
+    assert not chunkable("kl", (mean[:16], scale[:16], old_mean[:16], old_scale[:16]), (0.1, 0.1))
+    assert not chunkable("kl", (mean, scale, old_mean[:1], old_scale), (0.1, 0.1))
+    assert not chunkable("kl", case.args, (np.full((50, 1), 0.1), 0.1))
+    assert chunkable("kl", case.args, (np.full(50, 0.1), np.asarray(0.1)))
+    assert not chunkable("entropy", (scale,), (0.1,))
+    strict = pytest.importorskip("array_api_strict")
+    assert not chunkable("kl", tuple(strict.asarray(x) for x in case.args), (0.1, 0.1))
+
+
+def test_chunked_errors_name_the_callers_index(monkeypatch):
+    """Value checks run on the whole call before the chunks: the message gives the index in
+    the caller's array, not in a chunk."""
+    monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
+    case = make_case(42, "kl", False, d=3, batch=(50,))
+    mean, scale, old_mean, old_scale = (np.array(x) for x in case.args)
+    scale[40, 1] = -1.0
+    with pytest.raises(ValueError, match=r"`scale`.*index \(40, 1\)"):
+        trp.project_kl(mean, scale, old_mean, old_scale, eps_mean=0.1, eps_cov=0.1)
+    with pytest.raises(ValueError, match="eps_cov"):
+        trp.project_kl(*case.args, eps_mean=0.1, eps_cov=np.r_[np.full(49, 0.1), -1.0])
+
+
+@pytest.mark.numpy_route
+@pytest.mark.parametrize("kind", ["diag", "full"])
+def test_torch_route_carries_chunked_residuals(monkeypatch, kind):
+    """torch tensors on the NumPy route, chunked: the outputs and gradients of torch's own
+    kernels, through ``loss.backward()``."""
+    torch = pytest.importorskip("torch")
+    from tr_projections.backends import torch as adapter
+
+    case = make_case(43, "kl", kind == "full", d=3, batch=(50,))
+    rng = np.random.default_rng(3)
+
+    def run():
+        leaves = [torch.tensor(a, requires_grad=True) for a in case.args]
+        kw = {
+            k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in case.kwargs.items()
+        }
+        out = case.fn(*leaves, **kw)
+        g = [torch.tensor(rng.standard_normal(tuple(o.shape))) for o in out]
+        torch.autograd.backward(list(out), g)
+        return [o.detach().numpy() for o in out] + [a.grad.numpy() for a in leaves]
+
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    rng = np.random.default_rng(3)
+    want = run()
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 1 << 20)
+    monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
+    rng = np.random.default_rng(3)
+    seen = []
+    real = _common.backward
+    monkeypatch.setattr(
+        _common, "backward", lambda k, a, r, *rest: seen.append(type(r)) or real(k, a, r, *rest)
+    )
+    got = run()
+    assert seen == [list]
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)

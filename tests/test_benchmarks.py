@@ -114,3 +114,24 @@ def test_in_process_ab_runs():
         new_ms, base_ms, ratio = row.split("|")[2:5]
         assert float(new_ms) > 0 and float(base_ms) > 0
         assert float(ratio.strip().rstrip("×")) > 0
+
+
+def test_fresh_process_ab_runs():
+    """``benchmarks/fresh.py`` times this checkout and a git revision, each in fresh processes,
+    and prints both medians, their ranges, the page faults per call and the speed-up."""
+    pytest.importorskip("torch")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "fresh.py"), "HEAD", "--kind", "full",
+         "--batch", "64", "--procs", "1", "--calls", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["this checkout", "HEAD"]
+    for row in rows:
+        ms, _, faults = row.split("|")[2:5]
+        assert float(ms) > 0 and float(faults) >= 0
+    assert "speed-up over HEAD:" in proc.stdout

@@ -134,7 +134,8 @@ def test_route_limits(monkeypatch):
 
 def test_route_limit_for_large_full_and_diagonal_gaussians(monkeypatch):
     """Full Gaussians with d >= LARGE_D may hold LARGE_D_FACTOR times as many numbers, diagonal
-    ones DIAG_FACTOR times (full ones with smaller d: the limit itself, see above)."""
+    ones of a KL or Frobenius projection their DIAG_FACTORS times; diagonal W2 projections and
+    full ones with smaller d: the limit itself."""
     seen = _spy(monkeypatch)
     monkeypatch.setattr(adapter, "MEASURED_THREADS", max(2, torch.get_num_threads()))
     rng = np.random.default_rng(5)
@@ -146,14 +147,18 @@ def test_route_limit_for_large_full_and_diagonal_gaussians(monkeypatch):
     trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", n // adapter.LARGE_D_FACTOR - 1)
     trp.project_kl(*arrays, eps_mean=0.1, eps_cov=0.1)
+    assert [lib for _, lib in seen] == ["numpy", "torch"]
     diag = [torch.tensor(rng.uniform(0.5, 1.5, (50, d))) for _ in range(2)]
     mean = torch.zeros(50, d, dtype=torch.float64)
     m = 4 * 50 * d
-    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", m // adapter.DIAG_FACTOR + 1)
-    trp.project_kl(mean, diag[0], mean, diag[1], eps_mean=0.1, eps_cov=0.1)
-    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", m // adapter.DIAG_FACTOR - 1)
-    trp.project_kl(mean, diag[0], mean, diag[1], eps_mean=0.1, eps_cov=0.1)
-    assert [lib for _, lib in seen] == ["numpy", "torch", "numpy", "torch"]
+    for method, factor in [("kl", 64), ("frobenius", 4), ("wasserstein", 1)]:
+        assert adapter.DIAG_FACTORS.get(method, 1) == factor
+        seen.clear()
+        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", m // factor + 1)
+        trp.project(mean, diag[0], mean, diag[1], method=method, eps_mean=0.1, eps_cov=0.1)
+        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", m // factor - 1)
+        trp.project(mean, diag[0], mean, diag[1], method=method, eps_mean=0.1, eps_cov=0.1)
+        assert [lib for _, lib in seen] == ["numpy", "torch"], method
 
 
 def test_route_limit_shrinks_with_more_threads(monkeypatch):

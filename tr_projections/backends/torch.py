@@ -14,9 +14,10 @@ Small CPU batches run the package's NumPy kernels on zero-copy views of the tens
 code, another namespace): torch's per-operation cost on CPU (dispatch, and about 45 µs to wake
 its second thread for a transcendental function of a few hundred numbers) dominates there, and
 NumPy was 1.4–5.8× faster at 1,000 states on 2 cores (``benchmarks/``), and stays faster for
-diagonal Gaussians at every measured size. The route is taken for plain CPU float tensors with
-at most :data:`NUMPY_MAX_ELEMENTS` input numbers (more for diagonal Gaussians and for full ones
-of large dimension; fewer with more than two torch threads), outside
+diagonal KL projections at every measured size. The route is taken for plain CPU float tensors
+with at most :data:`NUMPY_MAX_ELEMENTS` input numbers (more for diagonal KL and Frobenius
+projections and for full Gaussians of large dimension; fewer with more than two torch threads),
+outside
 ``torch.compile`` and ``torch.func.vmap`` (forward and backward each decide from their own
 arguments); set it to 0 to always use torch kernels.
 """
@@ -31,25 +32,27 @@ from torch.autograd.function import once_differentiable
 
 from . import _common
 
-#: CPU calls on full Gaussians (an argument with two equal trailing axes) whose array arguments
-#: hold at most this many numbers in all run on NumPy views: about 12,500 full 6-D Gaussians
-#: (forward + backward, float64, 2 threads: NumPy 1.2x faster at 10,000 states, torch 1.1x at
-#: 30,000). 0: never, for every kind of call.
-NUMPY_MAX_ELEMENTS = 1 << 20
+#: CPU calls whose array arguments hold at most this many numbers in all run on NumPy views
+#: (about 6,000 full or 22,000 diagonal 6-D Gaussians; torch is faster above, from about 10,000
+#: full 6-D states). 0: never, for every kind of call.
+NUMPY_MAX_ELEMENTS = 1 << 19
 
 #: Full Gaussians of this dimension and more (an argument whose last two axes are equal and at
 #: least this long) may hold :data:`LARGE_D_FACTOR` times as many numbers: torch's batched
 #: decompositions of 17x17 and 32x32 matrices are slow on the CPU, and NumPy was 1.3-4.5x
 #: faster at 10,000 full states with d = 17 and d = 32 (about 13,700 and 3,900 states now).
 LARGE_D = 12
-LARGE_D_FACTOR = 8
+LARGE_D_FACTOR = 16
 
-#: Diagonal Gaussians (no argument with two equal trailing axes) may hold this many times as
-#: many numbers, about 1.4 million 6-D states: their work is elementwise, where torch's
-#: per-operation cost (waking its second thread) outweighs its threads at every measured size
-#: (NumPy 1.3-1.7x faster at 100,000 6-D states for KL, Frobenius and W2, float32 and float64;
-#: 1.17x at a million, KL float64).
-DIAG_FACTOR = 32
+#: Diagonal Gaussians (no argument with two equal trailing axes) of these projections may hold
+#: this many times as many numbers. KL: about 1.4 million 6-D states, its Newton solve being
+#: many short elementwise passes, where torch's per-operation cost (waking its second thread)
+#: and page faults outweigh its threads (NumPy route with its chunks against torch's kernels,
+#: forward + backward, float64, 2 threads, each in its own process: 42 against 52 ms at 100,000
+#: states, 340 against 480-550 ms at a million). Frobenius: about 87,000 states (22.5 against
+#: 25 ms at 60,000, even at 100,000). W2 and the rest keep the limit itself: torch's kernels
+#: were faster for diagonal W2 from 30,000 states.
+DIAG_FACTORS = {"kl": 64, "frobenius": 4}
 
 #: The limits above were measured with 2 torch threads; with more threads they shrink in
 #: proportion (torch's kernels then gain on NumPy's single thread).
@@ -68,22 +71,18 @@ def _plain_cpu(t: torch.Tensor) -> bool:
     )
 
 
-def _limit(ts: list) -> float:
-    """How many numbers a call on ``ts`` may hold to run on NumPy views."""
+def _limit(kind: str, ts: list) -> float:
+    """How many numbers a call of operation ``kind`` on ``ts`` may hold to run on NumPy views."""
     square = [t.shape[-1] for t in ts if t.ndim >= 2 and t.shape[-1] == t.shape[-2]]
     if not square:
-        factor = DIAG_FACTOR
+        factor = DIAG_FACTORS.get(kind, 1)
     else:
         factor = LARGE_D_FACTOR if max(square) >= LARGE_D else 1
-    return (
-        NUMPY_MAX_ELEMENTS
-        * factor
-        * MEASURED_THREADS
-        / max(MEASURED_THREADS, torch.get_num_threads())
-    )
+    threads = max(MEASURED_THREADS, torch.get_num_threads())
+    return NUMPY_MAX_ELEMENTS * factor * MEASURED_THREADS / threads
 
 
-def _via_numpy(tensors: tuple, others: tuple = ()) -> bool:
+def _via_numpy(kind: str, tensors: tuple, others: tuple = ()) -> bool:
     """Whether a call on ``tensors`` (the arrays, and the bounds in the forward; Python numbers
     allowed) and ``others`` (residuals and cotangents in the backward; ``None`` allowed) runs on
     NumPy views: plain CPU tensors, float ones among ``tensors``, few enough numbers there (the
@@ -91,7 +90,7 @@ def _via_numpy(tensors: tuple, others: tuple = ()) -> bool:
     if not all(isinstance(t, (torch.Tensor, int, float)) for t in tensors):
         return False  # (another library's array: the torch route reports it)
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if sum(t.numel() for t in ts) > _limit(ts):
+    if sum(t.numel() for t in ts) > _limit(kind, ts):
         return False
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
@@ -120,7 +119,7 @@ class _Operation(torch.autograd.Function):
     def forward(static: tuple, *inputs: Any) -> tuple:  # type: ignore[override]
         kind, options, n_bounds = static
         bounds, arrays = inputs[:n_bounds], inputs[n_bounds:]
-        if _via_numpy(inputs):
+        if _via_numpy(kind, inputs):
             outs, res = _common.forward(kind, _to_numpy(arrays), _to_numpy(bounds), dict(options))
             # (a chunked call has one residual tuple per chunk: their entries in a row)
             flat = [x for r in res for x in r] if isinstance(res, list) else res
@@ -164,7 +163,9 @@ class _Operation(torch.autograd.Function):
             torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             for g, (shape, dtype, device) in zip(grads[: op.n_out], ctx.out_meta, strict=True)
         )
-        if _via_numpy(arrays, (*entries, *grads)):  # (decided anew: torch.func may wrap these)
+        if _via_numpy(
+            kind, arrays, (*entries, *grads)
+        ):  # (decided anew: torch.func may wrap these)
             np_res = [op.residuals._make(_to_numpy(tuple(r))) for r in parts]
             np_res = np_res[0] if len(np_res) == 1 else np_res
             cots = _common.backward(

@@ -1,0 +1,138 @@
+"""A/B of this checkout against a git revision, each measurement in a fresh process.
+
+    python benchmarks/fresh.py REF --kind diag --method kl --batch 100000 [--procs 3] [--calls 25]
+
+``ab.py`` alternates both versions in one process, which resolves small differences in compute;
+but the C allocator's state (which freed blocks it keeps, which it returns to the system and
+faults in again on the next call) then carries over from one version to the other and can
+decide the comparison. Here every (version, repeat) pair runs in a process of its own, in
+alternation: a warm-up of 3 calls, then ``--calls`` timed forward + backward calls of torch
+tensors through autograd (the user's view: the adapter picks its route). Prints the median of
+the per-process medians, their range, and the page faults per call (``ru_minflt``), with the
+machine and thread count. ``--route torch`` forces torch's own kernels in both versions (the
+adapter's NumPy route off), ``--route numpy`` the NumPy route at any size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+_CHILD = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, os.environ["TRP_PATH"])
+sys.path.insert(1, os.environ["TRP_BENCH"])
+import numpy as np
+import torch
+from _worker import bounds_for, limit_threads, make_data
+threads = int(os.environ["TRP_THREADS"])
+limit_threads(threads)
+torch.set_num_threads(threads)
+import tr_projections as trp
+import tr_projections.backends.torch as adapter
+route = os.environ["TRP_ROUTE"]
+if route == "torch":
+    adapter.NUMPY_MAX_ELEMENTS = 0
+elif route == "numpy":
+    adapter.NUMPY_MAX_ELEMENTS = 1 << 40
+kind, method = os.environ["TRP_KIND"], os.environ["TRP_METHOD"]
+dim, batch = int(os.environ["TRP_DIM"]), int(os.environ["TRP_BATCH"])
+data = make_data(kind, dim, batch, 0)
+eps_mean, eps_cov, frac = bounds_for(data, method, float(os.environ["TRP_QUANTILE"]))
+x = [torch.tensor(a, requires_grad=i < 2) for i, a in enumerate(data["arrays"])]
+g = [torch.tensor(a) for a in data["cotangents"]]
+
+def call():
+    out = trp.project(*x, method=method, eps_mean=eps_mean, eps_cov=eps_cov)
+    torch.autograd.backward(list(out), g)
+    for t in x[:2]:
+        t.grad = None
+
+for _ in range(3):
+    call()
+times = []
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(int(os.environ["TRP_CALLS"])):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(json.dumps({"median": float(np.median(times)), "faults": faults / len(times), "frac": frac}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ref", help="git revision to compare against (e.g. 841b998)")
+    ap.add_argument("--kind", choices=("diag", "full"), default="diag")
+    ap.add_argument("--method", choices=("kl", "frobenius", "wasserstein"), default="kl")
+    ap.add_argument("--dim", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=100000)
+    ap.add_argument("--procs", type=int, default=3, help="fresh processes per version")
+    ap.add_argument("--calls", type=int, default=25, help="timed calls per process")
+    ap.add_argument("--quantile", type=float, default=0.7, help="bounds' quantile (run.py's)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--route", choices=("auto", "torch", "numpy"), default="auto")
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="trp_fresh_"))
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", args.ref, "tr_projections"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(args.threads)
+    env.update(
+        TRP_BENCH=str(HERE), TRP_THREADS=str(args.threads), TRP_ROUTE=args.route,
+        TRP_KIND=args.kind, TRP_METHOD=args.method, TRP_DIM=str(args.dim),
+        TRP_BATCH=str(args.batch), TRP_QUANTILE=str(args.quantile), TRP_CALLS=str(args.calls),
+    )  # fmt: skip
+    paths = {"this checkout": str(ROOT), args.ref: str(tmp)}
+    runs: dict[str, list[dict]] = {v: [] for v in paths}
+    for _ in range(args.procs):
+        for version, path in paths.items():
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD], env={**env, "TRP_PATH": path},
+                check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            runs[version].append(json.loads(out.strip().splitlines()[-1]))
+    import numpy as np
+
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.threads} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}; {platform.platform()}"
+    )
+    print(
+        f"# {args.method} {args.kind} d={args.dim} B={args.batch}, forward + backward, torch "
+        f"tensors, route {args.route}, bounds at quantile {args.quantile} "
+        f"({runs[args.ref][0]['frac']:.0%} projected); {args.procs} fresh processes per version "
+        f"x {args.calls} calls; median of the per-process medians [range]"
+    )
+    print("| version | time [ms] | range [ms] | page faults per call |")
+    print("|---|---:|---:|---:|")
+    medians = {}
+    for version, rs in runs.items():
+        ms = [1e3 * r["median"] for r in rs]
+        medians[version] = float(np.median(ms))
+        faults = float(np.median([r["faults"] for r in rs]))
+        print(
+            f"| {version} | {medians[version]:.1f} | {min(ms):.1f}–{max(ms):.1f} | {faults:.0f} |"
+        )
+    print(f"speed-up over {args.ref}: {medians[args.ref] / medians['this checkout']:.2f}×")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

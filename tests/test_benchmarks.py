@@ -129,7 +129,7 @@ def test_fresh_process_ab_runs():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == ["this checkout", "HEAD"]
     for row in rows:
         ms, _, faults = row.split("|")[2:5]

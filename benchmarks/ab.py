@@ -26,16 +26,34 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def extract(ref: str, prefix: str) -> Path:
+    """A new temporary folder holding the package as it was at git ``ref``."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "tr_projections"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    return tmp
+
+
+def cell_arguments(doc: str, *, kind: str, batch: int) -> argparse.ArgumentParser:
+    """The arguments an A/B script shares (this one and ``fresh.py``): the revision and the
+    cell (kind, method, d, B, bounds' quantile, threads)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("ref", help="git revision to compare against (e.g. cb96c53)")
-    ap.add_argument("--kind", choices=("diag", "full"), default="full")
+    ap.add_argument("--kind", choices=("diag", "full"), default=kind)
     ap.add_argument("--method", choices=("kl", "frobenius", "wasserstein"), default="kl")
     ap.add_argument("--dim", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--quantile", type=float, default=0.7, help="bounds' quantile (run.py's)")
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = cell_arguments(__doc__, kind="full", batch=1000)
+    ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -45,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from _worker import bounds_for, limit_threads, make_data
 
     limit_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="trp_ab_"))
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", args.ref, "tr_projections"],
-        check=True, capture_output=True,
-    ).stdout  # fmt: skip
-    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    tmp = extract(args.ref, "trp_ab_")
     (tmp / "tr_projections").rename(tmp / "trp_ab_base")
     sys.path.insert(0, str(tmp))
     sys.path.insert(0, str(ROOT))

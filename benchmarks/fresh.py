@@ -15,13 +15,11 @@ adapter's NumPy route off), ``--route numpy`` the NumPy route at any size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -71,25 +69,16 @@ print(json.dumps({"median": float(np.median(times)), "faults": faults / len(time
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("ref", help="git revision to compare against (e.g. 841b998)")
-    ap.add_argument("--kind", choices=("diag", "full"), default="diag")
-    ap.add_argument("--method", choices=("kl", "frobenius", "wasserstein"), default="kl")
-    ap.add_argument("--dim", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=100000)
+    sys.path.insert(0, str(HERE))
+    from ab import cell_arguments, extract
+
+    ap = cell_arguments(__doc__, kind="diag", batch=100000)
     ap.add_argument("--procs", type=int, default=3, help="fresh processes per version")
     ap.add_argument("--calls", type=int, default=25, help="timed calls per process")
-    ap.add_argument("--quantile", type=float, default=0.7, help="bounds' quantile (run.py's)")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--route", choices=("auto", "torch", "numpy"), default="auto")
     args = ap.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="trp_fresh_"))
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", args.ref, "tr_projections"],
-        check=True, capture_output=True,
-    ).stdout  # fmt: skip
-    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    tmp = extract(args.ref, "trp_fresh_")
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

@@ -95,13 +95,17 @@ def test_worker_env_must_be_key_value():
 
 
 @pytest.mark.skipif(not RUN.exists(), reason="benchmarks/ is not shipped with this copy")
-def test_in_process_ab_runs():
-    """``benchmarks/ab.py`` imports this checkout and a git revision side by side and prints
-    both medians and their ratio for forward and forward + backward."""
+def _torch_and_git_or_skip() -> None:
     pytest.importorskip("torch")
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True)
     if head.returncode != 0:
         pytest.skip("not a git checkout")
+
+
+def test_in_process_ab_runs():
+    """``benchmarks/ab.py`` imports this checkout and a git revision side by side and prints
+    both medians and their ratio for forward and forward + backward."""
+    _torch_and_git_or_skip()
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "ab.py"), "HEAD", "--kind", "diag",
          "--batch", "64", "--rounds", "2"],
@@ -119,10 +123,7 @@ def test_in_process_ab_runs():
 def test_fresh_process_ab_runs():
     """``benchmarks/fresh.py`` times this checkout and a git revision, each in fresh processes,
     and prints both medians, their ranges, the page faults per call and the speed-up."""
-    pytest.importorskip("torch")
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True)
-    if head.returncode != 0:
-        pytest.skip("not a git checkout")
+    _torch_and_git_or_skip()
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "fresh.py"), "HEAD", "--kind", "full",
          "--batch", "64", "--procs", "1", "--calls", "2"],

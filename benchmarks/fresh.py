@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,13 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     paths = {"this checkout": str(ROOT), args.ref: str(tmp)}
     runs: dict[str, list[dict]] = {v: [] for v in paths}
-    for _ in range(args.procs):
-        for version, path in paths.items():
-            out = subprocess.run(
-                [sys.executable, "-c", _CHILD], env={**env, "TRP_PATH": path},
-                check=True, capture_output=True, text=True,
-            ).stdout  # fmt: skip
-            runs[version].append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for _ in range(args.procs):
+            for version, path in paths.items():
+                proc = subprocess.run(
+                    [sys.executable, "-c", _CHILD], env={**env, "TRP_PATH": path},
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                if proc.returncode != 0:
+                    print(f"# {version}: the measuring process failed:\n{proc.stderr}")
+                    return 1
+                runs[version].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     import numpy as np
 
     print(

@@ -31,11 +31,9 @@ def test_chunks_equal_one_call(monkeypatch, method, kind, bounds):
     outputs and all four cotangents to rounding (the chunks may select other rows to work on),
     with the states' own bounds sliced along."""
     case = make_case(40, method, kind == "full", d=3, batch=(50,))
-    kwargs = dict(case.kwargs)
-    if bounds == "per-state":
-        rng = np.random.default_rng(2)
-        for name in ("eps_mean", "eps_cov"):
-            kwargs[name] = kwargs[name] * rng.uniform(0.5, 2.0, 50)
+    kwargs = dict(case.kwargs)  # (make_case's bounds are per state)
+    if bounds == "numbers":
+        kwargs = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in kwargs.items()}
     fn, op = case.fn, method.split("_")[0]  # (variants: frobenius_euclid, ...)
     rng = np.random.default_rng(1)
     out = fn(*case.args, **kwargs)
@@ -60,8 +58,8 @@ def test_chunks_equal_one_call(monkeypatch, method, kind, bounds):
 
 
 def test_what_is_not_chunked(monkeypatch):
-    """Batches up to CHUNK_ROWS, arrays broadcast along the batch, bounds of another shape,
-    and arrays of other libraries run as one call."""
+    """Batches up to CHUNK_ROWS, arrays broadcast along the batch, bounds of another shape
+    (one entry for every state), and arrays of other libraries run as one call."""
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
     case = make_case(41, "kl", False, d=3, batch=(50,))
     mean, scale, old_mean, old_scale = case.args
@@ -69,7 +67,7 @@ def test_what_is_not_chunked(monkeypatch):
     assert chunkable("kl", case.args, (0.1, 0.1))
     assert not chunkable("kl", (mean[:16], scale[:16], old_mean[:16], old_scale[:16]), (0.1, 0.1))
     assert not chunkable("kl", (mean, scale, old_mean[:1], old_scale), (0.1, 0.1))
-    assert not chunkable("kl", case.args, (np.full((50, 1), 0.1), 0.1))
+    assert not chunkable("kl", case.args, (np.full(1, 0.1), 0.1))
     assert chunkable("kl", case.args, (np.full(50, 0.1), np.asarray(0.1)))
     assert not chunkable("entropy", (scale,), (0.1,))
     strict = pytest.importorskip("array_api_strict")
@@ -123,5 +121,48 @@ def test_torch_route_carries_chunked_residuals(monkeypatch, kind):
     )
     got = run()
     assert seen == [list]
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_broadcast_cotangents_reach_every_chunk(monkeypatch):
+    """A cotangent that broadcasts against the output (one row, or no batch axis) goes to every
+    chunk whole: the cotangents equal those of one call."""
+    case = make_case(44, "kl", False, d=3, batch=(50,))
+    g_mean = np.linspace(-1.0, 1.0, 3)
+    g_scale = np.full((1, 3), 0.5)
+    got = {}
+    for rows in (0, 16):
+        monkeypatch.setattr(_common, "CHUNK_ROWS", rows)
+        _, vjp_fn = trp.vjp(trp.project_kl, *case.args, **case.kwargs)
+        got[rows] = vjp_fn(trp.Gaussian(g_mean, g_scale))
+    for x, y in zip(got[16], got[0], strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.numpy_route
+def test_chunked_forward_with_a_torch_kernel_backward(monkeypatch):
+    """A forward on the NumPy route in chunks whose backward runs on torch's kernels (the route
+    is decided anew, e.g. under torch.func or with another limit): the chunks' residuals are
+    sliced and joined as torch tensors, with the gradients of torch's kernels throughout."""
+    torch = pytest.importorskip("torch")
+    from tr_projections.backends import torch as adapter
+
+    case = make_case(45, "kl", False, d=3, batch=(50,))
+    kw = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in case.kwargs.items()}
+    rng = np.random.default_rng(6)
+    g = [torch.tensor(rng.standard_normal((50, 3))) for _ in range(2)]
+
+    def grads(forward_route: int, backward_route: int):
+        leaves = [torch.tensor(a, requires_grad=True) for a in case.args]
+        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", forward_route)
+        out = case.fn(*leaves, **kw)
+        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", backward_route)
+        torch.autograd.backward(list(out), g)
+        return [a.grad.numpy() for a in leaves]
+
+    want = grads(0, 0)
+    monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
+    got = grads(1 << 20, 0)
     for x, y in zip(got, want, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)

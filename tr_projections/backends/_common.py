@@ -19,6 +19,7 @@ import numpy as np
 
 from .._config import checks
 from .._inputs import bound, namespace_of, prepare
+from ..gaussian import is_full
 from ..losses import LossResiduals, loss_fwd, loss_vjp
 from ..projections.entropy import EntropyResiduals, entropy_fwd, entropy_vjp
 from ..projections.frobenius import FrobeniusResiduals, frobenius_fwd, frobenius_vjp
@@ -135,8 +136,8 @@ def _chunkable(kind: str, arrays: tuple, bounds: tuple) -> bool:
     n = mean.shape[0] if mean.ndim >= 2 else 0
     if n <= CHUNK_ROWS or mean.ndim != old_mean.ndim or scale.ndim != old_scale.ndim:
         return False
-    if scale.ndim not in (mean.ndim, mean.ndim + 1) or any(x.shape[0] != n for x in arrays):
-        return False
+    if scale.ndim != mean.ndim + is_full(mean, scale) or any(x.shape[0] != n for x in arrays):
+        return False  # (so that axis 0 is the batch's first axis in every array)
     batch_ndim = mean.ndim - 1
     for b in bounds:
         if isinstance(b, np.ndarray) and b.ndim > 0:
@@ -148,8 +149,9 @@ def _chunkable(kind: str, arrays: tuple, bounds: tuple) -> bool:
 
 
 def _rows(xs: tuple, start: int, stop: int) -> tuple:
-    # Rows start:stop of the arrays (first axis); numbers, 0-d arrays and None pass through.
-    return tuple(x[start:stop] if isinstance(x, np.ndarray) and x.ndim > 0 else x for x in xs)
+    # Rows start:stop of the arrays (first axis; NumPy's, or torch's when a chunked forward's
+    # backward runs on torch kernels); numbers, 0-d arrays and None pass through.
+    return tuple(x[start:stop] if getattr(x, "ndim", 0) > 0 else x for x in xs)
 
 
 def forward(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
@@ -202,12 +204,18 @@ def backward(
     xp = namespace_of(dict(zip(op.arg_names, arrays, strict=True)))
     if not isinstance(res, list):
         return _backward(op, arrays, res, tuple(cots), options, needs, xp)
-    # A chunked forward: the same chunks, backward.
-    spans = _spans(arrays[0].shape[0], len(res))
-    parts = [
-        _backward(op, _rows(arrays, a, b), r, _rows(tuple(cots), a, b), options, needs, xp)
-        for (a, b), r in zip(spans, res, strict=True)
-    ]
+    # A chunked forward: the same chunks, backward. The outputs had the shapes of mean and
+    # scale; a cotangent of fewer axes (or one row) broadcasts, and goes to every chunk whole.
+    n = arrays[0].shape[0]
+    spans = _spans(n, len(res))
+    aligned = tuple(
+        c is not None and c.ndim == x.ndim and c.shape[0] == n
+        for c, x in zip(cots, arrays[:2], strict=True)
+    )
+    parts = []
+    for (a, b), r in zip(spans, res, strict=True):
+        rows = tuple(c[a:b] if al else c for c, al in zip(cots, aligned, strict=True))
+        parts.append(_backward(op, _rows(arrays, a, b), r, rows, options, needs, xp))
     return tuple(
         xp.concat(list(gs), axis=0) if need else None
         for gs, need in zip(zip(*parts, strict=True), needs, strict=True)

@@ -20,6 +20,7 @@ import array_api_compat as _aac
 __all__ = [
     "array_namespace",
     "copy",
+    "count_true",
     "device",
     "eager_any",
     "eigh",
@@ -29,7 +30,6 @@ __all__ = [
     "put_rows",
     "qr_r",
     "row_sum",
-    "running_count",
     "solve_triangular",
     "stop_gradient",
     "svd",
@@ -335,12 +335,12 @@ def while_loop(
     return _eager_loop(cond, body, state, max_iter, check_every, shrink, xp)
 
 
-def running_count(done: Array, *, xp: Namespace) -> int | None:
-    """How many entries of the 1-D mask ``done`` are false (one host read), ``None`` under
-    tracing."""
-    if _is_traced(done, xp):
+def count_true(mask: Array, *, xp: Namespace) -> int | None:
+    """How many entries of the boolean ``mask`` are true (one host read), ``None`` under
+    tracing (as :func:`eager_any`)."""
+    if _is_traced(mask, xp):
         return None
-    return done.shape[0] - int(xp.sum(xp.astype(done, xp.int32)))
+    return int(xp.sum(xp.astype(mask, xp.int32)))
 
 
 def _eager_loop(
@@ -354,26 +354,24 @@ def _eager_loop(
 ) -> tuple:
     for i in range(max_iter):
         if i % check_every == 0:
-            mask = cond(state)
-            if _is_traced(mask, xp):
-                pass  # torch.func: run all iterations
-            elif not shrink or is_jax(xp):  # (eager JAX would compile anew for each row count)
-                if not bool(xp.any(mask)):
+            mask = cond(state)  # (unreadable under torch.func: every iteration runs)
+            # (eager JAX is not gathered: it would compile anew for each count of rows)
+            n = count_true(mask, xp=xp) if shrink and not is_jax(xp) else None
+            if n is None:
+                if eager_any(mask, xp=xp) is False:
                     break
-            else:
-                n = mask.shape[0] - running_count(mask, xp=xp)
-                if n == 0:
-                    break
-                if n <= shrink * mask.shape[0]:
-                    index = xp.nonzero(mask)[0]
-                    sub = tuple(take_rows(x, index, xp=xp) for x in state)
-                    out = _eager_loop(cond, body, sub, max_iter - i, check_every, 0.0, xp)
-                    # (entries the body passes through unchanged, such as constant data, keep
-                    # their full arrays: no scatter)
-                    return tuple(
-                        x if y is z else put_rows(x, index, mask, y, xp=xp)
-                        for x, z, y in zip(state, sub, out, strict=True)
-                    )
+            elif n == 0:
+                break
+            elif n <= shrink * mask.shape[0]:
+                index = xp.nonzero(mask)[0]
+                sub = tuple(take_rows(x, index, xp=xp) for x in state)
+                out = _eager_loop(cond, body, sub, max_iter - i, check_every, 0.0, xp)
+                # (entries the body passes through unchanged, such as constant data, keep their
+                # full arrays: no scatter)
+                return tuple(
+                    x if y is z else put_rows(x, index, mask, y, xp=xp)
+                    for x, z, y in zip(state, sub, out, strict=True)
+                )
         state = body(state)
     return state
 

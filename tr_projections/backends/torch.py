@@ -112,6 +112,14 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
+def _residuals(op: Any, entries: Any) -> Any:
+    """The residual tuple from the saved entries, or one tuple per chunk when the forward ran
+    in chunks (its entries then come one chunk after the other)."""
+    n = len(op.residuals._fields)
+    parts = [op.residuals._make(entries[i : i + n]) for i in range(0, len(entries), n)]
+    return parts[0] if len(parts) == 1 else parts
+
+
 class _Operation(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -155,23 +163,19 @@ class _Operation(torch.autograd.Function):
         arrays = saved[: ctx.n_arrays]
         it = iter(saved[ctx.n_arrays :])
         entries = [None if m else next(it) for m in ctx.missing]
-        n = len(op.residuals._fields)
-        parts = [op.residuals._make(entries[i : i + n]) for i in range(0, len(entries), n)]
-        res = parts[0] if len(parts) == 1 else parts  # (a chunked forward: one per chunk)
         needs = ctx.needs_input_grad[1 + n_bounds :]
         grads = tuple(
             torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             for g, (shape, dtype, device) in zip(grads[: op.n_out], ctx.out_meta, strict=True)
         )
-        if _via_numpy(
-            kind, arrays, (*entries, *grads)
-        ):  # (decided anew: torch.func may wrap these)
-            np_res = [op.residuals._make(_to_numpy(tuple(r))) for r in parts]
-            np_res = np_res[0] if len(np_res) == 1 else np_res
+        # (the route is decided anew: torch.func may wrap these)
+        if _via_numpy(kind, arrays, (*entries, *grads)):
+            res = _residuals(op, _to_numpy(tuple(entries)))
             cots = _common.backward(
-                kind, _to_numpy(arrays), np_res, _to_numpy(grads), dict(options), needs
+                kind, _to_numpy(arrays), res, _to_numpy(grads), dict(options), needs
             )
             return (None,) * (1 + n_bounds) + _to_torch(tuple(cots))
+        res = _residuals(op, entries)
         cots = _common.backward(kind, arrays, res, grads, dict(options), needs)
         return (None,) * (1 + n_bounds) + tuple(cots)
 

@@ -21,7 +21,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
-from .._compat import row_sum, running_count, while_loop
+from .._compat import count_true, row_sum, while_loop
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import (
@@ -110,6 +110,27 @@ def _halley_step(ds: Array, g: Array, slope: Array, curv: Array | None, *, xp: A
     return xp.where(halley, ds / (1.0 + c), ds), halley
 
 
+def _tolerances(dtype: Any, *, xp: Any) -> tuple[float, float]:
+    """Convergence tolerances on ``|f|`` and the step: ``sqrt(eps_mach)`` after a Newton step
+    (quadratic error), ``eps_mach^(1/3)/4`` after a Halley step (cubic error)."""
+    eps = xp.finfo(dtype).eps
+    return math.sqrt(eps), 0.25 * eps ** (1.0 / 3.0)
+
+
+def _step(s: Array, a: Array, lam: Array, log_eps: Array, *, xp: Any) -> tuple:
+    """At ``s``: ``f = log g - log eps``, Newton's step on it, the step taken (Halley's where
+    :func:`_halley_step` takes it) and where Halley's was taken (``None`` without it). The
+    head of both :func:`_fast_step` and :func:`_newton_step`."""
+    tiny = xp.finfo(a.dtype).smallest_normal
+    g, slope, curv = _g_and_slopes(s, a, lam, xp=xp)
+    g = xp.maximum(g, tiny)
+    slope = xp.maximum(slope, tiny)
+    f = xp.log(g) - log_eps
+    newton = -f * (g / slope)
+    ds, halley = _halley_step(newton, g, slope, curv, xp=xp)
+    return f, newton, ds, halley
+
+
 #: Unguarded steps tried first (eager arrays stop as soon as every row has converged); rows that
 #: have not converged by then go on with the safeguarded iteration.
 FAST_STEPS = 3
@@ -124,18 +145,10 @@ def _fast_step(
     rounding level), float32: below ``sqrt(eps_mach)`` (Newton's error is quadratic). Half the
     work of a safeguarded step (:func:`_newton_step`: no bracket, no fallback), which the rows
     that do not converge here go on with."""
-    finfo = xp.finfo(a.dtype)
-    g, slope, curv = _g_and_slopes(s, a, lam, xp=xp)
-    g = xp.maximum(g, finfo.smallest_normal)
-    slope = xp.maximum(slope, finfo.smallest_normal)
-    f = xp.log(g) - log_eps
-    ds = -f * (g / slope)
-    err = xp.maximum(xp.abs(ds), xp.abs(f))
-    if curv is None:
-        converged = err <= math.sqrt(finfo.eps)
-    else:
-        ds, halley = _halley_step(ds, g, slope, curv, xp=xp)
-        converged = (err <= 0.25 * finfo.eps ** (1.0 / 3.0)) & halley
+    tol, tol3 = _tolerances(a.dtype, xp=xp)
+    f, newton, ds, halley = _step(s, a, lam, log_eps, xp=xp)
+    err = xp.maximum(xp.abs(newton), xp.abs(f))
+    converged = err <= tol if halley is None else (err <= tol3) & halley
     # (maximum/minimum: array-api-compat's clip with an array bound costs twice as much)
     return xp.minimum(xp.maximum(s + ds, log_lo), 0.0), converged
 
@@ -159,19 +172,14 @@ def _newton_step(state: tuple, *, xp: Any) -> tuple:
     """
     s, s_lo, s_hi, f_lo, f_hi, done, a, lam, log_eps, ds_old, last_below = state
     finfo = xp.finfo(a.dtype)
-    tol = math.sqrt(finfo.eps)
-    tol3 = 0.25 * finfo.eps ** (1.0 / 3.0)
-    g, slope, curv = _g_and_slopes(s, a, lam, xp=xp)
-    g = xp.maximum(g, finfo.smallest_normal)
-    f = xp.log(g) - log_eps
+    tol, tol3 = _tolerances(a.dtype, xp=xp)
+    f, _, ds, halley = _step(s, a, lam, log_eps, xp=xp)
     below = f <= 0
     same = below == last_below
     f_lo = xp.where(same & ~below, 0.5 * f_lo, f_lo)
     f_hi = xp.where(same & below, 0.5 * f_hi, f_hi)
     s_lo, f_lo = xp.where(below, s, s_lo), xp.where(below, f, f_lo)
     s_hi, f_hi = xp.where(below, s_hi, s), xp.where(below, f_hi, f)
-    slope = xp.maximum(slope, finfo.smallest_normal)
-    ds, halley = _halley_step(-f * (g / slope), g, slope, curv, xp=xp)
     step = s + ds
     # Accept steps inside the bracket up to rounding, so a converged iterate is never thrown back.
     slack = 4.0 * finfo.eps * xp.abs(s) + finfo.smallest_normal
@@ -233,9 +241,9 @@ def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     # Inactive rows keep tau = 1; give them finite stand-in data so no lane computes log(0).
     act = active[:, None]
     g1 = xp.reshape(g1, (-1,))
-    one = xp.ones_like(g1)[:, None]
-    a = xp.where(act, xp.reshape(eigs.a, (-1, d)), one)
-    lam = xp.where(act, xp.reshape(eigs.lam, (-1, d)), 2.0 * one)
+    fill = xp.ones_like(g1)[:, None]
+    a = xp.where(act, xp.reshape(eigs.a, (-1, d)), fill)
+    lam = xp.where(act, xp.reshape(eigs.lam, (-1, d)), 2.0 * fill)
     g1 = xp.where(active, g1, 1.0 + eps)
     a2 = a * a
     S = row_sum(a2, xp=xp)
@@ -262,7 +270,7 @@ def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     for _ in range(FAST_STEPS):
         s0, converged = _fast_step(s0, a, lam, log_eps, log_lo, xp=xp)
         done = done | converged
-        left = running_count(done, xp=xp)
+        left = count_true(~done, xp=xp)
         if left == 0:
             return xp.reshape(xp.where(active, s0, zero), batch)
         if left is not None and left <= SHRINK * done.shape[0]:

@@ -397,14 +397,15 @@ def render(result: dict[str, Any]) -> str:
             *speedups,
             "",
         ]
-    if "torch+env" in backends:
+    for variant in [b for b in backends if b.endswith("+env")]:
+        base = variant.removesuffix("+env")
         env = ", ".join(f"{k}={v}" for k, v in (s.get("variant_env") or {}).items())
         lines += [
-            "### Speed-up of torch with the variant environment (d=6, same run)",
+            f"### Speed-up of {base} with the variant environment (d=6, same run)",
             "",
-            f"torch's median time over that of `torch+env` ({env}), timed interleaved.",
+            f"{base}'s median time over that of `{variant}` ({env}), timed interleaved.",
             "",
-            *_pair_table(cells, [("torch+env", "torch", "torch+env")], 6, "×"),
+            *_pair_table(cells, [(variant, base, variant)], 6, "×"),
             "",
         ]
     ratios = ratio_table(cells, backends)

@@ -282,6 +282,12 @@ class TorchBackend(Backend):
     def memory(self, prepared: Prepared) -> tuple[int | None, str]:
         torch = self.torch
         if self.device == "cuda":
+            # eigh may run in CuPy (tr_projections._compat.TORCH_CUDA_EIGH), whose memory pool
+            # torch does not see: its growth is added (the sum: an upper bound on the peak).
+            pool = sys.modules["cupy"].get_default_memory_pool() if "cupy" in sys.modules else None
+            if pool is not None:
+                pool.free_all_blocks()
+            pool_before = pool.total_bytes() if pool is not None else 0
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -289,6 +295,9 @@ class TorchBackend(Backend):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
             del result
+            if pool is not None:
+                peak += pool.total_bytes() - pool_before
+                return peak, "torch.cuda.max_memory_allocated plus CuPy memory-pool growth"
             return peak, "torch.cuda.max_memory_allocated"
         import tracemalloc
 

@@ -81,10 +81,20 @@ THREAD_ENV = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
-PACKAGES = ("numpy", "torch", "jax", "jaxlib", "array-api-compat", "scipy", "cupy-cuda12x")
+PACKAGES = (
+    "numpy",
+    "torch",
+    "jax",
+    "jaxlib",
+    "array-api-compat",
+    "scipy",
+    "cupy-cuda12x",
+    "cupy-cuda13x",
+)
 
-#: The worker of ``--variant-env``: torch with extra environment variables.
-VARIANT = "torch+env"
+#: The worker of ``--variant-env``: torch (torch_cuda with ``--device cuda``) with extra
+#: environment variables, named ``<backend>+env``.
+VARIANT_SUFFIX = "+env"
 
 FULL = {
     "dims": [1, 2, 6, 17, 32],
@@ -202,9 +212,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         type=_env_pair,
-        help=f"also run torch in a worker named '{VARIANT}' with this set in its environment "
-        "(repeatable), interleaved with the plain one, and print the speed-up: e.g. glibc's "
-        "MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_",
+        help="also run torch (with --device cuda: torch_cuda) in a worker named "
+        f"'<backend>{VARIANT_SUFFIX}' with this set in its environment (repeatable), "
+        "interleaved with the plain one, and print the speed-up: e.g. glibc's "
+        "MALLOC_MMAP_THRESHOLD_, or TRP_TORCH_CUDA_EIGH=torch on the GPU",
     )
     p.add_argument(
         "--bound-quantile",
@@ -212,6 +223,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=BOUND_QUANTILE,
         help="each bound is this quantile of its distance part over the batch (0.7: about half "
         "the states projected; 0: all but one)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="print every cell's median as it is timed"
     )
     p.add_argument("--seed", type=int, default=20210503)
     p.add_argument("--label", help="name of the results file (default: the hostname)")
@@ -259,10 +273,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if missing:
             p.error(f"--baseline-backends {missing} are not among --backends {args.backends}")
         args.backends = args.backends + [f"{b}@{args.baseline}" for b in args.baseline_backends]
+    args.variant = ("torch_cuda" if gpu else "torch") + VARIANT_SUFFIX
     if args.variant_env:
-        if "torch" not in args.backends:
-            p.error("--variant-env needs the torch backend")
-        args.backends = args.backends + [VARIANT]
+        base = args.variant.removesuffix(VARIANT_SUFFIX)
+        if base not in args.backends:
+            p.error(f"--variant-env needs the {base} backend")
+        args.backends = args.backends + [args.variant]
     return args
 
 
@@ -392,6 +408,9 @@ class Worker:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {self.xla_flags}".strip()
         env.update(self.extra_env)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # (JAX on a GPU otherwise takes 75% of its memory up front, which the workers of the
+        # other backends, running at the same time, need)
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if self.source:
             env["TRP_BENCH_SOURCE"] = self.source
         log = open(self.log_path, "ab")
@@ -509,7 +528,7 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
     for name in args.backends:
         source = args.baseline_src if "@" in name else None
         extra_env = dict(args.worker_env)
-        if name == VARIANT:
+        if name == args.variant:
             extra_env.update(args.variant_env)
         w = Worker(
             name,
@@ -587,6 +606,13 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
                     del workers[cell["backend"]]
             if cell.get("status") == "error":
                 print(f"# error: {cell.get('note')}", file=sys.stderr)
+            elif args.verbose and cell.get("status") == "ok":
+                print(
+                    f"#   {cell['backend']} {cell['method']} {cell['kind']} d={cell['d']} "
+                    f"B={cell['batch']} {cell['mode']}: {cell['median_s'] * 1e3:.3f} ms "
+                    f"(n={cell['n']}, cell {cell.get('cell_wall_s', 0):.1f} s)",
+                    file=sys.stderr,
+                )
     finally:
         for w in workers.values():
             w.close()

@@ -76,6 +76,65 @@ def test_only_torch_cuda_tensors_are_chunked():
     assert 0 < _compat.TORCH_CUDA_MAX_BATCH < 65536
 
 
+def test_eigh_through_another_library():
+    """``eigh_through`` (how torch CUDA tensors reach CuPy) hands a torch tensor to another
+    library through DLPack and returns torch tensors: here NumPy on the CPU, the same mechanics."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    a_np = _spd(rng, (4, 3), 5)
+    a = torch.asarray(a_np)
+    w, U = _compat.eigh_through(a, np)
+    assert isinstance(w, torch.Tensor) and isinstance(U, torch.Tensor)
+    assert tuple(w.shape) == (4, 3, 5) and tuple(U.shape) == (4, 3, 5, 5)
+    np.testing.assert_allclose(w.numpy(), np.linalg.eigvalsh(a_np), rtol=1e-12)
+    rebuilt = (U * w[..., None, :]) @ U.mT
+    np.testing.assert_allclose(rebuilt.numpy(), a_np, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(a.numpy(), a_np)
+
+
+def test_eigh_route_setting(monkeypatch):
+    """Only torch CUDA tensors may take another library's ``eigh``; a bad setting is named."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    import array_api_compat.torch as ns
+
+    fake_cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    assert _compat._eigh_route(torch.ones(2, 2), ns) == "native"
+    assert _compat._eigh_route(np.ones((2, 2)), xp) == "native"
+    monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "torch")
+    assert _compat._eigh_route(fake_cuda, ns) == "native"
+    monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "cusolver")
+    with pytest.raises(ValueError, match=r"TORCH_CUDA_EIGH.*'cusolver'"):
+        _compat._eigh_route(fake_cuda, ns)
+
+
+@pytest.mark.parametrize("route", ["torch", "cupy"])
+def test_torch_cuda_eigh_routes(route, monkeypatch):
+    """On the GPU, torch tensors' ``eigh`` by torch (chunked) or by CuPy (through DLPack) agrees
+    with NumPy's for more matrices than torch's CUDA routine takes in one call; tensors that
+    autograd records stay with torch."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import array_api_compat.torch as ns
+
+    if route == "cupy" and not _compat._cupy_sees_gpu():
+        pytest.skip("needs CuPy with a GPU")
+    monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", route)
+    rng = np.random.default_rng(9)
+    a_np = _spd(rng, (70_000,), 6)
+    a = torch.asarray(a_np, device="cuda")
+    assert _compat._eigh_route(a, ns) == ("cupy" if route == "cupy" else "native")
+    w, U = _compat.eigh(a, xp=ns)
+    assert w.device == a.device and U.device == a.device
+    np.testing.assert_allclose(w.cpu().numpy(), np.linalg.eigvalsh(a_np), rtol=1e-11)
+    rebuilt = ((U * w[..., None, :]) @ U.mT).cpu().numpy()
+    np.testing.assert_allclose(rebuilt, a_np, rtol=1e-11, atol=1e-11 * np.max(np.abs(a_np)))
+    np.testing.assert_array_equal(a.cpu().numpy(), a_np)
+    assert _compat._eigh_route(a.clone().requires_grad_(), ns) == "native"
+
+
 @pytest.mark.parametrize("method", ["kl", "wasserstein"])
 def test_projections_with_chunked_decompositions(method, monkeypatch):
     """A full-Gaussian projection and its gradients are the same, bit for bit, when the batched

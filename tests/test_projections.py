@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _report import count, record
+from array_api_compat import device
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -118,7 +119,7 @@ def test_batch_equals_rows(backend, method, kind, dtype):
             out,
             full=pair.full,
             dtype=dtype,
-            take=lambda x, i: xp.take(x, xp.asarray([i]), axis=0)[0, ...],
+            take=lambda x, i: xp.take(x, xp.asarray([i], device=device(x)), axis=0)[0, ...],
             method=method,
             eps_mean=em,
             eps_cov=ec,
@@ -189,16 +190,27 @@ def test_distances_match_dense(backend, method, kind):
     run()
 
 
-GPU_BACKENDS = [n for n in available_backends() if n in ("torch_cuda", "cupy")]
+def _gpu_backends() -> list:
+    names = [n for n in available_backends() if n in ("torch_cuda", "cupy")]
+    # torch CUDA tensors' eigh: CuPy's where it is usable ("auto"), or torch's own in chunks
+    cases = [(n, "auto") for n in names] + [(n, "torch") for n in names if n == "torch_cuda"]
+    if "jax" in available_backends():
+        import jax
+
+        if jax.default_backend() == "gpu":  # the "jax" backend's arrays live on the GPU
+            cases.append(("jax", "auto"))
+    return cases
 
 
-@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize(("name", "eigh_route"), _gpu_backends())
 @pytest.mark.parametrize("method", METHODS)
-def test_large_gpu_batches(name, method):
+def test_large_gpu_batches(name, eigh_route, method, monkeypatch):
     """70,000 full 6-D Gaussians, every one outside its bound, project on the GPU within their
     bounds: more matrices than torch's CUDA ``eigh`` takes in one call (it fails from 65,536)."""
+    from tr_projections import _compat
     from tr_projections.testing.strategies import cholesky_factors
 
+    monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", eigh_route)
     backend = get_backend(name)
     rng = np.random.default_rng(7)
     n, d = 70_000, 6

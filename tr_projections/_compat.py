@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "device",
     "eager_any",
     "eigh",
+    "eigh_through",
     "is_jax",
     "is_numpy",
     "is_torch",
@@ -130,17 +132,27 @@ def _substitution(a: Array, b: Array, *, lower: bool, xp: Namespace) -> Array:
 #: chunks of at most this many matrices (each chunk is still one batched call).
 TORCH_CUDA_MAX_BATCH = 32768
 
+#: CuPy's batched ``eigh`` (cuSOLVER's batched Jacobi routine) asks for a workspace that grows
+#: with the batch: 8.6 GB for a million 6x6 matrices, whose allocation failed on an H100 (CuPy 14,
+#: CUDA 13) with most of the GPU's memory free. CuPy arrays, and torch tensors handed to CuPy
+#: (:data:`TORCH_CUDA_EIGH`), go in chunks of at most this many matrices.
+CUPY_MAX_BATCH = 1 << 17
+
 
 def _max_batch(a: Array, xp: Namespace) -> int | None:
     """How many matrices one batched decomposition of ``a`` may take (``None``: no limit)."""
     if is_torch(xp) and a.device.type == "cuda":
         return TORCH_CUDA_MAX_BATCH
+    if is_cupy(xp):
+        return CUPY_MAX_BATCH
     return None
 
 
-def _chunked(fn: Callable[[Array], tuple], a: Array, *, xp: Namespace) -> tuple:
+def _chunked(
+    fn: Callable[[Array], tuple], a: Array, *, xp: Namespace, limit: int | None = None
+) -> tuple:
     # fn on a (..., m, n) batch, in chunks of the flattened batch where the library needs it.
-    limit = _max_batch(a, xp)
+    limit = _max_batch(a, xp) if limit is None else limit
     batch = tuple(a.shape[:-2])
     n = math.prod(batch)
     if limit is None or n <= limit:
@@ -153,10 +165,84 @@ def _chunked(fn: Callable[[Array], tuple], a: Array, *, xp: Namespace) -> tuple:
     )
 
 
+#: How :func:`eigh` decomposes torch CUDA tensors. ``"auto"``: plain tensors (no autograd graph
+#: being recorded, no ``torch.func`` transform or ``torch.compile`` tracing) go to CuPy's batched
+#: ``eigh`` zero-copy through DLPack, on torch's current stream, where CuPy is installed and sees
+#: the GPU; everything else uses torch's routine in chunks (:data:`TORCH_CUDA_MAX_BATCH`).
+#: ``"torch"``: always torch's routine. ``"cupy"``: CuPy where the tensor is plain, and an error
+#: where CuPy is missing. The environment variable ``TRP_TORCH_CUDA_EIGH`` sets it at import.
+TORCH_CUDA_EIGH = os.environ.get("TRP_TORCH_CUDA_EIGH", "auto")
+_EIGH_ROUTES = ("auto", "torch", "cupy")
+
+
+@functools.cache
+def _cupy_sees_gpu() -> bool:
+    try:
+        import cupy
+    except ImportError:
+        return False
+    try:
+        return bool(cupy.is_available())
+    except Exception:  # a broken CUDA install: CuPy is not usable
+        return False
+
+
+def _torch_plain(a: Array) -> bool:
+    # A tensor CuPy may read and whose result need not be differentiated by torch.
+    import torch
+
+    return (
+        type(a) is torch.Tensor
+        and not (a.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(a)
+    )
+
+
+def _eigh_route(a: Array, xp: Namespace) -> str:
+    """``"cupy"`` where :func:`eigh` hands torch tensor ``a`` to CuPy, else ``"native"``."""
+    if not (is_torch(xp) and a.device.type == "cuda"):
+        return "native"
+    if TORCH_CUDA_EIGH not in _EIGH_ROUTES:
+        raise ValueError(
+            f"tr_projections._compat.TORCH_CUDA_EIGH (or TRP_TORCH_CUDA_EIGH) must be one of "
+            f"{_EIGH_ROUTES}, got {TORCH_CUDA_EIGH!r}"
+        )
+    if TORCH_CUDA_EIGH == "torch" or not _torch_plain(a):
+        return "native"
+    if TORCH_CUDA_EIGH == "cupy" and not _cupy_sees_gpu():
+        raise RuntimeError(
+            "tr_projections._compat.TORCH_CUDA_EIGH is 'cupy' but CuPy is not installed or sees "
+            "no GPU"
+        )
+    return "cupy" if _cupy_sees_gpu() else "native"
+
+
+def eigh_through(a: Array, lib: Any) -> tuple[Array, Array]:
+    """``eigh`` of torch tensor ``a`` computed by array library ``lib`` (``from_dlpack`` and
+    ``linalg.eigh``), both ways zero-copy through DLPack; the results are torch tensors on
+    ``a``'s device. CuPy runs on ``a``'s device and on torch's current stream there."""
+    import torch
+
+    if a.device.type != "cuda":
+        w, U = lib.linalg.eigh(lib.from_dlpack(a.contiguous()))
+        return torch.from_dlpack(w), torch.from_dlpack(U)
+    stream = torch.cuda.current_stream(a.device)
+    with lib.cuda.Device(a.device.index), lib.cuda.ExternalStream(stream.cuda_stream):
+        w, U = lib.linalg.eigh(lib.from_dlpack(a.contiguous()))
+        return torch.from_dlpack(w), torch.from_dlpack(U)
+
+
 def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     """``(eigenvalues, eigenvectors)`` of symmetric ``a`` (``(..., d, d)``, one triangle read),
-    as ``xp.linalg.eigh``; batches too large for the library's batched routine go in chunks
-    (:data:`TORCH_CUDA_MAX_BATCH`)."""
+    as ``xp.linalg.eigh``; torch CUDA tensors may go to CuPy (:data:`TORCH_CUDA_EIGH`); batches
+    too large for the library's batched routine go in chunks (:data:`TORCH_CUDA_MAX_BATCH`,
+    :data:`CUPY_MAX_BATCH`)."""
+    if _eigh_route(a, xp) == "cupy":
+        import cupy
+
+        return _chunked(lambda x: eigh_through(x, cupy), a, xp=xp, limit=CUPY_MAX_BATCH)
     w, U = _chunked(xp.linalg.eigh, a, xp=xp)
     return w, U
 

@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -523,11 +524,13 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str, dict]:
     """Time every cell in place; returns what each backend reported about itself."""
     log_dir = tempfile.mkdtemp(prefix="trp-bench-")
+    data_dir = os.path.join(log_dir, "data")  # each cell's data, made once for all workers
+    os.makedirs(data_dir)
     workers: dict[str, Worker] = {}
     info: dict[str, dict] = {}
     for name in args.backends:
         source = args.baseline_src if "@" in name else None
-        extra_env = dict(args.worker_env)
+        extra_env = {"TRP_BENCH_DATA": data_dir, **dict(args.worker_env)}
         if name == args.variant:
             extra_env.update(args.variant_env)
         w = Worker(
@@ -616,6 +619,7 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
     finally:
         for w in workers.values():
             w.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
     print(f"# timed {len(todo)} cells in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     return info
 

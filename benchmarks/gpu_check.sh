@@ -15,8 +15,8 @@
 # leaves the others' results), all output also in $OUT/log.txt:
 #   1. batched eigh routes (benchmarks/eigh.py): torch in chunks, torch->CuPy, CuPy, JAX;
 #   2. the GPU benchmark of the issue's targets: KL, d = 6, diag and full, B 1e3, 1e5, 1e6,
-#      torch/CuPy/JAX, and torch with TRP_TORCH_CUDA_EIGH=torch (torch's own eigh in chunks)
-#      interleaved as torch_cuda+env;
+#      torch/CuPy/JAX, and torch with TRP_ROW_SELECTION=0 (every stage on the whole batch, no
+#      row gathering: fewer operations and host reads) interleaved as torch_cuda+env;
 #   3. Frobenius and W2 at 1e6 states;
 #   4. the GPU tests: torch_cuda and cupy backends, and the "jax" backend (on the GPU) for its
 #      bound properties; including batches above 65,535 full Gaussians.
@@ -67,7 +67,7 @@ if [ "${1:-}" = targets ]; then
     stage "benchmark: KL targets" | tee -a "$LOG"
     timeout 140 python3 benchmarks/run.py --device cuda --methods kl --kinds diag,full --dims 6 \
         --batches 100000,1000000 --modes backward --budget 0.2 --cell-timeout 30 --verbose \
-        --variant-env TRP_TORCH_CUDA_EIGH=torch --label gpu-kl \
+        --variant-env TRP_ROW_SELECTION=0 --label gpu-kl \
         --json "$OUT/gpu-kl.json" --markdown "$OUT/gpu-kl.md" 2>&1 | tee -a "$LOG" || status=1
     stage tests | tee -a "$LOG"
     TRP_BACKENDS=torch_cuda,cupy timeout 75 python3 -m pytest -q --tb=short -p no:cacheprovider \
@@ -85,7 +85,7 @@ timeout 40 python3 benchmarks/eigh.py --device cuda --batches 10000,100000,10000
 stage "benchmark: KL targets" | tee -a "$LOG"
 timeout 180 python3 benchmarks/run.py --device cuda --methods kl --kinds diag,full --dims 6 \
     --batches 1000,100000,1000000 --budget 0.2 --cell-timeout 40 --verbose \
-    --variant-env TRP_TORCH_CUDA_EIGH=torch --label gpu-kl \
+    --variant-env TRP_ROW_SELECTION=0 --label gpu-kl \
     --json "$OUT/gpu-kl.json" --markdown "$OUT/gpu-kl.md" 2>&1 | tee -a "$LOG" || status=1
 
 stage "benchmark: Frobenius and W2" | tee -a "$LOG"

@@ -109,6 +109,39 @@ def test_eigh_route_setting(monkeypatch):
         _compat._eigh_route(fake_cuda, ns)
 
 
+def test_failing_cupy_eigh_falls_back_to_torch(monkeypatch):
+    """Where the CuPy route fails (a CuPy that sees the GPU but cannot run), ``"auto"`` warns once
+    and uses torch's routine from then on; an explicit ``"cupy"`` raises the error."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as ns
+
+    def broken(a, lib):
+        raise RuntimeError("CUSOLVER_STATUS_NOT_SUPPORTED")
+
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace())  # (imports; runs nothing)
+    monkeypatch.setattr(_compat, "_eigh_route", lambda a, xp: "cupy")
+    monkeypatch.setattr(_compat, "eigh_through", broken)
+    monkeypatch.setattr(_compat, "_cupy_failed", False)
+    monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "auto")
+    a = torch.asarray(_spd(np.random.default_rng(4), (6,), 3))
+    want = torch.linalg.eigh(a)
+    with pytest.warns(RuntimeWarning, match="CuPy's eigh failed.*NOT_SUPPORTED"):
+        got = _compat.eigh(a, xp=ns)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _compat.eigh(a, xp=ns)  # no second warning, no second try
+    monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "cupy")
+    with pytest.raises(RuntimeError, match="NOT_SUPPORTED"):
+        _compat.eigh(a, xp=ns)
+
+
 @pytest.mark.parametrize("route", ["torch", "cupy"])
 def test_torch_cuda_eigh_routes(route, monkeypatch):
     """On the GPU, torch tensors' ``eigh`` by torch (chunked) or by CuPy (through DLPack) agrees

@@ -163,3 +163,35 @@ def test_wasserstein_row_test_keeps_every_row_outside(cond, step):
     F = kl_f(old_scale * a, old_scale, xp=xp)
     _, c = trp.wasserstein(np.zeros((n, d)), old_scale * a, np.zeros((n, d)), old_scale)
     assert not np.any(wasserstein_may_exceed(F, c * 1.01 + 1e-300, xp=xp))
+
+
+@pytest.mark.parametrize("kind", ["diag", "full"])
+@pytest.mark.parametrize("method", sorted(PROJECTIONS))
+def test_row_selection_switched_off(backend, method, kind, monkeypatch):
+    """With ``SELECT_ROWS`` off (``TRP_ROW_SELECTION=0``) eager arrays gather no rows at all (no
+    stage selects rows, the KL solver keeps its whole batch), and the outputs and cotangents are
+    those with row selection."""
+    from tr_projections import _compat
+
+    full = kind == "full"
+    args = _policies(full, (40,), 4, seed=3 + full)
+    eps = _bounds(method, args, 0.5)
+    rng = np.random.default_rng(8)
+    g = [rng.normal(size=args[0].shape), rng.normal(size=args[1].shape)]
+    if full:
+        g[1] = np.tril(g[1])
+    gathers = []
+    take_rows = _compat.take_rows
+    monkeypatch.setattr(
+        _compat, "take_rows", lambda *a, **k: gathers.append(1) or take_rows(*a, **k)
+    )
+    selected = _run(backend, method, args, eps, g)
+    assert gathers  # (with selection: half the rows are outside their bounds)
+    gathers.clear()
+    monkeypatch.setattr(rows_mod, "SELECT_ROWS", False)
+    whole = _run(backend, method, args, eps, g)
+    assert not gathers
+    assert rows_mod.choose(np.arange(10) > 4, xp=np) is None
+    for a, b in zip(selected, whole, strict=True):
+        scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * scale)

@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -173,6 +174,7 @@ def _chunked(
 #: where CuPy is missing. The environment variable ``TRP_TORCH_CUDA_EIGH`` sets it at import.
 TORCH_CUDA_EIGH = os.environ.get("TRP_TORCH_CUDA_EIGH", "auto")
 _EIGH_ROUTES = ("auto", "torch", "cupy")
+_cupy_failed = False  # set when the "auto" route's CuPy call failed once
 
 
 @functools.cache
@@ -239,10 +241,25 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     as ``xp.linalg.eigh``; torch CUDA tensors may go to CuPy (:data:`TORCH_CUDA_EIGH`); batches
     too large for the library's batched routine go in chunks (:data:`TORCH_CUDA_MAX_BATCH`,
     :data:`CUPY_MAX_BATCH`)."""
-    if _eigh_route(a, xp) == "cupy":
-        import cupy
+    global _cupy_failed
+    if _eigh_route(a, xp) == "cupy" and not (_cupy_failed and TORCH_CUDA_EIGH == "auto"):
+        try:
+            import cupy
 
-        return _chunked(lambda x: eigh_through(x, cupy), a, xp=xp, limit=CUPY_MAX_BATCH)
+            return _chunked(lambda x: eigh_through(x, cupy), a, xp=xp, limit=CUPY_MAX_BATCH)
+        except Exception as exc:
+            if TORCH_CUDA_EIGH != "auto":
+                raise
+            # A CuPy that imports and sees the GPU but cannot run this (e.g. built for another
+            # CUDA): torch's own routine from now on, said once.
+            _cupy_failed = True
+            warnings.warn(
+                f"tr_projections: CuPy's eigh failed on a torch CUDA tensor "
+                f"({type(exc).__name__}: {exc}); using torch's eigh from now on "
+                f"(TRP_TORCH_CUDA_EIGH=torch silences this)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     w, U = _chunked(xp.linalg.eigh, a, xp=xp)
     return w, U
 

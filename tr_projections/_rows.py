@@ -12,6 +12,7 @@ has no scatter, its fallback is ``take`` + ``where``).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple
 
 from . import _compat
@@ -27,6 +28,14 @@ class Rows(NamedTuple):
     mask: Array
 
 
+#: Whether eager arrays run the costly stages on the selected rows alone (the default), or every
+#: stage on the whole batch, as under tracing (and the KL solver without gathering its unfinished
+#: rows). The selection costs a ``nonzero`` (a host read on a GPU), gathers and puts; on a GPU,
+#: where the per-operation cost dominates up to a million states, the whole batch may be the
+#: cheaper choice. That is not measured yet: this switch is there to measure it. The environment
+#: variable ``TRP_ROW_SELECTION=0`` turns it off at import.
+SELECT_ROWS = os.environ.get("TRP_ROW_SELECTION", "1") != "0"
+
 #: Gathering and putting back cost about as much as a few elementwise passes over the selected
 #: rows: above this fraction of the batch the whole batch is cheaper.
 MAX_FRACTION = 0.75
@@ -39,10 +48,11 @@ MIN_ROWS_ELEMENTWISE = 8192
 
 
 def choose(mask: Array, *, xp: Any, elementwise: bool = False) -> Rows | None:
-    """The rows where ``mask`` (batch shape) is true, or ``None`` for "every row": under tracing,
-    when more than :data:`MAX_FRACTION` of the rows are selected anyway, and for an
+    """The rows where ``mask`` (batch shape) is true, or ``None`` for "every row": under tracing
+    or with :data:`SELECT_ROWS` off, when more than :data:`MAX_FRACTION` of the rows are selected
+    anyway, and for an
     ``elementwise`` stage in a batch smaller than :data:`MIN_ROWS_ELEMENTWISE`."""
-    if _compat._is_traced(mask, xp):
+    if not SELECT_ROWS or _compat._is_traced(mask, xp):
         return None
     if elementwise and math.prod(tuple(mask.shape)) < MIN_ROWS_ELEMENTWISE:
         return None

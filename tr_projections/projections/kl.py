@@ -21,6 +21,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+from .. import _rows
 from .._compat import count_true, row_sum, while_loop
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, put, take, take_batch
@@ -267,18 +268,19 @@ def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     s_halley = xp.minimum(xp.maximum(ds, log_lo), zero)
     s0 = xp.where(active, xp.where(f_hi <= 1.0, s_halley, s_cubic), zero)
     done = ~active
+    shrink = SHRINK if _rows.SELECT_ROWS else 0.0
     for _ in range(FAST_STEPS):
         s0, converged = _fast_step(s0, a, lam, log_eps, log_lo, xp=xp)
         done = done | converged
         left = count_true(~done, xp=xp)
         if left == 0:
             return xp.reshape(xp.where(active, s0, zero), batch)
-        if left is not None and left <= SHRINK * done.shape[0]:
+        if left is not None and left <= shrink * done.shape[0]:
             break  # the few rows left go on alone (the loop gathers them)
     inf = xp.full_like(S, math.inf)
     state = (s0, log_lo, zero, -inf, f_hi, done, a, lam, log_eps, inf, ~active)
     state = while_loop(
-        _running, _step_for(xp), state, max_iter=MAX_ITER, check_every=1, shrink=SHRINK, xp=xp
+        _running, _step_for(xp), state, max_iter=MAX_ITER, check_every=1, shrink=shrink, xp=xp
     )
     return xp.reshape(xp.where(active, state[0], zero), batch)
 

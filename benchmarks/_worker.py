@@ -109,12 +109,17 @@ def shared_data(kind: str, d: int, batch: int, seed: int) -> dict[str, Any]:
             cotangents = (f["g0"], f["g1"])
         return {"arrays": arrays, "cotangents": cotangents, "bounds": {}}
     data = make_data(kind, d, batch, seed)
-    for old in Path(folder).glob("*.npz"):  # (cells run group by group: older data is done)
+    # run.py sends one cell at a time, group by group: no other worker is writing now, and the
+    # older groups' data is done with.
+    for old in Path(folder).glob("*.npz"):
         old.unlink(missing_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     named = {f"a{i}": a for i, a in enumerate(data["arrays"])}
-    np.savez(tmp, **named, g0=data["cotangents"][0], g1=data["cotangents"][1])
-    tmp.replace(path)  # (atomic: another worker never loads half a file)
+    try:
+        np.savez(tmp, **named, g0=data["cotangents"][0], g1=data["cotangents"][1])
+        tmp.replace(path)  # (atomic: another worker never loads half a file)
+    except OSError:  # (a full disk: the other workers make the data themselves)
+        tmp.unlink(missing_ok=True)
     return data
 
 

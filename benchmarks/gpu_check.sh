@@ -6,21 +6,23 @@
 #     python3 -m pip download --no-deps --only-binary=:all: -d .whl \
 #         array-api-compat==1.16.0 array-api-strict==2.6.1
 #   on the device (carry .whl):
-#     bash benchmarks/gpu_check.sh            # writes under $OUT (default ./gpu-out), <= 9 min
-#     bash benchmarks/gpu_check.sh targets    # ~4 min: only the issue's GPU target rows (KL,
-#                                             # 1e5 and 1e6 states, fwd+bwd), eigh at 1e5/1e6,
-#                                             # and the GPU tests of large batches
+#     bash benchmarks/gpu_check.sh            # writes under $OUT (default ./gpu-out), <= 9.5 min
+#     bash benchmarks/gpu_check.sh targets    # <= 5 min: the issue's GPU target rows only
 #
 # Installs only what is missing, then, each stage under its own time limit (one that hangs
-# leaves the others' results), all output also in $OUT/log.txt:
+# leaves the others' results; every benchmark cell is printed as it is timed), all output also
+# in $OUT/log.txt:
 #   1. batched eigh routes (benchmarks/eigh.py): torch in chunks, torch->CuPy, CuPy, JAX;
-#   2. the GPU benchmark of the issue's targets: KL, d = 6, diag and full, B 1e3, 1e5, 1e6,
-#      torch/CuPy/JAX, and torch with TRP_ROW_SELECTION=0 (every stage on the whole batch, no
-#      row gathering: fewer operations and host reads) interleaved as torch_cuda+env;
-#   3. Frobenius and W2 at 1e6 states;
-#   4. the GPU tests: torch_cuda and cupy backends, and the "jax" backend (on the GPU) for its
-#      bound properties; including batches above 65,535 full Gaussians.
-# At most 8 files come back: log.txt, eigh.json, gpu-kl.{json,md}, gpu-other.{json,md}, tests.log.
+#   2. KL, full, d = 6 (targets: B = 1e6), torch/CuPy/JAX, with torch's own eigh
+#      (TRP_TORCH_CUDA_EIGH=torch) interleaved as torch_cuda+env: the eigh route end to end;
+#   3. KL, diagonal, d = 6, with TRP_ROW_SELECTION=0 (every stage on the whole batch, no row
+#      gathering: fewer operations and host reads) interleaved as torch_cuda+env;
+#   4. (whole run) Frobenius and W2 at 1e6 states;
+#   5. the GPU tests: the eigh routes (tests/test_compat.py) first, then the torch_cuda and cupy
+#      backends (targets: large batches and batch-vs-rows only) and (whole run) the "jax" backend
+#      on the GPU for its bound properties; batches above 65,535 full Gaussians included.
+# Files that come back (at most 8): log.txt, eigh.json, kl-full.json, kl-diag.json,
+# other.json, tests.log.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-gpu-out}"
@@ -52,8 +54,11 @@ for name in ("numpy", "array_api_compat", "array_api_strict", "torch", "cupy", "
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:  # noqa: BLE001 - report whatever is missing
         print(name, "unavailable:", type(exc).__name__, exc)
-import jax
-print("jax devices:", jax.devices())
+try:
+    import jax
+    print("jax devices:", jax.devices())
+except Exception as exc:  # noqa: BLE001 - report whatever is missing
+    print("jax unavailable:", type(exc).__name__, exc)
 import tr_projections.testing as t
 print("backends:", t.available_backends())
 PY
@@ -61,48 +66,54 @@ PY
 
 status=0
 if [ "${1:-}" = targets ]; then
-    stage eigh | tee -a "$LOG"
-    timeout 45 python3 benchmarks/eigh.py --device cuda --batches 100000,1000000 \
-        --json "$OUT/eigh.json" 2>&1 | tee -a "$LOG" || status=1
-    stage "benchmark: KL targets" | tee -a "$LOG"
-    timeout 140 python3 benchmarks/run.py --device cuda --methods kl --kinds diag,full --dims 6 \
-        --batches 100000,1000000 --modes backward --budget 0.2 --cell-timeout 30 --verbose \
-        --variant-env TRP_ROW_SELECTION=0 --label gpu-kl \
-        --json "$OUT/gpu-kl.json" --markdown "$OUT/gpu-kl.md" 2>&1 | tee -a "$LOG" || status=1
-    stage tests | tee -a "$LOG"
-    TRP_BACKENDS=torch_cuda,cupy timeout 75 python3 -m pytest -q --tb=short -p no:cacheprovider \
-        tests/test_projections.py tests/test_compat.py \
-        -k "large_gpu_batches or batch_equals_rows or eigh" 2>&1 | tee "$OUT/tests.log" \
-        | tail -60 >>"$LOG" || status=1
-    stage "done, status $status" | tee -a "$LOG"
-    exit $status
+    BATCHES=100000,1000000 MODES=backward EIGH_B=10000,100000,1000000
+    T_EIGH=40 T_FULL=100 T_DIAG=60
+else
+    BATCHES=1000,100000,1000000 MODES=forward,backward EIGH_B=1000,10000,100000,1000000
+    T_EIGH=45 T_FULL=150 T_DIAG=70
 fi
+bench() { # bench SECONDS NAME ARGS...: one stage of benchmarks/run.py
+    local seconds=$1 name=$2
+    shift 2
+    stage "benchmark: $name" | tee -a "$LOG"
+    timeout "$seconds" python3 benchmarks/run.py --device cuda --dims 6 --budget 0.2 \
+        --cell-timeout 30 --verbose --label "gpu-$name" --json "$OUT/$name.json" "$@" 2>&1 \
+        | tee -a "$LOG" || status=1
+}
 
 stage eigh | tee -a "$LOG"
-timeout 40 python3 benchmarks/eigh.py --device cuda --batches 10000,100000,1000000 \
+timeout "$T_EIGH" python3 benchmarks/eigh.py --device cuda --batches "$EIGH_B" \
     --json "$OUT/eigh.json" 2>&1 | tee -a "$LOG" || status=1
 
-stage "benchmark: KL targets" | tee -a "$LOG"
-timeout 180 python3 benchmarks/run.py --device cuda --methods kl --kinds diag,full --dims 6 \
-    --batches 1000,100000,1000000 --budget 0.2 --cell-timeout 40 --verbose \
-    --variant-env TRP_ROW_SELECTION=0 --label gpu-kl \
-    --json "$OUT/gpu-kl.json" --markdown "$OUT/gpu-kl.md" 2>&1 | tee -a "$LOG" || status=1
-
-stage "benchmark: Frobenius and W2" | tee -a "$LOG"
-timeout 70 python3 benchmarks/run.py --device cuda --methods frobenius,wasserstein \
-    --kinds diag,full --dims 6 --batches 1000000 --modes backward --budget 0.2 \
-    --cell-timeout 30 --verbose --label gpu-other \
-    --json "$OUT/gpu-other.json" --markdown "$OUT/gpu-other.md" 2>&1 | tee -a "$LOG" || status=1
+bench "$T_FULL" kl-full --methods kl --kinds full --batches "$BATCHES" --modes "$MODES" \
+    --variant-env TRP_TORCH_CUDA_EIGH=torch
+bench "$T_DIAG" kl-diag --methods kl --kinds diag --batches "$BATCHES" --modes backward \
+    --variant-env TRP_ROW_SELECTION=0
+if [ "${1:-}" != targets ]; then
+    bench 70 other --methods frobenius,wasserstein --kinds diag,full --batches 1000000 \
+        --modes backward
+fi
 
 stage tests | tee -a "$LOG"
-TRP_BACKENDS=torch_cuda,cupy timeout 160 python3 -m pytest -q --tb=short -p no:cacheprovider \
-    tests/test_projections.py tests/test_gradients.py tests/test_compat.py \
-    tests/test_robustness.py 2>&1 | tee "$OUT/tests.log" | tail -40 >>"$LOG" || status=1
-# JAX compiles every example's shapes anew (test_projections alone: 3 min on 2 CPU cores): on
-# the GPU only the large batches and the float64 bound properties, with fewer examples.
-TRP_BACKENDS=jax TRP_EXAMPLES=5 timeout 50 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_projections.py -k "large_gpu_batches or (bounds_hold and float64)" 2>&1 \
-    | tee -a "$OUT/tests.log" | tail -20 >>"$LOG" || status=1
+: >"$OUT/tests.log"
+gpu_tests() { # gpu_tests SECONDS BACKENDS PYTEST-ARGS...
+    local seconds=$1 backends=$2
+    shift 2
+    TRP_BACKENDS=$backends timeout "$seconds" python3 -m pytest -q --tb=short \
+        -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.log" | tail -40 >>"$LOG" || status=1
+}
+gpu_tests 40 torch_cuda,cupy tests/test_compat.py -k "_eigh or eigh_"
+if [ "${1:-}" = targets ]; then
+    gpu_tests 80 torch_cuda,cupy tests/test_projections.py \
+        -k "large_gpu_batches or batch_equals_rows"
+else
+    gpu_tests 130 torch_cuda,cupy tests/test_projections.py tests/test_gradients.py \
+        tests/test_compat.py tests/test_robustness.py
+    # JAX compiles every example's shapes anew (test_projections alone: 3 min on 2 CPU
+    # cores): on the GPU only the large batches and the float64 bound properties.
+    TRP_EXAMPLES=5 gpu_tests 40 jax tests/test_projections.py \
+        -k "large_gpu_batches or (bounds_hold and float64)"
+fi
 tail -5 "$OUT/tests.log"
 stage "done, status $status" | tee -a "$LOG"
 exit $status

@@ -107,6 +107,44 @@ def test_eigh_route_setting(monkeypatch):
     monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "cusolver")
     with pytest.raises(ValueError, match=r"TORCH_CUDA_EIGH.*'cusolver'"):
         _compat._eigh_route(fake_cuda, ns)
+    # "auto": CuPy from CUPY_MIN_BATCH matrices; "cupy": every batch (given a plain tensor).
+    monkeypatch.setattr(_compat, "_torch_plain", lambda a: True)
+    monkeypatch.setattr(_compat, "_cupy_sees_gpu", lambda: True)
+    n = _compat.CUPY_MIN_BATCH
+
+    def fake(*batch):
+        return SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(*batch, 6, 6))
+
+    for route, shape, want in [
+        ("auto", (n - 1,), "native"),
+        ("auto", (n,), "cupy"),
+        ("auto", (2, n // 2), "cupy"),
+        ("cupy", (3,), "cupy"),
+        ("torch", (10 * n,), "native"),
+    ]:
+        monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", route)
+        assert _compat._eigh_route(fake(*shape), ns) == want, (route, shape)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_tensors_that_stay_with_torch():
+    """Tensors recorded by autograd, carrying a forward-mode tangent, or of another dtype are not
+    plain (they stay with torch's routine); a tensor that requires grad outside grad mode is, and
+    ``eigh_through`` takes it (detached)."""
+    torch = pytest.importorskip("torch")
+    from torch.autograd import forward_ad
+
+    a = torch.asarray(_spd(np.random.default_rng(2), (4,), 3))
+    assert _compat._torch_plain(a)
+    assert not _compat._torch_plain(a.clone().requires_grad_())
+    assert not _compat._torch_plain(a.to(torch.bfloat16))
+    with forward_ad.dual_level():
+        assert not _compat._torch_plain(forward_ad.make_dual(a, torch.ones_like(a)))
+    with torch.no_grad():
+        leaf = a.clone().requires_grad_()
+        assert _compat._torch_plain(leaf)
+        w, _ = _compat.eigh_through(leaf, np)
+    np.testing.assert_allclose(w.numpy(), np.linalg.eigvalsh(a.numpy()), rtol=1e-12)
 
 
 def test_failing_cupy_eigh_falls_back_to_torch(monkeypatch):
@@ -140,6 +178,36 @@ def test_failing_cupy_eigh_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "cupy")
     with pytest.raises(RuntimeError, match="NOT_SUPPORTED"):
         _compat.eigh(a, xp=ns)
+
+
+def test_cupy_eigh_out_of_memory_falls_back_for_that_call(monkeypatch):
+    """CuPy running out of memory sends that call to torch's routine, silently, and keeps the
+    CuPy route for the next."""
+    torch = pytest.importorskip("torch")
+    import sys
+    import warnings
+    from types import SimpleNamespace
+
+    import array_api_compat.torch as ns
+
+    calls = []
+
+    def oom(a, lib):
+        calls.append(1)
+        raise MemoryError("Out of memory allocating 8,584,008,704 bytes")
+
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace())
+    monkeypatch.setattr(_compat, "_eigh_route", lambda a, xp: "cupy")
+    monkeypatch.setattr(_compat, "eigh_through", oom)
+    monkeypatch.setattr(_compat, "_cupy_failed", False)
+    monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "auto")
+    a = torch.asarray(_spd(np.random.default_rng(5), (6,), 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _compat.eigh(a, xp=ns)
+        _compat.eigh(a, xp=ns)
+    np.testing.assert_array_equal(got[0].numpy(), torch.linalg.eigh(a)[0].numpy())
+    assert len(calls) == 2 and not _compat._cupy_failed
 
 
 @pytest.mark.parametrize("route", ["torch", "cupy"])

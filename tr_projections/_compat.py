@@ -127,10 +127,10 @@ def _substitution(a: Array, b: Array, *, lower: bool, xp: Namespace) -> Array:
 
 # --------------------------------------------------------------------------- decompositions
 
-#: torch's CUDA ``eigh`` (cuSOLVER's batched Jacobi routine, measured with torch 2.11 / CUDA 13 on
-#: an H200) fails with ``CUSOLVER_STATUS_INTERNAL_ERROR`` for batches of 65,536 matrices and more,
-#: and runs out of memory at a million: batched ``eigh`` and ``svd`` of torch CUDA tensors run in
-#: chunks of at most this many matrices (each chunk is still one batched call).
+#: torch's CUDA ``eigh`` (cuSOLVER's batched routine, seen with torch 2.11 / CUDA 13 on an H200
+#: and an H100) fails with ``CUSOLVER_STATUS_INTERNAL_ERROR`` for batches of 65,536 matrices and
+#: more, and runs out of memory at a million: batched ``eigh`` and ``svd`` of torch CUDA tensors
+#: run in chunks of at most this many matrices (each chunk is still one batched call).
 TORCH_CUDA_MAX_BATCH = 32768
 
 #: CuPy's batched ``eigh`` (cuSOLVER's batched Jacobi routine) asks for a workspace that grows
@@ -166,39 +166,46 @@ def _chunked(
     )
 
 
-#: How :func:`eigh` decomposes torch CUDA tensors. ``"auto"``: plain tensors (no autograd graph
-#: being recorded, no ``torch.func`` transform or ``torch.compile`` tracing) go to CuPy's batched
-#: ``eigh`` zero-copy through DLPack, on torch's current stream, where CuPy is installed and sees
-#: the GPU; everything else uses torch's routine in chunks (:data:`TORCH_CUDA_MAX_BATCH`).
-#: ``"torch"``: always torch's routine. ``"cupy"``: CuPy where the tensor is plain, and an error
+#: How :func:`eigh` decomposes torch CUDA tensors. ``"auto"``: batches of at least
+#: :data:`CUPY_MIN_BATCH` plain float32/float64 tensors (no autograd graph being recorded, no
+#: forward-mode tangent, no ``torch.func`` transform or ``torch.compile`` tracing) go to CuPy's
+#: batched ``eigh`` zero-copy through DLPack, on torch's current stream, where CuPy is installed
+#: and sees the GPU; everything else uses torch's routine in chunks (:data:`TORCH_CUDA_MAX_BATCH`).
+#: ``"torch"``: always torch's routine. ``"cupy"``: CuPy for every plain tensor, and an error
 #: where CuPy is missing. The environment variable ``TRP_TORCH_CUDA_EIGH`` sets it at import.
 TORCH_CUDA_EIGH = os.environ.get("TRP_TORCH_CUDA_EIGH", "auto")
 _EIGH_ROUTES = ("auto", "torch", "cupy")
-_cupy_failed = False  # set when the "auto" route's CuPy call failed once
+_cupy_failed = False  # set when the "auto" route's CuPy call failed for want of a working CuPy
+
+#: ``"auto"`` hands torch CUDA batches to CuPy from this many matrices: on an H100 (6x6, float64)
+#: torch's routine was faster for 1,000 (0.147 against 0.193 ms) and CuPy's from 10,000 (0.482
+#: against 0.530 ms; 27.4 against 42.5 ms at a million, ``benchmarks/eigh.py``).
+CUPY_MIN_BATCH = 10_000
 
 
 @functools.cache
 def _cupy_sees_gpu() -> bool:
     try:
         import cupy
-    except ImportError:
-        return False
-    try:
+
         return bool(cupy.is_available())
-    except Exception:  # a broken CUDA install: CuPy is not usable
+    except Exception:  # not installed, or a broken CUDA install: CuPy is not usable
         return False
 
 
 def _torch_plain(a: Array) -> bool:
     # A tensor CuPy may read and whose result need not be differentiated by torch.
     import torch
+    from torch.autograd import forward_ad
 
     return (
         type(a) is torch.Tensor
+        and a.dtype in (torch.float32, torch.float64)
         and not (a.requires_grad and torch.is_grad_enabled())
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
         and not torch._C._functorch.is_functorch_wrapped_tensor(a)
+        and forward_ad.unpack_dual(a).tangent is None
     )
 
 
@@ -212,6 +219,8 @@ def _eigh_route(a: Array, xp: Namespace) -> str:
             f"{_EIGH_ROUTES}, got {TORCH_CUDA_EIGH!r}"
         )
     if TORCH_CUDA_EIGH == "torch" or not _torch_plain(a):
+        return "native"
+    if TORCH_CUDA_EIGH == "auto" and math.prod(tuple(a.shape[:-2])) < CUPY_MIN_BATCH:
         return "native"
     if TORCH_CUDA_EIGH == "cupy" and not _cupy_sees_gpu():
         raise RuntimeError(
@@ -227,12 +236,13 @@ def eigh_through(a: Array, lib: Any) -> tuple[Array, Array]:
     ``a``'s device. CuPy runs on ``a``'s device and on torch's current stream there."""
     import torch
 
+    a = a.detach().contiguous()  # (torch exports no tensor that requires grad)
     if a.device.type != "cuda":
-        w, U = lib.linalg.eigh(lib.from_dlpack(a.contiguous()))
+        w, U = lib.linalg.eigh(lib.from_dlpack(a))
         return torch.from_dlpack(w), torch.from_dlpack(U)
     stream = torch.cuda.current_stream(a.device)
     with lib.cuda.Device(a.device.index), lib.cuda.ExternalStream(stream.cuda_stream):
-        w, U = lib.linalg.eigh(lib.from_dlpack(a.contiguous()))
+        w, U = lib.linalg.eigh(lib.from_dlpack(a))
         return torch.from_dlpack(w), torch.from_dlpack(U)
 
 
@@ -250,16 +260,19 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
         except Exception as exc:
             if TORCH_CUDA_EIGH != "auto":
                 raise
-            # A CuPy that imports and sees the GPU but cannot run this (e.g. built for another
-            # CUDA): torch's own routine from now on, said once.
-            _cupy_failed = True
-            warnings.warn(
-                f"tr_projections: CuPy's eigh failed on a torch CUDA tensor "
-                f"({type(exc).__name__}: {exc}); using torch's eigh from now on "
-                f"(TRP_TORCH_CUDA_EIGH=torch silences this)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            w, U = _chunked(xp.linalg.eigh, a, xp=xp)  # (torch's error, if it fails too)
+            if not isinstance(exc, MemoryError):  # (out of memory: this call only)
+                # A CuPy that imports and sees the GPU but cannot run this (e.g. built for
+                # another CUDA) while torch can: torch's own routine from now on, said once.
+                _cupy_failed = True
+                warnings.warn(
+                    f"tr_projections: CuPy's eigh failed on a torch CUDA tensor "
+                    f"({type(exc).__name__}: {exc}); using torch's eigh from now on "
+                    f"(TRP_TORCH_CUDA_EIGH=torch silences this)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return w, U
     w, U = _chunked(xp.linalg.eigh, a, xp=xp)
     return w, U
 

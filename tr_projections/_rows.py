@@ -33,8 +33,13 @@ class Rows(NamedTuple):
 #: rows). The selection costs a ``nonzero`` (a host read on a GPU), gathers and puts; on a GPU,
 #: where the per-operation cost dominates up to a million states, the whole batch may be the
 #: cheaper choice. That is not measured yet: this switch is there to measure it. The environment
-#: variable ``TRP_ROW_SELECTION=0`` turns it off at import.
-SELECT_ROWS = os.environ.get("TRP_ROW_SELECTION", "1") != "0"
+#: variable ``TRP_ROW_SELECTION=0`` (or ``false``, ``no``, ``off``) turns it off at import.
+SELECT_ROWS = os.environ.get("TRP_ROW_SELECTION", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
 
 #: Gathering and putting back cost about as much as a few elementwise passes over the selected
 #: rows: above this fraction of the batch the whole batch is cheaper.
@@ -48,8 +53,8 @@ MIN_ROWS_ELEMENTWISE = 8192
 
 
 def choose(mask: Array, *, xp: Any, elementwise: bool = False) -> Rows | None:
-    """The rows where ``mask`` (batch shape) is true, or ``None`` for "every row": under tracing
-    or with :data:`SELECT_ROWS` off, when more than :data:`MAX_FRACTION` of the rows are selected
+    """The rows where ``mask`` (batch shape) is true, or ``None`` for "every row": under tracing,
+    with :data:`SELECT_ROWS` off, when more than :data:`MAX_FRACTION` of the rows are selected
     anyway, and for an
     ``elementwise`` stage in a batch smaller than :data:`MIN_ROWS_ELEMENTWISE`."""
     if not SELECT_ROWS or _compat._is_traced(mask, xp):

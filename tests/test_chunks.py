@@ -166,3 +166,69 @@ def test_chunked_forward_with_a_torch_kernel_backward(monkeypatch):
     got = grads(1 << 20, 0)
     for x, y in zip(got, want, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["kl", "frobenius", "wasserstein"])
+@pytest.mark.parametrize("kind", ["diag", "full"])
+@pytest.mark.parametrize("bounds", ["numbers", "per-state"])
+def test_torch_kernels_in_chunks(monkeypatch, method, kind, bounds):
+    """Projections on torch's CPU kernels (``backends.torch.CHUNK_ROWS``) in chunks: the outputs
+    and the gradients of all four arguments of one call, through ``loss.backward()``, with the
+    states' own bounds (tensors) sliced along."""
+    torch = pytest.importorskip("torch")
+    from tr_projections.backends import torch as adapter
+
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    case = make_case(46, method, kind == "full", d=3, batch=(50,))
+    kw = dict(case.kwargs)
+    if bounds == "numbers":
+        kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in kw.items()}
+    kw = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    rng = np.random.default_rng(7)
+    g = [torch.tensor(rng.standard_normal(np.shape(x))) for x in case.args[:2]]
+
+    def run():
+        leaves = [torch.tensor(a, requires_grad=True) for a in case.args]
+        out = case.fn(*leaves, **kw)
+        torch.autograd.backward(list(out), g)
+        return [o.detach().numpy() for o in out] + [a.grad.numpy() for a in leaves]
+
+    monkeypatch.setattr(adapter, "CHUNK_ROWS", 0)
+    want = run()
+    monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
+    calls = []
+    real = _common.OPERATIONS[method].forward
+    monkeypatch.setitem(
+        _common.OPERATIONS,
+        method,
+        _common.OPERATIONS[method]._replace(
+            forward=lambda a, b, o: calls.append(a[0].shape[0]) or real(a, b, o)
+        ),
+    )
+    got = run()
+    assert calls == [13, 13, 13, 11]
+    for x, y in zip(got, want, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_torch_kernels_whole_under_transforms(monkeypatch):
+    """Under ``torch.func`` transforms the torch adapter does not chunk (the values are not
+    read; ``vmap`` batches the call itself)."""
+    torch = pytest.importorskip("torch")
+    from tr_projections.backends import torch as adapter
+
+    x = torch.ones(3)
+    assert adapter._eager_cpu((x, 0.1))
+    seen = []
+    torch.func.vmap(lambda v: seen.append(adapter._eager_cpu((v,))) or v)(torch.ones(2, 3))
+    assert seen == [False]
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
+    case = make_case(47, "kl", False, d=3, batch=(50,))
+    leaves = [torch.tensor(a) for a in case.args]
+    kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
+    direct = case.fn(*leaves, **kw)
+    mapped = torch.func.vmap(lambda *a: tuple(case.fn(*a, **kw)))(*(t[None] for t in leaves))
+    for a, b in zip(direct, mapped, strict=True):
+        np.testing.assert_allclose(b[0].numpy(), a.numpy(), rtol=1e-12, atol=1e-14)

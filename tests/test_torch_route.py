@@ -27,9 +27,9 @@ def _spy(monkeypatch) -> list:
     seen = []
     fwd, bwd = _common.forward, _common.backward
 
-    def forward(kind, arrays, bounds, options):
+    def forward(kind, arrays, bounds, options, **kw):
         seen.append(("forward", type(arrays[0]).__module__.split(".")[0]))
-        return fwd(kind, arrays, bounds, options)
+        return fwd(kind, arrays, bounds, options, **kw)
 
     def backward(kind, arrays, res, cots, options, needs=None):
         seen.append(("backward", type(arrays[0]).__module__.split(".")[0]))

@@ -117,33 +117,38 @@ CHUNK_ROWS = 16384
 _CHUNKED = ("kl", "frobenius", "wasserstein")
 
 
-def _spans(n: int, n_chunks: int | None = None) -> list[tuple[int, int]]:
-    # n rows in equal chunks of at most CHUNK_ROWS rows (or in n_chunks equal chunks).
-    k = n_chunks if n_chunks is not None else -(-n // CHUNK_ROWS)
+def _spans(n: int, n_chunks: int | None = None, rows: int | None = None) -> list[tuple[int, int]]:
+    # n rows in equal chunks of at most `rows` (CHUNK_ROWS) rows, or in n_chunks equal chunks.
+    k = n_chunks if n_chunks is not None else -(-n // (rows or CHUNK_ROWS))
     size = -(-n // k)
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _chunkable(kind: str, arrays: tuple, bounds: tuple) -> bool:
-    """Whether a call runs in chunks: a projection of eager NumPy arrays that share their first
-    (batch) axis, longer than :data:`CHUNK_ROWS`, with bounds that are numbers, 0-d arrays or
-    arrays of the batch's shape."""
-    if kind not in _CHUNKED or not CHUNK_ROWS:
-        return False
-    if not all(isinstance(x, np.ndarray) for x in arrays):
+def _chunkable(kind: str, arrays: tuple, bounds: tuple, rows: int | None = None) -> bool:
+    """Whether a call runs in chunks: a projection of arrays that share their first (batch)
+    axis, longer than the chunk, with bounds that are numbers, 0-d arrays or arrays of the
+    batch's shape. Without ``rows``: eager NumPy arrays, in chunks of :data:`CHUNK_ROWS`; with
+    ``rows``, the caller vouches for its arrays being eager (the torch adapter's CPU kernels)."""
+    if rows is None:
+        rows = CHUNK_ROWS
+        if not all(isinstance(x, np.ndarray) for x in arrays):
+            return False
+    if kind not in _CHUNKED or not rows:
         return False
     mean, scale, old_mean, old_scale = arrays
     n = mean.shape[0] if mean.ndim >= 2 else 0
-    if n <= CHUNK_ROWS or mean.ndim != old_mean.ndim or scale.ndim != old_scale.ndim:
+    if n <= rows or mean.ndim != old_mean.ndim or scale.ndim != old_scale.ndim:
         return False
     if scale.ndim != mean.ndim + is_full(mean, scale) or any(x.shape[0] != n for x in arrays):
         return False  # (so that axis 0 is the batch's first axis in every array)
     batch_ndim = mean.ndim - 1
     for b in bounds:
-        if isinstance(b, np.ndarray) and b.ndim > 0:
-            if b.ndim != batch_ndim or b.shape[0] != n:
-                return False
-        elif not isinstance(b, (int, float, np.ndarray, np.generic)):
+        if isinstance(b, (int, float)):
+            continue
+        ndim = getattr(b, "ndim", None)
+        if ndim is None:
+            return False
+        if ndim > 0 and (ndim != batch_ndim or b.shape[0] != n):
             return False
     return True
 
@@ -154,12 +159,15 @@ def _rows(xs: tuple, start: int, stop: int) -> tuple:
     return tuple(x[start:stop] if getattr(x, "ndim", 0) > 0 else x for x in xs)
 
 
-def forward(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+def forward(
+    kind: str, arrays: tuple, bounds: tuple, options: dict, *, chunk_rows: int | None = None
+) -> tuple[tuple, Any]:
     """Outputs and residuals of operation ``kind`` on the raw ``arrays``. Large eager NumPy
-    projections run in chunks of rows (:data:`CHUNK_ROWS`): their residuals are then a list,
-    one residual tuple per chunk, which :func:`backward` takes as it is."""
+    projections run in chunks of rows (:data:`CHUNK_ROWS`), and so do other eager arrays where
+    the caller gives ``chunk_rows``: their residuals are then a list, one residual tuple per
+    chunk, which :func:`backward` takes as it is."""
     op = OPERATIONS[kind]
-    if not _chunkable(kind, arrays, bounds):
+    if not _chunkable(kind, arrays, bounds, chunk_rows):
         return op.forward(arrays, bounds, options)
     # The whole call's checks first (messages name the caller's indices), then the chunks.
     p = prepare(*arrays)
@@ -167,11 +175,11 @@ def forward(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[tup
         bound(b, name, p)
     outs, res = [], []
     with checks(False):
-        for start, stop in _spans(arrays[0].shape[0]):
+        for start, stop in _spans(arrays[0].shape[0], rows=chunk_rows):
             o, r = op.forward(_rows(arrays, start, stop), _rows(bounds, start, stop), options)
             outs.append(o)
             res.append(r)
-    return tuple(np.concatenate(parts, axis=0) for parts in zip(*outs, strict=True)), res
+    return tuple(p.xp.concat(list(parts), axis=0) for parts in zip(*outs, strict=True)), res
 
 
 def unbroadcast(x: Array, like: Array, *, xp: Any) -> Array:

@@ -18,6 +18,20 @@ FNS = {
 }
 
 
+def _chunk_sizes(monkeypatch, op: str) -> list:
+    """The number of rows of every forward call of operation ``op`` from now on."""
+    calls = []
+    real = _common.OPERATIONS[op].forward
+    monkeypatch.setitem(
+        _common.OPERATIONS,
+        op,
+        _common.OPERATIONS[op]._replace(
+            forward=lambda a, b, o: calls.append(a[0].shape[0]) or real(a, b, o)
+        ),
+    )
+    return calls
+
+
 def _outputs_and_cotangents(fn, args, kwargs, g):
     out, vjp_fn = trp.vjp(fn, *args, **kwargs)
     return [np.asarray(x) for x in (*out, *vjp_fn(trp.Gaussian(*g)))]
@@ -41,15 +55,7 @@ def test_chunks_equal_one_call(monkeypatch, method, kind, bounds):
     monkeypatch.setattr(_common, "CHUNK_ROWS", 0)
     want = _outputs_and_cotangents(fn, case.args, kwargs, g)
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
-    calls = []
-    real = _common.OPERATIONS[op].forward
-    monkeypatch.setitem(
-        _common.OPERATIONS,
-        op,
-        _common.OPERATIONS[op]._replace(
-            forward=lambda a, b, o: calls.append(a[0].shape[0]) or real(a, b, o)
-        ),
-    )
+    calls = _chunk_sizes(monkeypatch, op)
     got = _outputs_and_cotangents(fn, case.args, kwargs, g)
     assert calls == [13, 13, 13, 11]
     for x, y in zip(got, want, strict=True):
@@ -196,15 +202,7 @@ def test_torch_kernels_in_chunks(monkeypatch, method, kind, bounds):
     monkeypatch.setattr(adapter, "CHUNK_ROWS", 0)
     want = run()
     monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
-    calls = []
-    real = _common.OPERATIONS[method].forward
-    monkeypatch.setitem(
-        _common.OPERATIONS,
-        method,
-        _common.OPERATIONS[method]._replace(
-            forward=lambda a, b, o: calls.append(a[0].shape[0]) or real(a, b, o)
-        ),
-    )
+    calls = _chunk_sizes(monkeypatch, method)
     got = run()
     assert calls == [13, 13, 13, 11]
     for x, y in zip(got, want, strict=True):

@@ -263,6 +263,95 @@ def test_projections_with_chunked_decompositions(method, monkeypatch):
     assert max(sizes) > 5  # the decompositions did go in chunks
 
 
+def _namespace(name):
+    if name == "numpy":
+        return xp, np.asarray, np.asarray
+    if name == "torch":
+        torch = pytest.importorskip("torch")
+        import array_api_compat.torch as ns
+
+        return ns, torch.asarray, lambda t: t.numpy()
+    strict = pytest.importorskip("array_api_strict")
+    return strict, strict.asarray, np.asarray
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
+@pytest.mark.parametrize("d", [1, 2, 3, 6, 17])
+def test_householder_r_is_lapacks_r(name, d):
+    """The batched Householder ``R`` (what CuPy batches take) equals LAPACK's up to the signs
+    of its rows, to rounding relative to the matrix, for random, ill-conditioned (1e8) and
+    rank-deficient matrices (a zero column), with RᵀR = AᵀA; the argument is left alone."""
+    ns, conv, back = _namespace(name)
+    rng = np.random.default_rng(d)
+    a = rng.standard_normal((3, 4, d, d))
+    u, _, vt = np.linalg.svd(rng.standard_normal((2, d, d)))
+    a[0, :2] = (u * np.logspace(0, -8, d)) @ vt  # condition number 1e8
+    a[1, 0, :, d // 2] = 0.0
+    a0 = a.copy()
+    R = back(_compat.householder_r(conv(a), xp=ns))
+    want = np.linalg.qr(a, mode="r")
+    sign = np.sign(np.diagonal(R, axis1=-2, axis2=-1) * np.diagonal(want, axis1=-2, axis2=-1))
+    sign = np.where(sign == 0, 1.0, sign)[..., None]
+    scale = np.linalg.norm(a, axis=(-2, -1))[..., None, None]
+    eps = np.finfo(np.float64).eps
+    assert np.all(np.abs(R * sign - want) <= 50 * d * eps * scale)
+    assert np.all(np.tril(R, -1) == 0.0)
+    gram = np.swapaxes(a, -1, -2) @ a
+    assert np.all(np.abs(np.swapaxes(R, -1, -2) @ R - gram) <= 50 * d * eps * scale**2)
+    np.testing.assert_array_equal(back(conv(a)), a0)
+
+
+def test_cupy_batches_take_householder_r(monkeypatch):
+    """``qr_r`` of a CuPy batch goes to ``householder_r`` (CuPy's batched QR loops over the
+    matrices); single matrices keep the library's QR."""
+    calls = []
+    real = _compat.householder_r
+    monkeypatch.setattr(_compat, "is_cupy", lambda ns: True)
+    monkeypatch.setattr(_compat, "_native_namespace", lambda ns: np)
+    monkeypatch.setattr(
+        _compat, "householder_r", lambda a, xp: calls.append(a.shape) or real(a, xp=xp)
+    )
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((5, 3, 3))
+    _compat.qr_r(a, xp=xp)
+    _compat.qr_r(a[0], xp=xp)
+    assert calls == [(5, 3, 3)]
+
+
+@pytest.mark.parametrize("method", ["kl", "wasserstein"])
+def test_projections_with_householder_r(method, monkeypatch):
+    """KL and W2 projections of full Gaussians (their output factors come from ``qr_r``) and
+    their gradients are those of LAPACK's QR to rounding when ``householder_r`` gives R."""
+    import tr_projections as trp
+    from tr_projections import gaussian
+    from tr_projections.testing.strategies import cholesky_factors
+
+    rng = np.random.default_rng(12)
+    d, n = 5, 30
+    old_scale = cholesky_factors(rng, (n,), d, cond=1e6)
+    scale = cholesky_factors(rng, (n,), d, cond=1e6)
+    mean, old_mean = rng.standard_normal((2, n, d))
+    g = [rng.standard_normal((n, d)), np.tril(rng.standard_normal((n, d, d)))]
+
+    def run():
+        out, vjp_fn = trp.vjp(
+            trp.project, mean, scale, old_mean, old_scale, method=method, eps_mean=1e-3,
+            eps_cov=1e-3,
+        )  # fmt: skip
+        return [*out, *vjp_fn(trp.Gaussian(*g))]
+
+    want = run()
+    calls = []
+    monkeypatch.setattr(
+        gaussian, "qr_r", lambda a, xp: calls.append(1) or _compat.householder_r(a, xp=xp)
+    )
+    got = run()
+    assert calls
+    for x, y in zip(got, want, strict=True):
+        tol = 1e-10 * max(1.0, float(np.max(np.abs(y))))
+        np.testing.assert_allclose(x, y, rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
 @pytest.mark.parametrize("shape", [(0, 6), (1, 1), (5, 6), (3, 4, 17), (1000, 2)])
 def test_row_sum_is_the_last_axis_sum(name, shape):

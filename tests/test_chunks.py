@@ -185,6 +185,7 @@ def test_torch_kernels_in_chunks(monkeypatch, method, kind, bounds):
     from tr_projections.backends import torch as adapter
 
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(adapter, "CHUNKED", ("kl", "frobenius", "wasserstein"))
     case = make_case(46, method, kind == "full", d=3, batch=(50,))
     kw = dict(case.kwargs)
     if bounds == "numbers":
@@ -210,9 +211,28 @@ def test_torch_kernels_in_chunks(monkeypatch, method, kind, bounds):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
 
 
+def test_torch_kernels_chunk_kl_and_w2_only(monkeypatch):
+    """By default torch's kernels chunk KL and W2 projections; Frobenius ones run whole."""
+    torch = pytest.importorskip("torch")
+    from tr_projections.backends import torch as adapter
+
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
+    for method, want in [
+        ("kl", [13, 13, 13, 11]),
+        ("frobenius", [50]),
+        ("wasserstein", [13] * 3 + [11]),
+    ]:
+        case = make_case(50, method, True, d=3, batch=(50,))
+        kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
+        calls = _chunk_sizes(monkeypatch, method)
+        case.fn(*(torch.tensor(a) for a in case.args), **kw)
+        assert calls == want, method
+
+
 def test_torch_kernels_whole_under_transforms(monkeypatch):
-    """Under ``torch.func`` transforms the torch adapter does not chunk (the values are not
-    read; ``vmap`` batches the call itself)."""
+    """Under ``torch.func.vmap`` the torch adapter does not chunk (``vmap`` batches the call
+    itself); the values are those of a direct call."""
     torch = pytest.importorskip("torch")
     from tr_projections.backends import torch as adapter
 
@@ -227,6 +247,61 @@ def test_torch_kernels_whole_under_transforms(monkeypatch):
     leaves = [torch.tensor(a) for a in case.args]
     kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
     direct = case.fn(*leaves, **kw)
+    calls = _chunk_sizes(monkeypatch, "kl")
     mapped = torch.func.vmap(lambda *a: tuple(case.fn(*a, **kw)))(*(t[None] for t in leaves))
+    assert calls == [50]
     for a, b in zip(direct, mapped, strict=True):
         np.testing.assert_allclose(b[0].numpy(), a.numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backward_route", ["torch", "numpy"])
+def test_torch_kernel_chunks_with_either_backward(monkeypatch, backward_route):
+    """A forward on torch's kernels in chunks, with 0-d tensor bounds, whose backward runs on
+    torch's kernels or on the NumPy route (decided anew): the gradients of one call."""
+    torch = pytest.importorskip("torch")
+    from tr_projections.backends import torch as adapter
+
+    case = make_case(48, "kl", True, d=3, batch=(50,))
+    kw = {k: torch.tensor(float(np.median(v))) for k, v in case.kwargs.items()}
+    rng = np.random.default_rng(9)
+    g = [torch.tensor(rng.standard_normal(np.shape(x))) for x in case.args[:2]]
+
+    def grads(chunk_rows: int, backward_limit: int):
+        leaves = [torch.tensor(a, requires_grad=True) for a in case.args]
+        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(adapter, "CHUNK_ROWS", chunk_rows)
+        out = case.fn(*leaves, **kw)
+        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", backward_limit)
+        torch.autograd.backward(list(out), g)
+        return [a.grad.numpy() for a in leaves]
+
+    want = grads(0, 0)
+    seen = []
+    real = _common.backward
+
+    def spy(kind, arrays, res, *rest):
+        seen.append((type(arrays[0]).__module__, type(res)))
+        return real(kind, arrays, res, *rest)
+
+    monkeypatch.setattr(_common, "backward", spy)
+    got = grads(16, 1 << 20 if backward_route == "numpy" else 0)
+    assert seen == [(np.__name__ if backward_route == "numpy" else "torch", list)]
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_chunkable_with_a_row_limit(monkeypatch):
+    """``_chunkable(rows=)`` (the torch adapter's chunks): any eager arrays the caller vouches
+    for, longer than ``rows``, with bounds that are numbers, 0-d arrays or per-state arrays;
+    ``rows=0`` never."""
+    torch = pytest.importorskip("torch")
+    case = make_case(49, "kl", False, d=3, batch=(50,))
+    args = tuple(torch.tensor(a) for a in case.args)
+    chunkable = _common._chunkable
+    assert chunkable("kl", args, (0.1, torch.tensor(0.1)), 16)
+    assert chunkable("kl", args, (torch.full((50,), 0.1), 0.1), 16)
+    assert not chunkable("kl", args, (torch.full((1,), 0.1), 0.1), 16)
+    assert not chunkable("kl", args, (0.1, 0.1), 50)
+    assert not chunkable("kl", args, (0.1, 0.1), 0)
+    assert not chunkable("kl", args, (0.1, 0.1))  # (without rows: NumPy arrays only)
+    assert not chunkable("kl", args, (0.1, "0.1"), 16)

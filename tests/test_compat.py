@@ -276,29 +276,39 @@ def _namespace(name):
 
 
 @pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("d", [1, 2, 3, 6, 17])
-def test_householder_r_is_lapacks_r(name, d):
-    """The batched Householder ``R`` (what CuPy batches take) equals LAPACK's up to the signs
-    of its rows, to rounding relative to the matrix, for random, ill-conditioned (1e8) and
-    rank-deficient matrices (a zero column), with RᵀR = AᵀA; the argument is left alone."""
+def test_householder_r_is_lapacks_r(name, dtype, d):
+    """The batched Householder ``R`` (what CuPy batches take) equals LAPACK's (float64) up to the
+    signs of its rows, to rounding relative to the matrix, for random, ill-conditioned (1e8),
+    rank-deficient (a zero column) and very large or small matrices (1e±20: norms scaled, no
+    overflow or underflow), with RᵀR = AᵀA; the argument is left alone."""
     ns, conv, back = _namespace(name)
     rng = np.random.default_rng(d)
-    a = rng.standard_normal((3, 4, d, d))
+    a = rng.standard_normal((4, 4, d, d))
     u, _, vt = np.linalg.svd(rng.standard_normal((2, d, d)))
     a[0, :2] = (u * np.logspace(0, -8, d)) @ vt  # condition number 1e8
     a[1, 0, :, d // 2] = 0.0
-    a0 = a.copy()
-    R = back(_compat.householder_r(conv(a), xp=ns))
-    want = np.linalg.qr(a, mode="r")
+    a[2] *= 1e20
+    a[3] *= 1e-20
+    a = a.astype(dtype)
+    arg = conv(a)
+    R = back(_compat.householder_r(arg, xp=ns)).astype(np.float64)
+    a64 = a.astype(np.float64)
+    want = np.linalg.qr(a64, mode="r")
     sign = np.sign(np.diagonal(R, axis1=-2, axis2=-1) * np.diagonal(want, axis1=-2, axis2=-1))
     sign = np.where(sign == 0, 1.0, sign)[..., None]
-    scale = np.linalg.norm(a, axis=(-2, -1))[..., None, None]
-    eps = np.finfo(np.float64).eps
+    scale = np.linalg.norm(a64, axis=(-2, -1))[..., None, None]
+    scale = np.where(scale > 0, scale, 1.0)  # (d = 1: the zero column is the whole matrix)
+    eps = float(np.finfo(dtype).eps)
+    assert np.all(np.isfinite(R))
     assert np.all(np.abs(R * sign - want) <= 50 * d * eps * scale)
     assert np.all(np.tril(R, -1) == 0.0)
-    gram = np.swapaxes(a, -1, -2) @ a
-    assert np.all(np.abs(np.swapaxes(R, -1, -2) @ R - gram) <= 50 * d * eps * scale**2)
-    np.testing.assert_array_equal(back(conv(a)), a0)
+    unit = a64 / scale  # (RᵀR = AᵀA, compared at unit scale)
+    gram = np.swapaxes(unit, -1, -2) @ unit
+    Ru = R / scale
+    assert np.all(np.abs(np.swapaxes(Ru, -1, -2) @ Ru - gram) <= 50 * d * eps)
+    np.testing.assert_array_equal(back(arg), a)
 
 
 def test_cupy_batches_take_householder_r(monkeypatch):

@@ -173,13 +173,15 @@ def forward(
     p = prepare(*arrays)
     for b, name in zip(bounds, op.bound_names, strict=True):
         bound(b, name, p)
+    xp = p.xp
+    del p  # (its whole-batch casts, if any, need not live through the chunks)
     outs, res = [], []
     with checks(False):
         for start, stop in _spans(arrays[0].shape[0], rows=chunk_rows):
             o, r = op.forward(_rows(arrays, start, stop), _rows(bounds, start, stop), options)
             outs.append(o)
             res.append(r)
-    return tuple(p.xp.concat(list(parts), axis=0) for parts in zip(*outs, strict=True)), res
+    return tuple(xp.concat(list(parts), axis=0) for parts in zip(*outs, strict=True)), res
 
 
 def unbroadcast(x: Array, like: Array, *, xp: Any) -> Array:

@@ -60,17 +60,20 @@ MEASURED_THREADS = 2
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
-#: Projections on torch's CPU kernels of more than this many states (the first axis of every
-#: array) run in equal chunks of at most this many, forward and backward, as the NumPy route
-#: does (``_common.CHUNK_ROWS``): then only one chunk's temporaries exist at a time. Forward +
-#: backward of 100,000 6-D states with every state projected (2 threads, 2 chunks), peak over
-#: the input's size: full KL 4.42 -> 3.49, W2 5.57 -> 4.28, Frobenius 4.15 -> 3.28; diagonal W2
-#: 3.26 -> 2.59, Frobenius 3.26 -> 2.72; in the same time (medians of 6 processes each, at the
-#: benchmark's bounds: KL 392 -> 400 ms, Frobenius 200 -> 193 ms). Smaller chunks cost torch's
-#: per-operation overhead once more per chunk: 4 chunks were 9-19 % slower. CUDA tensors (whose
-#: batches are cheaper whole), and calls under ``torch.func`` or ``torch.compile``, run whole.
-#: 0: never.
+#: KL and W2 projections on torch's CPU kernels of more than this many states (the first axis
+#: of every array) run in equal chunks of at most this many, forward and backward, as the NumPy
+#: route does (``_common.CHUNK_ROWS``): then only one chunk's temporaries exist at a time.
+#: Forward + backward of 100,000 full 6-D states, 2 threads, 2 chunks, peak extra memory over
+#: the input's size with every state projected: KL 4.42 -> 3.49, W2 5.57 -> 4.28; at the
+#: benchmark's bounds KL 2.79 -> 2.34, W2 3.00 -> 2.49. Time: W2 the same, KL about 4 % more
+#: (medians of 11 processes each, ``benchmarks/torch_chunks.py``); smaller chunks cost torch's
+#: per-operation overhead once more per chunk (4 chunks: 9-19 % slower). Frobenius projections,
+#: cheap enough that the chunks' joins weigh (about 7 % slower), run whole (:data:`CHUNKED`).
+#: CUDA tensors (whose batches are cheaper whole), and calls under ``torch.func.vmap`` or
+#: ``torch.compile``, run whole (``torch.func.grad`` and ``vjp`` run the forward eagerly: it
+#: chunks). 0: never.
 CHUNK_ROWS = 65536
+CHUNKED = ("kl", "wasserstein")
 
 
 def _plain_cpu(t: torch.Tensor) -> bool:
@@ -96,7 +99,9 @@ def _limit(kind: str, ts: list) -> float:
 
 def _eager_cpu(tensors: tuple) -> bool:
     """Whether every tensor among ``tensors`` (numbers allowed) is a plain CPU tensor and no
-    compiler or ``torch.func`` transform is active: the calls that may run in chunks."""
+    compiler or batching transform (``torch.func.vmap``) is active: the calls that may run in
+    chunks. (``torch.func.grad`` and ``vjp`` have lowered their transform by the time
+    ``forward`` runs.)"""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(_plain_cpu(t) for t in tensors if isinstance(t, torch.Tensor))
@@ -152,7 +157,7 @@ class _Operation(torch.autograd.Function):
             # (a chunked call has one residual tuple per chunk: their entries in a row)
             flat = [x for r in res for x in r] if isinstance(res, list) else res
             return _to_torch((*outs, *flat))
-        chunk = CHUNK_ROWS if _eager_cpu(inputs) else 0
+        chunk = CHUNK_ROWS if kind in CHUNKED and _eager_cpu(inputs) else 0
         outs, res = _common.forward(kind, arrays, bounds, dict(options), chunk_rows=chunk)
         # (a chunked call has one residual tuple per chunk: their entries in a row)
         flat = [x for r in res for x in r] if isinstance(res, list) else res

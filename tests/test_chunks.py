@@ -32,6 +32,23 @@ def _chunk_sizes(monkeypatch, op: str) -> list:
     return calls
 
 
+def _grads_across_routes(monkeypatch, case, kw, g, forward: dict, backward: dict) -> list:
+    """The gradients of every argument of ``case`` for output cotangents ``g``, with the torch
+    adapter's settings ``forward`` during the forward and ``backward`` during the backward."""
+    import torch
+
+    from tr_projections.backends import torch as adapter
+
+    leaves = [torch.tensor(a, requires_grad=True) for a in case.args]
+    for name, value in forward.items():
+        monkeypatch.setattr(adapter, name, value)
+    out = case.fn(*leaves, **kw)
+    for name, value in backward.items():
+        monkeypatch.setattr(adapter, name, value)
+    torch.autograd.backward(list(out), g)
+    return [a.grad.numpy() for a in leaves]
+
+
 def _outputs_and_cotangents(fn, args, kwargs, g):
     out, vjp_fn = trp.vjp(fn, *args, **kwargs)
     return [np.asarray(x) for x in (*out, *vjp_fn(trp.Gaussian(*g)))]
@@ -152,7 +169,6 @@ def test_chunked_forward_with_a_torch_kernel_backward(monkeypatch):
     is decided anew, e.g. under torch.func or with another limit): the chunks' residuals are
     sliced and joined as torch tensors, with the gradients of torch's kernels throughout."""
     torch = pytest.importorskip("torch")
-    from tr_projections.backends import torch as adapter
 
     case = make_case(45, "kl", False, d=3, batch=(50,))
     kw = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in case.kwargs.items()}
@@ -160,12 +176,14 @@ def test_chunked_forward_with_a_torch_kernel_backward(monkeypatch):
     g = [torch.tensor(rng.standard_normal((50, 3))) for _ in range(2)]
 
     def grads(forward_route: int, backward_route: int):
-        leaves = [torch.tensor(a, requires_grad=True) for a in case.args]
-        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", forward_route)
-        out = case.fn(*leaves, **kw)
-        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", backward_route)
-        torch.autograd.backward(list(out), g)
-        return [a.grad.numpy() for a in leaves]
+        return _grads_across_routes(
+            monkeypatch,
+            case,
+            kw,
+            g,
+            {"NUMPY_MAX_ELEMENTS": forward_route},
+            {"NUMPY_MAX_ELEMENTS": backward_route},
+        )
 
     want = grads(0, 0)
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
@@ -259,7 +277,6 @@ def test_torch_kernel_chunks_with_either_backward(monkeypatch, backward_route):
     """A forward on torch's kernels in chunks, with 0-d tensor bounds, whose backward runs on
     torch's kernels or on the NumPy route (decided anew): the gradients of one call."""
     torch = pytest.importorskip("torch")
-    from tr_projections.backends import torch as adapter
 
     case = make_case(48, "kl", True, d=3, batch=(50,))
     kw = {k: torch.tensor(float(np.median(v))) for k, v in case.kwargs.items()}
@@ -267,13 +284,14 @@ def test_torch_kernel_chunks_with_either_backward(monkeypatch, backward_route):
     g = [torch.tensor(rng.standard_normal(np.shape(x))) for x in case.args[:2]]
 
     def grads(chunk_rows: int, backward_limit: int):
-        leaves = [torch.tensor(a, requires_grad=True) for a in case.args]
-        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
-        monkeypatch.setattr(adapter, "CHUNK_ROWS", chunk_rows)
-        out = case.fn(*leaves, **kw)
-        monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", backward_limit)
-        torch.autograd.backward(list(out), g)
-        return [a.grad.numpy() for a in leaves]
+        return _grads_across_routes(
+            monkeypatch,
+            case,
+            kw,
+            g,
+            {"NUMPY_MAX_ELEMENTS": 0, "CHUNK_ROWS": chunk_rows},
+            {"NUMPY_MAX_ELEMENTS": backward_limit},
+        )
 
     want = grads(0, 0)
     seen = []

@@ -422,3 +422,42 @@ def test_eager_loop_shrinks_to_its_running_rows(shrink, name):
     assert out[1] is stops  # passed through by the body: the full array itself, no scatter
     expected = {0.0: [100] * 8, 0.25: [100, 100] + [10] * 6, 1.0: [90] * 8}
     assert seen == expected[shrink]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_cpu_matmul_through_numpy(monkeypatch):
+    """Batches of small square-ish torch CPU products go through NumPy (the same values to
+    rounding, a torch tensor back, arguments untouched); thin products, small batches, tensors
+    autograd records, forward-mode duals and ``torch.func`` transforms stay with torch."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as ns
+    from torch.autograd import forward_ad
+
+    seen = []
+    real = np.matmul
+    monkeypatch.setattr(np, "matmul", lambda a, b: seen.append(a.shape) or real(a, b))
+    rng = np.random.default_rng(13)
+    n = _compat.NUMPY_MATMUL_MIN_BATCH
+    a, b = (torch.asarray(rng.standard_normal((n, 6, 6))) for _ in range(2))
+    a0 = a.clone()
+    got = _compat.matmul(a, b, xp=ns)
+    assert seen == [(n, 6, 6)] and isinstance(got, torch.Tensor)
+    np.testing.assert_allclose(got.numpy(), (a @ b).numpy(), rtol=1e-14, atol=1e-14)
+    assert torch.equal(a, a0)
+    seen.clear()
+    cases = [
+        (a, b[..., :1]),  # a matrix-vector product
+        (a[: n - 1], b[: n - 1]),  # a small batch
+        (a.clone().requires_grad_(), b),  # recorded by autograd
+        (a[..., :3, :3], b[..., :3, :3]),  # matrices below NUMPY_MATMUL_MIN_D
+    ]
+    for x, y in cases:
+        out = _compat.matmul(x, y, xp=ns)
+        np.testing.assert_allclose(out.detach().numpy(), (x @ y).detach().numpy(), rtol=1e-14)
+    with forward_ad.dual_level():
+        _compat.matmul(forward_ad.make_dual(a, torch.ones_like(a)), b, xp=ns)
+    torch.func.vmap(lambda x: _compat.matmul(x, b, xp=ns))(a[None])
+    assert seen == []
+    monkeypatch.setattr(_compat, "TORCH_CPU_MATMUL_VIA_NUMPY", False)
+    _compat.matmul(a, b, xp=ns)
+    assert seen == []

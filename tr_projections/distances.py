@@ -21,7 +21,7 @@ import math
 from typing import Any, NamedTuple
 
 from . import _compat
-from ._compat import row_sum, solve_triangular
+from ._compat import matmul, row_sum, solve_triangular
 from ._inputs import prepare
 from .gaussian import diagonal, frob2, mahalanobis, mT, root_from_cholesky, root_from_eig
 
@@ -186,13 +186,13 @@ def kl_eigs(
         any_c, all_c = n_c > 0, n_c == math.prod(tuple(use_c.shape))
     # Eager arrays build only the matrix some row needs.
     if all_c:
-        M = F + mT(F, xp=xp) + xp.matmul(F, mT(F, xp=xp))
+        M = F + mT(F, xp=xp) + matmul(F, mT(F, xp=xp), xp=xp)
     else:
         E = solve_triangular(scale, old_scale - scale, lower=True, xp=xp)
         Et = mT(E, xp=xp)
-        M = E + Et + xp.matmul(Et, E)
+        M = E + Et + matmul(Et, E, xp=xp)
         if any_c is not False:
-            Mc = F + mT(F, xp=xp) + xp.matmul(F, mT(F, xp=xp))
+            Mc = F + mT(F, xp=xp) + matmul(F, mT(F, xp=xp), xp=xp)
             M = xp.where(use_c[..., None, None], Mc, M)
     # Symmetric up to rounding, and eigh reads one triangle: no symmetrisation pass needed.
     # (eigh, not eigvalsh, without vectors too: a distance and its projection see the same
@@ -247,8 +247,8 @@ def frobenius_cov(scale: Array, old_scale: Array, *, full: bool, xp: Any):
         cov, old = scale * scale, old_scale * old_scale
         diff = cov - old
         return row_sum(diff * diff, xp=xp), cov, old
-    cov = xp.matmul(scale, mT(scale, xp=xp))
-    old = xp.matmul(old_scale, mT(old_scale, xp=xp))
+    cov = matmul(scale, mT(scale, xp=xp), xp=xp)
+    old = matmul(old_scale, mT(old_scale, xp=xp), xp=xp)
     return frob2(cov - old, xp=xp), cov, old
 
 
@@ -335,7 +335,7 @@ def wasserstein_chart(scale: Array, old_scale: Array, *, full: bool, scale_prec:
     S_o_inv = None
     if scale_prec:
         S_o_inv = root_from_eig(U_o, s_o, xp=xp, inverse=True)
-        diff = xp.matmul(S_o_inv, diff)
+        diff = matmul(S_o_inv, diff, xp=xp)
     return frob2(diff, xp=xp), RootChart(S, S_o, S_o_inv), RootEig(U, s, U_o, s_o)
 
 

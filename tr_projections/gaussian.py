@@ -16,7 +16,7 @@ import math
 from typing import Any, NamedTuple
 
 from . import _compat
-from ._compat import qr_r, row_sum, solve_triangular
+from ._compat import matmul, qr_r, row_sum, solve_triangular
 from ._rows import choose, put, take
 
 __all__ = ["Gaussian", "entropy", "is_full"]
@@ -90,7 +90,7 @@ def _device(x: Array) -> Any:
 def covariance(scale: Array, *, full: bool, xp: Any) -> Array:
     r""":math:`\Sigma = L L^\top` (full) or the variances :math:`\sigma^2` (diagonal)."""
     if full:
-        return sym(xp.matmul(scale, mT(scale, xp=xp)), xp=xp)
+        return sym(matmul(scale, mT(scale, xp=xp), xp=xp), xp=xp)
     return scale * scale
 
 
@@ -142,7 +142,7 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     """
     if _compat._is_traced(scale, xp):
         return _root_svd(scale, xp=xp)
-    w, U = _compat.eigh(xp.matmul(scale, mT(scale, xp=xp)), xp=xp)  # reads one triangle
+    w, U = _compat.eigh(matmul(scale, mT(scale, xp=xp), xp=xp), xp=xp)  # reads one triangle
     w_min, w_max = w[..., 0], w[..., -1]
     # kappa * eps > 1e-12, written without dividing by a possibly non-positive w_min.
     rough = ~(w_min * 1e-12 >= w_max * float(xp.finfo(w.dtype).eps))
@@ -163,7 +163,7 @@ def root_from_eig(U: Array, s: Array, *, xp: Any, inverse: bool = False) -> Arra
     U^\top`), symmetrised: the symmetric root from its eigenbasis, or its inverse. The VJPs
     rebuild roots with it from the residual eigenbases, bit for bit as the forward built them."""
     Us = U / s[..., None, :] if inverse else U * s[..., None, :]
-    return sym(xp.matmul(Us, mT(U, xp=xp)), xp=xp)
+    return sym(matmul(Us, mT(U, xp=xp), xp=xp), xp=xp)
 
 
 def _root_svd(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._compat import solve_triangular
+from ._compat import matmul, solve_triangular
 from ._inputs import Problem
 from .distances import frobenius_cov, kl_cov_from_eigs, kl_eigs, mean_distance, wasserstein_chart
 from .gaussian import covariance, diag_embed, diagonal, mT, sym
@@ -104,7 +104,7 @@ def _scale_grad(p: Problem, res: LossResiduals, *, method: str, scale_prec: bool
     diff = res.root - res.old_root
     if scale_prec:
         inv = res.old_root_inv
-        root_bar = sym(2.0 * xp.matmul(xp.matmul(inv, inv), diff), xp=xp)
+        root_bar = sym(2.0 * matmul(matmul(inv, inv, xp=xp), diff, xp=xp), xp=xp)
     else:
         root_bar = 2.0 * diff
     return gram_vjp(sqrtm_vjp(res.U, res.s, root_bar, xp=xp), L, xp=xp)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._compat import row_sum
+from .._compat import matmul, row_sum
 from .._rows import Rows, add_to, choose, put, put_or_zero, take
 from ._vjp_core import expand, solve_lower, solve_lower_t, tril
 
@@ -135,7 +135,8 @@ def project_mean_vjp(
         w_col = solve_lower_t(old_scale, z, xp=xp)  # (..., d, 1)
         w = w_col[..., 0]
         if old:
-            old_scale_bar = tril(-k[..., None] * xp.matmul(w_col, xp.matrix_transpose(z)), xp=xp)
+            wz = matmul(w_col, xp.matrix_transpose(z), xp=xp)
+            old_scale_bar = tril(-k[..., None] * wz, xp=xp)
     else:
         old_scale = take(old_scale, rows, event_ndim=1, xp=xp)
         z = delta / old_scale

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _compat
-from .._compat import solve_triangular
+from .._compat import matmul, solve_triangular
 from ..gaussian import mT, sym
 
 Array = Any
@@ -57,7 +57,7 @@ def solve_lower_t(L: Array, B: Array, *, xp: Any) -> Array:
 def gram_vjp(sigma_bar: Array, L: Array, *, xp: Any) -> Array:
     r"""VJP of :math:`\Sigma = L L^\top`: :math:`\bar L = \operatorname{tril}(2 \bar\Sigma L)`
     for a symmetric :math:`\bar\Sigma`."""
-    return tril(2.0 * xp.matmul(sigma_bar, L), xp=xp)
+    return tril(2.0 * matmul(sigma_bar, L, xp=xp), xp=xp)
 
 
 def _phi_mask(d: int, dtype: Any, device: Any, *, xp: Any) -> Array:
@@ -77,7 +77,7 @@ def cholesky_vjp(L: Array, L_bar: Array, *, xp: Any) -> Array:
     :math:`\Phi` is one product with a constant ``(d, d)`` mask, and each batch-sized
     temporary is dropped once used (they set the peak memory of a backward).
     """
-    X = xp.matmul(mT(L, xp=xp), L_bar)
+    X = matmul(mT(L, xp=xp), L_bar, xp=xp)
     P = X * _phi_mask(L.shape[-1], X.dtype, _compat.device(X), xp=xp)
     del X
     Y = solve_lower_t(L, P, xp=xp)  # L^-T P
@@ -95,15 +95,15 @@ def sqrtm_vjp(U: Array, s: Array, root_bar: Array, *, xp: Any) -> Array:
     sums of positive roots: stable for repeated eigenvalues. ``root_bar`` must be symmetric.
     """
     Ut = mT(U, xp=xp)
-    inner = xp.matmul(xp.matmul(Ut, root_bar), U)
+    inner = matmul(matmul(Ut, root_bar, xp=xp), U, xp=xp)
     inner = inner / (s[..., :, None] + s[..., None, :])
-    return sym(xp.matmul(xp.matmul(U, inner), Ut), xp=xp)
+    return sym(matmul(matmul(U, inner, xp=xp), Ut, xp=xp), xp=xp)
 
 
 def square_vjp(root: Array, sq_bar: Array, *, xp: Any) -> Array:
     r"""VJP of :math:`\Sigma = S^2` for symmetric :math:`S`, :math:`\bar\Sigma`:
     :math:`\bar S = \bar\Sigma S + S \bar\Sigma` (symmetric)."""
-    return sym(2.0 * xp.matmul(sq_bar, root), xp=xp)
+    return sym(2.0 * matmul(sq_bar, root, xp=xp), xp=xp)
 
 
 def expand(x: Array, event_ndim: int, *, xp: Any) -> Array:

@@ -22,7 +22,7 @@ import math
 from typing import Any, NamedTuple
 
 from .. import _rows
-from .._compat import count_true, row_sum, while_loop
+from .._compat import count_true, matmul, row_sum, while_loop
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import (
@@ -346,7 +346,7 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     if p.full:
         # Sigma~ = W diag(1/t) W^T with W = L_o U: no inverse formed, and its factor from
         # the QR of diag(t^-1/2) W^T, without squaring.
-        W = xp.matmul(old_scale, U)
+        W = matmul(old_scale, U, xp=xp)
         proj = cholesky_of_gram(mT(W / xp.sqrt(t)[..., None, :], xp=xp), xp=xp)
     else:
         proj = old_scale / xp.sqrt(t)
@@ -410,8 +410,8 @@ def kl_vjp(
         # (batch-sized temporaries are dropped as soon as they are used: with every state
         # projected they set the peak memory of forward + backward)
         cov_bar = cholesky_vjp(res.proj_scale, g_scale, xp=xp)
-        V = xp.matmul(L_o, U)
-        C = xp.matmul(xp.matmul(mT(V, xp=xp), cov_bar), V)
+        V = matmul(L_o, U, xp=xp)
+        C = matmul(matmul(mT(V, xp=xp), cov_bar, xp=xp), V, xp=xp)
         del cov_bar, V
         G = -C / (t[..., :, None] * t[..., None, :])  # dl/dLambda~ in the basis V
         del C
@@ -426,15 +426,15 @@ def kl_vjp(
         inner = (tau[..., None] * lam)[..., :, None] * H * lam[..., None, :]
         if not old:
             del H
-        Y = xp.matmul(xp.matmul(U, inner), Ut)
+        Y = matmul(matmul(U, inner, xp=xp), Ut, xp=xp)
         del inner
         Y = solve_lower_t(L_o, sym(Y, xp=xp), xp=xp)
-        scale_bar = tril(-2.0 * xp.matmul(Y, solve_lower(L_o, L, xp=xp)), xp=xp)
+        scale_bar = tril(-2.0 * matmul(Y, solve_lower(L_o, L, xp=xp), xp=xp), xp=xp)
         if old:
             old_prec_bar = (1.0 - tau[..., None, None]) * H + diag_embed(
                 (0.5 * k) * tau_e * a / t, xp=xp
             )
-            Y_o = sym(xp.matmul(xp.matmul(U, old_prec_bar), Ut), xp=xp)
+            Y_o = sym(matmul(matmul(U, old_prec_bar, xp=xp), Ut, xp=xp), xp=xp)
             old_scale_bar = tril(-2.0 * solve_lower_t(L_o, Y_o, xp=xp), xp=xp)
     else:
         # sigma~ = sigma_o / sqrt(t): t_bar = -g sigma~ / (2t); a_i = sigma_o^2/sigma^2 - 1.

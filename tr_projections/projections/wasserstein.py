@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import _compat
+from .._compat import matmul
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, narrow, put, take, take_batch
 from ..distances import kl_f, mean_distance, wasserstein_chart, wasserstein_may_exceed
@@ -173,10 +174,10 @@ def wasserstein_vjp(
         d_old = -d_root
     elif full:
         R = root_from_eig(res.old_U, res.old_s, xp=xp, inverse=True)  # S_o^-1
-        RE = xp.matmul(R, xp.matmul(R, delta))
+        RE = matmul(R, matmul(R, delta, xp=xp), xp=xp)
         d_root = 2.0 * sym(RE, xp=xp)
         if old:
-            d_old = -2.0 * sym(xp.matmul(xp.matmul(RE, root), R), xp=xp)
+            d_old = -2.0 * sym(matmul(matmul(RE, root, xp=xp), R, xp=xp), xp=xp)
         del R, RE
     else:
         r = delta / old_root

@@ -157,6 +157,20 @@ class Prepared:
     compile_s: float | None = None  # JAX: ahead-of-time compilation, excluded from the times
 
 
+def _tracemalloc_peak(prepared: Prepared) -> int:
+    """The tracemalloc peak (bytes) of one call; NumPy reports its buffers to tracemalloc."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = prepared.call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del result
+    return peak
+
+
 class Backend:
     """Common interface; subclasses convert the data and build the timed callables."""
 
@@ -240,16 +254,7 @@ class NumpyLike(Backend):
             peak = pool.total_bytes() - before
             del result
             return peak, "CuPy memory-pool growth (an upper bound on the peak)"
-        import tracemalloc
-
-        tracemalloc.start()
-        try:
-            result = prepared.call()
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        del result
-        return peak, "tracemalloc peak (NumPy reports its buffers to tracemalloc)"
+        return _tracemalloc_peak(prepared), "tracemalloc peak (NumPy reports its buffers to it)"
 
 
 class TorchBackend(Backend):
@@ -329,7 +334,6 @@ class TorchBackend(Backend):
                 peak += pool.total_bytes() - pool_before
                 return peak, "torch.cuda.max_memory_allocated plus CuPy memory-pool growth"
             return peak, "torch.cuda.max_memory_allocated"
-        import tracemalloc
 
         from torch.profiler import ProfilerActivity, profile
 
@@ -338,13 +342,7 @@ class TorchBackend(Backend):
         # the sum of both peaks (an upper bound on the true peak). Two calls: under torch's
         # profiler with profile_memory=True, tracemalloc's peak of NumPy work is inflated (10
         # allocations of 4.8 MB, each freed before the next: 74 MB instead of 9.6 MB).
-        tracemalloc.start()
-        try:
-            result = prepared.call()
-            _, numpy_peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        del result
+        numpy_peak = _tracemalloc_peak(prepared)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = prepared.call()
         del result

@@ -9,6 +9,7 @@ a library is only touched once the caller's arrays prove it is in use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -195,19 +196,22 @@ def _cupy_sees_gpu() -> bool:
         return False
 
 
-def _torch_plain(a: Array) -> bool:
-    # A tensor CuPy may read and whose result need not be differentiated by torch.
+def _torch_plain(*ts: Array) -> bool:
+    """Whether tensors ``ts`` may go to another library (CuPy, NumPy) and back: float tensors
+    whose result torch need not differentiate (no autograd graph being recorded, no forward-mode
+    tangent), outside ``torch.compile`` tracing and ``torch.func`` transforms."""
     import torch
     from torch.autograd import forward_ad
 
-    return (
-        type(a) is torch.Tensor
-        and a.dtype in (torch.float32, torch.float64)
-        and not (a.requires_grad and torch.is_grad_enabled())
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(a)
-        and forward_ad.unpack_dual(a).tangent is None
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(
+        type(t) is torch.Tensor
+        and t.dtype in (torch.float32, torch.float64)
+        and not (t.requires_grad and torch.is_grad_enabled())
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and forward_ad.unpack_dual(t).tangent is None
+        for t in ts
     )
 
 
@@ -239,11 +243,11 @@ def eigh_through(a: Array, lib: Any) -> tuple[Array, Array]:
     import torch
 
     a = a.detach().contiguous()  # (torch exports no tensor that requires grad)
-    if a.device.type != "cuda":
-        w, U = lib.linalg.eigh(lib.from_dlpack(a))
-        return torch.from_dlpack(w), torch.from_dlpack(U)
-    stream = torch.cuda.current_stream(a.device)
-    with lib.cuda.Device(a.device.index), lib.cuda.ExternalStream(stream.cuda_stream):
+    with contextlib.ExitStack() as on_device:
+        if a.device.type == "cuda":
+            on_device.enter_context(lib.cuda.Device(a.device.index))
+            stream = torch.cuda.current_stream(a.device).cuda_stream
+            on_device.enter_context(lib.cuda.ExternalStream(stream))
         w, U = lib.linalg.eigh(lib.from_dlpack(a))
         return torch.from_dlpack(w), torch.from_dlpack(U)
 
@@ -254,6 +258,7 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     too large for the library's batched routine go in chunks (:data:`TORCH_CUDA_MAX_BATCH`,
     :data:`CUPY_MAX_BATCH`)."""
     global _cupy_failed
+    failure = None
     if _eigh_route(a, xp) == "cupy" and not (_cupy_failed and TORCH_CUDA_EIGH == "auto"):
         try:
             import cupy
@@ -262,20 +267,19 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
         except Exception as exc:
             if TORCH_CUDA_EIGH != "auto":
                 raise
-            w, U = _chunked(xp.linalg.eigh, a, xp=xp)  # (torch's error, if it fails too)
-            if not isinstance(exc, MemoryError):  # (out of memory: this call only)
-                # A CuPy that imports and sees the GPU but cannot run this (e.g. built for
-                # another CUDA) while torch can: torch's own routine from now on, said once.
-                _cupy_failed = True
-                warnings.warn(
-                    f"tr_projections: CuPy's eigh failed on a torch CUDA tensor "
-                    f"({type(exc).__name__}: {exc}); using torch's eigh from now on "
-                    f"(TRP_TORCH_CUDA_EIGH=torch silences this)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            return w, U
-    w, U = _chunked(xp.linalg.eigh, a, xp=xp)
+            failure = exc
+    w, U = _chunked(xp.linalg.eigh, a, xp=xp)  # (torch's error, if it fails too)
+    if failure is not None and not isinstance(failure, MemoryError):  # (OOM: this call only)
+        # A CuPy that imports and sees the GPU but cannot run this (e.g. built for another
+        # CUDA) while torch can: torch's own routine from now on, said once.
+        _cupy_failed = True
+        warnings.warn(
+            f"tr_projections: CuPy's eigh failed on a torch CUDA tensor "
+            f"({type(failure).__name__}: {failure}); using torch's eigh from now on "
+            f"(TRP_TORCH_CUDA_EIGH=torch silences this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return w, U
 
 
@@ -355,26 +359,10 @@ NUMPY_MATMUL_MAX_D = 32
 NUMPY_MATMUL_MIN_BATCH = 1024
 
 
-def _numpy_viewable(t: Array) -> bool:
-    # A CPU tensor NumPy may read, whose product need not be differentiated by torch.
-    import torch
-
-    return (
-        type(t) is torch.Tensor
-        and t.device.type == "cpu"
-        and t.layout == torch.strided
-        and t.dtype in (torch.float32, torch.float64)
-        and not t.is_neg()
-        and not t.is_conj()
-        and not (t.requires_grad and torch.is_grad_enabled())
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
-
-
 def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
     """``xp.matmul(a, b)``; batches of small torch CPU matrices go through NumPy
     (:data:`TORCH_CPU_MATMUL_VIA_NUMPY`), outside ``torch.compile``, ``torch.func``
-    transforms, forward-mode AD and recorded autograd graphs."""
+    transforms, forward-mode AD and recorded autograd graphs (:func:`_torch_plain`)."""
     if (
         TORCH_CPU_MATMUL_VIA_NUMPY
         and is_torch(xp)
@@ -388,16 +376,11 @@ def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
         and a.dtype == b.dtype
     ):
         import torch
-        from torch.autograd import forward_ad
 
-        if (
-            _numpy_viewable(a)
-            and _numpy_viewable(b)
-            and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
-            and forward_ad.unpack_dual(a).tangent is None
-            and forward_ad.unpack_dual(b).tangent is None
-        ):
+        if all(
+            t.device.type == "cpu" and t.layout == torch.strided and not (t.is_neg() or t.is_conj())
+            for t in (a, b)
+        ) and _torch_plain(a, b):
             import numpy as np
 
             return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))

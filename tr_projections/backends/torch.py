@@ -100,8 +100,8 @@ def _limit(kind: str, ts: list) -> float:
 def _eager_cpu(tensors: tuple) -> bool:
     """Whether every tensor among ``tensors`` (numbers allowed) is a plain CPU tensor and no
     compiler or batching transform (``torch.func.vmap``) is active: the calls that may run in
-    chunks. (``torch.func.grad`` and ``vjp`` have lowered their transform by the time
-    ``forward`` runs.)"""
+    chunks or on NumPy views. (``torch.func.grad`` and ``vjp`` have lowered their transform by
+    the time ``forward`` runs.)"""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(_plain_cpu(t) for t in tensors if isinstance(t, torch.Tensor))
@@ -117,10 +117,10 @@ def _via_numpy(kind: str, tensors: tuple, others: tuple = ()) -> bool:
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     if sum(t.numel() for t in ts) > _limit(kind, ts):
         return False
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
-    return all(_plain_cpu(t) and t.dtype in _NUMPY_DTYPES for t in ts) and all(
-        r is None or _plain_cpu(r) for r in others
+    return (
+        _eager_cpu(tensors)
+        and all(t.dtype in _NUMPY_DTYPES for t in ts)
+        and all(r is None or _plain_cpu(r) for r in others)
     )
 
 
@@ -135,6 +135,12 @@ def _to_torch(xs: tuple) -> tuple:
 def _tensor(x: np.ndarray) -> torch.Tensor:
     # Zero-copy where NumPy allows writing (torch warns on read-only memory, e.g. broadcasts).
     return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+
+def _entries(res: Any) -> tuple:
+    """A residual tuple, or a chunked call's residual tuples one after the other: the flat
+    entries the forward returns (:func:`_residuals` regroups them)."""
+    return tuple(x for r in res for x in r) if isinstance(res, list) else tuple(res)
 
 
 def _residuals(op: Any, entries: Any) -> Any:
@@ -154,14 +160,10 @@ class _Operation(torch.autograd.Function):
         bounds, arrays = inputs[:n_bounds], inputs[n_bounds:]
         if _via_numpy(kind, inputs):
             outs, res = _common.forward(kind, _to_numpy(arrays), _to_numpy(bounds), dict(options))
-            # (a chunked call has one residual tuple per chunk: their entries in a row)
-            flat = [x for r in res for x in r] if isinstance(res, list) else res
-            return _to_torch((*outs, *flat))
+            return _to_torch((*outs, *_entries(res)))
         chunk = CHUNK_ROWS if kind in CHUNKED and _eager_cpu(inputs) else 0
         outs, res = _common.forward(kind, arrays, bounds, dict(options), chunk_rows=chunk)
-        # (a chunked call has one residual tuple per chunk: their entries in a row)
-        flat = [x for r in res for x in r] if isinstance(res, list) else res
-        return (*outs, *flat)
+        return (*outs, *_entries(res))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

@@ -10,6 +10,7 @@ a library is only touched once the caller's arrays prove it is in use.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -22,6 +23,7 @@ import array_api_compat as _aac
 
 __all__ = [
     "array_namespace",
+    "cholesky",
     "copy",
     "count_true",
     "device",
@@ -36,6 +38,7 @@ __all__ = [
     "put_rows",
     "qr_r",
     "row_sum",
+    "serial_decompositions",
     "solve_triangular",
     "stop_gradient",
     "svd",
@@ -73,9 +76,72 @@ def is_cupy(xp: Namespace) -> bool:
     return _aac.is_cupy_namespace(xp)
 
 
+# ------------------------------------------------------- one decomposition at a time (JAX)
+
+# jaxlib's CPU LAPACK kernels (0.10.2, the newest on PyPI here) split each batched call over
+# XLA's intra-op thread pool and block the pool thread that runs them until the parts are done.
+# XLA runs independent operations of one program at the same time, so as many concurrent batched
+# calls as the pool has threads (two on a 2-core machine) each hold a thread and wait for parts
+# that no free thread is left to run: the program never finishes. Seen here: every jitted
+# forward + backward of a full-Gaussian projection of 10,000 or more states hung by its second
+# call, its threads in ``ParallelBatchMap`` -> ``BlockingCounter::Wait`` under ``dtrsm`` and
+# ``dsyevd``. Within :func:`serial_decompositions`, every decomposition or triangular solve of
+# traced JAX arrays in this module waits (``lax.optimization_barrier``) for the output of the
+# one before it, so at most one of ours runs at a time.
+_serial: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "tr_projections_serial", default=None
+)
+
+
+@contextlib.contextmanager
+def serial_decompositions(after: Array | None = None):
+    """Within this block, decompositions and triangular solves of traced JAX arrays run one at a
+    time, the first after ``after`` (an array, e.g. the last output of a forward pass that a
+    backward pass continues). Yields a one-item list holding the last such output (``None``
+    while there is none): the ``after`` of a block that must follow this one."""
+    box = [after]
+    reset = _serial.set(box)
+    try:
+        yield box
+    finally:
+        _serial.reset(reset)
+
+
+def _after(a: Array, previous: Array, *, xp: Namespace) -> Array:
+    """``a``, computed only once ``previous`` is: ``a + (t - t)`` for one finite element ``t`` of
+    ``previous`` (exactly zero). A data dependence, which XLA's CPU runtime schedules by;
+    ``lax.optimization_barrier`` orders the compiler's schedule only, and the runtime still ran
+    the calls at the same time."""
+    if math.prod(previous.shape) == 0:
+        return a  # (nothing was decomposed: nothing to wait for)
+    t = xp.reshape(previous, (-1,))[:1]
+    t = xp.where(xp.isfinite(t), t, xp.zeros_like(t))
+    return a + xp.astype(xp.reshape(t - t, (1,) * a.ndim), a.dtype)
+
+
+def _in_turn(fn: Callable) -> Callable:
+    """Decorator for the wrappers below (first argument: the array decomposed or solved with):
+    inside :func:`serial_decompositions`, traced JAX input waits for the previous call's output,
+    and this call's first output is what the next one waits for."""
+
+    @functools.wraps(fn)
+    def wrapped(a: Array, *args: Any, xp: Namespace, **kwargs: Any) -> Any:
+        box = _serial.get()
+        if box is None or not is_jax(xp) or not _is_traced(a, xp):
+            return fn(a, *args, xp=xp, **kwargs)
+        if box[0] is not None:
+            a = _after(a, box[0], xp=xp)
+        out = fn(a, *args, xp=xp, **kwargs)
+        box[0] = out[0] if isinstance(out, tuple) else out
+        return out
+
+    return wrapped
+
+
 # --------------------------------------------------------------------------- triangular solves
 
 
+@_in_turn
 def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -> Array:
     r"""Solve :math:`A X = B` for triangular ``a`` of shape ``(..., d, d)`` and ``b`` of shape
     ``(..., d, k)``; batch dimensions must already agree.
@@ -88,7 +154,13 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         import torch
 
         return torch.linalg.solve_triangular(a, b, upper=not lower)
+    d, k = a.shape[-1], b.shape[-1]
     if is_jax(xp):
+        if a.ndim > 2 and (k == 1 or d <= 8) and _jax_on_cpu():
+            # jaxlib's batched CPU ``trsm`` takes 20 ms for 1e5 6x1 systems where XLA's fused
+            # substitution takes 3 ms (35 against 24 ms for 6x6 right-hand sides), and it is a
+            # call that can deadlock (see serial_decompositions).
+            return _substitution(a, b, lower=lower, xp=xp)
         import jax.scipy.linalg as jsl
 
         return jsl.solve_triangular(a, b, lower=lower)
@@ -105,7 +177,6 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         import scipy.linalg as sl
 
         return sl.solve_triangular(a, b, lower=lower, check_finite=False)
-    d, k = a.shape[-1], b.shape[-1]
     if is_numpy(xp) and a.ndim > 2 and (k == 1 or d <= 8):
         # NumPy has no batched triangular solve, and its batched LU solve is slow on many
         # small systems: substitution over the rows, each step one pass over the batch, is
@@ -252,6 +323,7 @@ def eigh_through(a: Array, lib: Any) -> tuple[Array, Array]:
         return torch.from_dlpack(w), torch.from_dlpack(U)
 
 
+@_in_turn
 def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     """``(eigenvalues, eigenvectors)`` of symmetric ``a`` (``(..., d, d)``, one triangle read),
     as ``xp.linalg.eigh``; torch CUDA tensors may go to CuPy (:data:`TORCH_CUDA_EIGH`); batches
@@ -283,6 +355,7 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     return w, U
 
 
+@_in_turn
 def svd(a: Array, *, xp: Namespace) -> tuple[Array, Array, Array]:
     """The reduced SVD ``(U, s, Vh)`` of ``a`` (``(..., m, n)``), as
     ``xp.linalg.svd(a, full_matrices=False)``, in chunks where :func:`eigh` takes them."""
@@ -290,20 +363,29 @@ def svd(a: Array, *, xp: Namespace) -> tuple[Array, Array, Array]:
     return U, s, Vh
 
 
+@_in_turn
 def qr_r(a: Array, *, xp: Namespace) -> Array:
     """The triangular factor ``R`` of ``a = QR`` (``(..., d, d)``), without forming ``Q`` where
     the library can skip it (NumPy, CuPy, JAX: ``mode="r"``; torch returns an empty ``Q``).
-    Batches of CuPy arrays take :func:`householder_r`: CuPy's batched QR calls cuSOLVER once
-    per matrix."""
+    Batches of CuPy arrays, and of JAX arrays on the CPU, take :func:`householder_r`: CuPy's
+    batched QR calls cuSOLVER once per matrix; jaxlib's CPU QR is slower (92 against 68 ms for
+    1e5 6x6) and is a LAPACK call that can deadlock (:func:`serial_decompositions`)."""
     if is_torch(xp):
         import torch
 
         return torch.linalg.qr(a, mode="r")[1]
-    if is_cupy(xp) and a.ndim > 2:
+    if a.ndim > 2 and (is_cupy(xp) or (is_jax(xp) and _jax_on_cpu())):
         return householder_r(a, xp=xp)
     if is_numpy(xp) or is_jax(xp) or is_cupy(xp):
         return _native_namespace(xp).linalg.qr(a, mode="r")
     return xp.linalg.qr(a)[1]
+
+
+@_in_turn
+def cholesky(a: Array, *, xp: Namespace) -> Array:
+    """The lower Cholesky factor of symmetric positive-definite ``a`` (``xp.linalg.cholesky``,
+    one decomposition at a time within :func:`serial_decompositions`)."""
+    return xp.linalg.cholesky(a)
 
 
 def householder_r(a: Array, *, xp: Namespace) -> Array:
@@ -362,7 +444,9 @@ NUMPY_MATMUL_MIN_BATCH = 1024
 def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
     """``xp.matmul(a, b)``; batches of small torch CPU matrices go through NumPy
     (:data:`TORCH_CPU_MATMUL_VIA_NUMPY`), outside ``torch.compile``, ``torch.func``
-    transforms, forward-mode AD and recorded autograd graphs (:func:`_torch_plain`)."""
+    transforms, forward-mode AD and recorded autograd graphs (:func:`_torch_plain`); batched
+    JAX products on the CPU with an inner dimension up to :data:`JAX_CPU_SUM_MAX_K` are sums of
+    broadcast products."""
     if (
         TORCH_CPU_MATMUL_VIA_NUMPY
         and is_torch(xp)
@@ -384,7 +468,40 @@ def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
             import numpy as np
 
             return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+    if (
+        is_jax(xp)
+        and max(a.ndim, b.ndim) >= 3
+        and min(a.ndim, b.ndim) >= 2
+        and 1 <= a.shape[-1] <= JAX_CPU_SUM_MAX_K
+        and _jax_on_cpu()
+    ):
+        # XLA's CPU dot of a batch of small matrices is slow: 40 ms for 1e5 6x6 products, where
+        # a sum of d broadcast products (one fused loop) takes 3.7 ms; faster for every d <= 32
+        # and batch from 100 to 1e5 measured.
+        out = a[..., :, 0, None] * b[..., None, 0, :]
+        for k in range(1, a.shape[-1]):
+            out = out + a[..., :, k, None] * b[..., None, k, :]
+        return out
     return xp.matmul(a, b)
+
+
+#: Largest inner dimension of a batched JAX CPU product written as a sum of broadcast products
+#: (:func:`matmul`).
+JAX_CPU_SUM_MAX_K = 32
+
+
+@functools.cache
+def _jax_default_backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
+def _jax_on_cpu() -> bool:
+    """Whether JAX computes on the CPU (its default backend; traced arrays carry no device).
+    The JAX CPU routes (fused substitution, Householder QR, products as sums) are measured on
+    the CPU only; GPUs keep the library's own batched routines."""
+    return _jax_default_backend() == "cpu"
 
 
 def copy(x: Array, *, xp: Namespace) -> Array:

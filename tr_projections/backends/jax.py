@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _compat
 from .._inputs import is_static_bound
 from . import _common
 
@@ -25,13 +26,18 @@ def _merge(static_bounds: tuple, bounds: tuple) -> tuple:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _operation(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
     kind, options, static_bounds = static
-    return _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))[0]
+    with _compat.serial_decompositions():
+        return _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))[0]
 
 
 def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
     kind, options, static_bounds = static
-    outs, res = _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))
-    return outs, (res, bounds, arrays)
+    with _compat.serial_decompositions() as last:
+        outs, res = _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))
+    # The backward's decompositions follow the forward's last one (one element of its output
+    # carries the dependence): see serial_decompositions.
+    after = None if last[0] is None else jnp.ravel(last[0])[:1]
+    return outs, (res, bounds, arrays, after)
 
 
 def _zero(b: Any) -> Any:
@@ -44,8 +50,9 @@ def _zero(b: Any) -> Any:
 
 def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
     kind, options, _ = static
-    res, bounds, arrays = carry
-    grads = _common.backward(kind, arrays, res, cots, dict(options))
+    res, bounds, arrays, last = carry
+    with _compat.serial_decompositions(last):
+        grads = _common.backward(kind, arrays, res, cots, dict(options))
     return tuple(_zero(b) for b in bounds), tuple(grads)
 
 

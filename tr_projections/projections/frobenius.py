@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._compat import row_sum
+from .._compat import cholesky, row_sum
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import frobenius_cov, mean_distance
@@ -73,7 +73,7 @@ def frobenius_fwd(
     # The convex combination, positive definite up to rounding however close tau is to 1
     # (old + tau * diff is not, when the new covariance is tiny next to the old one).
     cov = interpolate(cov, old_cov, tau, event_ndim=ev, xp=xp)
-    proj = xp.linalg.cholesky(cov) if p.full else xp.sqrt(cov)
+    proj = cholesky(cov, xp=xp) if p.full else xp.sqrt(cov)
     active = dist > eps_cov
     scale = put(
         select(active, proj, scale, event_ndim=ev, xp=xp), rows, p.scale, event_ndim=ev, xp=xp

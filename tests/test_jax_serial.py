@@ -1,0 +1,234 @@
+"""JAX on the CPU: the decompositions and triangular solves of one projection run one at a time,
+and the CPU routes that replace jaxlib's batched LAPACK and dot calls give their values.
+
+jaxlib's CPU LAPACK kernels (0.10.2) split a batched call over XLA's intra-op thread pool and
+block the pool thread that runs them until the parts are done; as many such calls at once as the
+pool has threads never finish. Here a jitted forward + backward of a full KL projection of 10,000
+states hung by its second call without ``_compat.serial_decompositions`` (2 CPUs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+
+from tr_projections import _compat  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DECOMPOSITIONS = {"eigh", "svd", "cholesky", "triangular_solve", "qr", "geqrf"}
+
+
+def _decompositions(jaxpr):
+    """Top-level equations of ``jaxpr`` that are, or call, a decomposition or triangular solve,
+    in program order."""
+
+    def contains(eqn) -> bool:
+        if eqn.primitive.name in DECOMPOSITIONS:
+            return True
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", p)
+            if hasattr(inner, "eqns") and any(contains(e) for e in inner.eqns):
+                return True
+        return False
+
+    return [e for e in jaxpr.eqns if contains(e)]
+
+
+def _is_literal(v) -> bool:
+    return type(v).__name__ == "Literal"  # (a constant in a jaxpr: no equation behind it)
+
+
+def _ancestors(jaxpr) -> dict:
+    """For each variable of ``jaxpr``, the set of equations (by id) it is computed from."""
+    deps: dict = {}
+    for e in jaxpr.eqns:
+        mine = {id(e)}
+        for v in e.invars:
+            if not _is_literal(v):
+                mine |= deps.get(v, set())
+        for v in e.outvars:
+            deps[v] = mine
+    return deps
+
+
+def _assert_in_turn(jaxpr):
+    calls = _decompositions(jaxpr)
+    deps = _ancestors(jaxpr)
+    assert len(calls) >= 2
+    for before, after in itertools.pairwise(calls):
+        inputs = set().union(*(deps.get(v, set()) for v in after.invars if not _is_literal(v)))
+        assert id(before) in inputs, (before.primitive.name, after.primitive.name)
+
+
+def _spd(rng, batch, d):
+    a = rng.standard_normal((batch, d, d))
+    return a @ np.swapaxes(a, -1, -2) + d * np.eye(d)
+
+
+def test_independent_calls_wait_for_each_other():
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(_spd(rng, 4, 12)) for _ in range(2))
+    L = jnp.asarray(np.linalg.cholesky(_spd(rng, 4, 12)))
+
+    def f(a, b, L):
+        with _compat.serial_decompositions():
+            w1, _ = _compat.eigh(a, xp=jnp)
+            w2, _ = _compat.eigh(b, xp=jnp)  # independent of the first: must still wait
+            x = _compat.solve_triangular(L, b, lower=True, xp=jnp)  # LAPACK route (d > 8)
+            c = _compat.cholesky(a, xp=jnp)
+        return w1, w2, x, c
+
+    _assert_in_turn(jax.make_jaxpr(f)(a, b, L).jaxpr)
+    # the values are those of the plain calls (the added term is exactly zero)
+    w1, w2, x, c = jax.jit(f)(a, b, L)
+    np.testing.assert_array_equal(np.asarray(w1), np.asarray(jnp.linalg.eigh(a)[0]))
+    np.testing.assert_array_equal(np.asarray(w2), np.asarray(jnp.linalg.eigh(b)[0]))
+    np.testing.assert_allclose(np.asarray(L @ x), np.asarray(b), rtol=1e-12, atol=1e-10)
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(jnp.linalg.cholesky(a)))
+
+
+def test_outside_the_block_nothing_changes():
+    rng = np.random.default_rng(1)
+    a, b = (jnp.asarray(_spd(rng, 4, 6)) for _ in range(2))
+
+    def f(a, b):
+        return _compat.eigh(a, xp=jnp)[0], _compat.eigh(b, xp=jnp)[0]
+
+    jaxpr = jax.make_jaxpr(f)(a, b).jaxpr
+    calls, deps = _decompositions(jaxpr), _ancestors(jaxpr)
+    assert len(calls) == 2
+    second = calls[1].invars
+    assert not any(id(calls[0]) in deps.get(v, set()) for v in second if not _is_literal(v))
+
+
+def test_forward_and_backward_of_a_full_projection_in_turn():
+    # d = 12: the triangular solves take jaxlib's LAPACK route (substitution is for d <= 8 or
+    # one right-hand side); forward and backward in one program, as jit(grad) compiles them.
+    import tr_projections as trp
+
+    rng = np.random.default_rng(2)
+    d = 12
+    args = [
+        jnp.asarray(rng.standard_normal((5, d))),
+        jnp.asarray(np.linalg.cholesky(_spd(rng, 5, d))),
+        jnp.asarray(rng.standard_normal((5, d))),
+        jnp.asarray(np.linalg.cholesky(_spd(rng, 5, d))),
+    ]
+
+    def loss(m, L, mo, Lo):
+        out = trp.project_kl(m, L, mo, Lo, eps_mean=1e-3, eps_cov=1e-3)
+        return jnp.sum(out.mean) + jnp.sum(out.scale)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args).jaxpr
+    assert len(_decompositions(jaxpr)) >= 6  # three solves, eigh and QR forward; solves back
+    _assert_in_turn(jaxpr)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # XLA sizes its pool from this
+    import numpy as np, jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import tr_projections as trp
+    rng = np.random.default_rng(0)
+    B, d = 10_000, 12
+    def chol():
+        a = rng.standard_normal((B, d, d))
+        return np.linalg.cholesky(a @ np.swapaxes(a, -1, -2) + d * np.eye(d))
+    arrays = (rng.standard_normal((B, d)), chol(), rng.standard_normal((B, d)), chol())
+    def loss(m, L, mo, Lo):
+        out = trp.project_kl(m, L, mo, Lo, eps_mean=0.01, eps_cov=0.01)
+        return jnp.sum(out.mean) + jnp.sum(out.scale)
+    f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    for _ in range(4):
+        g = jax.block_until_ready(f(*map(jnp.asarray, arrays)))
+    out, vjp_fn = trp.vjp(trp.project_kl, *arrays, eps_mean=0.01, eps_cov=0.01)
+    ref = vjp_fn(trp.Gaussian(np.ones((B, d)), np.tril(np.ones((B, d, d)))))
+    np.testing.assert_allclose(np.asarray(g[0]), ref[0], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(g[1]), np.tril(ref[1]), rtol=1e-7, atol=1e-9)
+    print("finished")
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_jit_grad_of_a_large_full_kl_finishes_on_two_cpus():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("jit(grad) of a full KL projection of 10,000 states did not finish in 240 s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finished" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("sa", "sb"),
+    [
+        ((7, 6, 6), (7, 6, 6)),
+        ((7, 6, 6), (7, 6, 1)),  # matrix-vector
+        ((6, 6), (3, 7, 6, 6)),  # one matrix against a batch
+        ((3, 1, 4, 5), (7, 5, 2)),  # broadcast batches, rectangular
+        ((7, 1, 1), (7, 1, 3)),  # inner dimension 1
+        ((4, 32, 32), (4, 32, 32)),  # JAX_CPU_SUM_MAX_K
+        ((4, 33, 33), (4, 33, 33)),  # above it: XLA's dot
+    ],
+)
+def test_cpu_products_are_matmul(sa, sb):
+    rng = np.random.default_rng(3)
+    a, b = jnp.asarray(rng.standard_normal(sa)), jnp.asarray(rng.standard_normal(sb))
+    want = np.matmul(np.asarray(a), np.asarray(b))
+    for fn in (
+        lambda a, b: _compat.matmul(a, b, xp=jnp),
+        jax.jit(lambda a, b: _compat.matmul(a, b, xp=jnp)),
+    ):
+        got = np.asarray(fn(a, b))
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13 * sa[-1])
+    jaxpr = jax.make_jaxpr(lambda a, b: _compat.matmul(a, b, xp=jnp))(a, b).jaxpr
+    uses_dot = any(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+    assert uses_dot == (sa[-1] > _compat.JAX_CPU_SUM_MAX_K)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize(("d", "k", "route"), [(6, 6, "sub"), (12, 1, "sub"), (12, 12, "lapack")])
+def test_cpu_triangular_solves(lower, d, k, route):
+    rng = np.random.default_rng(4)
+    L = np.linalg.cholesky(_spd(rng, 9, d))
+    a = L if lower else np.swapaxes(L, -1, -2)
+    b = rng.standard_normal((9, d, k))
+    fn = jax.jit(lambda a, b: _compat.solve_triangular(a, b, lower=lower, xp=jnp))
+    x = np.asarray(fn(jnp.asarray(a), jnp.asarray(b)))
+    np.testing.assert_allclose(a @ x, b, rtol=1e-12, atol=1e-12)
+    jaxpr = jax.make_jaxpr(fn)(jnp.asarray(a), jnp.asarray(b)).jaxpr
+    assert (len(_decompositions(jaxpr)) == 1) == (route == "lapack")
+
+
+def test_cpu_batched_qr_is_householder():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((9, 6, 6))
+    fn = jax.jit(lambda a: _compat.qr_r(a, xp=jnp))
+    R = np.asarray(fn(jnp.asarray(a)))
+    want = np.linalg.qr(a, mode="r")
+    sign = np.sign(np.diagonal(R, axis1=-2, axis2=-1) * np.diagonal(want, axis1=-2, axis2=-1))
+    np.testing.assert_allclose(R * sign[..., None], want, rtol=0, atol=1e-13)
+    assert _decompositions(jax.make_jaxpr(fn)(jnp.asarray(a)).jaxpr) == []
+    # one matrix keeps jaxlib's QR
+    assert len(_decompositions(jax.make_jaxpr(fn)(jnp.asarray(a[0])).jaxpr)) == 1

@@ -232,3 +232,24 @@ def test_cpu_batched_qr_is_householder():
     assert _decompositions(jax.make_jaxpr(fn)(jnp.asarray(a)).jaxpr) == []
     # one matrix keeps jaxlib's QR
     assert len(_decompositions(jax.make_jaxpr(fn)(jnp.asarray(a[0])).jaxpr)) == 1
+
+
+@pytest.mark.parametrize("name", ["kl", "wasserstein"])
+def test_traced_distances_in_turn(name):
+    """The public distances (forward) run their decompositions one at a time too (W2 takes two
+    SVDs under tracing; KL a triangular solve with d right-hand sides and an eigh)."""
+    import tr_projections as trp
+
+    rng = np.random.default_rng(6)
+    d = 12
+    args = [
+        jnp.asarray(rng.standard_normal((3, d))),
+        jnp.asarray(np.linalg.cholesky(_spd(rng, 3, d))),
+        jnp.asarray(rng.standard_normal((3, d))),
+        jnp.asarray(np.linalg.cholesky(_spd(rng, 3, d))),
+    ]
+    fn = getattr(trp, name)
+    _assert_in_turn(jax.make_jaxpr(fn)(*args).jaxpr)
+    got = jax.jit(fn)(*args)
+    want = fn(*map(np.asarray, args))
+    np.testing.assert_allclose(np.asarray(got[1]), want[1], rtol=1e-10)

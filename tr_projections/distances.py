@@ -230,9 +230,10 @@ def kl(mean: Array, scale: Array, old_mean: Array, old_scale: Array) -> Distance
     """
     p = prepare(mean, scale, old_mean, old_scale)
     xp = p.xp
-    m = 0.5 * mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp)
-    eigs = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=False, xp=xp)
-    return DistanceParts(m, kl_cov_from_eigs(eigs, xp=xp))
+    with _compat.serial_decompositions():  # (JAX: one LAPACK call at a time)
+        m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp)
+        eigs = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=False, xp=xp)
+    return DistanceParts(0.5 * m, kl_cov_from_eigs(eigs, xp=xp))
 
 
 # --------------------------------------------------------------------------- Frobenius
@@ -267,8 +268,11 @@ def frobenius(
     """
     p = prepare(mean, scale, old_mean, old_scale)
     xp = p.xp
-    m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
-    c, _, _ = frobenius_cov(p.scale, p.old_scale, full=p.full, xp=xp)
+    with _compat.serial_decompositions():
+        m = mean_distance(
+            p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
+        )
+        c, _, _ = frobenius_cov(p.scale, p.old_scale, full=p.full, xp=xp)
     return DistanceParts(m, c)
 
 
@@ -363,6 +367,9 @@ def wasserstein(
     """
     p = prepare(mean, scale, old_mean, old_scale)
     xp = p.xp
-    m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
-    c, _ = wasserstein_cov(p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
+    with _compat.serial_decompositions():
+        m = mean_distance(
+            p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
+        )
+        c, _ = wasserstein_cov(p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
     return DistanceParts(m, c)

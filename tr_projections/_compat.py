@@ -367,14 +367,14 @@ def svd(a: Array, *, xp: Namespace) -> tuple[Array, Array, Array]:
 def qr_r(a: Array, *, xp: Namespace) -> Array:
     """The triangular factor ``R`` of ``a = QR`` (``(..., d, d)``), without forming ``Q`` where
     the library can skip it (NumPy, CuPy, JAX: ``mode="r"``; torch returns an empty ``Q``).
-    Batches of CuPy arrays, and of JAX arrays on the CPU, take :func:`householder_r`: CuPy's
-    batched QR calls cuSOLVER once per matrix; jaxlib's CPU QR is slower (92 against 68 ms for
-    1e5 6x6) and is a LAPACK call that can deadlock (:func:`serial_decompositions`)."""
+    Batches of CuPy arrays take :func:`householder_r`: CuPy's batched QR calls cuSOLVER once
+    per matrix. (On JAX's CPU it is no faster than jaxlib's QR at d = 6 and 3-8x slower at
+    d = 17 and 32: ``benchmarks/jax_routes.py``.)"""
     if is_torch(xp):
         import torch
 
         return torch.linalg.qr(a, mode="r")[1]
-    if a.ndim > 2 and (is_cupy(xp) or (is_jax(xp) and _jax_on_cpu())):
+    if is_cupy(xp) and a.ndim > 2:
         return householder_r(a, xp=xp)
     if is_numpy(xp) or is_jax(xp) or is_cupy(xp):
         return _native_namespace(xp).linalg.qr(a, mode="r")
@@ -499,8 +499,8 @@ def _jax_default_backend() -> str:
 
 def _jax_on_cpu() -> bool:
     """Whether JAX computes on the CPU (its default backend; traced arrays carry no device).
-    The JAX CPU routes (fused substitution, Householder QR, products as sums) are measured on
-    the CPU only; GPUs keep the library's own batched routines."""
+    The JAX CPU routes (fused substitution, products as sums) are measured on the CPU only;
+    GPUs keep the library's own batched routines."""
     return _jax_default_backend() == "cpu"
 
 

@@ -27,6 +27,9 @@ import jax.numpy as jnp  # noqa: E402
 from tr_projections import _compat  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+ON_CPU = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the JAX CPU routes are taken on the CPU backend only"
+)
 DECOMPOSITIONS = {"eigh", "svd", "cholesky", "triangular_solve", "qr", "geqrf"}
 
 
@@ -165,7 +168,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity (Linux) and two CPUs (the pool size that deadlocked)",
+)
 def test_jit_grad_of_a_large_full_kl_finishes_on_two_cpus():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
@@ -179,6 +185,7 @@ def test_jit_grad_of_a_large_full_kl_finishes_on_two_cpus():
     assert "finished" in done.stdout
 
 
+@ON_CPU
 @pytest.mark.parametrize(
     ("sa", "sb"),
     [
@@ -189,6 +196,7 @@ def test_jit_grad_of_a_large_full_kl_finishes_on_two_cpus():
         ((7, 1, 1), (7, 1, 3)),  # inner dimension 1
         ((4, 32, 32), (4, 32, 32)),  # JAX_CPU_SUM_MAX_K
         ((4, 33, 33), (4, 33, 33)),  # above it: XLA's dot
+        ((0, 6, 6), (0, 6, 6)),  # an empty batch
     ],
 )
 def test_cpu_products_are_matmul(sa, sb):
@@ -207,8 +215,26 @@ def test_cpu_products_are_matmul(sa, sb):
     assert uses_dot == (sa[-1] > _compat.JAX_CPU_SUM_MAX_K)
 
 
+def test_cpu_products_keep_matmul_semantics():
+    """Mismatched inner dimensions are an error, as for ``jnp.matmul`` (the sum of broadcast
+    products would silently drop or clamp rows); float32 stays float32."""
+    rng = np.random.default_rng(7)
+    a = jnp.asarray(rng.standard_normal((2, 3, 4)))
+    for b in (jnp.ones((2, 5, 2)), jnp.ones((2, 3, 2))):
+        with pytest.raises(TypeError):
+            _compat.matmul(a, b, xp=jnp)
+    a32 = a.astype(jnp.float32)
+    b32 = jnp.asarray(rng.standard_normal((2, 4, 4)), dtype=jnp.float32)
+    got = _compat.matmul(a32, b32, xp=jnp)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(a32) @ np.asarray(b32), rtol=1e-5)
+
+
+@ON_CPU
 @pytest.mark.parametrize("lower", [True, False])
-@pytest.mark.parametrize(("d", "k", "route"), [(6, 6, "sub"), (12, 1, "sub"), (12, 12, "lapack")])
+@pytest.mark.parametrize(
+    ("d", "k", "route"), [(6, 6, "sub"), (12, 1, "sub"), (12, 12, "lapack"), (40, 1, "lapack")]
+)
 def test_cpu_triangular_solves(lower, d, k, route):
     rng = np.random.default_rng(4)
     L = np.linalg.cholesky(_spd(rng, 9, d))
@@ -224,7 +250,8 @@ def test_cpu_triangular_solves(lower, d, k, route):
 @pytest.mark.parametrize("name", ["kl", "wasserstein"])
 def test_traced_distances_in_turn(name):
     """The public distances (forward) run their decompositions one at a time too (W2 takes two
-    SVDs under tracing; KL a triangular solve with d right-hand sides and an eigh)."""
+    SVDs under tracing; KL a triangular solve with d right-hand sides and an eigh). (Frobenius
+    makes no LAPACK call here: its solve has one right-hand side, a substitution.)"""
     import tr_projections as trp
 
     rng = np.random.default_rng(6)

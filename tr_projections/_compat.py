@@ -86,8 +86,8 @@ def is_cupy(xp: Namespace) -> bool:
 # forward + backward of a full-Gaussian projection of 10,000 or more states hung by its second
 # call, its threads in ``ParallelBatchMap`` -> ``BlockingCounter::Wait`` under ``dtrsm`` and
 # ``dsyevd``. Within :func:`serial_decompositions`, every decomposition or triangular solve of
-# traced JAX arrays in this module waits (``lax.optimization_barrier``) for the output of the
-# one before it, so at most one of ours runs at a time.
+# traced JAX arrays in this module waits for the output of the one before it (a data dependence,
+# :func:`_after`), so at most one of ours runs at a time.
 _serial: contextvars.ContextVar[list | None] = contextvars.ContextVar(
     "tr_projections_serial", default=None
 )
@@ -156,10 +156,11 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         return torch.linalg.solve_triangular(a, b, upper=not lower)
     d, k = a.shape[-1], b.shape[-1]
     if is_jax(xp):
-        if a.ndim > 2 and (k == 1 or d <= 8) and _jax_on_cpu():
-            # jaxlib's batched CPU ``trsm`` takes 20 ms for 1e5 6x1 systems where XLA's fused
-            # substitution takes 3 ms (35 against 24 ms for 6x6 right-hand sides), and it is a
-            # call that can deadlock (see serial_decompositions).
+        if a.ndim > 2 and ((k == 1 and d <= 32) or d <= 8) and _jax_on_cpu():
+            # jaxlib's batched CPU ``trsm`` took 20.8 ms for 1e5 6x1 systems where XLA's fused
+            # substitution took 3.7 ms (25 against 16 ms for 6x6 right-hand sides,
+            # benchmarks/jax_routes.py), and it is a call that can deadlock (see
+            # serial_decompositions). (Capped: the substitution is d^2/2 operations to compile.)
             return _substitution(a, b, lower=lower, xp=xp)
         import jax.scipy.linalg as jsl
 
@@ -190,6 +191,8 @@ def _substitution(a: Array, b: Array, *, lower: bool, xp: Namespace) -> Array:
     over the batch and the right-hand sides: ``d(d - 1)/2`` multiply-subtracts and ``d``
     divisions, as LAPACK's ``trsm`` does per system (backward stable)."""
     d = a.shape[-1]
+    if d == 0:
+        return xp.zeros_like(b)
     rows: list[Array | None] = [None] * d
     for i in range(d) if lower else range(d - 1, -1, -1):
         acc = b[..., i, :]
@@ -368,7 +371,7 @@ def qr_r(a: Array, *, xp: Namespace) -> Array:
     """The triangular factor ``R`` of ``a = QR`` (``(..., d, d)``), without forming ``Q`` where
     the library can skip it (NumPy, CuPy, JAX: ``mode="r"``; torch returns an empty ``Q``).
     Batches of CuPy arrays take :func:`householder_r`: CuPy's batched QR calls cuSOLVER once
-    per matrix. (On JAX's CPU it is no faster than jaxlib's QR at d = 6 and 3-8x slower at
+    per matrix. (On JAX's CPU it was 0.93x of jaxlib's QR for 1e5 6x6 and 3-8x slower at
     d = 17 and 32: ``benchmarks/jax_routes.py``.)"""
     if is_torch(xp):
         import torch
@@ -473,11 +476,12 @@ def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
         and max(a.ndim, b.ndim) >= 3
         and min(a.ndim, b.ndim) >= 2
         and 1 <= a.shape[-1] <= JAX_CPU_SUM_MAX_K
+        and a.shape[-1] == b.shape[-2]  # (a mismatch: XLA's dot says so)
         and _jax_on_cpu()
     ):
-        # XLA's CPU dot of a batch of small matrices is slow: 40 ms for 1e5 6x6 products, where
-        # a sum of d broadcast products (one fused loop) takes 3.7 ms; faster for every d <= 32
-        # and batch from 100 to 1e5 measured.
+        # XLA's CPU dot of a batch of small matrices is slow: 23 ms for 1e5 6x6 products, where
+        # a sum of d broadcast products (one fused loop) took 3.4 ms; 1.9x faster at d = 17 and
+        # 32 (benchmarks/jax_routes.py).
         out = a[..., :, 0, None] * b[..., None, 0, :]
         for k in range(1, a.shape[-1]):
             out = out + a[..., :, k, None] * b[..., None, k, :]
@@ -730,7 +734,8 @@ def _jax_loop_functions(cond: Callable, body: Callable, max_iter: int) -> tuple[
 
     def jbody(carry):
         i, s = carry
-        return i + 1, body(s)
+        with serial_decompositions():  # (a chain of its own: nothing traced here leaks out)
+            return i + 1, body(s)
 
     return jcond, jbody
 

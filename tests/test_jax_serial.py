@@ -80,6 +80,16 @@ def _spd(rng, batch, d):
     return a @ np.swapaxes(a, -1, -2) + d * np.eye(d)
 
 
+def _policies(rng, n, d):
+    """New and old full Gaussians, ``n`` states in ``d`` dimensions, as JAX arrays."""
+    return [
+        jnp.asarray(rng.standard_normal((n, d))),
+        jnp.asarray(np.linalg.cholesky(_spd(rng, n, d))),
+        jnp.asarray(rng.standard_normal((n, d))),
+        jnp.asarray(np.linalg.cholesky(_spd(rng, n, d))),
+    ]
+
+
 def test_independent_calls_wait_for_each_other():
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(_spd(rng, 4, 12)) for _ in range(2))
@@ -121,14 +131,7 @@ def test_forward_and_backward_of_a_full_projection_in_turn():
     # one right-hand side); forward and backward in one program, as jit(grad) compiles them.
     import tr_projections as trp
 
-    rng = np.random.default_rng(2)
-    d = 12
-    args = [
-        jnp.asarray(rng.standard_normal((5, d))),
-        jnp.asarray(np.linalg.cholesky(_spd(rng, 5, d))),
-        jnp.asarray(rng.standard_normal((5, d))),
-        jnp.asarray(np.linalg.cholesky(_spd(rng, 5, d))),
-    ]
+    args = _policies(np.random.default_rng(2), 5, 12)
 
     def loss(m, L, mo, Lo):
         out = trp.project_kl(m, L, mo, Lo, eps_mean=1e-3, eps_cov=1e-3)
@@ -254,14 +257,7 @@ def test_traced_distances_in_turn(name):
     makes no LAPACK call here: its solve has one right-hand side, a substitution.)"""
     import tr_projections as trp
 
-    rng = np.random.default_rng(6)
-    d = 12
-    args = [
-        jnp.asarray(rng.standard_normal((3, d))),
-        jnp.asarray(np.linalg.cholesky(_spd(rng, 3, d))),
-        jnp.asarray(rng.standard_normal((3, d))),
-        jnp.asarray(np.linalg.cholesky(_spd(rng, 3, d))),
-    ]
+    args = _policies(np.random.default_rng(6), 3, 12)
     fn = getattr(trp, name)
     _assert_in_turn(jax.make_jaxpr(fn)(*args).jaxpr)
     got = jax.jit(fn)(*args)

@@ -371,5 +371,13 @@ def wasserstein(
         m = mean_distance(
             p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
         )
-        c, _ = wasserstein_cov(p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
+        if p.full:
+            # (through an operation with its own VJP: torch's and JAX's derivatives of eigh or
+            # the SVD are NaN for repeated eigenvalues, e.g. identity covariances)
+            from .backends import apply
+
+            args = (p.scale, p.old_scale)
+            c = apply("wasserstein_cov", args, (), {"scale_prec": scale_prec})[0]
+        else:
+            c, _ = wasserstein_cov(p.scale, p.old_scale, full=False, scale_prec=scale_prec, xp=xp)
     return DistanceParts(m, c)

@@ -24,7 +24,14 @@ from ..losses import LossResiduals, loss_fwd, loss_vjp
 from ..projections.entropy import EntropyResiduals, entropy_fwd, entropy_vjp
 from ..projections.frobenius import FrobeniusResiduals, frobenius_fwd, frobenius_vjp
 from ..projections.kl import KLResiduals, kl_fwd, kl_vjp
-from ..projections.wasserstein import WassersteinResiduals, wasserstein_fwd, wasserstein_vjp
+from ..projections.wasserstein import (
+    W2CovResiduals,
+    WassersteinResiduals,
+    wasserstein_cov_fwd,
+    wasserstein_cov_vjp,
+    wasserstein_fwd,
+    wasserstein_vjp,
+)
 
 Array = Any
 
@@ -95,6 +102,20 @@ def _loss_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs: t
     return loss_vjp(p, res, g, **options)
 
 
+def _w2_cov_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+    out, res = wasserstein_cov_fwd(*arrays, **options)
+    return (out,), res
+
+
+def _w2_cov_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs: tuple) -> tuple:
+    xp = namespace_of(dict(zip(W2_COV_ARGS, arrays, strict=True)))
+    like = xp.sum(res.s, axis=-1)  # (the part's shape: the batch)
+    g = _cotangent(cots[0], like, xp=xp)
+    return wasserstein_cov_vjp(*arrays, res, g, old=needs[1], **options)
+
+
+W2_COV_ARGS = ("scale", "old_scale")
+
 OPERATIONS: dict[str, Operation] = {
     "kl": _projection(kl_fwd, kl_vjp, KLResiduals),
     "frobenius": _projection(frobenius_fwd, frobenius_vjp, FrobeniusResiduals),
@@ -103,6 +124,8 @@ OPERATIONS: dict[str, Operation] = {
         ("scale",), 1, EntropyResiduals, _entropy_forward, _entropy_backward, ("min_entropy",)
     ),
     "trust_region_loss": Operation(LOSS_ARGS, 1, LossResiduals, _loss_forward, _loss_backward),
+    # (the covariance part of trp.wasserstein for full Gaussians)
+    "wasserstein_cov": Operation(W2_COV_ARGS, 1, W2CovResiduals, _w2_cov_forward, _w2_cov_backward),
 }
 
 

@@ -111,6 +111,28 @@ def wasserstein_fwd(
     return Gaussian(mean, scale), res
 
 
+def _full_slopes(
+    delta: Array,
+    root: Array | None,
+    old_U: Array,
+    old_s: Array,
+    *,
+    scale_prec: bool,
+    old: bool,
+    xp: Any,
+) -> tuple[Array, Array | None]:
+    r""":math:`\partial d/\partial S` and :math:`\partial d/\partial S_o` (``None`` without
+    ``old``) of the W2 part of full scales, :math:`\Delta = S - S_o`: :math:`2\operatorname{sym}
+    (RE)` and :math:`-2\operatorname{sym}(RESR)` with :math:`R = S_o^{-1}`, :math:`E = R\Delta`
+    (unscaled: :math:`\pm 2\Delta`)."""
+    if not scale_prec:
+        return 2.0 * delta, (-2.0 * delta if old else None)
+    R = root_from_eig(old_U, old_s, xp=xp, inverse=True)  # S_o^-1
+    RE = matmul(R, matmul(R, delta, xp=xp), xp=xp)
+    d_old = -2.0 * sym(matmul(matmul(RE, root, xp=xp), R, xp=xp), xp=xp) if old else None
+    return 2.0 * sym(RE, xp=xp), d_old
+
+
 def wasserstein_vjp(
     p: Problem,
     res: WassersteinResiduals,
@@ -157,7 +179,7 @@ def wasserstein_vjp(
         delta = root - old_root
         proj_root = interpolate(root, old_root, res.tau, event_ndim=2, xp=xp)
         if not old:
-            del root
+            root = None  # (not needed past here: the old policy's slope is not computed)
         del old_root
         root_bar = square_vjp(proj_root, cholesky_vjp(res.proj_scale, g_scale, xp=xp), xp=xp)
         del proj_root
@@ -169,16 +191,13 @@ def wasserstein_vjp(
     dist_bar = expand(
         closed_form_tau_vjp(tau_bar, res.tau, res.dist, res.active, xp=xp), event_ndim, xp=xp
     )
-    if not scale_prec:
+    if full:
+        d_root, d_old = _full_slopes(
+            delta, root, res.old_U, res.old_s, scale_prec=scale_prec, old=old, xp=xp
+        )
+    elif not scale_prec:
         d_root = 2.0 * delta
         d_old = -d_root
-    elif full:
-        R = root_from_eig(res.old_U, res.old_s, xp=xp, inverse=True)  # S_o^-1
-        RE = matmul(R, matmul(R, delta, xp=xp), xp=xp)
-        d_root = 2.0 * sym(RE, xp=xp)
-        if old:
-            d_old = -2.0 * sym(matmul(matmul(RE, root, xp=xp), R, xp=xp), xp=xp)
-        del R, RE
     else:
         r = delta / old_root
         d_root = 2.0 * r / old_root
@@ -206,4 +225,62 @@ def wasserstein_vjp(
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 
-__all__ = ["WassersteinResiduals", "wasserstein_fwd", "wasserstein_vjp"]
+class W2CovResiduals(NamedTuple):
+    """The eigenbases of both roots: what :func:`wasserstein_cov_vjp` rebuilds them from."""
+
+    U: Array
+    s: Array
+    old_U: Array
+    old_s: Array
+
+
+def wasserstein_cov_fwd(
+    scale: Array, old_scale: Array, *, scale_prec: bool = True
+) -> tuple[Array, W2CovResiduals]:
+    """The W2 covariance part of full Gaussians (what ``trp.wasserstein`` returns second) and
+    the residuals of its VJP. An operation of its own so that autodiff never differentiates
+    ``eigh`` or the SVD: their eigenvector derivatives divide by differences of eigenvalues,
+    NaN for repeated ones (an identity covariance)."""
+    xp = _compat.array_namespace(scale, old_scale)
+    dist, _, eig = wasserstein_chart(scale, old_scale, full=True, scale_prec=scale_prec, xp=xp)
+    return dist, W2CovResiduals(*eig)
+
+
+def wasserstein_cov_vjp(
+    scale: Array,
+    old_scale: Array,
+    res: W2CovResiduals,
+    g: Array,
+    *,
+    scale_prec: bool = True,
+    old: bool = True,
+) -> tuple[Array, Array | None]:
+    r"""Cotangents of ``(scale, old_scale)`` of :func:`wasserstein_cov_fwd` for the cotangent
+    ``g`` of the part: with :math:`\Delta = S - S_o`, :math:`R = S_o^{-1}`, :math:`E = R\Delta`,
+    :math:`\partial d/\partial S = 2\operatorname{sym}(RE)` and :math:`\partial d/\partial S_o
+    = -2\operatorname{sym}(RESR)` (unscaled: :math:`\pm 2\Delta`), then the symmetric-root VJP
+    (sums of roots as denominators: finite for repeated eigenvalues) and
+    :math:`\Sigma = LL^	op`, as in :func:`wasserstein_vjp`."""
+    xp = _compat.array_namespace(scale, old_scale)
+    root = root_from_eig(res.U, res.s, xp=xp)
+    old_root = root_from_eig(res.old_U, res.old_s, xp=xp)
+    delta = root - old_root
+    g = expand(g, 2, xp=xp)
+    d_root, d_old = _full_slopes(
+        delta, root, res.old_U, res.old_s, scale_prec=scale_prec, old=old, xp=xp
+    )
+    scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, g * d_root, xp=xp), scale, xp=xp)
+    if not old:
+        return scale_bar, None
+    old_bar = gram_vjp(sqrtm_vjp(res.old_U, res.old_s, g * d_old, xp=xp), old_scale, xp=xp)
+    return scale_bar, old_bar
+
+
+__all__ = [
+    "W2CovResiduals",
+    "WassersteinResiduals",
+    "wasserstein_cov_fwd",
+    "wasserstein_cov_vjp",
+    "wasserstein_fwd",
+    "wasserstein_vjp",
+]

@@ -66,6 +66,59 @@ def test_jax_wasserstein_cov_gradients(d, scale_prec):
         check_grads(part, args, order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_wasserstein_cov_gradients_are_autodiffs(dtype):
+    """At random points (distinct eigenvalues, where differentiating ``eigh`` is fine) the
+    hand-written VJP gives what torch's autodiff of the plain computation gives, for either
+    policy alone, on the NumPy-view route and on torch's kernels."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as tns
+
+    from tr_projections import distances
+    from tr_projections.backends import torch as adapter
+
+    rng = np.random.default_rng(5)
+    L, Lo = (torch.asarray(cholesky_factors(rng, (4,), 3, cond=20.0)) for _ in range(2))
+    L, Lo = L.to(getattr(torch, dtype)), Lo.to(getattr(torch, dtype))
+    tol = {"float64": 1e-10, "float32": 2e-3}[dtype]
+    for which in (0, 1):
+        for limit in (adapter.NUMPY_MAX_ELEMENTS, 0):  # (0: torch's kernels)
+            args = [L.clone(), Lo.clone()]
+            args[which].requires_grad_()
+            old_limit, adapter.NUMPY_MAX_ELEMENTS = adapter.NUMPY_MAX_ELEMENTS, limit
+            try:
+                z = torch.zeros(4, 3, dtype=L.dtype)
+                got = torch.autograd.grad(
+                    trp.wasserstein(z, *args[:1], z, args[1])[1].sum(), args[which]
+                )[0]
+            finally:
+                adapter.NUMPY_MAX_ELEMENTS = old_limit
+            plain = distances.wasserstein_cov(*args, full=True, scale_prec=True, xp=tns)[0]
+            want = torch.tril(torch.autograd.grad(plain.sum(), args[which])[0])
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_jax_distance_decompositions_in_turn():
+    """d > 32: the mean part's solve is jaxlib's ``trsm``; it waits for the covariance part's
+    operation (its SVDs), one LAPACK call at a time."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from test_jax_serial import _assert_in_turn, _decompositions
+
+    rng = np.random.default_rng(8)
+    d = 33
+    args = [
+        jnp.asarray(rng.standard_normal((2, d))),
+        jnp.asarray(cholesky_factors(rng, (2,), d, cond=10.0)),
+        jnp.asarray(rng.standard_normal((2, d))),
+        jnp.asarray(cholesky_factors(rng, (2,), d, cond=10.0)),
+    ]
+    jaxpr = jax.make_jaxpr(trp.wasserstein)(*args).jaxpr
+    assert len(_decompositions(jaxpr)) == 2  # the operation (a custom_vjp call) and the solve
+    _assert_in_turn(jaxpr)
+
+
 def test_wasserstein_cov_values_unchanged():
     """The operation returns what the plain computation does, on every library (NumPy takes
     the same forward)."""

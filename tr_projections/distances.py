@@ -104,10 +104,10 @@ def kl_f(scale: Array, old_scale: Array, *, xp: Any) -> Array:
 def kl_may_exceed(F: Array, scale: Array, old_scale: Array, eps: Array, *, xp: Any) -> Array:
     r"""Rows (full scales) whose KL covariance part may exceed ``eps``, decided without a
     decomposition: the trace/log-determinant form
-    :math:`	frac12[\operatorname{tr}(A^{-1} - I) - \log|A^{-1}|]` with
+    :math:`\tfrac12[\operatorname{tr}(A^{-1} - I) - \log|A^{-1}|]` with
     :math:`\operatorname{tr}(A^{-1} - I) = 2\operatorname{tr}F + \|F\|_F^2` and
     :math:`\log|A^{-1}| = 2\sum_i(\log L_{ii} - \log L_{o,ii})`, less a margin far above its
-    rounding (a thousandth of ``eps`` plus 64 :math:`arepsilon_{mach}` times the size of its
+    rounding (a thousandth of ``eps`` plus 64 :math:`\varepsilon_{mach}` times the size of its
     terms). A row outside the result is inside its bound; the rows in it are decided exactly,
     from the eigenvalues."""
     diag_f = diagonal(F, xp=xp)
@@ -367,10 +367,7 @@ def wasserstein(
     """
     p = prepare(mean, scale, old_mean, old_scale)
     xp = p.xp
-    with _compat.serial_decompositions():
-        m = mean_distance(
-            p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
-        )
+    with _compat.serial_decompositions() as last:
         if p.full:
             # (through an operation with its own VJP: torch's and JAX's derivatives of eigh or
             # the SVD are NaN for repeated eigenvalues, e.g. identity covariances)
@@ -378,6 +375,10 @@ def wasserstein(
 
             args = (p.scale, p.old_scale)
             c = apply("wasserstein_cov", args, (), {"scale_prec": scale_prec})[0]
+            last[0] = c  # (JAX: the mean part's solve waits for the operation's decompositions)
         else:
             c, _ = wasserstein_cov(p.scale, p.old_scale, full=False, scale_prec=scale_prec, xp=xp)
+        m = mean_distance(
+            p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
+        )
     return DistanceParts(m, c)

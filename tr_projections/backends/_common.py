@@ -1,7 +1,8 @@
 """The one forward/backward pair every adapter registers, for every operation.
 
 An *operation* is a projection (``"kl"``, ``"frobenius"``, ``"wasserstein"``), the entropy
-projection (``"entropy"``) or the trust-region loss (``"trust_region_loss"``). :func:`forward`
+projection (``"entropy"``), the trust-region loss (``"trust_region_loss"``) or the W2
+covariance part of ``trp.wasserstein`` (``"wasserstein_cov"``). :func:`forward`
 checks and broadcasts the raw arguments, runs the operation and returns its outputs with the
 residuals of its VJP (a flat NamedTuple of arrays and ``None``); :func:`backward` runs the
 hand-written VJP and brings every cotangent back to the shape and dtype of its raw argument
@@ -109,9 +110,8 @@ def _w2_cov_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple,
 
 def _w2_cov_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs: tuple) -> tuple:
     xp = namespace_of(dict(zip(W2_COV_ARGS, arrays, strict=True)))
-    like = xp.sum(res.s, axis=-1)  # (the part's shape: the batch)
-    g = _cotangent(cots[0], like, xp=xp)
-    return wasserstein_cov_vjp(*arrays, res, g, old=needs[1], **options)
+    g = _cotangent(cots[0], res.s[..., 0], xp=xp)  # (the part's shape: the batch)
+    return wasserstein_cov_vjp(*arrays, res, g, new=needs[0], old=needs[1], **options)
 
 
 W2_COV_ARGS = ("scale", "old_scale")

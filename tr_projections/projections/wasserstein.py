@@ -253,14 +253,16 @@ def wasserstein_cov_vjp(
     g: Array,
     *,
     scale_prec: bool = True,
+    new: bool = True,
     old: bool = True,
-) -> tuple[Array, Array | None]:
-    r"""Cotangents of ``(scale, old_scale)`` of :func:`wasserstein_cov_fwd` for the cotangent
+) -> tuple[Array | None, Array | None]:
+    r"""Cotangents of ``(scale, old_scale)`` of :func:`wasserstein_cov_fwd` (``None`` for the
+    one that ``new`` or ``old`` says is not wanted) for the cotangent
     ``g`` of the part: with :math:`\Delta = S - S_o`, :math:`R = S_o^{-1}`, :math:`E = R\Delta`,
     :math:`\partial d/\partial S = 2\operatorname{sym}(RE)` and :math:`\partial d/\partial S_o
     = -2\operatorname{sym}(RESR)` (unscaled: :math:`\pm 2\Delta`), then the symmetric-root VJP
     (sums of roots as denominators: finite for repeated eigenvalues) and
-    :math:`\Sigma = LL^	op`, as in :func:`wasserstein_vjp`."""
+    :math:`\Sigma = LL^\top`, as in :func:`wasserstein_vjp`."""
     xp = _compat.array_namespace(scale, old_scale)
     root = root_from_eig(res.U, res.s, xp=xp)
     old_root = root_from_eig(res.old_U, res.old_s, xp=xp)
@@ -269,7 +271,9 @@ def wasserstein_cov_vjp(
     d_root, d_old = _full_slopes(
         delta, root, res.old_U, res.old_s, scale_prec=scale_prec, old=old, xp=xp
     )
-    scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, g * d_root, xp=xp), scale, xp=xp)
+    scale_bar = None
+    if new:
+        scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, g * d_root, xp=xp), scale, xp=xp)
     if not old:
         return scale_bar, None
     old_bar = gram_vjp(sqrtm_vjp(res.old_U, res.old_s, g * d_old, xp=xp), old_scale, xp=xp)

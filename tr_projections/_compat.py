@@ -495,17 +495,13 @@ JAX_CPU_SUM_MAX_K = 32
 
 
 @functools.cache
-def _jax_default_backend() -> str:
-    import jax
-
-    return jax.default_backend()
-
-
 def _jax_on_cpu() -> bool:
     """Whether JAX computes on the CPU (its default backend; traced arrays carry no device).
     The JAX CPU routes (fused substitution, products as sums) are measured on the CPU only;
     GPUs keep the library's own batched routines."""
-    return _jax_default_backend() == "cpu"
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 def copy(x: Array, *, xp: Namespace) -> Array:

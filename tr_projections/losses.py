@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._compat import matmul, solve_triangular
+from ._compat import solve_triangular
 from ._inputs import Problem
 from .distances import frobenius_cov, kl_cov_from_eigs, kl_eigs, mean_distance, wasserstein_chart
-from .gaussian import covariance, diag_embed, diagonal, mT, sym
-from .projections._vjp_core import gram_vjp, sqrtm_vjp, tril
+from .gaussian import covariance, diag_embed, diagonal, mT
+from .projections._vjp_core import gram_vjp, sqrtm_vjp, tril, w2_slopes
 
 __all__ = ["LossResiduals", "loss_fwd", "loss_vjp", "trust_region_loss"]
 
@@ -101,12 +101,8 @@ def _scale_grad(p: Problem, res: LossResiduals, *, method: str, scale_prec: bool
     # Wasserstein: chart S = Sigma^(1/2); stds for diagonals.
     if not p.full:
         return 2.0 * (L - L_o) / (L_o * L_o) if scale_prec else 2.0 * (L - L_o)
-    diff = res.root - res.old_root
-    if scale_prec:
-        inv = res.old_root_inv
-        root_bar = sym(2.0 * matmul(matmul(inv, inv, xp=xp), diff, xp=xp), xp=xp)
-    else:
-        root_bar = 2.0 * diff
+    R = res.old_root_inv if scale_prec else None
+    root_bar, _ = w2_slopes(res.root - res.old_root, None, R, old=False, xp=xp)
     return gram_vjp(sqrtm_vjp(res.U, res.s, root_bar, xp=xp), L, xp=xp)
 
 

@@ -100,6 +100,22 @@ def sqrtm_vjp(U: Array, s: Array, root_bar: Array, *, xp: Any) -> Array:
     return sym(matmul(matmul(U, inner, xp=xp), Ut, xp=xp), xp=xp)
 
 
+def w2_slopes(
+    delta: Array, root: Array | None, R: Array | None, *, old: bool, xp: Any
+) -> tuple[Array, Array | None]:
+    r""":math:`\partial d/\partial S` and :math:`\partial d/\partial S_o` (``None`` without
+    ``old``) of the W2 covariance part of full scales, :math:`\Delta = S - S_o`: for
+    :math:`d = \|R\Delta\|_F^2` with :math:`R = S_o^{-1}` (``R``), :math:`E = R\Delta`,
+    :math:`2\operatorname{sym}(RE)` and :math:`-2\operatorname{sym}(RESR)`; for
+    :math:`d = \|\Delta\|_F^2` (``R`` is ``None``), :math:`\pm 2\Delta`. ``root`` (:math:`S`)
+    is read only for the old policy's slope."""
+    if R is None:
+        return 2.0 * delta, (-2.0 * delta if old else None)
+    RE = matmul(R, matmul(R, delta, xp=xp), xp=xp)
+    d_old = -2.0 * sym(matmul(matmul(RE, root, xp=xp), R, xp=xp), xp=xp) if old else None
+    return 2.0 * sym(RE, xp=xp), d_old
+
+
 def square_vjp(root: Array, sq_bar: Array, *, xp: Any) -> Array:
     r"""VJP of :math:`\Sigma = S^2` for symmetric :math:`S`, :math:`\bar\Sigma`:
     :math:`\bar S = \bar\Sigma S + S \bar\Sigma` (symmetric)."""
@@ -120,4 +136,5 @@ __all__ = [
     "sqrtm_vjp",
     "square_vjp",
     "tril",
+    "w2_slopes",
 ]

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import _compat
-from .._compat import matmul
 from .._inputs import Problem
 from .._rows import choose, fields, from_fields, narrow, put, take, take_batch
 from ..distances import kl_f, mean_distance, wasserstein_chart, wasserstein_may_exceed
-from ..gaussian import Gaussian, cholesky_of_gram, root_from_eig, sym
+from ..gaussian import Gaussian, cholesky_of_gram, root_from_eig
 from ._core import (
     Cotangents,
     closed_form_tau,
@@ -29,7 +28,7 @@ from ._core import (
     scale_cotangent,
     select,
 )
-from ._vjp_core import cholesky_vjp, expand, gram_vjp, sqrtm_vjp, square_vjp, tril
+from ._vjp_core import cholesky_vjp, expand, gram_vjp, sqrtm_vjp, square_vjp, tril, w2_slopes
 
 Array = Any
 
@@ -111,28 +110,6 @@ def wasserstein_fwd(
     return Gaussian(mean, scale), res
 
 
-def _full_slopes(
-    delta: Array,
-    root: Array | None,
-    old_U: Array,
-    old_s: Array,
-    *,
-    scale_prec: bool,
-    old: bool,
-    xp: Any,
-) -> tuple[Array, Array | None]:
-    r""":math:`\partial d/\partial S` and :math:`\partial d/\partial S_o` (``None`` without
-    ``old``) of the W2 part of full scales, :math:`\Delta = S - S_o`: :math:`2\operatorname{sym}
-    (RE)` and :math:`-2\operatorname{sym}(RESR)` with :math:`R = S_o^{-1}`, :math:`E = R\Delta`
-    (unscaled: :math:`\pm 2\Delta`)."""
-    if not scale_prec:
-        return 2.0 * delta, (-2.0 * delta if old else None)
-    R = root_from_eig(old_U, old_s, xp=xp, inverse=True)  # S_o^-1
-    RE = matmul(R, matmul(R, delta, xp=xp), xp=xp)
-    d_old = -2.0 * sym(matmul(matmul(RE, root, xp=xp), R, xp=xp), xp=xp) if old else None
-    return 2.0 * sym(RE, xp=xp), d_old
-
-
 def wasserstein_vjp(
     p: Problem,
     res: WassersteinResiduals,
@@ -192,9 +169,9 @@ def wasserstein_vjp(
         closed_form_tau_vjp(tau_bar, res.tau, res.dist, res.active, xp=xp), event_ndim, xp=xp
     )
     if full:
-        d_root, d_old = _full_slopes(
-            delta, root, res.old_U, res.old_s, scale_prec=scale_prec, old=old, xp=xp
-        )
+        R = root_from_eig(res.old_U, res.old_s, xp=xp, inverse=True) if scale_prec else None
+        d_root, d_old = w2_slopes(delta, root, R, old=old, xp=xp)
+        del R
     elif not scale_prec:
         d_root = 2.0 * delta
         d_old = -d_root
@@ -268,9 +245,8 @@ def wasserstein_cov_vjp(
     old_root = root_from_eig(res.old_U, res.old_s, xp=xp)
     delta = root - old_root
     g = expand(g, 2, xp=xp)
-    d_root, d_old = _full_slopes(
-        delta, root, res.old_U, res.old_s, scale_prec=scale_prec, old=old, xp=xp
-    )
+    R = root_from_eig(res.old_U, res.old_s, xp=xp, inverse=True) if scale_prec else None
+    d_root, d_old = w2_slopes(delta, root, R, old=old, xp=xp)
     scale_bar = None
     if new:
         scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, g * d_root, xp=xp), scale, xp=xp)

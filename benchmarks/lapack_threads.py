@@ -1,0 +1,109 @@
+"""Batched decompositions split over threads against one call, torch CPU and NumPy.
+
+torch's CPU and NumPy's batched ``eigh``, SVD and QR call LAPACK for one matrix after another on
+the calling thread. ``tr_projections._compat`` splits batches of at least
+``PARALLEL_MIN_BATCH`` matrices (``PARALLEL_MIN_BATCH_QR`` for QR) into one part per thread and
+decomposes the parts at the same time (``_compat.LAPACK_THREADS``, see docs/backends.md). This
+script times the wrappers (``_compat.eigh``, ``_compat.svd``, ``_compat.qr_r``) with the split
+off (``LAPACK_THREADS = 1``) and on (the automatic thread count), on the same seeded float64
+data, interleaved round by round, and prints the medians and their ratio with the machine:
+
+    python benchmarks/lapack_threads.py                         # d = 6, B = 128 ... 1e5
+    python benchmarks/lapack_threads.py --dims 6,17 --batches 1e3,1e4 --backends torch
+
+The matrices are random symmetric positive definite with eigenvalues log-uniform in [0.1, 10]
+(SVD: their Cholesky factors), like the covariances of ``run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dims", default="6")
+    ap.add_argument("--batches", default="128,256,512,1024,4096,1e4,1e5")
+    ap.add_argument("--backends", default="torch,numpy")
+    ap.add_argument("--ops", default="eigh,svd,qr")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args(argv)
+
+    from tr_projections import _compat
+
+    backends = args.backends.split(",")
+    namespaces = {}
+    if "torch" in backends:
+        import array_api_compat.torch as xpt
+        import torch
+
+        namespaces["torch"] = (xpt, torch.from_numpy)
+    if "numpy" in backends:
+        import array_api_compat.numpy as xpn
+
+        namespaces["numpy"] = (xpn, lambda a: a)
+    versions = f"numpy {np.__version__}"
+    if "torch" in namespaces:
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    auto = {name: _compat._lapack_threads(conv(np.eye(2)), xp) for name, (xp, conv) in
+            namespaces.items()}  # fmt: skip
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+        f"({len(os.sched_getaffinity(0))} usable); python {platform.python_version()}, "
+        f"{versions}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
+    )
+    print(f"# parts when split: {auto}; float64, median ms of {args.rounds} interleaved rounds")
+    print("| backend | op | d | B | one call | split | speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    ops = {
+        "eigh": lambda a, xp: _compat.eigh(a, xp=xp),
+        "svd": lambda a, xp: _compat.svd(a, xp=xp),
+        "qr": lambda a, xp: _compat.qr_r(a, xp=xp),
+    }
+    rng = np.random.default_rng(0)
+    saved = _compat.LAPACK_THREADS, _compat.PARALLEL_MIN_BATCH, _compat.PARALLEL_MIN_BATCH_QR
+    try:
+        # (thresholds at 2: every batch size below is split when "split" is asked for)
+        _compat.PARALLEL_MIN_BATCH = _compat.PARALLEL_MIN_BATCH_QR = 2
+        for d in [int(x) for x in args.dims.split(",")]:
+            for B in [int(float(x)) for x in args.batches.split(",")]:
+                q, _ = np.linalg.qr(rng.standard_normal((B, d, d)))
+                w = np.exp(rng.uniform(np.log(0.1), np.log(10.0), (B, 1, d)))
+                spd = (q * w) @ np.swapaxes(q, -1, -2)
+                spd = 0.5 * (spd + np.swapaxes(spd, -1, -2))
+                chol = np.linalg.cholesky(spd)
+                for name, (xp, conv) in namespaces.items():
+                    for op in args.ops.split(","):
+                        a = conv(chol if op == "svd" else spd)
+                        times: dict[int, list[float]] = {1: [], 0: []}
+                        for r in range(args.rounds + 1):
+                            for threads in (1, 0) if r % 2 else (0, 1):
+                                _compat.LAPACK_THREADS = threads
+                                t0 = time.perf_counter()
+                                ops[op](a, xp)
+                                if r:  # (round 0 warms up)
+                                    times[threads].append(time.perf_counter() - t0)
+                        one, split = (1e3 * statistics.median(times[k]) for k in (1, 0))
+                        print(
+                            f"| {name} | {op} | {d} | {B:,} | {one:.3f} | {split:.3f} | "
+                            f"{one / split:.2f}× |",
+                            flush=True,
+                        )
+    finally:
+        _compat.LAPACK_THREADS, _compat.PARALLEL_MIN_BATCH, _compat.PARALLEL_MIN_BATCH_QR = saved
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

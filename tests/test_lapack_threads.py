@@ -1,0 +1,236 @@
+"""Batched decompositions of torch CPU tensors and NumPy arrays split over threads
+(``_compat.LAPACK_THREADS``): the same results as one call, bit for bit, and only where nothing
+is differentiated through the call."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import array_api_compat.numpy as xpn
+import numpy as np
+import pytest
+
+from tr_projections import _compat
+
+
+def _namespace(name):
+    if name == "numpy":
+        return xpn, np.asarray, np.asarray
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as ns
+
+    return ns, torch.asarray, lambda t: t.detach().numpy()
+
+
+def _spd(rng, shape, d):
+    m = rng.standard_normal(shape + (d, d))
+    return m @ np.swapaxes(m, -1, -2) + d * np.eye(d)
+
+
+def _decompose(a, ns, *, lazy=False):
+    ops = {
+        "eigh": lambda x: _compat.eigh(x, xp=ns),
+        "svd": lambda x: _compat.svd(x[..., :, :3], xp=ns),
+        "qr": lambda x: (_compat.qr_r(x, xp=ns),),
+    }
+    return ops if lazy else {op: fn(a) for op, fn in ops.items()}
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Every batch of two or more matrices is split (the thresholds are for speed only)."""
+    monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH", 2)
+    monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH_QR", 2)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+@pytest.mark.parametrize("threads", [2, 3, 7])
+@pytest.mark.parametrize(("shape", "d"), [((5,), 4), ((2, 13), 4), ((2, 13), 5), ((1001,), 5)])
+def test_split_equals_one_call(name, threads, shape, d, split_everything, monkeypatch):
+    """``eigh``, the SVD and QR's ``R`` split over 2, 3 or 7 threads (batches not divisible by
+    the count, batches of several axes, one of 1,001) equal one call bit for bit, in the batch's
+    shape and dtype, and leave the argument alone. Parts are cut at whole multiples of 64 bytes
+    into the batch (LAPACK rounds differently at other alignments): 4x4 float64 matrices
+    (128 bytes) go in ``min(threads, n)`` parts, 5x5 ones (200 bytes) in parts of multiples of 8;
+    all but the last part run on the pool's threads."""
+    ns, conv, back = _namespace(name)
+    a = conv(_spd(np.random.default_rng(len(shape) * 10 + threads), shape, d))
+    a0 = np.array(back(a), copy=True)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 1)
+    assert _compat._lapack_threads(a, ns) == 1
+    whole = _decompose(a, ns)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", threads)
+    assert _compat._lapack_threads(a, ns) == threads
+    calls = []
+    original = _compat._in_parallel
+
+    def spy(fn, flat, parts, *, xp):
+        def part(x):
+            calls.append((x.shape[0], threading.current_thread().name))
+            return fn(x)
+
+        return original(part, flat, parts, xp=xp)
+
+    monkeypatch.setattr(_compat, "_in_parallel", spy)
+    n = int(np.prod(shape))
+    split = {}
+    for op, fn in _decompose(None, ns, lazy=True).items():
+        calls.clear()
+        split[op] = fn(a)
+        # (the SVD's 5x3 matrices and 4x3 ones are 120 and 96 bytes: whole parts of 8 and 2)
+        size = 8 * d * (3 if op == "svd" else d)
+        unit = 64 // np.gcd(64, size)
+        sizes = [k for k, _ in calls]
+        assert sum(sizes) == n, op
+        assert len(sizes) <= threads and (len(sizes) > 1) == (n > unit), (op, sizes)
+        if unit == 1:
+            assert len(sizes) == min(threads, n), (op, sizes)
+        pooled = [k for k, t in calls if t.startswith("tr_projections-lapack")]
+        assert len(pooled) == len(sizes) - 1, op  # (the last part runs on this thread)
+        assert all(k % unit == 0 for k in pooled), (op, sizes)  # (so: 64-byte cuts)
+    for op in whole:
+        for g, w in zip(split[op], whole[op], strict=True):
+            assert tuple(g.shape) == tuple(w.shape) and g.dtype == w.dtype, op
+            np.testing.assert_array_equal(back(g), back(w), err_msg=op)
+    np.testing.assert_array_equal(back(a), a0)
+
+
+def test_thread_counts(monkeypatch):
+    """Automatic counts: torch's thread count for torch CPU tensors; for NumPy the usable CPUs,
+    capped by ``OMP_NUM_THREADS``; one part (no split) for what is differentiated through the
+    call and for other libraries."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 0)
+    a = torch.eye(3, dtype=torch.float64).expand(4, 3, 3)
+    assert _compat._lapack_threads(a, xpt) == torch.get_num_threads()
+    g = a.clone().requires_grad_()
+    assert _compat._lapack_threads(g, xpt) == 1  # (an autograd graph is being recorded)
+    with torch.no_grad():
+        assert _compat._lapack_threads(g, xpt) == torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _compat._lapack_threads(np.eye(3), xpn) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _compat._lapack_threads(np.eye(3), xpn) >= 1
+    strict = pytest.importorskip("array_api_strict")
+    assert _compat._lapack_threads(strict.eye(3), strict) == 1
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 4)
+    assert _compat._lapack_threads(np.eye(3), xpn) == 4
+    assert _compat._lapack_threads(g, xpt) == 1
+
+
+def test_torch_autograd_is_not_split(split_everything, monkeypatch):
+    """A torch tensor whose decomposition autograd records stays one call (the thread pool's
+    threads would record nothing), and its gradient is torch's own; under ``no_grad`` the parts
+    record no graph either."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    a = torch.asarray(_spd(np.random.default_rng(1), (6,), 3), requires_grad=True)
+    calls = []
+    monkeypatch.setattr(_compat, "_in_parallel", lambda *a, **k: calls.append(1))
+    w, _ = _compat.eigh(a, xp=xpt)
+    assert not calls and w.requires_grad
+    w.sum().backward()  # d(tr A)/dA = I
+    np.testing.assert_allclose(a.grad.numpy(), np.broadcast_to(np.eye(3), (6, 3, 3)), atol=1e-12)
+    monkeypatch.undo()
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH", 2)
+    with torch.no_grad():
+        w, U = _compat.eigh(a, xp=xpt)
+    assert not (w.requires_grad or U.requires_grad)
+
+
+def test_errors_of_a_part_reach_the_caller(split_everything, monkeypatch):
+    """An exception in any part, on the pool or on the calling thread, is raised to the caller
+    once every part has finished."""
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)
+    flat = np.zeros((9, 4, 4))  # (128 bytes a matrix: parts of exactly 3)
+    finished = []
+
+    def fn(x):
+        if (x == 1.0).any():
+            raise ValueError("part failed")
+        finished.append(x.shape[0])
+        return (x,)
+
+    for bad in (0, 8):  # a part on the pool, the part on this thread
+        finished.clear()
+        flat[:] = 0.0
+        flat[bad] = 1.0
+        with pytest.raises(ValueError, match="part failed"):
+            _compat._in_parallel(fn, flat, 3, xp=xpn)
+        assert sorted(finished) == [3, 3]
+
+
+def _child(q):
+    a = np.broadcast_to(np.eye(4) * 2.0, (64, 4, 4))
+    w, _ = _compat.eigh(a, xp=xpn)
+    q.put(float(w.sum()))
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform"
+)
+def test_a_forked_child_gets_its_own_pool(split_everything, monkeypatch):
+    """A child forked after the parent used the pool (whose threads the child does not have)
+    makes a pool of its own instead of waiting forever on the parent's."""
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    _compat.eigh(np.broadcast_to(np.eye(4), (64, 4, 4)), xp=xpn)  # the parent's pool
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("the forked child hung on the parent's thread pool")
+    assert p.exitcode == 0
+    assert q.get(timeout=5) == 64 * 4 * 2.0
+
+
+@pytest.mark.parametrize("method", ["kl", "wasserstein"])
+def test_projections_with_split_decompositions(method, monkeypatch):
+    """Full-Gaussian projections and their gradients (torch and NumPy) are the same, bit for
+    bit, with the decompositions split over threads as without."""
+    torch = pytest.importorskip("torch")
+    import tr_projections as trp
+
+    rng = np.random.default_rng(12)
+    d, n = 4, 300
+    old_scale = np.linalg.cholesky(_spd(rng, (n,), d))
+    scale = np.linalg.cholesky(_spd(rng, (n,), d) * rng.uniform(0.3, 3.0, (n, 1, 1)))
+    mean, old_mean = rng.standard_normal((2, n, d))
+    g = rng.standard_normal((n, d, d))
+
+    def run():
+        args = [torch.tensor(v, requires_grad=True) for v in (mean, scale, old_mean, old_scale)]
+        out = trp.project(*args, method=method, eps_mean=0.05, eps_cov=0.05)
+        (out.mean.sum() + (out.scale * torch.asarray(g)).sum()).backward()
+        np_out, vjp = trp.vjp(
+            trp.project, mean, scale, old_mean, old_scale,
+            method=method, eps_mean=0.05, eps_cov=0.05,
+        )  # fmt: skip
+        return [t.detach().numpy() for t in [out.mean, out.scale] + [x.grad for x in args]] + [
+            np_out.mean,
+            np_out.scale,
+            *vjp((np.ones((n, d)), g)),
+        ]
+
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 1)
+    whole = run()
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)
+    parts = []
+    original = _compat._in_parallel
+
+    def spy(fn, flat, k, *, xp):
+        parts.append(k)
+        return original(fn, flat, k, xp=xp)
+
+    monkeypatch.setattr(_compat, "_in_parallel", spy)
+    for got, want in zip(run(), whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert parts and set(parts) == {3}

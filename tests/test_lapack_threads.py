@@ -46,8 +46,21 @@ def split_everything(monkeypatch):
 
 @pytest.mark.parametrize("name", ["numpy", "torch"])
 @pytest.mark.parametrize("threads", [2, 3, 7])
-@pytest.mark.parametrize(("shape", "d"), [((5,), 4), ((2, 13), 4), ((2, 13), 5), ((1001,), 5)])
-def test_split_equals_one_call(name, threads, shape, d, split_everything, monkeypatch):
+@pytest.mark.parametrize(
+    ("shape", "d", "dtype", "layout"),
+    [
+        ((5,), 4, "float64", "contiguous"),
+        ((2, 13), 4, "float64", "contiguous"),
+        ((2, 13), 5, "float64", "contiguous"),
+        ((1001,), 5, "float64", "contiguous"),
+        ((2, 13), 5, "float32", "contiguous"),
+        ((30,), 5, "float64", "transposed"),
+        ((3, 11), 5, "float64", "expanded"),
+    ],
+)
+def test_split_equals_one_call(
+    name, threads, shape, d, dtype, layout, split_everything, monkeypatch
+):
     """``eigh``, the SVD and QR's ``R`` split over 2, 3 or 7 threads (batches not divisible by
     the count, batches of several axes, one of 1,001) equal one call bit for bit, in the batch's
     shape and dtype, and leave the argument alone. Parts are cut at whole multiples of 64 bytes
@@ -55,7 +68,13 @@ def test_split_equals_one_call(name, threads, shape, d, split_everything, monkey
     (128 bytes) go in ``min(threads, n)`` parts, 5x5 ones (200 bytes) in parts of multiples of 8;
     all but the last part run on the pool's threads."""
     ns, conv, back = _namespace(name)
-    a = conv(_spd(np.random.default_rng(len(shape) * 10 + threads), shape, d))
+    rng = np.random.default_rng(len(shape) * 10 + threads)
+    a = conv(_spd(rng, shape, d).astype(dtype))
+    if layout == "transposed":  # (a non-contiguous view: the batch axis is last in memory)
+        a = conv(np.ascontiguousarray(np.moveaxis(_spd(rng, shape, d), 0, -1)))
+        a = ns.permute_dims(a, (2, 0, 1))
+    elif layout == "expanded":  # (one matrix broadcast over the batch: zero strides)
+        a = ns.broadcast_to(conv(_spd(rng, (), d)), shape + (d, d))
     a0 = np.array(back(a), copy=True)
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 1)
     assert _compat._lapack_threads(a, ns) == 1
@@ -78,8 +97,8 @@ def test_split_equals_one_call(name, threads, shape, d, split_everything, monkey
     for op, fn in _decompose(None, ns, lazy=True).items():
         calls.clear()
         split[op] = fn(a)
-        # (the SVD's 5x3 matrices and 4x3 ones are 120 and 96 bytes: whole parts of 8 and 2)
-        size = 8 * d * (3 if op == "svd" else d)
+        # (e.g. the SVD's 5x3 float64 matrices are 120 bytes: whole parts of 8 matrices)
+        size = np.dtype(dtype).itemsize * d * (3 if op == "svd" else d)
         unit = 64 // np.gcd(64, size)
         sizes = [k for k, _ in calls]
         assert sum(sizes) == n, op
@@ -117,8 +136,50 @@ def test_thread_counts(monkeypatch):
     strict = pytest.importorskip("array_api_strict")
     assert _compat._lapack_threads(strict.eye(3), strict) == 1
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 4)
-    assert _compat._lapack_threads(np.eye(3), xpn) == 4
+    assert _compat._lapack_threads(np.ones((5, 3, 3)), xpn) == 4
     assert _compat._lapack_threads(g, xpt) == 1
+    assert _compat._lapack_threads(np.ones((5, 65, 65)), xpn) == 1  # (LAPACK threads those)
+    assert _compat._lapack_threads(np.ones((3, 3)), xpn) == 1  # (one matrix)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 1000)
+    assert _compat._lapack_threads(np.ones((5, 3, 3)), xpn) == _compat.PARALLEL_MAX_PARTS
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 0)
+    with _compat.numpy_threads(3):
+        assert _compat._lapack_threads(np.ones((5, 3, 3)), xpn) == 3
+
+
+def test_torch_thread_count_holds_on_the_numpy_route(split_everything, monkeypatch):
+    """Where the torch adapter runs NumPy kernels on a torch call, the decompositions split over
+    torch's thread count (``torch.set_num_threads(1)``: no split), not over the CPUs."""
+    torch = pytest.importorskip("torch")
+    import tr_projections as trp
+    from tr_projections.backends import torch as torch_backend
+
+    monkeypatch.setattr(torch_backend, "NUMPY_MAX_ELEMENTS", 1 << 19)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 0)
+    rng = np.random.default_rng(3)
+    n, d = 200, 3
+    args = [torch.asarray(x) for x in (
+        rng.standard_normal((n, d)),
+        np.linalg.cholesky(_spd(rng, (n,), d)),
+        rng.standard_normal((n, d)),
+        np.linalg.cholesky(_spd(rng, (n,), d)),
+    )]  # fmt: skip
+    args[1].requires_grad_()
+    seen = []
+    original = _compat._lapack_threads
+    monkeypatch.setattr(
+        _compat, "_lapack_threads", lambda a, xp: seen.append(original(a, xp)) or seen[-1]
+    )
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            seen.clear()
+            out = trp.project_kl(*args, eps_mean=1e-3, eps_cov=1e-3)
+            out.scale.sum().backward()
+            assert seen and set(seen) == {threads}
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_torch_autograd_is_not_split(split_everything, monkeypatch):
@@ -144,26 +205,104 @@ def test_torch_autograd_is_not_split(split_everything, monkeypatch):
     assert not (w.requires_grad or U.requires_grad)
 
 
-def test_errors_of_a_part_reach_the_caller(split_everything, monkeypatch):
-    """An exception in any part, on the pool or on the calling thread, is raised to the caller
-    once every part has finished."""
+def test_errors_are_those_of_one_call(split_everything, monkeypatch):
+    """When a part fails (on the pool or on this thread), every part has finished before the
+    caller hears of it, and the caller gets the error of one call on the whole batch."""
+    import time
+
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)
     flat = np.zeros((9, 4, 4))  # (128 bytes a matrix: parts of exactly 3)
-    finished = []
+    finished, calls = [], []
 
     def fn(x):
+        calls.append(x.shape[0])
+        if x.shape[0] == 9:
+            raise ValueError(f"one call on {x.shape[0]} matrices")
         if (x == 1.0).any():
             raise ValueError("part failed")
+        time.sleep(0.05)  # (the other parts are still running when the bad one fails)
         finished.append(x.shape[0])
         return (x,)
 
     for bad in (0, 8):  # a part on the pool, the part on this thread
         finished.clear()
+        calls.clear()
         flat[:] = 0.0
         flat[bad] = 1.0
-        with pytest.raises(ValueError, match="part failed"):
+        with pytest.raises(ValueError, match="one call on 9 matrices"):
             _compat._in_parallel(fn, flat, 3, xp=xpn)
-        assert sorted(finished) == [3, 3]
+        assert sorted(finished) == [3, 3] and sorted(calls) == [3, 3, 3, 9]
+
+
+def test_torch_errors_name_the_callers_batch_index(split_everything, monkeypatch):
+    """torch's error for a bad matrix names its index in the caller's batch, as one call does
+    (a part's own index would be wrong)."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    a = torch.asarray(_spd(np.random.default_rng(2), (400,), 3))
+    a[300] = float("nan")
+    messages = []
+    for threads in (1, 2):
+        monkeypatch.setattr(_compat, "LAPACK_THREADS", threads)
+        with pytest.raises(RuntimeError) as err:
+            _compat.svd(a, xp=xpt)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "300" in messages[0]
+
+
+def test_many_callers_at_once(split_everything, monkeypatch):
+    """Threads of the caller's own decomposing at once, with batch sizes and thread counts that
+    ask for different numbers of parts, all get one call's results (the shared pool is never
+    replaced under a caller)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(4)
+    batches = [_spd(rng, (n,), 4) for n in (2, 3, 5, 9, 17, 40)]
+    want = [np.linalg.eigh(b) for b in batches]
+    errors = []
+
+    def work(k):
+        for r in range(40):
+            monkeypatch.setattr(_compat, "LAPACK_THREADS", 2 + (k + r) % 7)
+            i = (k + r) % len(batches)
+            w, U = _compat.eigh(batches[i], xp=xpn)
+            if not (np.array_equal(w, want[i][0]) and np.array_equal(U, want[i][1])):
+                errors.append(i)
+
+    with ThreadPoolExecutor(6) as callers:
+        list(callers.map(work, range(6)))
+    assert not errors
+
+
+def test_thread_count_setting_is_checked(monkeypatch):
+    """A bad ``LAPACK_THREADS`` (``TRP_LAPACK_THREADS``) is an error that names it."""
+    a = np.broadcast_to(np.eye(3), (300, 3, 3))
+    for bad in ("auto", "-1", 2.5):
+        monkeypatch.setattr(_compat, "LAPACK_THREADS", bad)
+        with pytest.raises(ValueError, match=r"TRP_LAPACK_THREADS.*non-negative integer"):
+            _compat.eigh(a, xp=xpn)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", "0")
+    assert _compat._lapack_threads(a, xpn) >= 1
+
+
+def test_decomposing_at_interpreter_exit():
+    """At exit, when concurrent.futures' pools no longer take work, a decomposition still runs
+    (its parts on the calling thread)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, numpy as np, array_api_compat.numpy as xp\n"
+        "from tr_projections import _compat\n"
+        "_compat.LAPACK_THREADS = 2\n"
+        "a = np.broadcast_to(np.eye(4) * 2.0, (512, 4, 4))\n"
+        "_compat.eigh(a, xp=xp)\n"
+        "atexit.register(lambda: print(float(_compat.eigh(a, xp=xp)[0].sum())))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == 512 * 4 * 2.0
 
 
 def _child(q):

@@ -36,6 +36,7 @@ __all__ = [
     "is_numpy",
     "is_torch",
     "matmul",
+    "numpy_threads",
     "put_rows",
     "qr_r",
     "row_sum",
@@ -230,64 +231,117 @@ def _max_batch(a: Array, xp: Namespace) -> int | None:
 #: torch's CPU and NumPy's batched ``eigh``, SVD and QR call LAPACK for one matrix after another
 #: on the calling thread (torch 2.13 and NumPy 2.4 alike: torch's intra-op threads sit idle). For
 #: batches of at least :data:`PARALLEL_MIN_BATCH` matrices (:data:`PARALLEL_MIN_BATCH_QR` for QR)
-#: these go in as many parts as there are threads, decomposed at the same time on a thread pool
-#: (LAPACK runs without the GIL); every matrix gets the same LAPACK call as before, so results
-#: are bit for bit the same. Measured on 2 cores (float64, 6x6, ``benchmarks/lapack_threads.py``):
-#: ``eigh`` 1.7-1.9x faster from 1,000 matrices, the SVD 1.3-1.8x, QR 1.5-1.7x from 10,000.
-#: Threads: ``torch.get_num_threads()`` for torch; for NumPy the CPUs this process may run on,
-#: at most ``OMP_NUM_THREADS`` where that is set. :data:`LAPACK_THREADS` (environment variable
-#: ``TRP_LAPACK_THREADS``) sets the count for both; 1 turns the split off. torch tensors take it
-#: only when nothing is being differentiated through the call (:func:`_torch_plain`).
-LAPACK_THREADS = int(os.environ.get("TRP_LAPACK_THREADS", "0") or 0)
+#: of at most :data:`PARALLEL_MAX_D` rows and columns (larger ones LAPACK may thread itself),
+#: these go in one part per thread, decomposed at the same time on a thread pool (LAPACK runs
+#: without the GIL). Every matrix gets the same LAPACK call as in one batched call, and the parts
+#: start at multiples of 64 bytes into the batch, so the results were the same bit for bit with
+#: the LAPACK builds of torch 2.13 and NumPy 2.4 (a cut at another alignment changed torch's
+#: eigenvalues in the last bit). Measured on 2 cores (float64, 6x6, ``OMP_WAIT_POLICY=PASSIVE``,
+#: ``benchmarks/lapack_threads.py``): ``eigh`` 1.1-1.4x faster at 256 matrices and 1.4-1.9x
+#: from 512, the SVD 1.3-1.9x from 256, QR 1.2-1.9x from 10,000 (about 1x at 4,096 for torch).
+#: Threads: ``torch.get_num_threads()`` for torch tensors, also where the torch adapter runs
+#: NumPy kernels on them; for NumPy the CPUs this process may run on, at most
+#: ``OMP_NUM_THREADS`` where that is set; never more than :data:`PARALLEL_MAX_PARTS`.
+#: :data:`LAPACK_THREADS` (environment variable ``TRP_LAPACK_THREADS``; 0 or unset: automatic)
+#: sets the count for both; 1 turns the split off. torch tensors are split only when nothing is
+#: being differentiated through the call (:func:`_torch_plain`).
+LAPACK_THREADS: int | str = os.environ.get("TRP_LAPACK_THREADS", "0")
 PARALLEL_MIN_BATCH = 256
 PARALLEL_MIN_BATCH_QR = 4096
+PARALLEL_MAX_D = 64
+PARALLEL_MAX_PARTS = 32
 
-_pool: Any = None  # (threads, pid, ThreadPoolExecutor): made on first use, again after a fork
+_pool: Any = None  # the ThreadPoolExecutor: made on first use (its threads start on demand)
 _pool_lock = threading.Lock()
+# The number of threads for NumPy arrays that the torch adapter made from torch tensors.
+_numpy_threads: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "tr_projections_numpy_threads", default=None
+)
+
+
+def _reset_after_fork() -> None:  # (the child has none of the parent's pool threads)
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+@contextlib.contextmanager
+def numpy_threads(n: int):
+    """Within this block, NumPy arrays' batched decompositions split over ``n`` threads (what
+    the torch adapter sets to ``torch.get_num_threads()`` when it runs NumPy kernels)."""
+    reset = _numpy_threads.set(n)
+    try:
+        yield
+    finally:
+        _numpy_threads.reset(reset)
+
+
+def _configured_threads() -> int:
+    """:data:`LAPACK_THREADS` as a count (0: automatic), or an error that names it."""
+    value = LAPACK_THREADS
+    try:
+        n = int(str(value).strip() or 0)  # (the environment's text, or a number)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(
+            f"tr_projections._compat.LAPACK_THREADS (or TRP_LAPACK_THREADS) must be a "
+            f"non-negative integer (0: automatic, 1: no split), got {value!r}"
+        )
+    return n
 
 
 def _lapack_threads(a: Array, xp: Namespace) -> int:
     """How many parts a batched decomposition of ``a`` is split into (1: not split)."""
+    if a.ndim < 3 or max(a.shape[-2:]) > PARALLEL_MAX_D:
+        return 1
     if is_numpy(xp):
-        if LAPACK_THREADS > 0:
-            return LAPACK_THREADS
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not on Linux
-            cpus = os.cpu_count() or 1
-        omp = os.environ.get("OMP_NUM_THREADS", "")
-        return min(cpus, int(omp)) if omp.isdigit() and int(omp) > 0 else cpus
-    if is_torch(xp) and a.device.type == "cpu" and _torch_plain(a):
+        n = _configured_threads() or _numpy_threads.get()
+        if not n:
+            try:
+                n = len(os.sched_getaffinity(0))
+            except AttributeError:  # pragma: no cover - not on Linux
+                n = os.cpu_count() or 1
+            omp = os.environ.get("OMP_NUM_THREADS", "")
+            if omp.isdigit() and int(omp) > 0:
+                n = min(n, int(omp))
+    elif is_torch(xp) and a.device.type == "cpu" and _torch_plain(a):
         import torch
 
-        return LAPACK_THREADS if LAPACK_THREADS > 0 else torch.get_num_threads()
-    return 1
+        n = _configured_threads() or torch.get_num_threads()
+    else:
+        return 1
+    return max(1, min(n, PARALLEL_MAX_PARTS))
 
 
-def _executor(workers: int) -> Any:
-    """A thread pool of at least ``workers`` threads, shared by every call (a new one in a forked
-    child, whose copy of the parent's pool has no threads)."""
+def _executor() -> Any:
+    """The thread pool, shared by every call and never replaced (so a caller's pool is never
+    shut down under it); its threads start as parts need them, at most
+    :data:`PARALLEL_MAX_PARTS` - 1."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool[0] < workers or _pool[1] != os.getpid():
+        if _pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            old = _pool
-            _pool = (
-                workers,
-                os.getpid(),
-                ThreadPoolExecutor(workers, thread_name_prefix="tr_projections-lapack"),
+            _pool = ThreadPoolExecutor(
+                PARALLEL_MAX_PARTS - 1, thread_name_prefix="tr_projections-lapack"
             )
-            if old is not None and old[1] == os.getpid():
-                old[2].shutdown(wait=False)
-        return _pool[2]
+        return _pool
 
 
 def _in_parallel(
     fn: Callable[[Array], tuple], flat: Array, parts: int, *, xp: Namespace
 ) -> list[tuple]:
-    """``fn`` on ``parts`` consecutive slices of ``flat`` (``(n, m, k)``), all but the last on the
-    thread pool and the last on this thread; the outputs of each slice, in order."""
+    """``fn`` on at most ``parts`` consecutive slices of ``flat`` (``(n, m, k)``), all but the
+    last on the thread pool and the last on this thread; the outputs of each slice, in order.
+    A part that cannot be handed to the pool (the interpreter is shutting down) runs here. If any
+    part fails, ``fn`` runs once more on the whole batch here, so that the caller sees the error
+    of one call (its batch indices, not a part's)."""
+    from concurrent.futures import wait
+
     n = flat.shape[0]
     if is_torch(xp):
         flat = flat.detach()  # (the slices record no graph on the pool's threads)
@@ -301,13 +355,25 @@ def _in_parallel(
     cuts = [(i, min(i + step, n)) for i in range(0, n, step)]
     if len(cuts) == 1:
         return [tuple(fn(flat))]
-    pool = _executor(len(cuts) - 1)
-    futures = [pool.submit(fn, flat[i:j, ...]) for i, j in cuts[:-1]]
+    futures: list = []
+    outs: list = [None] * len(cuts)
     try:
-        last = tuple(fn(flat[cuts[-1][0] : cuts[-1][1], ...]))
-    finally:
-        done = [tuple(f.result()) for f in futures]  # (waits for every part, even on error)
-    return done + [last]
+        pool = _executor()
+        for k, (i, j) in enumerate(cuts[:-1]):
+            try:
+                futures.append(pool.submit(fn, flat[i:j, ...]))
+            except RuntimeError:  # (a pool shut down at interpreter exit)
+                outs[k] = tuple(fn(flat[i:j, ...]))
+                futures.append(None)
+        outs[-1] = tuple(fn(flat[cuts[-1][0] : cuts[-1][1], ...]))
+        wait([f for f in futures if f is not None])
+        for k, f in enumerate(futures):
+            if f is not None:
+                outs[k] = tuple(f.result())
+    except Exception:
+        wait([f for f in futures if f is not None])  # (no part still runs when this returns)
+        return [tuple(fn(flat))]  # (raises the error of one call)
+    return outs
 
 
 def _chunked(
@@ -476,6 +542,8 @@ def qr_r(a: Array, *, xp: Namespace) -> Array:
     if is_torch(xp):
         import torch
 
+        if a.device.type != "cpu":
+            return torch.linalg.qr(a, mode="r")[1]
         fn = lambda x: (torch.linalg.qr(x, mode="r")[1],)  # noqa: E731
         return _chunked(fn, a, xp=xp, parallel_from=PARALLEL_MIN_BATCH_QR)[0]
     if is_cupy(xp) and a.ndim > 2:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import _compat
 from . import _common
 
 #: CPU calls whose array arguments hold at most this many numbers in all run on NumPy views
@@ -159,7 +160,10 @@ class _Operation(torch.autograd.Function):
         kind, options, n_bounds = static
         bounds, arrays = inputs[:n_bounds], inputs[n_bounds:]
         if _via_numpy(kind, inputs):
-            outs, res = _common.forward(kind, _to_numpy(arrays), _to_numpy(bounds), dict(options))
+            with _compat.numpy_threads(torch.get_num_threads()):
+                outs, res = _common.forward(
+                    kind, _to_numpy(arrays), _to_numpy(bounds), dict(options)
+                )
             return _to_torch((*outs, *_entries(res)))
         chunk = CHUNK_ROWS if kind in CHUNKED and _eager_cpu(inputs) else 0
         outs, res = _common.forward(kind, arrays, bounds, dict(options), chunk_rows=chunk)
@@ -201,9 +205,10 @@ class _Operation(torch.autograd.Function):
         # (the route is decided anew: torch.func may wrap these)
         if _via_numpy(kind, arrays, (*entries, *grads)):
             res = _residuals(op, _to_numpy(tuple(entries)))
-            cots = _common.backward(
-                kind, _to_numpy(arrays), res, _to_numpy(grads), dict(options), needs
-            )
+            with _compat.numpy_threads(torch.get_num_threads()):
+                cots = _common.backward(
+                    kind, _to_numpy(arrays), res, _to_numpy(grads), dict(options), needs
+                )
             return (None,) * (1 + n_bounds) + _to_torch(tuple(cots))
         res = _residuals(op, entries)
         cots = _common.backward(kind, arrays, res, grads, dict(options), needs)

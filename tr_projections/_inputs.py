@@ -46,6 +46,9 @@ class Problem(NamedTuple):
     scale: Array
     old_mean: Array
     old_scale: Array
+    # The batch shape of ``scale`` and ``old_scale`` together, as passed (before broadcasting),
+    # with as many axes as ``batch``: 1 on the axes along which both scales are shared.
+    cov_batch: tuple[int, ...] | None = None
 
     @property
     def dtype(self) -> Any:
@@ -225,6 +228,10 @@ def prepare(
             x = xp.astype(x, dtype)
         return xp.broadcast_to(x, shape) if tuple(x.shape) != shape else x
 
+    def padded(s: tuple[int, ...]) -> tuple[int, ...]:
+        return (1,) * (len(batch) - len(s)) + tuple(s)
+
+    sb, ob = padded(batches[names[1]]), padded(batches[names[3]])
     return Problem(
         xp=xp,
         full=full,
@@ -234,6 +241,9 @@ def prepare(
         scale=cast(scale, mat),
         old_mean=cast(old_mean, vec),
         old_scale=cast(old_scale, mat),
+        cov_batch=tuple(
+            n if (a != 1 or b != 1) else 1 for n, a, b in zip(batch, sb, ob, strict=True)
+        ),
     )
 
 

@@ -13,9 +13,11 @@ bit for bit (:func:`select`).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
-from .._compat import matmul, row_sum
+from .._compat import copy, matmul, row_sum
+from .._inputs import Problem
 from .._rows import Rows, add_to, choose, put, put_or_zero, take
 from ._vjp_core import expand, solve_lower, solve_lower_t, tril
 
@@ -208,3 +210,64 @@ def old_scale_cotangent(
         return put_or_zero(cov_part, rows, like, event_ndim=event_ndim, xp=xp)
     # (mean_part is a fresh array of the mean part's VJP: the rows are added in place)
     return add_to(mean_part, cov_part, rows, event_ndim=event_ndim, xp=xp, owned=True)
+
+
+# ------------------------------------------------------------- a covariance shared by states
+
+
+def cov_problem(
+    p: Problem, eps_cov: Array | None = None, *, marker: Array | None = None
+) -> tuple[Problem, Array | None]:
+    """The problem of the covariance part alone, and the marker its VJP finds it again by.
+
+    The covariance part of a projection depends on ``scale``, ``old_scale`` and ``eps_cov``
+    only. Where all three are shared along batch axes (passed with size 1 there, e.g. a
+    state-independent ``(d, d)`` factor or ``(d,)`` std with a scalar bound, the usual policy
+    with a learned covariance), the part is computed once per distinct covariance: the returned
+    problem has the batch of those three (1 on the shared axes; its means are placeholders that
+    the covariance part does not read) and the marker is a zero-size array of shape
+    ``batch + (0,)`` that the residuals carry to the VJP (``cov_problem(p, marker=...)``
+    there). Where they span the batch, ``(p, None)``: nothing changes."""
+    if marker is not None:
+        cb = tuple(marker.shape[:-1])
+    elif eps_cov is None or p.cov_batch is None:
+        return p, None
+    else:
+        eb = tuple(eps_cov.shape)
+        eb = (1,) * (len(p.batch) - len(eb)) + eb
+        cb = tuple(
+            n if (c != 1 or e != 1) else 1 for n, c, e in zip(p.batch, p.cov_batch, eb, strict=True)
+        )
+    if cb == p.batch or math.prod(p.batch) == 0:
+        return p, None
+    index = tuple(
+        slice(None) if c == n else slice(0, 1) for c, n in zip(cb, p.batch, strict=True)
+    ) + (...,)
+    pc = p._replace(
+        batch=cb,
+        mean=p.mean[index],
+        scale=p.scale[index],
+        old_mean=p.old_mean[index],
+        old_scale=p.old_scale[index],
+        cov_batch=cb,
+    )
+    if marker is None:
+        marker = p.xp.zeros(cb + (0,), dtype=p.dtype, device=p.device)
+    return pc, marker
+
+
+def spread(x: Array, batch: tuple[int, ...], *, event_ndim: int, xp: Any) -> Array:
+    """A covariance part's output ``x`` for every state of ``batch``: a new array (broadcast
+    views are read-only in NumPy and cannot be written in place in torch)."""
+    shape = tuple(batch) + tuple(x.shape[x.ndim - event_ndim :])
+    return x if tuple(x.shape) == shape else copy(xp.broadcast_to(x, shape), xp=xp)
+
+
+def gather(g: Array, pc: Problem, *, event_ndim: int, xp: Any) -> Array:
+    """A cotangent of the whole batch summed to the covariance part's batch ``pc.batch``."""
+    axes = tuple(
+        i
+        for i, (c, n) in enumerate(zip(pc.batch, g.shape[: len(pc.batch)], strict=True))
+        if c == 1 != n
+    )
+    return xp.sum(g, axis=axes, keepdims=True) if axes else g

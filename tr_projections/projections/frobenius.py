@@ -18,6 +18,8 @@ from ._core import (
     Cotangents,
     closed_form_tau,
     closed_form_tau_vjp,
+    cov_problem,
+    gather,
     interpolate,
     mean_residuals,
     old_scale_cotangent,
@@ -25,6 +27,7 @@ from ._core import (
     project_mean_vjp,
     scale_cotangent,
     select,
+    spread,
 )
 from ._vjp_core import cholesky_vjp, expand, gram_vjp, tril
 
@@ -45,6 +48,7 @@ class FrobeniusResiduals(NamedTuple):
     diff: Array  # Sigma - Sigma_o (variances for diagonals)
     rows: Array | None
     row_mask: Array | None
+    shared: Array | None  # the covariance part's batch, where smaller (see _core.cov_problem)
 
 
 def frobenius_fwd(
@@ -57,6 +61,8 @@ def frobenius_fwd(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
+    batch = p.batch
+    p, shared = cov_problem(p, eps_cov)  # (the covariance part once per distinct covariance)
 
     dist, cov, old_cov = frobenius_cov(p.scale, p.old_scale, full=p.full, xp=xp)
     ev = 2 if p.full else 1
@@ -80,9 +86,9 @@ def frobenius_fwd(
     )
     res = FrobeniusResiduals(
         tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active, proj, diff,
-        *fields(rows),
+        *fields(rows), shared,
     )  # fmt: skip
-    return Gaussian(mean, scale), res
+    return Gaussian(mean, spread(scale, batch, event_ndim=ev, xp=xp)), res
 
 
 def frobenius_vjp(
@@ -111,6 +117,11 @@ def frobenius_vjp(
     )  # fmt: skip
     event_ndim = 2 if full else 1
     rows = from_fields(res.rows, res.row_mask)
+    mean_old_scale_bar = m.old_scale
+    p, shared = cov_problem(p, marker=res.shared)
+    if shared is not None:  # (a shared covariance: its cotangents summed over the states)
+        g_scale = gather(g_scale, p, event_ndim=event_ndim, xp=xp)
+        m = m._replace(old_scale=None)
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale
@@ -145,6 +156,9 @@ def frobenius_vjp(
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, res.active, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
     )
+    if shared is not None and mean_old_scale_bar is not None:
+        # (the covariance part's cotangent is summed over the states already)
+        old_scale_bar = gather(mean_old_scale_bar, p, event_ndim=event_ndim, xp=xp) + old_scale_bar
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 

@@ -38,12 +38,15 @@ from ..distances import (
 from ..gaussian import Gaussian, cholesky_of_gram, diag_embed, diagonal, mT, sym
 from ._core import (
     Cotangents,
+    cov_problem,
+    gather,
     mean_residuals,
     old_scale_cotangent,
     project_mean,
     project_mean_vjp,
     scale_cotangent,
     select,
+    spread,
 )
 from ._vjp_core import cholesky_vjp, solve_lower, solve_lower_t, tril
 
@@ -306,6 +309,7 @@ class KLResiduals(NamedTuple):
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
     rows: Array | None  # flat indices of the rows the covariance fields cover
     row_mask: Array | None  # the same rows as a flat mask of the batch
+    shared: Array | None  # the covariance part's batch, where smaller (see _core.cov_problem)
 
 
 def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLResiduals]:
@@ -323,6 +327,8 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
+    batch = p.batch
+    p, shared = cov_problem(p, eps_cov)  # (the covariance part once per distinct covariance)
 
     if p.full:
         F = kl_f(p.scale, p.old_scale, xp=xp)
@@ -355,9 +361,9 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     out = put(new_scale, rows, p.scale, event_ndim=ev, xp=xp)
     res = KLResiduals(
         tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, log_tau, active, proj,
-        *fields(rows),
+        *fields(rows), shared,
     )  # fmt: skip
-    return Gaussian(mean, out), res
+    return Gaussian(mean, spread(out, batch, event_ndim=ev, xp=xp)), res
 
 
 def kl_vjp(
@@ -394,6 +400,11 @@ def kl_vjp(
     a, lam, tau, active = res.a, res.lam, res.tau, res.active
     rows = from_fields(res.rows, res.row_mask)
     ev = 2 if full else 1
+    mean_old_scale_bar = m.old_scale
+    p, shared = cov_problem(p, marker=res.shared)
+    if shared is not None:  # (a shared covariance: its cotangents summed over the states)
+        g_scale = gather(g_scale, p, event_ndim=ev, xp=xp)
+        m = m._replace(old_scale=None)
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale
@@ -452,6 +463,9 @@ def kl_vjp(
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, active, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
     )
+    if shared is not None and mean_old_scale_bar is not None:
+        # (the covariance part's cotangent is summed over the states already)
+        old_scale_bar = gather(mean_old_scale_bar, p, event_ndim=ev, xp=xp) + old_scale_bar
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 

@@ -20,6 +20,8 @@ from ._core import (
     Cotangents,
     closed_form_tau,
     closed_form_tau_vjp,
+    cov_problem,
+    gather,
     interpolate,
     mean_residuals,
     old_scale_cotangent,
@@ -27,6 +29,7 @@ from ._core import (
     project_mean_vjp,
     scale_cotangent,
     select,
+    spread,
 )
 from ._vjp_core import cholesky_vjp, expand, gram_vjp, sqrtm_vjp, square_vjp, tril, w2_slopes
 
@@ -52,6 +55,7 @@ class WassersteinResiduals(NamedTuple):
     proj_scale: Array  # the projected scale on every row, before inactive rows are restored
     rows: Array | None  # flat indices of the rows the covariance fields cover (None: all)
     row_mask: Array | None
+    shared: Array | None  # the covariance part's batch, where smaller (see _core.cov_problem)
 
 
 def wasserstein_fwd(
@@ -64,6 +68,8 @@ def wasserstein_fwd(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
+    batch = p.batch
+    p, shared = cov_problem(p, eps_cov)  # (the covariance part once per distinct covariance)
 
     ev = 2 if p.full else 1
     rows = None
@@ -104,10 +110,10 @@ def wasserstein_fwd(
     )
     mean_res = (tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active)
     if p.full:
-        res = WassersteinResiduals(*mean_res, *eig, proj, *fields(rows))
+        res = WassersteinResiduals(*mean_res, *eig, proj, *fields(rows), shared)
     else:
-        res = WassersteinResiduals(*mean_res, *(None,) * 4, proj, *fields(rows))
-    return Gaussian(mean, scale), res
+        res = WassersteinResiduals(*mean_res, *(None,) * 4, proj, *fields(rows), shared)
+    return Gaussian(mean, spread(scale, batch, event_ndim=ev, xp=xp)), res
 
 
 def wasserstein_vjp(
@@ -141,6 +147,11 @@ def wasserstein_vjp(
     event_ndim = 2 if full else 1
     axes = (-2, -1) if full else (-1,)
     rows = from_fields(res.rows, res.row_mask)
+    mean_old_scale_bar = m.old_scale
+    p, shared = cov_problem(p, marker=res.shared)
+    if shared is not None:  # (a shared covariance: its cotangents summed over the states)
+        g_scale = gather(g_scale, p, event_ndim=event_ndim, xp=xp)
+        m = m._replace(old_scale=None)
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale
@@ -199,6 +210,9 @@ def wasserstein_vjp(
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, res.active, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
     )
+    if shared is not None and mean_old_scale_bar is not None:
+        # (the covariance part's cotangent is summed over the states already)
+        old_scale_bar = gather(mean_old_scale_bar, p, event_ndim=event_ndim, xp=xp) + old_scale_bar
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 

@@ -1,0 +1,118 @@
+"""A covariance shared by every state, passed unbatched, against the same covariance copied to
+every state: the projections compute the covariance part once per distinct covariance.
+
+    python benchmarks/shared_cov.py                     # d = 6, B = 1e3, 1e5, torch and NumPy
+    python benchmarks/shared_cov.py --batches 1e4 --kinds full --backends torch
+
+Both policies' scales are one matrix (full: a Cholesky factor ``(d, d)``; diag: stds ``(d,)``),
+the bound a number, the means differ per state (the policy of a network with a learned,
+state-independent covariance). Each cell times forward + backward (torch: ``backward`` with
+the new policy requiring grad; NumPy: ``trp.vjp`` asking for the new policy's cotangents) of
+the unbatched call and of the call with the scales copied to ``(B, d, d)``, interleaved, median
+of repeated runs after a warm-up; the table, the machine and library versions go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dims", default="6")
+    ap.add_argument("--batches", default="1e3,1e5")
+    ap.add_argument("--kinds", default="full,diag")
+    ap.add_argument("--methods", default="kl,frobenius,wasserstein")
+    ap.add_argument("--backends", default="torch,numpy")
+    ap.add_argument("--rounds", type=int, default=9)
+    args = ap.parse_args(argv)
+
+    versions = f"numpy {np.__version__}"
+    backends = args.backends.split(",")
+    if "torch" in backends:
+        import torch
+
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"python {platform.python_version()}, {versions}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
+    )
+    print(f"# float64, forward + backward, median ms of {args.rounds} interleaved rounds")
+    print("| backend | method | kind | d | B | copied to every state | shared | speed-up |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    for d in [int(x) for x in args.dims.split(",")]:
+        for B in [int(float(x)) for x in args.batches.split(",")]:
+            for kind in args.kinds.split(","):
+                mean = rng.standard_normal((B, d))
+                old_mean = mean + 0.2 * rng.standard_normal((B, d))
+                if kind == "full":
+                    m = rng.standard_normal((2, d, d)) / np.sqrt(d)
+                    scale, old_scale = np.linalg.cholesky(m @ np.swapaxes(m, -1, -2) + np.eye(d))
+                else:
+                    scale, old_scale = rng.uniform(0.5, 2.0, (2, d))
+                shape = (B,) + scale.shape
+                copies = [np.array(np.broadcast_to(x, shape)) for x in (scale, old_scale)]
+                for method in args.methods.split(","):
+                    for backend in backends:
+                        calls = {
+                            name: _call(backend, method, mean, s, old_mean, so)
+                            for name, (s, so) in (
+                                ("copied", copies), ("shared", (scale, old_scale))
+                            )
+                        }  # fmt: skip
+                        times: dict[str, list[float]] = {k: [] for k in calls}
+                        for r in range(args.rounds + 1):
+                            for name in calls if r % 2 else reversed(list(calls)):
+                                t0 = time.perf_counter()
+                                calls[name]()
+                                if r:  # (round 0 warms up)
+                                    times[name].append(time.perf_counter() - t0)
+                        c, s = (1e3 * statistics.median(times[k]) for k in ("copied", "shared"))
+                        print(
+                            f"| {backend} | {method} | {kind} | {d} | {B:,} | {c:.3f} | "
+                            f"{s:.3f} | {c / s:.1f}× |",
+                            flush=True,
+                        )
+    return 0
+
+
+def _call(backend: str, method: str, mean, scale, old_mean, old_scale):
+    import tr_projections as trp
+
+    bounds = {"eps_mean": 0.05, "eps_cov": 1e-3}
+    if backend == "torch":
+        import torch
+
+        t = [torch.asarray(x) for x in (mean, scale, old_mean, old_scale)]
+
+        def run() -> None:
+            m, s = t[0].clone().requires_grad_(), t[1].clone().requires_grad_()
+            out = trp.project(m, s, t[2], t[3], method=method, **bounds)
+            (out.mean.sum() + out.scale.sum()).backward()
+
+        return run
+
+    def run_np() -> None:
+        out, vjp_fn = trp.vjp(
+            trp.project, mean, scale, old_mean, old_scale, method=method, **bounds
+        )
+        vjp_fn((np.ones_like(out.mean), np.ones_like(out.scale)), wrt=("mean", "scale"))
+
+    return run_np
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""A covariance shared by the states (scales and bound passed without the batch axes): the
+covariance part is computed once per distinct covariance, with the same values and cotangents
+as for the explicitly broadcast arrays, on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tr_projections as trp
+from tr_projections import _compat
+from tr_projections.projections import _core
+
+METHODS = ["kl", "frobenius", "wasserstein"]
+
+
+def _chol(rng, shape, d):
+    m = rng.standard_normal(shape + (d, d))
+    return np.linalg.cholesky(m @ np.swapaxes(m, -1, -2) + d * np.eye(d))
+
+
+def _case(rng, full, batch, scale_batch, old_batch, d=3):
+    mean = rng.standard_normal(batch + (d,))
+    old_mean = mean + 0.3 * rng.standard_normal(batch + (d,))
+    if full:
+        scale, old_scale = _chol(rng, scale_batch, d), _chol(rng, old_batch, d)
+    else:
+        scale = rng.uniform(0.3, 3.0, scale_batch + (d,))
+        old_scale = rng.uniform(0.3, 3.0, old_batch + (d,))
+    return mean, scale, old_mean, old_scale
+
+
+# (batch, scale's batch, old scale's batch, eps_cov's shape, the covariance part's batch)
+SHAPES = [
+    ((40,), (), (), (), (1,)),  # one covariance for every state
+    ((40,), (1,), (), (1,), (1,)),
+    ((4, 10), (4, 1), (1, 1), (), (4, 1)),  # shared along the second axis only
+    ((4, 10), (), (), (4, 1), (4, 1)),  # ... through the bound
+    ((40,), (40,), (), (), None),  # not shared: the new scales differ
+    ((40,), (), (), (40,), None),  # ... the bounds differ
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+@pytest.mark.parametrize(("batch", "sb", "ob", "eb", "cb"), SHAPES)
+def test_shared_covariance_equals_broadcast(backend, method, full, batch, sb, ob, eb, cb):
+    """Outputs and all four cotangents (``trp.vjp``) equal those of the same arrays broadcast to
+    the batch (cotangents summed over the broadcast axes), to rounding; the covariance part saw
+    the batch ``cb`` (``None``: the whole batch)."""
+    rng = np.random.default_rng(len(batch) * 100 + len(sb) * 10 + len(eb))
+    arrays = _case(rng, full, batch, sb, ob)
+    ev = 2 if full else 1
+    eps_cov = rng.uniform(0.01, 0.1, eb) if eb else 0.02
+    wide = [np.array(np.broadcast_to(x, batch + x.shape[x.ndim - k :]))
+            for x, k in zip(arrays, (1, ev, 1, ev), strict=True)]  # fmt: skip
+    eps_wide = np.array(np.broadcast_to(eps_cov, batch))
+    g_mean = rng.standard_normal(batch + (3,))
+    g_scale = rng.standard_normal(batch + ((3, 3) if full else (3,)))
+    seen = []
+    original = _core.cov_problem
+
+    def spy(p, eps=None, **kw):
+        pc, shared = original(p, eps, **kw)
+        if eps is not None:
+            seen.append(None if shared is None else pc.batch)
+        return pc, shared
+
+    conv, back = backend.asarray, backend.to_numpy
+    results = []
+    for args, eps in ((arrays, eps_cov), (wide, eps_wide)):
+        seen.clear()
+        eps_b = conv(np.asarray(eps)) if np.ndim(eps) else eps
+        mp = pytest.MonkeyPatch()
+        mp.setattr(_core, "cov_problem", spy)
+        for module in ("kl", "frobenius", "wasserstein"):
+            mp.setattr(f"tr_projections.projections.{module}.cov_problem", spy)
+        try:
+            out, vjp_fn = trp.vjp(
+                trp.project, *(conv(x) for x in args),
+                method=method, eps_mean=0.05, eps_cov=eps_b,
+            )  # fmt: skip
+            cots = vjp_fn((conv(g_mean), conv(g_scale)))
+        finally:
+            mp.undo()
+        results.append(([back(out.mean), back(out.scale)], [back(c) for c in cots], seen[:]))
+    (out1, cots1, seen1), (out2, cots2, seen2) = results
+    assert seen1 == [cb] and seen2 == [None]
+    for a, b in zip(out1, out2, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for c, w, x in zip(cots1, cots2, arrays, strict=True):
+        assert c.shape == x.shape
+        axes = tuple(range(w.ndim - c.ndim)) + tuple(
+            w.ndim - c.ndim + i
+            for i, n in enumerate(c.shape)
+            if n == 1 != w.shape[w.ndim - c.ndim + i]
+        )
+        want = np.sum(w, axis=axes).reshape(c.shape) if axes else w
+        np.testing.assert_allclose(c, want, rtol=1e-10, atol=1e-10 * (1 + np.abs(want).max()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shared_covariance_decomposed_once(method, monkeypatch):
+    """For full Gaussians with one covariance for all states, the batched decompositions of the
+    covariance part take one matrix (not one per state), and the output is a writable array of
+    its own for every state."""
+    rng = np.random.default_rng(8)
+    mean, scale, old_mean, old_scale = _case(rng, True, (500,), (), ())
+    sizes = []
+    for name in ("eigh", "svd", "qr_r", "cholesky"):
+        original = getattr(_compat, name)
+
+        def spy(a, *args, _f=original, **kw):
+            sizes.append(int(np.prod(a.shape[:-2])))
+            return _f(a, *args, **kw)
+
+        monkeypatch.setattr(_compat, name, spy)
+    monkeypatch.setattr("tr_projections.projections.frobenius.cholesky", _compat.cholesky)
+    out = trp.project(mean, scale, old_mean, old_scale, method=method, eps_mean=0.05, eps_cov=1e-3)
+    assert sizes and max(sizes) == 1
+    assert out.scale.shape == (500, 3, 3) and out.scale.flags.writeable
+    out.scale[0] = 0.0  # (no other row changes: not a broadcast view)
+    assert np.all(np.diagonal(out.scale[1]) > 0.0)
+    np.testing.assert_array_equal(
+        out.scale[2], trp.project(mean[:1], scale, old_mean[:1], old_scale, method=method,
+                                  eps_mean=0.05, eps_cov=1e-3).scale[0]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+def test_torch_parameter_covariance(method, full):
+    """A state-independent torch parameter passed unexpanded gets the gradient that the expanded
+    one gets (autograd's sum over the states)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    arrays = _case(rng, full, (30,), (), ())
+    grads = []
+    for expand in (False, True):
+        mean, scale, old_mean, old_scale = (torch.tensor(x, requires_grad=True) for x in arrays)
+        s = scale.expand((30,) + tuple(scale.shape)) if expand else scale
+        out = trp.project(mean, s, old_mean, old_scale, method=method, eps_mean=0.05,
+                          eps_cov=1e-2)  # fmt: skip
+        (out.mean.square().sum() + (out.scale**3).sum()).backward()
+        grads.append([x.grad.numpy() for x in (mean, scale, old_mean, old_scale)])
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_jax_jit_grad_shared_covariance(method):
+    """Under ``jax.jit`` and ``jax.grad`` a shared full covariance gives the gradients of the
+    broadcast one."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(4)
+    arrays = [jnp.asarray(x) for x in _case(rng, True, (30,), (), ())]
+
+    def loss(mean, scale, old_mean, old_scale, expand):
+        if expand:
+            scale = jnp.broadcast_to(scale, (30, 3, 3))
+            old_scale = jnp.broadcast_to(old_scale, (30, 3, 3))
+        out = trp.project(mean, scale, old_mean, old_scale, method=method, eps_mean=0.05,
+                          eps_cov=1e-2)  # fmt: skip
+        return jnp.sum(out.mean**2) + jnp.sum(out.scale**3)
+
+    g = [jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)(*arrays, e)
+         for e in (False, True)]  # fmt: skip
+    for a, b in zip(*g, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)

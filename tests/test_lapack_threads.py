@@ -314,6 +314,7 @@ def _child(q):
 @pytest.mark.skipif(
     "fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform"
 )
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (JAX's warning)
 def test_a_forked_child_gets_its_own_pool(split_everything, monkeypatch):
     """A child forked after the parent used the pool (whose threads the child does not have)
     makes a pool of its own instead of waiting forever on the parent's."""

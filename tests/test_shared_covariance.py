@@ -120,6 +120,7 @@ def test_shared_covariance_decomposed_once(method, monkeypatch):
     out = trp.project(mean, scale, old_mean, old_scale, method=method, eps_mean=0.05, eps_cov=1e-3)
     assert sizes and max(sizes) == 1
     assert out.scale.shape == (500, 3, 3) and out.scale.flags.writeable
+    assert out.scale.flags.c_contiguous  # (a broadcast's copy is laid out as a fresh array)
     out.scale[0] = 0.0  # (no other row changes: not a broadcast view)
     assert np.all(np.diagonal(out.scale[1]) > 0.0)
     np.testing.assert_array_equal(
@@ -171,3 +172,25 @@ def test_jax_jit_grad_shared_covariance(method):
          for e in (False, True)]  # fmt: skip
     for a, b in zip(*g, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.numpy_route
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+def test_torch_numpy_route_shared_covariance(full):
+    """Small torch CPU batches (the adapter's NumPy kernels): a shared covariance gives
+    contiguous output tensors and the gradients of the expanded one."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    arrays = _case(rng, full, (50,), (), ())
+    grads, outs = [], []
+    for expand in (False, True):
+        mean, scale, old_mean, old_scale = (torch.tensor(x, requires_grad=True) for x in arrays)
+        s = scale.expand((50,) + tuple(scale.shape)) if expand else scale
+        out = trp.project_wasserstein(mean, s, old_mean, old_scale, eps_mean=0.05, eps_cov=1e-2)
+        assert out.scale.is_contiguous() and out.scale.view(-1).shape[0] == out.scale.numel()
+        (out.mean.square().sum() + (out.scale**3).sum()).backward()
+        outs.append(out.scale.detach().numpy())
+        grads.append([x.grad.numpy() for x in (mean, scale, old_mean, old_scale)])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-12, atol=1e-14)
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -677,10 +677,16 @@ def _jax_on_cpu() -> bool:
 
 
 def copy(x: Array, *, xp: Namespace) -> Array:
-    """A new array equal to ``x``. torch: ``clone`` (``asarray(copy=True)`` of a tensor that
-    requires grad warns, since torch 2.13 changed what it returns)."""
+    """A new C-contiguous array equal to ``x`` (also when ``x`` is a broadcast view, whose copy
+    NumPy would otherwise lay out with the broadcast axis innermost). torch: ``clone``
+    (``asarray(copy=True)`` of a tensor that requires grad warns, since torch 2.13 changed what
+    it returns)."""
     if is_torch(xp):
-        return x.clone()
+        import torch
+
+        return x.clone(memory_format=torch.contiguous_format)
+    if is_numpy(xp) or is_cupy(xp):
+        return _native_namespace(xp).array(x, copy=True, order="C")
     return xp.asarray(x, copy=True)
 
 

@@ -390,23 +390,20 @@ def _chunked(
     batch = tuple(a.shape[:-2])
     n = math.prod(batch)
     parallel_from = PARALLEL_MIN_BATCH if parallel_from is None else parallel_from
+    threads = 1
     if limit is None and n >= max(parallel_from, 2):
         threads = min(_lapack_threads(a, xp), n)
-        if threads > 1:
-            flat = xp.reshape(a, (n,) + tuple(a.shape[-2:]))
-            parts = _in_parallel(fn, flat, threads, xp=xp)
-            return tuple(
-                xp.reshape(xp.concat(outs, axis=0), batch + tuple(outs[0].shape[1:]))
-                for outs in zip(*parts, strict=True)
-            )
-    if limit is None or n <= limit:
+    if threads < 2 and (limit is None or n <= limit):
         return tuple(fn(a))
     flat = xp.reshape(a, (n,) + tuple(a.shape[-2:]))
-    parts = [tuple(fn(flat[i : i + limit, ...])) for i in range(0, n, limit)]
-    return tuple(
-        xp.reshape(xp.concat(outs, axis=0), batch + tuple(outs[0].shape[1:]))
-        for outs in zip(*parts, strict=True)
+    if threads > 1:
+        parts = _in_parallel(fn, flat, threads, xp=xp)
+    else:
+        parts = [tuple(fn(flat[i : i + limit, ...])) for i in range(0, n, limit)]
+    joined = (
+        outs[0] if len(outs) == 1 else xp.concat(outs, axis=0) for outs in zip(*parts, strict=True)
     )
+    return tuple(xp.reshape(x, batch + tuple(x.shape[1:])) for x in joined)
 
 
 #: How :func:`eigh` decomposes torch CUDA tensors. ``"auto"``: batches of at least

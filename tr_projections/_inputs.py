@@ -90,6 +90,27 @@ def _compat_is_array(x: Any) -> bool:
     return array_api_compat.is_array_api_obj(x)
 
 
+def shared_batch(batch: tuple[int, ...], *shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """The part of ``batch`` that ``shapes`` (which broadcast to it) span: ``batch``'s size on
+    the axes where any of them has more than one entry, 1 where all share one."""
+    padded = [(1,) * (len(batch) - len(s)) + tuple(s) for s in shapes]
+    return tuple(n if any(s[i] != 1 for s in padded) else 1 for i, n in enumerate(batch))
+
+
+def unbroadcast(x: Array, like: Array, *, xp: Any) -> Array:
+    """Sum ``x`` over the axes that broadcasting added to ``like`` and cast to its dtype."""
+    shape = tuple(like.shape)
+    extra = x.ndim - len(shape)
+    if extra > 0:
+        x = xp.sum(x, axis=tuple(range(extra)))
+    axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n == 1 != m)
+    if axes:
+        x = xp.sum(x, axis=axes, keepdims=True)
+    if x.dtype != like.dtype:
+        x = xp.astype(x, like.dtype)
+    return x
+
+
 def broadcast_shapes(named: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     """NumPy broadcasting of the named shapes, with an error that lists them."""
     ndim = max((len(s) for s in named.values()), default=0)
@@ -228,10 +249,6 @@ def prepare(
             x = xp.astype(x, dtype)
         return xp.broadcast_to(x, shape) if tuple(x.shape) != shape else x
 
-    def padded(s: tuple[int, ...]) -> tuple[int, ...]:
-        return (1,) * (len(batch) - len(s)) + tuple(s)
-
-    sb, ob = padded(batches[names[1]]), padded(batches[names[3]])
     return Problem(
         xp=xp,
         full=full,
@@ -241,9 +258,7 @@ def prepare(
         scale=cast(scale, mat),
         old_mean=cast(old_mean, vec),
         old_scale=cast(old_scale, mat),
-        cov_batch=tuple(
-            n if (a != 1 or b != 1) else 1 for n, a, b in zip(batch, sb, ob, strict=True)
-        ),
+        cov_batch=shared_batch(batch, batches[names[1]], batches[names[3]]),
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._config import checks
-from .._inputs import bound, namespace_of, prepare
+from .._inputs import bound, namespace_of, prepare, unbroadcast
 from ..gaussian import is_full
 from ..losses import LossResiduals, loss_fwd, loss_vjp
 from ..projections.entropy import EntropyResiduals, entropy_fwd, entropy_vjp
@@ -205,20 +205,6 @@ def forward(
             outs.append(o)
             res.append(r)
     return tuple(xp.concat(list(parts), axis=0) for parts in zip(*outs, strict=True)), res
-
-
-def unbroadcast(x: Array, like: Array, *, xp: Any) -> Array:
-    """Sum ``x`` over the axes that broadcasting added to ``like`` and cast to its dtype."""
-    shape = tuple(like.shape)
-    extra = x.ndim - len(shape)
-    if extra > 0:
-        x = xp.sum(x, axis=tuple(range(extra)))
-    axes = tuple(i for i, (n, m) in enumerate(zip(shape, x.shape, strict=True)) if n == 1 != m)
-    if axes:
-        x = xp.sum(x, axis=axes, keepdims=True)
-    if x.dtype != like.dtype:
-        x = xp.astype(x, like.dtype)
-    return x
 
 
 def backward(

@@ -17,7 +17,7 @@ import math
 from typing import Any, NamedTuple
 
 from .._compat import copy, matmul, row_sum
-from .._inputs import Problem
+from .._inputs import Problem, shared_batch, unbroadcast
 from .._rows import Rows, add_to, choose, put, put_or_zero, take
 from ._vjp_core import expand, solve_lower, solve_lower_t, tril
 
@@ -203,11 +203,14 @@ def old_scale_cotangent(
 ) -> Array:
     """The old scale's cotangent: the covariance part on the active ones of ``rows`` (zero on
     every other row), plus the mean part's (a whole-batch array, or ``None`` when the mean's
-    distance does not use the old scale). ``like`` gives the shape."""
+    distance does not use the old scale). ``like`` gives the shape: a mean part over more
+    states (a covariance part computed once for states that share it, :func:`cov_problem`) is
+    summed to it first."""
     act = expand(active, event_ndim, xp=xp)
     cov_part = xp.where(act, cov_part, xp.zeros_like(cov_part))
     if mean_part is None:
         return put_or_zero(cov_part, rows, like, event_ndim=event_ndim, xp=xp)
+    mean_part = unbroadcast(mean_part, like, xp=xp)  # (itself, or a fresh sum)
     # (mean_part is a fresh array of the mean part's VJP: the rows are added in place)
     return add_to(mean_part, cov_part, rows, event_ndim=event_ndim, xp=xp, owned=True)
 
@@ -233,11 +236,7 @@ def cov_problem(
     elif eps_cov is None or p.cov_batch is None:
         return p, None
     else:
-        eb = tuple(eps_cov.shape)
-        eb = (1,) * (len(p.batch) - len(eb)) + eb
-        cb = tuple(
-            n if (c != 1 or e != 1) else 1 for n, c, e in zip(p.batch, p.cov_batch, eb, strict=True)
-        )
+        cb = shared_batch(p.batch, p.cov_batch, tuple(eps_cov.shape))
     if cb == p.batch or math.prod(p.batch) == 0:
         return p, None
     index = tuple(
@@ -261,13 +260,3 @@ def spread(x: Array, batch: tuple[int, ...], *, event_ndim: int, xp: Any) -> Arr
     views are read-only in NumPy and cannot be written in place in torch)."""
     shape = tuple(batch) + tuple(x.shape[x.ndim - event_ndim :])
     return x if tuple(x.shape) == shape else copy(xp.broadcast_to(x, shape), xp=xp)
-
-
-def gather(g: Array, pc: Problem, *, event_ndim: int, xp: Any) -> Array:
-    """A cotangent of the whole batch summed to the covariance part's batch ``pc.batch``."""
-    axes = tuple(
-        i
-        for i, (c, n) in enumerate(zip(pc.batch, g.shape[: len(pc.batch)], strict=True))
-        if c == 1 != n
-    )
-    return xp.sum(g, axis=axes, keepdims=True) if axes else g

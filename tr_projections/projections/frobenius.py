@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .._compat import cholesky, row_sum
-from .._inputs import Problem
+from .._inputs import Problem, unbroadcast
 from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import frobenius_cov, mean_distance
 from ..gaussian import Gaussian, sym
@@ -19,7 +19,6 @@ from ._core import (
     closed_form_tau,
     closed_form_tau_vjp,
     cov_problem,
-    gather,
     interpolate,
     mean_residuals,
     old_scale_cotangent,
@@ -117,11 +116,8 @@ def frobenius_vjp(
     )  # fmt: skip
     event_ndim = 2 if full else 1
     rows = from_fields(res.rows, res.row_mask)
-    mean_old_scale_bar = m.old_scale
-    p, shared = cov_problem(p, marker=res.shared)
-    if shared is not None:  # (a shared covariance: its cotangents summed over the states)
-        g_scale = gather(g_scale, p, event_ndim=event_ndim, xp=xp)
-        m = m._replace(old_scale=None)
+    p, _ = cov_problem(p, marker=res.shared)  # (a shared covariance: its own batch)
+    g_scale = unbroadcast(g_scale, p.scale, xp=xp)  # (summed over the states sharing it)
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale
@@ -156,9 +152,6 @@ def frobenius_vjp(
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, res.active, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
     )
-    if shared is not None and mean_old_scale_bar is not None:
-        # (the covariance part's cotangent is summed over the states already)
-        old_scale_bar = gather(mean_old_scale_bar, p, event_ndim=event_ndim, xp=xp) + old_scale_bar
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 

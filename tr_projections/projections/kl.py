@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from .. import _rows
 from .._compat import count_true, matmul, row_sum, while_loop
-from .._inputs import Problem
+from .._inputs import Problem, unbroadcast
 from .._rows import choose, fields, from_fields, put, take, take_batch
 from ..distances import (
     KLEigs,
@@ -39,7 +39,6 @@ from ..gaussian import Gaussian, cholesky_of_gram, diag_embed, diagonal, mT, sym
 from ._core import (
     Cotangents,
     cov_problem,
-    gather,
     mean_residuals,
     old_scale_cotangent,
     project_mean,
@@ -400,11 +399,8 @@ def kl_vjp(
     a, lam, tau, active = res.a, res.lam, res.tau, res.active
     rows = from_fields(res.rows, res.row_mask)
     ev = 2 if full else 1
-    mean_old_scale_bar = m.old_scale
-    p, shared = cov_problem(p, marker=res.shared)
-    if shared is not None:  # (a shared covariance: its cotangents summed over the states)
-        g_scale = gather(g_scale, p, event_ndim=ev, xp=xp)
-        m = m._replace(old_scale=None)
+    p, _ = cov_problem(p, marker=res.shared)  # (a shared covariance: its own batch)
+    g_scale = unbroadcast(g_scale, p.scale, xp=xp)  # (summed over the states sharing it)
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale
@@ -463,9 +459,6 @@ def kl_vjp(
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, active, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
     )
-    if shared is not None and mean_old_scale_bar is not None:
-        # (the covariance part's cotangent is summed over the states already)
-        old_scale_bar = gather(mean_old_scale_bar, p, event_ndim=ev, xp=xp) + old_scale_bar
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 

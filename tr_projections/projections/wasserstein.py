@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import _compat
-from .._inputs import Problem
+from .._inputs import Problem, unbroadcast
 from .._rows import choose, fields, from_fields, narrow, put, take, take_batch
 from ..distances import kl_f, mean_distance, wasserstein_chart, wasserstein_may_exceed
 from ..gaussian import Gaussian, cholesky_of_gram, root_from_eig
@@ -21,7 +21,6 @@ from ._core import (
     closed_form_tau,
     closed_form_tau_vjp,
     cov_problem,
-    gather,
     interpolate,
     mean_residuals,
     old_scale_cotangent,
@@ -147,11 +146,8 @@ def wasserstein_vjp(
     event_ndim = 2 if full else 1
     axes = (-2, -1) if full else (-1,)
     rows = from_fields(res.rows, res.row_mask)
-    mean_old_scale_bar = m.old_scale
-    p, shared = cov_problem(p, marker=res.shared)
-    if shared is not None:  # (a shared covariance: its cotangents summed over the states)
-        g_scale = gather(g_scale, p, event_ndim=event_ndim, xp=xp)
-        m = m._replace(old_scale=None)
+    p, _ = cov_problem(p, marker=res.shared)  # (a shared covariance: its own batch)
+    g_scale = unbroadcast(g_scale, p.scale, xp=xp)  # (summed over the states sharing it)
     if full:
         g_scale = tril(g_scale, xp=xp)
     g_all = g_scale
@@ -179,13 +175,12 @@ def wasserstein_vjp(
     dist_bar = expand(
         closed_form_tau_vjp(tau_bar, res.tau, res.dist, res.active, xp=xp), event_ndim, xp=xp
     )
-    if full:
-        R = root_from_eig(res.old_U, res.old_s, xp=xp, inverse=True) if scale_prec else None
+    if full or not scale_prec:  # (unscaled: +-2 delta, elementwise for diagonals too)
+        R = None
+        if full and scale_prec:
+            R = root_from_eig(res.old_U, res.old_s, xp=xp, inverse=True)  # S_o^-1
         d_root, d_old = w2_slopes(delta, root, R, old=old, xp=xp)
         del R
-    elif not scale_prec:
-        d_root = 2.0 * delta
-        d_old = -d_root
     else:
         r = delta / old_root
         d_root = 2.0 * r / old_root
@@ -210,9 +205,6 @@ def wasserstein_vjp(
     old_scale_bar = old_scale_cotangent(
         old_scale_bar, res.active, rows, m.old_scale, p.old_scale, event_ndim=event_ndim, xp=xp
     )
-    if shared is not None and mean_old_scale_bar is not None:
-        # (the covariance part's cotangent is summed over the states already)
-        old_scale_bar = gather(mean_old_scale_bar, p, event_ndim=event_ndim, xp=xp) + old_scale_bar
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 

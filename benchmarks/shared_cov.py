@@ -1,8 +1,9 @@
 """A covariance shared by every state, passed unbatched, against the same covariance copied to
-every state: the projections compute the covariance part once per distinct covariance.
+every state: the projections and the trust-region loss compute the covariance part once per
+distinct covariance.
 
     python benchmarks/shared_cov.py                     # d = 6, B = 1e3, 1e5, torch and NumPy
-    python benchmarks/shared_cov.py --batches 1e4 --kinds full --backends torch
+    python benchmarks/shared_cov.py --batches 1e4 --kinds full --backends torch --ops loss
 
 Both policies' scales are one matrix (full: a Cholesky factor ``(d, d)``; diag: stds ``(d,)``),
 the bound a number, the means differ per state (the policy of a network with a learned,
@@ -10,6 +11,8 @@ state-independent covariance). Each cell times forward + backward (torch: ``back
 the new policy requiring grad; NumPy: ``trp.vjp`` asking for the new policy's cotangents) of
 the unbatched call and of the call with the scales copied to ``(B, d, d)``, interleaved, median
 of repeated runs after a warm-up; the table, the machine and library versions go to stdout.
+The loss (``--ops loss``) is ``trust_region_loss`` with the second policy in the projection's
+slot, differentiated the same way (its per-state values summed).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="full,diag")
     ap.add_argument("--methods", default="kl,frobenius,wasserstein")
     ap.add_argument("--backends", default="torch,numpy")
+    ap.add_argument("--ops", default="project,loss", help="project, loss or both")
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args(argv)
 
@@ -50,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
     )
     print(f"# float64, forward + backward, median ms of {args.rounds} interleaved rounds")
-    print("| backend | method | kind | d | B | copied to every state | shared | speed-up |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| op | backend | method | kind | d | B | copied to every state | shared | speed-up |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for d in [int(x) for x in args.dims.split(",")]:
         for B in [int(float(x)) for x in args.batches.split(",")]:
@@ -65,34 +69,40 @@ def main(argv: list[str] | None = None) -> int:
                     scale, old_scale = rng.uniform(0.5, 2.0, (2, d))
                 shape = (B,) + scale.shape
                 copies = [np.array(np.broadcast_to(x, shape)) for x in (scale, old_scale)]
-                for method in args.methods.split(","):
-                    for backend in backends:
-                        calls = {
-                            name: _call(backend, method, mean, s, old_mean, so)
-                            for name, (s, so) in (
-                                ("copied", copies), ("shared", (scale, old_scale))
-                            )
-                        }  # fmt: skip
-                        times: dict[str, list[float]] = {k: [] for k in calls}
-                        for r in range(args.rounds + 1):
-                            for name in calls if r % 2 else reversed(list(calls)):
-                                t0 = time.perf_counter()
-                                calls[name]()
-                                if r:  # (round 0 warms up)
-                                    times[name].append(time.perf_counter() - t0)
-                        c, s = (1e3 * statistics.median(times[k]) for k in ("copied", "shared"))
-                        print(
-                            f"| {backend} | {method} | {kind} | {d} | {B:,} | {c:.3f} | "
-                            f"{s:.3f} | {c / s:.1f}× |",
-                            flush=True,
+                for op, method, backend in (
+                    (o, m, b)
+                    for o in args.ops.split(",")
+                    for m in args.methods.split(",")
+                    for b in backends
+                ):
+                    calls = {
+                        name: _call(op, backend, method, mean, s, old_mean, so)
+                        for name, (s, so) in (
+                            ("copied", copies), ("shared", (scale, old_scale))
                         )
+                    }  # fmt: skip
+                    times: dict[str, list[float]] = {k: [] for k in calls}
+                    for r in range(args.rounds + 1):
+                        for name in calls if r % 2 else reversed(list(calls)):
+                            t0 = time.perf_counter()
+                            calls[name]()
+                            if r:  # (round 0 warms up)
+                                times[name].append(time.perf_counter() - t0)
+                    c, s = (1e3 * statistics.median(times[k]) for k in ("copied", "shared"))
+                    print(
+                        f"| {op} | {backend} | {method} | {kind} | {d} | {B:,} | {c:.3f} | "
+                        f"{s:.3f} | {c / s:.1f}× |",
+                        flush=True,
+                    )
     return 0
 
 
-def _call(backend: str, method: str, mean, scale, old_mean, old_scale):
+def _call(op: str, backend: str, method: str, mean, scale, old_mean, old_scale):
     import tr_projections as trp
 
     bounds = {"eps_mean": 0.05, "eps_cov": 1e-3}
+    if op not in ("project", "loss"):
+        raise ValueError(f"--ops takes project and loss, got {op!r}")
     if backend == "torch":
         import torch
 
@@ -100,12 +110,21 @@ def _call(backend: str, method: str, mean, scale, old_mean, old_scale):
 
         def run() -> None:
             m, s = t[0].clone().requires_grad_(), t[1].clone().requires_grad_()
+            if op == "loss":
+                trp.trust_region_loss(m, s, t[2], t[3], method=method).sum().backward()
+                return
             out = trp.project(m, s, t[2], t[3], method=method, **bounds)
             (out.mean.sum() + out.scale.sum()).backward()
 
         return run
 
     def run_np() -> None:
+        if op == "loss":
+            out, vjp_fn = trp.vjp(
+                trp.trust_region_loss, mean, scale, old_mean, old_scale, method=method
+            )
+            vjp_fn(np.ones_like(out), wrt=("mean", "scale"))
+            return
         out, vjp_fn = trp.vjp(
             trp.project, mean, scale, old_mean, old_scale, method=method, **bounds
         )

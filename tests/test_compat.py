@@ -10,10 +10,14 @@ from tr_projections import _compat
 
 
 @pytest.mark.parametrize("lower", [True, False])
-@pytest.mark.parametrize(("d", "k"), [(1, 1), (3, 1), (3, 3), (8, 8), (12, 1), (12, 12)])
+@pytest.mark.parametrize(
+    ("d", "k"), [(1, 1), (3, 1), (3, 3), (8, 8), (12, 1), (12, 12), (6, 2), (33, 33)]
+)
 def test_batched_triangular_solve_matches_lu(d, k, lower):
-    """NumPy batches take the substitution route (one right-hand side, or d <= 8) or the LU
-    solve: both agree with ``np.linalg.solve`` and leave their arguments alone."""
+    """NumPy batches take a substitution route (row by row; with several right-hand sides and
+    9 to ``BATCH_LAST_MAX_D`` unknowns, d = 12 here, the batch axis innermost) or the LU solve
+    (d = 33): all agree with ``np.linalg.solve``, return a C-ordered array and leave their
+    arguments alone."""
     rng = np.random.default_rng(d * 10 + k)
     a = np.tril(rng.uniform(-0.5, 0.5, (7, 2, d, d))) + np.eye(d) * rng.uniform(1, 2, (7, 2, 1, 1))
     if not lower:
@@ -24,7 +28,68 @@ def test_batched_triangular_solve_matches_lu(d, k, lower):
     np.testing.assert_allclose(got, np.linalg.solve(a, b), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(a, a0)
     np.testing.assert_array_equal(b, b0)
-    assert got.shape == b.shape and got.dtype == b.dtype
+    assert got.shape == b.shape and got.dtype == b.dtype and got.flags.c_contiguous
+
+
+@pytest.mark.parametrize(("d", "k", "n"), [(6, 6, 4096), (3, 2, 5000), (6, 1, 5000), (6, 6, 4095)])
+def test_triangular_solve_routes_by_batch(d, k, n, monkeypatch):
+    """With at most 8 unknowns, several right-hand sides take the batch-last substitution from
+    ``BATCH_LAST_MIN_BATCH`` systems on (one right-hand side never does), with the same
+    solution as the LU solve."""
+    rng = np.random.default_rng(n + d)
+    a = np.tril(rng.uniform(-0.5, 0.5, (n, d, d))) + np.eye(d)
+    b = rng.standard_normal((n, d, k))
+    calls = []
+    original = _compat._batch_last_substitution
+    monkeypatch.setattr(
+        _compat, "_batch_last_substitution", lambda *x, **kw: calls.append(1) or original(*x, **kw)
+    )
+    got = _compat.solve_triangular(a, b, lower=True, xp=xp)
+    assert bool(calls) == (k > 1 and n >= _compat.BATCH_LAST_MIN_BATCH)
+    np.testing.assert_allclose(got, np.linalg.solve(a, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batch_last_substitution_is_the_row_form(lower, dtype):
+    """With the batch axis innermost the substitution does the row-by-row form's operations:
+    for a lower matrix in the same order (the same bits), for an upper one from the last column
+    (within a few units of rounding); in the input's dtype."""
+    rng = np.random.default_rng(11)
+    d, k = 6, 6
+    a = np.tril(rng.uniform(-1, 1, (300, d, d))) + np.eye(d) * rng.uniform(0.5, 2, (300, 1, 1))
+    a = (a if lower else np.swapaxes(a, -1, -2).copy()).astype(dtype)
+    b = rng.standard_normal((300, d, k)).astype(dtype)
+    got = _compat._batch_last_substitution(a, b, lower=lower)
+    rows = _compat._substitution(a, b, lower=lower, xp=xp)
+    assert got.dtype == dtype and got.shape == rows.shape
+    if lower:
+        np.testing.assert_array_equal(got, rows)
+    else:
+        tol = 64 * np.finfo(dtype).eps
+        np.testing.assert_allclose(got, rows, rtol=tol, atol=tol * np.abs(rows).max())
+
+
+@pytest.mark.parametrize(
+    ("a_batch", "b_batch", "d", "k"),
+    [((1,), (5,), 4, 4), ((5,), (1,), 4, 4), ((1,), (1,), 6, 6), ((0,), (0,), 6, 6),
+     ((4,), (4,), 6, 0), ((3,), (3,), 1, 2)],
+)  # fmt: skip
+def test_batch_last_substitution_shapes(a_batch, b_batch, d, k):
+    """Broadcast batches, a single system (whose moved-axis view of ``b`` is already C-ordered:
+    it must still be copied before being worked in place), empty batches and no right-hand
+    side; the arguments are left alone."""
+    rng = np.random.default_rng(3)
+    a = np.tril(rng.uniform(-1, 1, a_batch + (d, d))) + 2 * np.eye(d)
+    b = rng.standard_normal(b_batch + (d, k))
+    a0, b0 = a.copy(), b.copy()
+    got = _compat._batch_last_substitution(a, b, lower=True)
+    batch = np.broadcast_shapes(a_batch, b_batch)
+    assert got.shape == batch + (d, k) and got.flags.c_contiguous
+    want = np.linalg.solve(np.broadcast_to(a, batch + (d, d)), np.broadcast_to(b, batch + (d, k)))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
 
 
 def _spd(rng, shape, d):

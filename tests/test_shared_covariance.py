@@ -194,3 +194,127 @@ def test_torch_numpy_route_shared_covariance(full):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-12, atol=1e-14)
     for a, b in zip(*grads, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------- the trust-region loss
+
+# (batch, scale's batch, projected scale's batch, the covariance part's batch)
+LOSS_SHAPES = [
+    ((40,), (), (), (1,)),  # one covariance and one projection for every state
+    ((40,), (1,), (), (1,)),
+    ((4, 10), (4, 1), (1, 1), (4, 1)),  # shared along the second axis only
+    ((40,), (), (40,), None),  # not shared: the projected scales differ
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+@pytest.mark.parametrize(("batch", "sb", "pb", "cb"), LOSS_SHAPES)
+def test_shared_covariance_loss_equals_broadcast(backend, method, full, batch, sb, pb, cb):
+    """``trust_region_loss`` with shared scales: per-state values and the cotangents of
+    ``(mean, scale)`` (``trp.vjp``) equal those of the broadcast arrays (summed over the
+    broadcast axes), and the covariance part saw the batch ``cb`` (``None``: every state); the
+    projected arguments' cotangents are zero, of their own shapes."""
+    rng = np.random.default_rng(len(batch) * 10 + len(pb))
+    mean, scale, proj_mean, proj_scale = _case(rng, full, batch, sb, pb)
+    ev = 2 if full else 1
+    wide = [
+        np.array(np.broadcast_to(x, batch + x.shape[x.ndim - ev :])) for x in (scale, proj_scale)
+    ]
+    g = rng.standard_normal(batch)
+    seen = []
+
+    def spy(p, eps=None, **kw):
+        pc, shared = original(p, eps, **kw)
+        if "marker" not in kw:
+            seen.append(None if shared is None else pc.batch)
+        return pc, shared
+
+    original = _core.cov_problem
+    conv, back = backend.asarray, backend.to_numpy
+    results = []
+    for s, ps in ((scale, proj_scale), wide):
+        seen.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("tr_projections.losses.cov_problem", spy)
+            loss, vjp_fn = trp.vjp(
+                trp.trust_region_loss, *(conv(x) for x in (mean, s, proj_mean, ps)), method=method
+            )
+            cots = [back(c) for c in vjp_fn(conv(g))]
+        results.append((back(loss), cots, seen[:]))
+    (l1, c1, seen1), (l2, c2, seen2) = results
+    assert seen1 == [cb] and seen2 == [None]
+    assert l1.shape == batch
+    np.testing.assert_allclose(l1, l2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(c1[0], c2[0], rtol=1e-12, atol=1e-12)
+    axes = tuple(range(len(batch) - len(sb))) + tuple(
+        len(batch) - len(sb) + i
+        for i, n in enumerate(sb)
+        if n == 1 != batch[len(batch) - len(sb) + i]
+    )
+    want = np.sum(c2[1], axis=axes).reshape(scale.shape) if axes else c2[1]
+    assert c1[1].shape == scale.shape
+    np.testing.assert_allclose(c1[1], want, rtol=1e-10, atol=1e-10 * (1 + np.abs(want).max()))
+    for c, x in ((c1[2], proj_mean), (c1[3], proj_scale)):
+        assert c.shape == x.shape and not np.any(c)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shared_covariance_loss_decomposed_once(method, monkeypatch):
+    """A loss of 500 states with one full covariance and one projected covariance decomposes
+    one matrix per decomposition, not one per state."""
+    rng = np.random.default_rng(9)
+    mean, scale, proj_mean, proj_scale = _case(rng, True, (500,), (), ())
+    sizes = []
+    for name in ("eigh", "svd", "qr_r", "cholesky"):
+        original = getattr(_compat, name)
+
+        def spy(a, *args, _f=original, **kw):
+            sizes.append(int(np.prod(a.shape[:-2])))
+            return _f(a, *args, **kw)
+
+        monkeypatch.setattr(_compat, name, spy)
+    loss = trp.trust_region_loss(mean, scale, proj_mean, proj_scale, method=method)
+    assert loss.shape == (500,)
+    assert max(sizes, default=1) == 1
+    if method != "frobenius":
+        assert sizes  # (KL and W2 decompose)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+def test_torch_parameter_covariance_loss(method, full):
+    """In torch, a state-independent std or factor passed unexpanded to the loss gets the
+    gradient of the expanded one; JAX ``jit(grad)`` the same."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    arrays = _case(rng, full, (30,), (), ())
+    ev = 2 if full else 1
+    grads = []
+    for expand in (False, True):
+        mean, scale = (torch.tensor(x, requires_grad=True) for x in arrays[:2])
+        proj_mean, proj_scale = (torch.tensor(x) for x in arrays[2:])
+        s, ps = (x.expand((30,) + tuple(x.shape[x.ndim - ev :])) if expand else x
+                 for x in (scale, proj_scale))  # fmt: skip
+        loss = trp.trust_region_loss(mean, s, proj_mean, ps, method=method)
+        (loss * torch.linspace(0.5, 1.5, 30, dtype=loss.dtype)).sum().backward()
+        grads.append([mean.grad.numpy(), scale.grad.numpy()])
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    ja = [jnp.asarray(x) for x in arrays]
+
+    def total(mean, scale, proj_mean, proj_scale, expand):
+        if expand:
+            scale, proj_scale = (jnp.broadcast_to(x, (30,) + x.shape[x.ndim - ev :])
+                                 for x in (scale, proj_scale))  # fmt: skip
+        loss = trp.trust_region_loss(mean, scale, proj_mean, proj_scale, method=method)
+        return jnp.sum(loss * jnp.linspace(0.5, 1.5, 30))
+
+    jg = [jax.jit(jax.grad(total, argnums=(0, 1)), static_argnums=4)(*ja, e) for e in (False, True)]
+    for a, b in zip(*jg, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)

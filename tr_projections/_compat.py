@@ -180,11 +180,18 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         import scipy.linalg as sl
 
         return sl.solve_triangular(a, b, lower=lower, check_finite=False)
-    if is_numpy(xp) and a.ndim > 2 and (k == 1 or d <= 8):
+    if is_numpy(xp) and a.ndim > 2:
         # NumPy has no batched triangular solve, and its batched LU solve is slow on many
-        # small systems: substitution over the rows, each step one pass over the batch, is
-        # 3x faster for one right-hand side and 1.2-1.6x for d <= 8 (measured on 1e5 systems).
-        return _substitution(a, b, lower=lower, xp=xp)
+        # small systems: substitution, each step one pass over the batch, is 3x faster for one
+        # right-hand side (measured on 1e5 systems); for several, substitution with the batch
+        # axis innermost (_batch_last_substitution) where it was measured faster.
+        import numpy as np
+
+        n = math.prod(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+        if k > 1 and d <= BATCH_LAST_MAX_D and (d > 8 or n >= BATCH_LAST_MIN_BATCH):
+            return _batch_last_substitution(a, b, lower=lower)
+        if k == 1 or d <= 8:
+            return _substitution(a, b, lower=lower, xp=xp)
     return xp.linalg.solve(a, b)
 
 
@@ -202,6 +209,51 @@ def _substitution(a: Array, b: Array, *, lower: bool, xp: Namespace) -> Array:
             acc = acc - a[..., i, j, None] * rows[j]
         rows[i] = acc / a[..., i, i, None]
     return xp.stack(rows, axis=-2)
+
+
+#: NumPy batches of triangular systems with several right-hand sides and at most this many
+#: unknowns are solved by :func:`_batch_last_substitution` (measured up to 32; beyond, NumPy's
+#: batched LU solve); with at most 8 unknowns only batches of at least
+#: :data:`BATCH_LAST_MIN_BATCH` systems (smaller ones keep the row-by-row form).
+BATCH_LAST_MAX_D = 32
+BATCH_LAST_MIN_BATCH = 4096
+
+
+def _batch_last_substitution(a: Array, b: Array, *, lower: bool) -> Array:
+    """:func:`_substitution` for NumPy arrays with the batch axis moved innermost: ``a`` and
+    the solution (a C-ordered copy of ``b``, worked in place) become ``(d, d, n)`` and
+    ``(d, k, n)``, and each column's elimination is one multiply and one subtract over a
+    contiguous block of every row below (above, for an upper ``a``) and every system at once.
+    The same operations as the row-by-row form, in the same order for a lower ``a`` (the same
+    bits; an upper ``a`` subtracts its columns from the last), in ``2(d - 1) + d`` passes
+    instead of ``d(d - 1) + d`` over strided rows, plus the two layout copies and one back.
+    Measured by ``benchmarks/triangular.py`` (interleaved medians, NumPy 2.4, 2 cores, float64,
+    k = d): against the row-by-row form 1.5-2.1x faster at 14,286 systems for d = 3 to 8, but
+    0.8-1.16x at 500-1,000 (hence :data:`BATCH_LAST_MIN_BATCH`); against NumPy's LU solve, which
+    batches with more unknowns took before, 2.1-2.6x faster for d = 17 and 1.0-1.2x for d = 32.
+    In whole NumPy projections of full 17-D Gaussians (forward + backward): KL 1.24-1.37x,
+    Frobenius 1.07-1.20x, W2 1.00x faster; at d = 6 within the noise (0.97-1.15x). With one
+    right-hand side the row-by-row form is faster (0.4-0.9x), so it keeps those."""
+    import numpy as np
+
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    d, k = a.shape[-1], b.shape[-1]
+    n = math.prod(batch)
+    dtype = np.result_type(a.dtype, b.dtype)
+    # (n, d, d) -> (d, d, n); the solution a copy of our own, written in place.
+    aT = np.ascontiguousarray(
+        np.moveaxis(np.broadcast_to(a, batch + (d, d)).reshape(n, d, d), 0, -1)
+    )
+    x = np.array(np.moveaxis(np.broadcast_to(b, batch + (d, k)).reshape(n, d, k), 0, -1),
+                 dtype=dtype, order="C", copy=True)  # fmt: skip
+    for i in range(d) if lower else range(d - 1, -1, -1):
+        x[i] /= aT[i, i]
+        if lower and i + 1 < d:
+            x[i + 1 :] -= aT[i + 1 :, i, None, :] * x[i]
+        elif not lower and i > 0:
+            x[:i] -= aT[:i, i, None, :] * x[i]
+    # Back to the batch's layout, C-ordered like every other result.
+    return np.ascontiguousarray(np.moveaxis(x, -1, 0)).reshape(batch + (d, k))
 
 
 # --------------------------------------------------------------------------- decompositions

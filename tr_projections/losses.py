@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._compat import solve_triangular
-from ._inputs import Problem
+from ._inputs import Problem, unbroadcast
 from .distances import frobenius_cov, kl_cov_from_eigs, kl_eigs, mean_distance, wasserstein_chart
 from .gaussian import covariance, diag_embed, diagonal, mT
+from .projections._core import cov_problem
 from .projections._vjp_core import gram_vjp, sqrtm_vjp, tril, w2_slopes
 
 __all__ = ["LossResiduals", "loss_fwd", "loss_vjp", "trust_region_loss"]
@@ -32,13 +33,15 @@ METHODS = ("kl", "frobenius", "wasserstein")
 
 
 class LossResiduals(NamedTuple):
-    """Eigenbasis of the raw covariance and the roots (full W2 only; ``None`` otherwise)."""
+    """Eigenbasis of the raw covariance and the roots (full W2 only; ``None`` otherwise), and
+    the covariance part's batch where the scales share it (see :func:`loss_fwd`)."""
 
     U: Array | None
     s: Array | None
     root: Array | None
     old_root: Array | None
     old_root_inv: Array | None
+    shared: Array | None = None
 
 
 def _check_method(method: Any) -> None:
@@ -47,26 +50,32 @@ def _check_method(method: Any) -> None:
 
 
 def loss_fwd(p: Problem, *, method: str, scale_prec: bool = True) -> tuple[Array, LossResiduals]:
-    """Per-state ``d(new, old)`` for ``p`` (old = the projection) and the VJP's residuals."""
+    """Per-state ``d(new, old)`` for ``p`` (old = the projection) and the VJP's residuals.
+
+    The covariance part depends on the two scales alone: where both are shared along batch
+    axes (a state-independent covariance and its projection, each passed once), it is computed
+    once per distinct pair (:func:`~tr_projections.projections._core.cov_problem`) and added to
+    every state's mean part."""
     _check_method(method)
     xp = p.xp
-    none = LossResiduals(None, None, None, None, None)
+    pc, shared = cov_problem(p, unbounded=True)  # (the scales' part, at its own batch)
+    none = LossResiduals(None, None, None, None, None, shared)
     if method == "kl":
         m = 0.5 * mean_distance(
             p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp
         )
-        eigs = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=False, xp=xp)
+        eigs = kl_eigs(pc.scale, pc.old_scale, full=p.full, vectors=False, xp=xp)
         return m + kl_cov_from_eigs(eigs, xp=xp), none
     m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
     if method == "frobenius":
-        c, _, _ = frobenius_cov(p.scale, p.old_scale, full=p.full, xp=xp)
+        c, _, _ = frobenius_cov(pc.scale, pc.old_scale, full=p.full, xp=xp)
         return m + c, none
     c, chart, eig = wasserstein_chart(
-        p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
+        pc.scale, pc.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
     )
     if not p.full:
         return m + c, none
-    res = LossResiduals(eig.U, eig.s, chart.root, chart.old_root, chart.old_root_inv)
+    res = LossResiduals(eig.U, eig.s, chart.root, chart.old_root, chart.old_root_inv, shared)
     return m + c, res
 
 
@@ -109,14 +118,19 @@ def _scale_grad(p: Problem, res: LossResiduals, *, method: str, scale_prec: bool
 def loss_vjp(
     p: Problem, res: LossResiduals, g: Array, *, method: str, scale_prec: bool = True
 ) -> tuple[Array, Array, Array, Array]:
-    """Cotangents of ``(mean, scale, proj_mean, proj_scale)``; the last two are zero."""
+    """Cotangents of ``(mean, scale, proj_mean, proj_scale)``; the last two are zero. A shared
+    covariance part (:func:`loss_fwd`) gets ``g`` summed over the states that share it, and its
+    cotangents have its own batch."""
     xp = p.xp
     coef = 0.5 if method == "kl" else 1.0
     prec = True if method == "kl" else scale_prec
     g_mean = _mean_grad(p, coef=coef, scale_prec=prec, xp=xp) * g[..., None]
+    pc, _ = cov_problem(p, marker=res.shared)
+    g_cov = unbroadcast(g, pc.mean[..., 0], xp=xp)  # (g itself, or its sums)
     event = (None, None) if p.full else (None,)
-    g_scale = _scale_grad(p, res, method=method, scale_prec=scale_prec, xp=xp) * g[(..., *event)]
-    return g_mean, g_scale, xp.zeros_like(p.old_mean), xp.zeros_like(p.old_scale)
+    g_scale = _scale_grad(pc, res, method=method, scale_prec=scale_prec, xp=xp)
+    g_scale = g_scale * g_cov[(..., *event)]
+    return g_mean, g_scale, xp.zeros_like(p.old_mean), xp.zeros_like(pc.old_scale)
 
 
 def trust_region_loss(

@@ -219,7 +219,11 @@ def old_scale_cotangent(
 
 
 def cov_problem(
-    p: Problem, eps_cov: Array | None = None, *, marker: Array | None = None
+    p: Problem,
+    eps_cov: Array | None = None,
+    *,
+    marker: Array | None = None,
+    unbounded: bool = False,
 ) -> tuple[Problem, Array | None]:
     """The problem of the covariance part alone, and the marker its VJP finds it again by.
 
@@ -230,13 +234,15 @@ def cov_problem(
     problem has the batch of those three (1 on the shared axes; its means are placeholders that
     the covariance part does not read) and the marker is a zero-size array of shape
     ``batch + (0,)`` that the residuals carry to the VJP (``cov_problem(p, marker=...)``
-    there). Where they span the batch, ``(p, None)``: nothing changes."""
+    there). Where they span the batch, or without ``eps_cov`` and marker (the VJP of a part
+    that was not shared), ``(p, None)``: nothing changes. ``unbounded``: a part with no bound
+    (the trust-region loss), decided by the two scales alone."""
     if marker is not None:
         cb = tuple(marker.shape[:-1])
-    elif eps_cov is None or p.cov_batch is None:
+    elif p.cov_batch is None or (eps_cov is None and not unbounded):
         return p, None
     else:
-        cb = shared_batch(p.batch, p.cov_batch, tuple(eps_cov.shape))
+        cb = shared_batch(p.batch, p.cov_batch, () if eps_cov is None else tuple(eps_cov.shape))
     if cb == p.batch or math.prod(p.batch) == 0:
         return p, None
     index = tuple(

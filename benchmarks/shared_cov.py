@@ -38,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="full,diag")
     ap.add_argument("--methods", default="kl,frobenius,wasserstein")
     ap.add_argument("--backends", default="torch,numpy")
-    ap.add_argument("--ops", default="project,loss", help="project, loss or both")
+    ap.add_argument("--ops", default="project,loss", help="project, loss or both (comma-separated)")
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args(argv)
+    for op in args.ops.split(","):
+        if op not in ("project", "loss"):
+            ap.error(f"--ops takes project and loss, got {op!r}")
 
     versions = f"numpy {np.__version__}"
     backends = args.backends.split(",")
@@ -101,8 +104,6 @@ def _call(op: str, backend: str, method: str, mean, scale, old_mean, old_scale):
     import tr_projections as trp
 
     bounds = {"eps_mean": 0.05, "eps_cov": 1e-3}
-    if op not in ("project", "loss"):
-        raise ValueError(f"--ops takes project and loss, got {op!r}")
     if backend == "torch":
         import torch
 

@@ -8,8 +8,8 @@ The solves: ``(B, d, d)`` lower (and upper) triangular systems with ``k`` right-
 each variant timed on the same arrays, interleaved round by round (median of the rounds). The
 projections: forward + backward (``trp.vjp``, every cotangent) of NumPy arrays with the
 benchmark's data and bounds (``_worker.make_data``/``bounds_for``), the batch-last route on
-(``_compat.BATCH_LAST_MAX_D`` = 32) and off (0: the previous routes, row by row for d <= 8 and
-NumPy's LU solve above), interleaved in one process. Before timing, one
+(``_compat.BATCH_LAST_MAX_D`` as shipped) and off (0: the previous routes, row by row for
+d <= 8 and NumPy's LU solve above), interleaved in one process. Before timing, one
 30 MB array is allocated and freed, which raises glibc's allocation thresholds as a long-running
 process has them (otherwise every batch-sized temporary is a fresh mapping and page faults weigh
 on both variants alike).
@@ -92,8 +92,8 @@ def projections(dims: list[int], batches: list[int], methods: list[str], rounds:
     from tr_projections import _compat
 
     print()
-    print("# projections: the previous routes (row by row for d <= 8, LU above) against batch last")
-    print("| method | kind | d | B | previous [ms] | batch last [ms] | speed-up |")
+    print("# projections: the previous routes (row by row for d <= 8, LU above) against the new")
+    print("| method | kind | d | B | previous [ms] | now [ms] | speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for d, n, method in ((d, n, m) for d in dims for n in batches for m in methods):
         if n * d * d > 20 * MAX_NUMBERS:
@@ -118,7 +118,7 @@ def projections(dims: list[int], batches: list[int], methods: list[str], rounds:
 
         saved = _compat.BATCH_LAST_MAX_D
         try:
-            t = _median_ms({"rows": variant(0), "last": variant(32)}, rounds, 1)
+            t = _median_ms({"rows": variant(0), "last": variant(saved)}, rounds, 1)
         finally:
             _compat.BATCH_LAST_MAX_D = saved
         print(
@@ -130,8 +130,8 @@ def projections(dims: list[int], batches: list[int], methods: list[str], rounds:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dims", default="3,6,8,17,32")
-    ap.add_argument("--batches", default="500,1000,14286")
+    ap.add_argument("--dims", default="3,6,8,12,17,24,32")
+    ap.add_argument("--batches", default="16,64,500,1000,14286")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--projection-dims", default="6,17")
     ap.add_argument("--projection-batches", default="1000,10000,100000")

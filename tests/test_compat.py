@@ -14,9 +14,9 @@ from tr_projections import _compat
     ("d", "k"), [(1, 1), (3, 1), (3, 3), (8, 8), (12, 1), (12, 12), (6, 2), (33, 33)]
 )
 def test_batched_triangular_solve_matches_lu(d, k, lower):
-    """NumPy batches take a substitution route (row by row; with several right-hand sides and
-    9 to ``BATCH_LAST_MAX_D`` unknowns, d = 12 here, the batch axis innermost) or the LU solve
-    (d = 33): all agree with ``np.linalg.solve``, return a C-ordered array and leave their
+    """NumPy batches of 14 systems take a substitution route (row by row: one right-hand side,
+    or at most 8 unknowns) or the LU solve (several right-hand sides and more unknowns, a batch
+    this small): all agree with ``np.linalg.solve``, return a C-ordered array and leave their
     arguments alone."""
     rng = np.random.default_rng(d * 10 + k)
     a = np.tril(rng.uniform(-0.5, 0.5, (7, 2, d, d))) + np.eye(d) * rng.uniform(1, 2, (7, 2, 1, 1))
@@ -31,11 +31,16 @@ def test_batched_triangular_solve_matches_lu(d, k, lower):
     assert got.shape == b.shape and got.dtype == b.dtype and got.flags.c_contiguous
 
 
-@pytest.mark.parametrize(("d", "k", "n"), [(6, 6, 4096), (3, 2, 5000), (6, 1, 5000), (6, 6, 4095)])
-def test_triangular_solve_routes_by_batch(d, k, n, monkeypatch):
-    """With at most 8 unknowns, several right-hand sides take the batch-last substitution from
-    ``BATCH_LAST_MIN_BATCH`` systems on (one right-hand side never does), with the same
-    solution as the LU solve."""
+@pytest.mark.parametrize(
+    ("d", "k", "n", "batch_last"),
+    [(6, 6, 4096, True), (3, 2, 5000, True), (6, 1, 5000, False), (6, 6, 4095, False),
+     (12, 12, 64, True), (12, 12, 63, False), (24, 24, 64, True), (25, 25, 200, False),
+     (17, 1, 200, False)],
+)  # fmt: skip
+def test_triangular_solve_routes_by_batch(d, k, n, batch_last, monkeypatch):
+    """Several right-hand sides take the batch-last substitution from ``BATCH_LAST_MIN_BATCH``
+    systems with at most 8 unknowns and from ``BATCH_LAST_MIN_BATCH_LARGE_D`` with 9 to
+    ``BATCH_LAST_MAX_D``; one right-hand side never does; the solution is the LU solve's."""
     rng = np.random.default_rng(n + d)
     a = np.tril(rng.uniform(-0.5, 0.5, (n, d, d))) + np.eye(d)
     b = rng.standard_normal((n, d, k))
@@ -45,7 +50,7 @@ def test_triangular_solve_routes_by_batch(d, k, n, monkeypatch):
         _compat, "_batch_last_substitution", lambda *x, **kw: calls.append(1) or original(*x, **kw)
     )
     got = _compat.solve_triangular(a, b, lower=True, xp=xp)
-    assert bool(calls) == (k > 1 and n >= _compat.BATCH_LAST_MIN_BATCH)
+    assert bool(calls) == batch_last
     np.testing.assert_allclose(got, np.linalg.solve(a, b), rtol=1e-12, atol=1e-12)
 
 

@@ -262,11 +262,11 @@ def test_shared_covariance_loss_equals_broadcast(backend, method, full, batch, s
 @pytest.mark.parametrize("method", METHODS)
 def test_shared_covariance_loss_decomposed_once(method, monkeypatch):
     """A loss of 500 states with one full covariance and one projected covariance decomposes
-    one matrix per decomposition, not one per state."""
+    one matrix per decomposition (``eigh``, SVD: what the loss uses), not one per state."""
     rng = np.random.default_rng(9)
     mean, scale, proj_mean, proj_scale = _case(rng, True, (500,), (), ())
     sizes = []
-    for name in ("eigh", "svd", "qr_r", "cholesky"):
+    for name in ("eigh", "svd"):
         original = getattr(_compat, name)
 
         def spy(a, *args, _f=original, **kw):
@@ -281,11 +281,15 @@ def test_shared_covariance_loss_decomposed_once(method, monkeypatch):
         assert sizes  # (KL and W2 decompose)
 
 
+@pytest.mark.parametrize(
+    "route", ["torch_kernels", pytest.param("numpy_route", marks=pytest.mark.numpy_route)]
+)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
-def test_torch_parameter_covariance_loss(method, full):
-    """In torch, a state-independent std or factor passed unexpanded to the loss gets the
-    gradient of the expanded one; JAX ``jit(grad)`` the same."""
+def test_torch_parameter_covariance_loss(method, full, route):
+    """In torch (its kernels, and the adapter's NumPy route for small CPU batches), a
+    state-independent std or factor passed unexpanded to the loss gets the gradient of the
+    expanded one."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(6)
     arrays = _case(rng, full, (30,), (), ())
@@ -302,11 +306,47 @@ def test_torch_parameter_covariance_loss(method, full):
     for a, b in zip(*grads, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
+
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_vmap_shared_covariance_loss(method):
+    """``torch.func.vmap`` over the states with the scales unbatched (``in_dims=None``): the
+    per-state losses and the gradient of their weighted sum equal the unmapped call's."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    mean, scale, proj_mean, proj_scale = (torch.tensor(x) for x in _case(rng, True, (12,), (), ()))
+    w = torch.linspace(0.5, 1.5, 12, dtype=mean.dtype)
+
+    def one(m, s, pm, ps):
+        return trp.trust_region_loss(m, s, pm, ps, method=method)
+
+    mapped = torch.func.vmap(one, in_dims=(0, None, 0, None))(mean, scale, proj_mean, proj_scale)
+    whole = one(mean, scale, proj_mean, proj_scale)
+    np.testing.assert_allclose(mapped.numpy(), whole.numpy(), rtol=1e-12, atol=1e-12)
+
+    def total(m, s, batched):
+        if batched:
+            out = torch.func.vmap(one, in_dims=(0, None, 0, None))(m, s, proj_mean, proj_scale)
+        else:
+            out = one(m, s, proj_mean, proj_scale)
+        return (out * w).sum()
+
+    g = [torch.func.grad(total, argnums=(0, 1))(mean, scale, b) for b in (True, False)]
+    for a, b in zip(*g, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+def test_jax_jit_grad_shared_covariance_loss(method, full):
+    """Under ``jax.jit`` and ``jax.grad`` a shared std or factor passed to the loss gives the
+    gradients of the broadcast one."""
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    ja = [jnp.asarray(x) for x in arrays]
+    rng = np.random.default_rng(6)
+    ev = 2 if full else 1
+    ja = [jnp.asarray(x) for x in _case(rng, full, (30,), (), ())]
 
     def total(mean, scale, proj_mean, proj_scale, expand):
         if expand:

@@ -188,7 +188,8 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         import numpy as np
 
         n = math.prod(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-        if k > 1 and d <= BATCH_LAST_MAX_D and (d > 8 or n >= BATCH_LAST_MIN_BATCH):
+        least = BATCH_LAST_MIN_BATCH if d <= 8 else BATCH_LAST_MIN_BATCH_LARGE_D
+        if k > 1 and d <= BATCH_LAST_MAX_D and n >= least:
             return _batch_last_substitution(a, b, lower=lower)
         if k == 1 or d <= 8:
             return _substitution(a, b, lower=lower, xp=xp)
@@ -211,12 +212,16 @@ def _substitution(a: Array, b: Array, *, lower: bool, xp: Namespace) -> Array:
     return xp.stack(rows, axis=-2)
 
 
-#: NumPy batches of triangular systems with several right-hand sides and at most this many
-#: unknowns are solved by :func:`_batch_last_substitution` (measured up to 32; beyond, NumPy's
-#: batched LU solve); with at most 8 unknowns only batches of at least
-#: :data:`BATCH_LAST_MIN_BATCH` systems (smaller ones keep the row-by-row form).
-BATCH_LAST_MAX_D = 32
+#: NumPy batches of triangular systems with several right-hand sides are solved by
+#: :func:`_batch_last_substitution` where ``benchmarks/triangular.py`` measured it faster: at
+#: most :data:`BATCH_LAST_MAX_D` unknowns, from :data:`BATCH_LAST_MIN_BATCH` systems with at
+#: most 8 unknowns (smaller batches keep the row-by-row form: 0.8-1.16x at 500-1,000) and from
+#: :data:`BATCH_LAST_MIN_BATCH_LARGE_D` with more (smaller batches keep NumPy's LU solve, far
+#: faster for a few systems: 7 against 56 us for one 12x12 system). At d = 32 the LU solve was
+#: as fast (0.9-1.2x from 64 to 1,000 systems), so it keeps those.
+BATCH_LAST_MAX_D = 24
 BATCH_LAST_MIN_BATCH = 4096
+BATCH_LAST_MIN_BATCH_LARGE_D = 64
 
 
 def _batch_last_substitution(a: Array, b: Array, *, lower: bool) -> Array:
@@ -229,21 +234,22 @@ def _batch_last_substitution(a: Array, b: Array, *, lower: bool) -> Array:
     instead of ``d(d - 1) + d`` over strided rows, plus the two layout copies and one back.
     Measured by ``benchmarks/triangular.py`` (interleaved medians, NumPy 2.4, 2 cores, float64,
     k = d): against the row-by-row form 1.5-2.1x faster at 14,286 systems for d = 3 to 8, but
-    0.8-1.16x at 500-1,000 (hence :data:`BATCH_LAST_MIN_BATCH`); against NumPy's LU solve, which
-    batches with more unknowns took before, 2.1-2.6x faster for d = 17 and 1.0-1.2x for d = 32.
-    In whole NumPy projections of full 17-D Gaussians (forward + backward): KL 1.24-1.37x,
-    Frobenius 1.07-1.20x, W2 1.00x faster; at d = 6 within the noise (0.97-1.15x). With one
-    right-hand side the row-by-row form is faster (0.4-0.9x), so it keeps those."""
+    0.8-1.16x at 500-1,000; against NumPy's LU solve, which batches with more unknowns took
+    before, 1.1-1.9x faster at 64-128 systems for d = 9 to 24 and 2.1-2.6x at 1,000 for
+    d = 17, slower for fewer than 64 systems. With one right-hand side the row-by-row form is
+    faster (0.4-0.9x). Hence the routes of :data:`BATCH_LAST_MAX_D` and its neighbours."""
     import numpy as np
 
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     d, k = a.shape[-1], b.shape[-1]
     n = math.prod(batch)
     dtype = np.result_type(a.dtype, b.dtype)
-    # (n, d, d) -> (d, d, n); the solution a copy of our own, written in place.
-    aT = np.ascontiguousarray(
-        np.moveaxis(np.broadcast_to(a, batch + (d, d)).reshape(n, d, d), 0, -1)
-    )
+    # (n, d, d) -> (d, d, n), or (d, d, 1) for one matrix shared by the systems (broadcast in
+    # the passes); the solution a copy of our own, written in place.
+    a3 = a.reshape(1, d, d) if math.prod(a.shape[:-2]) == 1 else None
+    if a3 is None:
+        a3 = np.broadcast_to(a, batch + (d, d)).reshape(n, d, d)
+    aT = np.ascontiguousarray(np.moveaxis(a3, 0, -1))
     x = np.array(np.moveaxis(np.broadcast_to(b, batch + (d, k)).reshape(n, d, k), 0, -1),
                  dtype=dtype, order="C", copy=True)  # fmt: skip
     for i in range(d) if lower else range(d - 1, -1, -1):

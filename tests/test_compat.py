@@ -34,8 +34,8 @@ def test_batched_triangular_solve_matches_lu(d, k, lower):
 @pytest.mark.parametrize(
     ("d", "k", "n", "batch_last"),
     [(6, 6, 4096, True), (3, 2, 5000, True), (6, 1, 5000, False), (6, 6, 4095, False),
-     (12, 12, 64, True), (12, 12, 63, False), (24, 24, 64, True), (25, 25, 200, False),
-     (17, 1, 200, False)],
+     (8, 8, 64, False), (9, 9, 64, True), (12, 12, 64, True), (12, 12, 63, False),
+     (24, 24, 64, True), (25, 25, 200, False), (17, 1, 200, False)],
 )  # fmt: skip
 def test_triangular_solve_routes_by_batch(d, k, n, batch_last, monkeypatch):
     """Several right-hand sides take the batch-last substitution from ``BATCH_LAST_MIN_BATCH``

@@ -215,10 +215,12 @@ def _substitution(a: Array, b: Array, *, lower: bool, xp: Namespace) -> Array:
 #: NumPy batches of triangular systems with several right-hand sides are solved by
 #: :func:`_batch_last_substitution` where ``benchmarks/triangular.py`` measured it faster: at
 #: most :data:`BATCH_LAST_MAX_D` unknowns, from :data:`BATCH_LAST_MIN_BATCH` systems with at
-#: most 8 unknowns (smaller batches keep the row-by-row form: 0.8-1.16x at 500-1,000) and from
+#: most 8 unknowns (a cautious threshold: smaller batches keep the row-by-row form, against
+#: which the new one was 0.45-1.28x below 4,096 systems) and from
 #: :data:`BATCH_LAST_MIN_BATCH_LARGE_D` with more (smaller batches keep NumPy's LU solve, far
-#: faster for a few systems: 7 against 56 us for one 12x12 system). At d = 32 the LU solve was
-#: as fast (0.9-1.2x from 64 to 1,000 systems), so it keeps those.
+#: faster for a few systems: 7 against 59 us for one 12x12 system). At d = 32 neither won
+#: throughout (the LU solve faster up to 64 systems, batch last up to 1.35x faster at 500,
+#: even at 1,000), so it keeps the LU solve.
 BATCH_LAST_MAX_D = 24
 BATCH_LAST_MIN_BATCH = 4096
 BATCH_LAST_MIN_BATCH_LARGE_D = 64
@@ -233,11 +235,13 @@ def _batch_last_substitution(a: Array, b: Array, *, lower: bool) -> Array:
     bits; an upper ``a`` subtracts its columns from the last), in ``2(d - 1) + d`` passes
     instead of ``d(d - 1) + d`` over strided rows, plus the two layout copies and one back.
     Measured by ``benchmarks/triangular.py`` (interleaved medians, NumPy 2.4, 2 cores, float64,
-    k = d): against the row-by-row form 1.5-2.1x faster at 14,286 systems for d = 3 to 8, but
-    0.8-1.16x at 500-1,000; against NumPy's LU solve, which batches with more unknowns took
-    before, 1.1-1.9x faster at 64-128 systems for d = 9 to 24 and 2.1-2.6x at 1,000 for
-    d = 17, slower for fewer than 64 systems. With one right-hand side the row-by-row form is
-    faster (0.4-0.9x). Hence the routes of :data:`BATCH_LAST_MAX_D` and its neighbours."""
+    k = d): against the row-by-row form 1.42-1.74x faster at 14,286 systems for d = 3 to 8,
+    0.95-1.22x at 500-1,000 and 0.45-1.28x at 16-64; against NumPy's LU solve, which batches
+    with more unknowns took before, 1.19-1.47x faster at 64 systems and 1.58-2.48x at 1,000 for
+    d = 12 to 24, slower for 16 systems and fewer. With one right-hand side it was slower than
+    the row-by-row form for d <= 6 and from 1,000 systems (0.41-0.89x), faster for d >= 8 below
+    500 systems (where the LU solve is faster still for the smallest batches): that case keeps
+    the row-by-row form. Hence the routes of :data:`BATCH_LAST_MAX_D` and its neighbours."""
     import numpy as np
 
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])

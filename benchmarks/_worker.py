@@ -18,11 +18,13 @@ import inspect
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,35 @@ def limit_threads(threads: int) -> list[int] | None:
         return None
     os.sched_setaffinity(0, allowed[:threads])
     return allowed[:threads]
+
+
+def machine_line(versions: str) -> str:
+    """The first line of the small A/B scripts' tables (``lapack_threads.py``, ``shared_cov.py``,
+    ``triangular.py``, ``jax_routes.py``): machine, CPUs, Python, ``versions`` and the
+    ``OMP_WAIT_POLICY`` in effect."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+        f"({usable} usable); python {platform.python_version()}, {versions}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
+    )
+
+
+def interleaved_ms(
+    fns: dict[Any, Callable[[], Any]], rounds: int, number: int = 1
+) -> dict[Any, float]:
+    """Median milliseconds per call of each of ``fns``, timed in turn round by round (in
+    reverse order every other round, so that neither always goes first), ``number`` calls a
+    timing, after one untimed round: variants compared on a shared, noisy machine."""
+    times: dict[Any, list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 1):
+        for name in fns if r % 2 else reversed(list(fns)):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fns[name]()
+            if r:  # (round 0 warms up)
+                times[name].append((time.perf_counter() - t0) / number)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 # --------------------------------------------------------------------------------------- data

@@ -23,8 +23,6 @@ The table, the machine and library versions go to stdout.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # (the checkout; this folder is on the path already)
+
+from _worker import machine_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from tr_projections import _compat
 
     print(
-        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"python {platform.python_version()}, jax {jax.__version__}, "
-        f"backend {jax.default_backend()}, float64, jit, median ms of {args.repeat} runs"
+        machine_line(
+            f"jax {jax.__version__}, backend {jax.default_backend()}, float64, jit, "
+            f"median ms of {args.repeat} runs"
+        )
     )
 
     def timed(fn, *a) -> float:

@@ -18,17 +18,16 @@ The matrices are random symmetric positive definite with eigenvalues log-uniform
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
+import functools
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # (the checkout; this folder is on the path already)
+
+from _worker import interleaved_ms, machine_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     versions = f"numpy {np.__version__}"
     if "torch" in namespaces:
         versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    auto = {name: _compat._lapack_threads(conv(np.eye(2)), xp) for name, (xp, conv) in
+    auto = {name: _compat._lapack_threads(conv(np.eye(2)[None]), xp) for name, (xp, conv) in
             namespaces.items()}  # fmt: skip
-    print(
-        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-        f"({len(os.sched_getaffinity(0))} usable); python {platform.python_version()}, "
-        f"{versions}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
-    )
+    print(machine_line(versions))
     print(f"# parts when split: {auto}; float64, median ms of {args.rounds} interleaved rounds")
     print("| backend | op | d | B | one call | split | speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -71,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         "svd": lambda a, xp: _compat.svd(a, xp=xp),
         "qr": lambda a, xp: _compat.qr_r(a, xp=xp),
     }
+
+    def decompose(threads, fn, a, xp):  # (1: one call; 0: split as configured)
+        _compat.LAPACK_THREADS = threads
+        fn(a, xp)
+
     rng = np.random.default_rng(0)
     saved = _compat.LAPACK_THREADS, _compat.PARALLEL_MIN_BATCH, _compat.PARALLEL_MIN_BATCH_QR
     try:
@@ -86,15 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (xp, conv) in namespaces.items():
                     for op in args.ops.split(","):
                         a = conv(chol if op == "svd" else spd)
-                        times: dict[int, list[float]] = {1: [], 0: []}
-                        for r in range(args.rounds + 1):
-                            for threads in (1, 0) if r % 2 else (0, 1):
-                                _compat.LAPACK_THREADS = threads
-                                t0 = time.perf_counter()
-                                ops[op](a, xp)
-                                if r:  # (round 0 warms up)
-                                    times[threads].append(time.perf_counter() - t0)
-                        one, split = (1e3 * statistics.median(times[k]) for k in (1, 0))
+                        calls = {
+                            threads: functools.partial(decompose, threads, ops[op], a, xp)
+                            for threads in (1, 0)
+                        }
+                        t = interleaved_ms(calls, args.rounds)
+                        one, split = t[1], t[0]
                         print(
                             f"| {name} | {op} | {d} | {B:,} | {one:.3f} | {split:.3f} | "
                             f"{one / split:.2f}× |",

@@ -18,17 +18,15 @@ slot, differentiated the same way (its per-state values summed).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # (the checkout; this folder is on the path already)
+
+from _worker import interleaved_ms, machine_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    print(
-        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"python {platform.python_version()}, {versions}; "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
-    )
+    print(machine_line(versions))
     print(f"# float64, forward + backward, median ms of {args.rounds} interleaved rounds")
     print("| op | backend | method | kind | d | B | copied to every state | shared | speed-up |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
@@ -84,14 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("copied", copies), ("shared", (scale, old_scale))
                         )
                     }  # fmt: skip
-                    times: dict[str, list[float]] = {k: [] for k in calls}
-                    for r in range(args.rounds + 1):
-                        for name in calls if r % 2 else reversed(list(calls)):
-                            t0 = time.perf_counter()
-                            calls[name]()
-                            if r:  # (round 0 warms up)
-                                times[name].append(time.perf_counter() - t0)
-                    c, s = (1e3 * statistics.median(times[k]) for k in ("copied", "shared"))
+                    t = interleaved_ms(calls, args.rounds)
+                    c, s = t["copied"], t["shared"]
                     print(
                         f"| {op} | {backend} | {method} | {kind} | {d} | {B:,} | {c:.3f} | "
                         f"{s:.3f} | {c / s:.1f}× |",

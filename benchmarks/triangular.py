@@ -19,33 +19,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # (the checkout; this folder is on the path already)
 
+from _worker import bounds_for, interleaved_ms, machine_line, make_data  # noqa: E402
 
 #: Cells with more numbers in a batch of matrices are skipped (d = 32 at 14,286 systems).
 MAX_NUMBERS = 5_000_000
-
-
-def _median_ms(fns: dict, rounds: int, number: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(rounds + 1):
-        for name in fns if r % 2 else reversed(list(fns)):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fns[name]()
-            if r:  # (round 0 warms up)
-                times[name].append((time.perf_counter() - t0) / number)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def solves(dims: list[int], batches: list[int], rounds: int) -> None:
@@ -76,7 +61,7 @@ def solves(dims: list[int], batches: list[int], rounds: int) -> None:
                         "lu": lambda m=m, b=b: np.linalg.solve(m, b),
                     }
                     number = max(1, 200_000 // (n * d * d))
-                    t = _median_ms(fns, rounds, number)
+                    t = interleaved_ms(fns, rounds, number)
                     print(
                         f"| {d} | {n:,} | {k} | {'lower' if lower else 'upper'} | "
                         f"{t['rows']:.3f} | {t['last']:.3f} | {t['lu']:.3f} | "
@@ -86,8 +71,6 @@ def solves(dims: list[int], batches: list[int], rounds: int) -> None:
 
 
 def projections(dims: list[int], batches: list[int], methods: list[str], rounds: int) -> None:
-    from _worker import bounds_for, make_data
-
     import tr_projections as trp
     from tr_projections import _compat
 
@@ -118,7 +101,7 @@ def projections(dims: list[int], batches: list[int], methods: list[str], rounds:
 
         saved = _compat.BATCH_LAST_MAX_D
         try:
-            t = _median_ms({"rows": variant(0), "last": variant(saved)}, rounds, 1)
+            t = interleaved_ms({"rows": variant(0), "last": variant(saved)}, rounds)
         finally:
             _compat.BATCH_LAST_MAX_D = saved
         print(
@@ -142,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     warm = np.ones(30 * 2**20 // 8)  # (see the module's notes)
     del warm
-    print(
-        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"python {platform.python_version()}, numpy {np.__version__}; float64; "
-        f"median ms of interleaved rounds"
-    )
+    print(machine_line(f"numpy {np.__version__}; float64; median ms of interleaved rounds"))
     solves([int(x) for x in args.dims.split(",")],
            [int(float(x)) for x in args.batches.split(",")], args.rounds)  # fmt: skip
     if not args.no_projections:

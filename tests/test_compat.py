@@ -5,6 +5,7 @@ from __future__ import annotations
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from _data import full_policies, spd
 
 from tr_projections import _compat
 
@@ -97,11 +98,6 @@ def test_batch_last_substitution_shapes(a_batch, b_batch, d, k):
     np.testing.assert_array_equal(b, b0)
 
 
-def _spd(rng, shape, d):
-    m = rng.standard_normal(shape + (d, d))
-    return m @ np.swapaxes(m, -1, -2) + d * np.eye(d)
-
-
 @pytest.mark.parametrize("name", ["numpy", "torch"])
 def test_decompositions_in_chunks_equal_one_call(name, monkeypatch):
     """``eigh`` and ``svd`` of a batch split into chunks (as torch CUDA tensors are) give the
@@ -114,7 +110,7 @@ def test_decompositions_in_chunks_equal_one_call(name, monkeypatch):
     else:
         ns, conv, back = xp, np.asarray, np.asarray
     rng = np.random.default_rng(5)
-    a = conv(_spd(rng, (3, 5), 4))
+    a = conv(spd(rng, (3, 5), 4))
     a0 = np.array(back(a), copy=True)
     whole_eigh = _compat.eigh(a, xp=ns)
     whole_svd = _compat.svd(a[..., :3], xp=ns)
@@ -151,7 +147,7 @@ def test_eigh_through_another_library():
     library through DLPack and returns torch tensors: here NumPy on the CPU, the same mechanics."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
-    a_np = _spd(rng, (4, 3), 5)
+    a_np = spd(rng, (4, 3), 5)
     a = torch.asarray(a_np)
     w, U = _compat.eigh_through(a, np)
     assert isinstance(w, torch.Tensor) and isinstance(U, torch.Tensor)
@@ -204,7 +200,7 @@ def test_tensors_that_stay_with_torch():
     torch = pytest.importorskip("torch")
     from torch.autograd import forward_ad
 
-    a = torch.asarray(_spd(np.random.default_rng(2), (4,), 3))
+    a = torch.asarray(spd(np.random.default_rng(2), (4,), 3))
     assert _compat._torch_plain(a)
     assert not _compat._torch_plain(a.clone().requires_grad_())
     assert not _compat._torch_plain(a.to(torch.bfloat16))
@@ -234,7 +230,7 @@ def test_failing_cupy_eigh_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(_compat, "eigh_through", broken)
     monkeypatch.setattr(_compat, "_cupy_failed", False)
     monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "auto")
-    a = torch.asarray(_spd(np.random.default_rng(4), (6,), 3))
+    a = torch.asarray(spd(np.random.default_rng(4), (6,), 3))
     want = torch.linalg.eigh(a)
     with pytest.warns(RuntimeWarning, match="CuPy's eigh failed.*NOT_SUPPORTED"):
         got = _compat.eigh(a, xp=ns)
@@ -271,7 +267,7 @@ def test_cupy_eigh_out_of_memory_falls_back_for_that_call(monkeypatch):
     monkeypatch.setattr(_compat, "eigh_through", oom)
     monkeypatch.setattr(_compat, "_cupy_failed", False)
     monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", "auto")
-    a = torch.asarray(_spd(np.random.default_rng(5), (6,), 3))
+    a = torch.asarray(spd(np.random.default_rng(5), (6,), 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = _compat.eigh(a, xp=ns)
@@ -294,7 +290,7 @@ def test_torch_cuda_eigh_routes(route, monkeypatch):
         pytest.skip("needs CuPy with a GPU")
     monkeypatch.setattr(_compat, "TORCH_CUDA_EIGH", route)
     rng = np.random.default_rng(9)
-    a_np = _spd(rng, (70_000,), 6)
+    a_np = spd(rng, (70_000,), 6)
     a = torch.asarray(a_np, device="cuda")
     assert _compat._eigh_route(a, ns) == ("cupy" if route == "cupy" else "native")
     w, U = _compat.eigh(a, xp=ns)
@@ -313,11 +309,7 @@ def test_projections_with_chunked_decompositions(method, monkeypatch):
     torch = pytest.importorskip("torch")
     import tr_projections as trp
 
-    rng = np.random.default_rng(11)
-    d, n = 3, 41
-    old_scale = np.linalg.cholesky(_spd(rng, (n,), d))
-    scale = np.linalg.cholesky(_spd(rng, (n,), d) * rng.uniform(0.3, 3.0, (n, 1, 1)))
-    mean, old_mean = rng.standard_normal((2, n, d))
+    mean, scale, old_mean, old_scale = full_policies(np.random.default_rng(11), 41, 3)
 
     def run():
         args = [torch.tensor(v, requires_grad=True) for v in (mean, scale, old_mean, old_scale)]

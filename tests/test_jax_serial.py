@@ -23,6 +23,7 @@ jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
+from _data import spd  # noqa: E402
 
 from tr_projections import _compat  # noqa: E402
 
@@ -75,25 +76,20 @@ def _assert_in_turn(jaxpr):
         assert id(before) in inputs, (before.primitive.name, after.primitive.name)
 
 
-def _spd(rng, batch, d):
-    a = rng.standard_normal((batch, d, d))
-    return a @ np.swapaxes(a, -1, -2) + d * np.eye(d)
-
-
 def _policies(rng, n, d):
     """New and old full Gaussians, ``n`` states in ``d`` dimensions, as JAX arrays."""
     return [
         jnp.asarray(rng.standard_normal((n, d))),
-        jnp.asarray(np.linalg.cholesky(_spd(rng, n, d))),
+        jnp.asarray(np.linalg.cholesky(spd(rng, (n,), d))),
         jnp.asarray(rng.standard_normal((n, d))),
-        jnp.asarray(np.linalg.cholesky(_spd(rng, n, d))),
+        jnp.asarray(np.linalg.cholesky(spd(rng, (n,), d))),
     ]
 
 
 def test_independent_calls_wait_for_each_other():
     rng = np.random.default_rng(0)
-    a, b = (jnp.asarray(_spd(rng, 4, 12)) for _ in range(2))
-    L = jnp.asarray(np.linalg.cholesky(_spd(rng, 4, 12)))
+    a, b = (jnp.asarray(spd(rng, (4,), 12)) for _ in range(2))
+    L = jnp.asarray(np.linalg.cholesky(spd(rng, (4,), 12)))
 
     def f(a, b, L):
         with _compat.serial_decompositions():
@@ -114,7 +110,7 @@ def test_independent_calls_wait_for_each_other():
 
 def test_outside_the_block_nothing_changes():
     rng = np.random.default_rng(1)
-    a, b = (jnp.asarray(_spd(rng, 4, 6)) for _ in range(2))
+    a, b = (jnp.asarray(spd(rng, (4,), 6)) for _ in range(2))
 
     def f(a, b):
         return _compat.eigh(a, xp=jnp)[0], _compat.eigh(b, xp=jnp)[0]
@@ -240,7 +236,7 @@ def test_cpu_products_keep_matmul_semantics():
 )
 def test_cpu_triangular_solves(lower, d, k, route):
     rng = np.random.default_rng(4)
-    L = np.linalg.cholesky(_spd(rng, 9, d))
+    L = np.linalg.cholesky(spd(rng, (9,), d))
     a = L if lower else np.swapaxes(L, -1, -2)
     b = rng.standard_normal((9, d, k))
     fn = jax.jit(lambda a, b: _compat.solve_triangular(a, b, lower=lower, xp=jnp))

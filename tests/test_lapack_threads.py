@@ -10,6 +10,7 @@ import threading
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
+from _data import full_policies, spd
 
 from tr_projections import _compat
 
@@ -21,11 +22,6 @@ def _namespace(name):
     import array_api_compat.torch as ns
 
     return ns, torch.asarray, lambda t: t.detach().numpy()
-
-
-def _spd(rng, shape, d):
-    m = rng.standard_normal(shape + (d, d))
-    return m @ np.swapaxes(m, -1, -2) + d * np.eye(d)
 
 
 def _decompose(a, ns, *, lazy=False):
@@ -69,12 +65,12 @@ def test_split_equals_one_call(
     all but the last part run on the pool's threads."""
     ns, conv, back = _namespace(name)
     rng = np.random.default_rng(len(shape) * 10 + threads)
-    a = conv(_spd(rng, shape, d).astype(dtype))
+    a = conv(spd(rng, shape, d).astype(dtype))
     if layout == "transposed":  # (a non-contiguous view: the batch axis is last in memory)
-        a = conv(np.ascontiguousarray(np.moveaxis(_spd(rng, shape, d), 0, -1)))
+        a = conv(np.ascontiguousarray(np.moveaxis(spd(rng, shape, d), 0, -1)))
         a = ns.permute_dims(a, (2, 0, 1))
     elif layout == "expanded":  # (one matrix broadcast over the batch: zero strides)
-        a = ns.broadcast_to(conv(_spd(rng, (), d)), shape + (d, d))
+        a = ns.broadcast_to(conv(spd(rng, (), d)), shape + (d, d))
     a0 = np.array(back(a), copy=True)
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 1)
     assert _compat._lapack_threads(a, ns) == 1
@@ -160,9 +156,9 @@ def test_torch_thread_count_holds_on_the_numpy_route(split_everything, monkeypat
     n, d = 200, 3
     args = [torch.asarray(x) for x in (
         rng.standard_normal((n, d)),
-        np.linalg.cholesky(_spd(rng, (n,), d)),
+        np.linalg.cholesky(spd(rng, (n,), d)),
         rng.standard_normal((n, d)),
-        np.linalg.cholesky(_spd(rng, (n,), d)),
+        np.linalg.cholesky(spd(rng, (n,), d)),
     )]  # fmt: skip
     args[1].requires_grad_()
     seen = []
@@ -190,7 +186,7 @@ def test_torch_autograd_is_not_split(split_everything, monkeypatch):
     import array_api_compat.torch as xpt
 
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
-    a = torch.asarray(_spd(np.random.default_rng(1), (6,), 3), requires_grad=True)
+    a = torch.asarray(spd(np.random.default_rng(1), (6,), 3), requires_grad=True)
     calls = []
     monkeypatch.setattr(_compat, "_in_parallel", lambda *a, **k: calls.append(1))
     w, _ = _compat.eigh(a, xp=xpt)
@@ -240,7 +236,7 @@ def test_torch_errors_name_the_callers_batch_index(split_everything, monkeypatch
     torch = pytest.importorskip("torch")
     import array_api_compat.torch as xpt
 
-    a = torch.asarray(_spd(np.random.default_rng(2), (400,), 3))
+    a = torch.asarray(spd(np.random.default_rng(2), (400,), 3))
     a[300] = float("nan")
     messages = []
     for threads in (1, 2):
@@ -258,7 +254,7 @@ def test_many_callers_at_once(split_everything, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(4)
-    batches = [_spd(rng, (n,), 4) for n in (2, 3, 5, 9, 17, 40)]
+    batches = [spd(rng, (n,), 4) for n in (2, 3, 5, 9, 17, 40)]
     want = [np.linalg.eigh(b) for b in batches]
     errors = []
 
@@ -341,9 +337,7 @@ def test_projections_with_split_decompositions(method, monkeypatch):
 
     rng = np.random.default_rng(12)
     d, n = 4, 300
-    old_scale = np.linalg.cholesky(_spd(rng, (n,), d))
-    scale = np.linalg.cholesky(_spd(rng, (n,), d) * rng.uniform(0.3, 3.0, (n, 1, 1)))
-    mean, old_mean = rng.standard_normal((2, n, d))
+    mean, scale, old_mean, old_scale = full_policies(rng, n, d)
     g = rng.standard_normal((n, d, d))
 
     def run():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _data import spd
 
 import tr_projections as trp
 from tr_projections import _compat
@@ -14,16 +15,11 @@ from tr_projections.projections import _core
 METHODS = ["kl", "frobenius", "wasserstein"]
 
 
-def _chol(rng, shape, d):
-    m = rng.standard_normal(shape + (d, d))
-    return np.linalg.cholesky(m @ np.swapaxes(m, -1, -2) + d * np.eye(d))
-
-
 def _case(rng, full, batch, scale_batch, old_batch, d=3):
     mean = rng.standard_normal(batch + (d,))
     old_mean = mean + 0.3 * rng.standard_normal(batch + (d,))
     if full:
-        scale, old_scale = _chol(rng, scale_batch, d), _chol(rng, old_batch, d)
+        scale, old_scale = (np.linalg.cholesky(spd(rng, b, d)) for b in (scale_batch, old_batch))
     else:
         scale = rng.uniform(0.3, 3.0, scale_batch + (d,))
         old_scale = rng.uniform(0.3, 3.0, old_batch + (d,))

@@ -23,7 +23,7 @@ from ._compat import solve_triangular
 from ._inputs import Problem, unbroadcast
 from .distances import frobenius_cov, kl_cov_from_eigs, kl_eigs, mean_distance, wasserstein_chart
 from .gaussian import covariance, diag_embed, diagonal, mT
-from .projections._core import cov_problem
+from .projections._core import cov_problem, marked_cov_problem
 from .projections._vjp_core import gram_vjp, sqrtm_vjp, tril, w2_slopes
 
 __all__ = ["LossResiduals", "loss_fwd", "loss_vjp", "trust_region_loss"]
@@ -58,7 +58,7 @@ def loss_fwd(p: Problem, *, method: str, scale_prec: bool = True) -> tuple[Array
     every state's mean part."""
     _check_method(method)
     xp = p.xp
-    pc, shared = cov_problem(p, unbounded=True)  # (the scales' part, at its own batch)
+    pc, shared = cov_problem(p)  # (no bound: the scales' part, at its own batch)
     none = LossResiduals(None, None, None, None, None, shared)
     if method == "kl":
         m = 0.5 * mean_distance(
@@ -125,7 +125,7 @@ def loss_vjp(
     coef = 0.5 if method == "kl" else 1.0
     prec = True if method == "kl" else scale_prec
     g_mean = _mean_grad(p, coef=coef, scale_prec=prec, xp=xp) * g[..., None]
-    pc, _ = cov_problem(p, marker=res.shared)
+    pc = marked_cov_problem(p, res.shared)
     g_cov = unbroadcast(g, pc.mean[..., 0], xp=xp)  # (g itself, or its sums)
     event = (None, None) if p.full else (None,)
     g_scale = _scale_grad(pc, res, method=method, scale_prec=scale_prec, xp=xp)

@@ -218,13 +218,7 @@ def old_scale_cotangent(
 # ------------------------------------------------------------- a covariance shared by states
 
 
-def cov_problem(
-    p: Problem,
-    eps_cov: Array | None = None,
-    *,
-    marker: Array | None = None,
-    unbounded: bool = False,
-) -> tuple[Problem, Array | None]:
+def cov_problem(p: Problem, eps_cov: Array | None = None) -> tuple[Problem, Array | None]:
     """The problem of the covariance part alone, and the marker its VJP finds it again by.
 
     The covariance part of a projection depends on ``scale``, ``old_scale`` and ``eps_cov``
@@ -233,22 +227,32 @@ def cov_problem(
     with a learned covariance), the part is computed once per distinct covariance: the returned
     problem has the batch of those three (1 on the shared axes; its means are placeholders that
     the covariance part does not read) and the marker is a zero-size array of shape
-    ``batch + (0,)`` that the residuals carry to the VJP (``cov_problem(p, marker=...)``
-    there). Where they span the batch, or without ``eps_cov`` and marker (the VJP of a part
-    that was not shared), ``(p, None)``: nothing changes. ``unbounded``: a part with no bound
-    (the trust-region loss), decided by the two scales alone."""
-    if marker is not None:
-        cb = tuple(marker.shape[:-1])
-    elif p.cov_batch is None or (eps_cov is None and not unbounded):
+    ``batch + (0,)`` that the residuals carry to the VJP (:func:`marked_cov_problem` there).
+    Where they span the batch, ``(p, None)``: nothing changes. Without ``eps_cov`` (a part with
+    no bound: the trust-region loss) the two scales alone decide."""
+    if p.cov_batch is None:
         return p, None
-    else:
-        cb = shared_batch(p.batch, p.cov_batch, () if eps_cov is None else tuple(eps_cov.shape))
+    cb = shared_batch(p.batch, p.cov_batch, () if eps_cov is None else tuple(eps_cov.shape))
+    pc = _restricted(p, cb)
+    if pc is p:
+        return p, None
+    return pc, p.xp.zeros(cb + (0,), dtype=p.dtype, device=p.device)
+
+
+def marked_cov_problem(p: Problem, marker: Array | None) -> Problem:
+    """In a VJP: the covariance part's problem again, from the marker :func:`cov_problem` gave
+    the forward (``p`` itself where that was ``None``)."""
+    return p if marker is None else _restricted(p, tuple(marker.shape[:-1]))
+
+
+def _restricted(p: Problem, cb: tuple[int, ...]) -> Problem:
+    # p with the batch cb (1 on the shared axes: their first entry), or p itself.
     if cb == p.batch or math.prod(p.batch) == 0:
-        return p, None
+        return p
     index = tuple(
         slice(None) if c == n else slice(0, 1) for c, n in zip(cb, p.batch, strict=True)
     ) + (...,)
-    pc = p._replace(
+    return p._replace(
         batch=cb,
         mean=p.mean[index],
         scale=p.scale[index],
@@ -256,9 +260,6 @@ def cov_problem(
         old_scale=p.old_scale[index],
         cov_batch=cb,
     )
-    if marker is None:
-        marker = p.xp.zeros(cb + (0,), dtype=p.dtype, device=p.device)
-    return pc, marker
 
 
 def spread(x: Array, batch: tuple[int, ...], *, event_ndim: int, xp: Any) -> Array:

@@ -20,6 +20,7 @@ from ._core import (
     closed_form_tau_vjp,
     cov_problem,
     interpolate,
+    marked_cov_problem,
     mean_residuals,
     old_scale_cotangent,
     project_mean,
@@ -116,7 +117,7 @@ def frobenius_vjp(
     )  # fmt: skip
     event_ndim = 2 if full else 1
     rows = from_fields(res.rows, res.row_mask)
-    p, _ = cov_problem(p, marker=res.shared)  # (a shared covariance: its own batch)
+    p = marked_cov_problem(p, res.shared)  # (a shared covariance: its own batch)
     g_scale = unbroadcast(g_scale, p.scale, xp=xp)  # (summed over the states sharing it)
     if full:
         g_scale = tril(g_scale, xp=xp)

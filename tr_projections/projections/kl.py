@@ -39,6 +39,7 @@ from ..gaussian import Gaussian, cholesky_of_gram, diag_embed, diagonal, mT, sym
 from ._core import (
     Cotangents,
     cov_problem,
+    marked_cov_problem,
     mean_residuals,
     old_scale_cotangent,
     project_mean,
@@ -399,7 +400,7 @@ def kl_vjp(
     a, lam, tau, active = res.a, res.lam, res.tau, res.active
     rows = from_fields(res.rows, res.row_mask)
     ev = 2 if full else 1
-    p, _ = cov_problem(p, marker=res.shared)  # (a shared covariance: its own batch)
+    p = marked_cov_problem(p, res.shared)  # (a shared covariance: its own batch)
     g_scale = unbroadcast(g_scale, p.scale, xp=xp)  # (summed over the states sharing it)
     if full:
         g_scale = tril(g_scale, xp=xp)

@@ -22,6 +22,7 @@ from ._core import (
     closed_form_tau_vjp,
     cov_problem,
     interpolate,
+    marked_cov_problem,
     mean_residuals,
     old_scale_cotangent,
     project_mean,
@@ -146,7 +147,7 @@ def wasserstein_vjp(
     event_ndim = 2 if full else 1
     axes = (-2, -1) if full else (-1,)
     rows = from_fields(res.rows, res.row_mask)
-    p, _ = cov_problem(p, marker=res.shared)  # (a shared covariance: its own batch)
+    p = marked_cov_problem(p, res.shared)  # (a shared covariance: its own batch)
     g_scale = unbroadcast(g_scale, p.scale, xp=xp)  # (summed over the states sharing it)
     if full:
         g_scale = tril(g_scale, xp=xp)

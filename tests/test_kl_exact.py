@@ -185,3 +185,61 @@ def test_tiny_kl_is_accurate():
     out = trp.project_kl(np.zeros(d), L, np.zeros(d), Lo, eps_mean=1.0, eps_cov=1e-9)
     _, c = trp.kl(np.zeros(d), out.scale, np.zeros(d), Lo)
     np.testing.assert_allclose(c, 1e-9, rtol=1e-9)
+
+
+def _steps(rng: np.random.Generator, n: int, d: int, shrink: np.ndarray) -> tuple:
+    """Old factors and new ones ``L = L_o (I + F)``, ``F`` lower triangular with diagonal
+    ``-shrink`` (per row) and small entries below: new variances below the old ones, so that
+    ``tr(C) <= d`` and, for ``shrink`` above 1/2, ``||F||_F > 1/2``."""
+    Lo = cholesky_factors(rng, (n,), d, cond=30.0)
+    F = np.tril(0.01 * rng.standard_normal((n, d, d)), -1)
+    F = F - shrink[:, None, None] * np.eye(d)
+    return Lo @ (np.eye(d) + F), Lo, F
+
+
+def _a_from_e_form(L: np.ndarray, Lo: np.ndarray) -> np.ndarray:
+    E = np.linalg.solve(L, Lo - L)
+    Et = np.swapaxes(E, -1, -2)
+    return np.linalg.eigvalsh(E + Et + Et @ E)
+
+
+def test_kl_eigs_small_steps_take_one_solve(monkeypatch):
+    """Steps inside a trust region (``||F||_F <= 1/2``) decompose ``C - I`` from ``F``, and
+    agree with ``A - I`` (the second solve's form) to rounding; a few wide steps solve for
+    ``E`` on their own rows, with the same bits as the whole batch's ``E``."""
+    from tr_projections import _rows, distances
+
+    rng = np.random.default_rng(23)
+    d, n = 6, 64
+    shrink = rng.uniform(1e-6, 0.15, n)
+    shrink[[3, 40]] = [0.7, 0.9]  # wide steps: ||F||_F > 1/2 and tr(C) <= d
+    L, Lo, F = _steps(rng, n, d, shrink)
+    calls = []
+
+    def counting(a, b, **kw):
+        calls.append(b.shape[0])
+        return real(a, b, **kw)
+
+    real = distances.solve_triangular
+    monkeypatch.setattr(distances, "solve_triangular", counting)
+    import array_api_compat.numpy as xp
+
+    small = np.ones(n, dtype=bool)
+    small[[3, 40]] = False
+    eigs = distances.kl_eigs(L[small], Lo[small], full=True, vectors=True, xp=xp, F=F[small])
+    assert calls == []  # no E: every row takes C - I from F
+    ref = _a_from_e_form(L[small], Lo[small])
+    a = np.sort(eigs.a, axis=-1)  # (ascending in c: descending in a)
+    scale = np.max(np.abs(ref), axis=-1, keepdims=True)  # from 1e-6 to 0.3
+    np.testing.assert_allclose(a / scale, ref / scale, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(np.sort(eigs.lam, axis=-1), 1.0 + ref, rtol=1e-14)
+
+    mixed = distances.kl_eigs(L, Lo, full=True, vectors=True, xp=xp, F=F)
+    assert calls == [2]  # E on the two wide rows alone
+    monkeypatch.setattr(_rows, "SELECT_ROWS", False)
+    whole = distances.kl_eigs(L, Lo, full=True, vectors=True, xp=xp, F=F)
+    assert calls == [2, n]
+    for got, want in zip(mixed, whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+    wide = _a_from_e_form(L[~small], Lo[~small])
+    np.testing.assert_allclose(np.sort(mixed.a[~small], axis=-1), wide, rtol=1e-13)

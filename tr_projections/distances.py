@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from . import _compat
+from . import _compat, _rows
 from ._compat import matmul, row_sum, solve_triangular
 from ._inputs import prepare
 from .gaussian import diagonal, frob2, mahalanobis, mT, root_from_cholesky, root_from_eig
@@ -140,6 +140,14 @@ def _above_with_margin(g: Array, size: Array, eps: Array, *, d: int, dtype: Any,
     return g > eps - (1e-3 * eps + 64.0 * xp.finfo(dtype).eps * (size + d))
 
 
+def _a_minus_identity(scale: Array, old_scale: Array, *, xp: Any) -> Array:
+    r""":math:`A - I = E + E^\top + E^\top E` with :math:`E = L^{-1}(L_o - L)`
+    (:func:`kl_eigs`)."""
+    E = solve_triangular(scale, old_scale - scale, lower=True, xp=xp)
+    Et = mT(E, xp=xp)
+    return E + Et + matmul(Et, E, xp=xp)
+
+
 def kl_eigs(
     scale: Array, old_scale: Array, *, full: bool, vectors: bool, xp: Any, F: Array | None = None
 ) -> KLEigs:
@@ -154,21 +162,25 @@ def kl_eigs(
     difference from the identity that has no :math:`1 - 1` cancellation when the new policy is
     close to the old:
 
-    * :math:`A - I = E + E^\top + E^\top E`, :math:`E = L^{-1}(L_o - L)`, when
-      :math:`\operatorname{tr}(C) \le d` (then every :math:`\lambda_i \ge 1/d`):
-      :math:`a = \text{eigenvalue}`, :math:`\lambda = 1 + a`;
     * :math:`C - I = F + F^\top + F F^\top`, :math:`F = L_o^{-1}(L - L_o)`, when
-      :math:`\operatorname{tr}(C) > d` (some new variance above the old one): with its
-      eigenvalues :math:`c_i`, :math:`\lambda = 1/(1 + c)` and :math:`a = -c/(1 + c)`, relatively
-      accurate however wide the new covariance is.
+      :math:`\operatorname{tr}(C) > d` (some new variance above the old one) or
+      :math:`\|F\|_F \le \tfrac12` (a step inside a trust region: then the eigenvalues
+      :math:`1 + c_i = \sigma_i(I + F)^2` of :math:`C` lie in :math:`[\tfrac14, \tfrac94]`):
+      with its eigenvalues :math:`c_i`, :math:`\lambda = 1/(1 + c)` and :math:`a = -c/(1 + c)`,
+      relatively accurate however wide the new covariance is;
+    * :math:`A - I = E + E^\top + E^\top E`, :math:`E = L^{-1}(L_o - L)`, on the other rows
+      (:math:`\operatorname{tr}(C) \le d`: then every :math:`\lambda_i \ge 1/d`):
+      :math:`a = \text{eigenvalue}`, :math:`\lambda = 1 + a`.
 
     The relative error of the resulting KL is then about :math:`\varepsilon_{mach}` times
-    :math:`\max(1, \lambda_{max})` (times :math:`d` in the first case), instead of
+    :math:`\max(1, \lambda_{max})` (times :math:`d` in the second case), instead of
     :math:`\varepsilon_{mach}\lambda_{max}/\lambda_{min}`. Both matrices share the eigenvectors
-    ``U``; ``F`` may be passed when the caller has it (:func:`kl_f`). Diagonal: with
-    :math:`q = \sigma_o/\sigma`, :math:`\lambda = q^2` and :math:`a = (q - 1)(q + 1)`, both to
-    full relative accuracy (``q - 1`` is exact near 1), with no decomposition and no
-    transcendental function. ``U`` is returned only with ``vectors``.
+    ``U``; ``F`` may be passed when the caller has it (:func:`kl_f`). The second matrix costs a
+    triangular solve of its own; eager arrays form it only when some row needs it (a batch of
+    steps inside their trust regions needs none). Diagonal: with :math:`q = \sigma_o/\sigma`,
+    :math:`\lambda = q^2` and :math:`a = (q - 1)(q + 1)`, both to full relative accuracy
+    (``q - 1`` is exact near 1), with no decomposition and no transcendental function. ``U``
+    is returned only with ``vectors``.
     """
     finfo = xp.finfo(scale.dtype)
     if not full:
@@ -178,19 +190,24 @@ def kl_eigs(
     if F is None:
         F = kl_f(scale, old_scale, xp=xp)
     # tr(C - I) = 2 tr(F) + ||F||_F^2 (F is lower triangular).
-    trace_c = 2.0 * row_sum(diagonal(F, xp=xp), xp=xp) + frob2(F, xp=xp)
-    use_c = trace_c > 0.0
+    sq = frob2(F, xp=xp)
+    use_c = (2.0 * row_sum(diagonal(F, xp=xp), xp=xp) + sq > 0.0) | (sq <= 0.25)
     any_c = all_c = None  # unknown under tracing
     if not _compat._is_traced(use_c, xp):  # one host read for both
         n_c = int(xp.sum(xp.astype(use_c, xp.int64)))
         any_c, all_c = n_c > 0, n_c == math.prod(tuple(use_c.shape))
-    # Eager arrays build only the matrix some row needs.
-    if all_c:
+    # Eager arrays build only the matrix some row needs, E on those rows alone where they are
+    # few (a batch of small steps has none, or a few wide ones).
+    rows_e = None if all_c or not any_c else _rows.choose(~use_c, xp=xp)
+    if all_c or rows_e is not None:
         M = F + mT(F, xp=xp) + matmul(F, mT(F, xp=xp), xp=xp)
+        if rows_e is not None:
+            L, L_o = (_rows.take(x, rows_e, event_ndim=2, xp=xp) for x in (scale, old_scale))
+            M = _rows.put(
+                _a_minus_identity(L, L_o, xp=xp), rows_e, M, event_ndim=2, xp=xp, owned=True
+            )
     else:
-        E = solve_triangular(scale, old_scale - scale, lower=True, xp=xp)
-        Et = mT(E, xp=xp)
-        M = E + Et + matmul(Et, E, xp=xp)
+        M = _a_minus_identity(scale, old_scale, xp=xp)
         if any_c is not False:
             Mc = F + mT(F, xp=xp) + matmul(F, mT(F, xp=xp), xp=xp)
             M = xp.where(use_c[..., None, None], Mc, M)
@@ -204,6 +221,8 @@ def kl_eigs(
     # On C rows, 1 + c = 1/lambda > 0; rounding (absolute eps * max|c|) can only make the
     # smallest ones inaccurate, where lambda is large and adds just log(lambda) to the KL.
     one_c = xp.maximum(1.0 + e, (4.0 * d * finfo.eps) * xp.max(1.0 + e, axis=-1, keepdims=True))
+    if all_c:
+        return KLEigs(-e / one_c, 1.0 / one_c, U)
     lam = xp.where(use_c[..., None], 1.0 / one_c, 1.0 + e)
     a = xp.where(use_c[..., None], -e / one_c, e)
     return KLEigs(a, lam, U)

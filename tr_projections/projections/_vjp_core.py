@@ -67,6 +67,15 @@ def _phi_mask(d: int, dtype: Any, device: Any, *, xp: Any) -> Array:
     return xp.astype(row > col, dtype) + 0.5 * xp.astype(row == col, dtype)
 
 
+def cholesky_p(L: Array, L_bar: Array, *, xp: Any) -> Array:
+    r""":math:`P = \Phi(L^\top \bar L)` of :func:`cholesky_vjp` (lower triangle, diagonal
+    halved): :math:`\bar\Sigma = \operatorname{sym}(L^{-\top} P L^{-1})`. Callers that
+    multiply :math:`\bar\Sigma` by :math:`L` or by a known basis on both sides can skip its
+    two solves (:func:`~tr_projections.projections.kl.kl_vjp`)."""
+    X = matmul(mT(L, xp=xp), L_bar, xp=xp)
+    return X * _phi_mask(L.shape[-1], X.dtype, _compat.device(X), xp=xp)
+
+
 def cholesky_vjp(L: Array, L_bar: Array, *, xp: Any) -> Array:
     r"""VJP of :math:`L = \operatorname{chol}(\Sigma)`, symmetric :math:`\bar\Sigma`.
 
@@ -77,9 +86,7 @@ def cholesky_vjp(L: Array, L_bar: Array, *, xp: Any) -> Array:
     :math:`\Phi` is one product with a constant ``(d, d)`` mask, and each batch-sized
     temporary is dropped once used (they set the peak memory of a backward).
     """
-    X = matmul(mT(L, xp=xp), L_bar, xp=xp)
-    P = X * _phi_mask(L.shape[-1], X.dtype, _compat.device(X), xp=xp)
-    del X
+    P = cholesky_p(L, L_bar, xp=xp)
     Y = solve_lower_t(L, P, xp=xp)  # L^-T P
     del P
     Z = mT(solve_lower_t(L, mT(Y, xp=xp), xp=xp), xp=xp)  # (L^-T P) L^-1
@@ -128,6 +135,7 @@ def expand(x: Array, event_ndim: int, *, xp: Any) -> Array:
 
 
 __all__ = [
+    "cholesky_p",
     "cholesky_vjp",
     "expand",
     "gram_vjp",

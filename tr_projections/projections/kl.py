@@ -48,7 +48,7 @@ from ._core import (
     select,
     spread,
 )
-from ._vjp_core import cholesky_vjp, solve_lower, solve_lower_t, tril
+from ._vjp_core import cholesky_p, solve_lower, solve_lower_t, tril
 
 Array = Any
 
@@ -259,7 +259,7 @@ def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     # Cubic model: one correction factor, kept within [1/2, 2]; a^3 is formed as (a^2/S)(tau0 a)
     # so that it cannot overflow.
     corr = 1.0 + (2.0 / 3.0) * row_sum((a2 / S[:, None]) * (tau0[:, None] * a), xp=xp)
-    s_cubic = xp.log(xp.minimum(xp.maximum(tau0 * xp.clip(corr, 0.5, 2.0), lo), one))
+    s_cubic = xp.log(xp.minimum(xp.maximum(tau0 * xp.minimum(xp.maximum(corr, 0.5), 2.0), lo), one))
     log_eps = xp.log(eps)
     f_hi = xp.log(g1) - log_eps  # > 0 on every row (inactive ones: g1 = 1 + eps)
     # Halley's (float32: Newton's) step from tau = 1 (s = 0), where t = lam: r = a / lam.
@@ -417,10 +417,15 @@ def kl_vjp(
         L, L_o, U = scale, old_scale, res.U
         # (batch-sized temporaries are dropped as soon as they are used: with every state
         # projected they set the peak memory of forward + backward)
-        cov_bar = cholesky_vjp(res.proj_scale, g_scale, xp=xp)
-        V = matmul(L_o, U, xp=xp)
-        C = matmul(matmul(mT(V, xp=xp), cov_bar, xp=xp), V, xp=xp)
-        del cov_bar, V
+        # C = V^T Sigma~_bar V (V = L_o U) with Sigma~_bar = sym(L~^-T P L~^-1), P from the
+        # Cholesky VJP, is sym(K^T P K) with K = L~^-1 V: one triangular solve where the
+        # Cholesky VJP takes two, and K = Q^T T^1/2 (Q orthogonal, as L~ L~^T = V T^-1 V^T) is
+        # well conditioned. C is used through its diagonal and sym(U (. C .) U^T) only, so it
+        # is not symmetrised here.
+        K = solve_lower(res.proj_scale, matmul(L_o, U, xp=xp), xp=xp)
+        P = cholesky_p(res.proj_scale, g_scale, xp=xp)
+        C = matmul(mT(K, xp=xp), matmul(P, K, xp=xp), xp=xp)
+        del K, P
         G = -C / (t[..., :, None] * t[..., None, :])  # dl/dLambda~ in the basis V
         del C
         kappa = row_sum(diagonal(G, xp=xp) * a, xp=xp) / dg_dtau

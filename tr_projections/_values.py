@@ -7,6 +7,7 @@ error path is the elementwise picture computed, to name the first offending entr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -50,6 +51,23 @@ def in_range(x: Array, lo: float, hi: float, *, xp: Any, strided: bool = False) 
     return (xp.min(x) >= lo) & (xp.max(x) <= hi)
 
 
+def at_least(x: Array, lo: float, *, xp: Any, strided: bool = False) -> Array:
+    """Whether every entry of ``x`` is at least ``lo`` (NaN is not), as :func:`in_range`."""
+    if strided and x.ndim >= 2 and _compat.is_torch(xp):
+        return xp.min(xp.min(x, axis=-1)) >= lo
+    return xp.min(x) >= lo
+
+
+@functools.lru_cache(maxsize=64)
+def _triangle_limits(d: int, hi: float, dtype: Any, device: Any, xp: Any) -> tuple[Array, Array]:
+    """``(limit, upper)`` of a ``(d, d)`` factor's entries check: ``hi`` on and below the
+    diagonal and 0 above it, and the mask of the strict upper triangle (made once per ``d``,
+    limit, dtype and device: they cost about as much as the check itself at 1,000 factors)."""
+    limit = xp.tril(xp.full((d, d), hi, dtype=dtype, device=device))
+    upper = xp.triu(xp.ones((d, d), dtype=xp.bool, device=device), k=1)
+    return limit, upper
+
+
 def _conditions(name: str, x: Array, *, kind: str, lo: float, hi: float, xp: Any) -> list:
     """The value conditions of argument ``name``; ``kind`` is "mean", "diag" or "full"."""
     if math.prod(tuple(x.shape)) == 0:  # an empty batch has nothing to check
@@ -72,13 +90,10 @@ def _conditions(name: str, x: Array, *, kind: str, lo: float, hi: float, xp: Any
                 "variances are normal numbers",
             )
         ]
-    d = x.shape[-1]
-    dev = _compat.device(x)
     diag = xp.linalg.diagonal(x)
     # One pass for two conditions: |L_ij| <= hi on and below the diagonal (finite, and L L^T
     # cannot overflow) and |L_ij| <= 0 above it (lower triangular).
-    limit = xp.tril(xp.full((d, d), hi, dtype=x.dtype, device=dev))
-    upper = xp.triu(xp.ones((d, d), dtype=xp.bool, device=dev), k=1)
+    limit, upper = _triangle_limits(x.shape[-1], hi, x.dtype, _compat.device(x), xp)
 
     def finite_mask() -> tuple[Array, Array]:
         return (xp.abs(x) <= limit) | upper, x
@@ -102,7 +117,8 @@ def _conditions(name: str, x: Array, *, kind: str, lo: float, hi: float, xp: Any
         ),
         _Condition(
             name,
-            in_range(diag, lo, hi, xp=xp, strided=True),
+            # (the diagonal's upper limit is the entries' own, checked above: its minimum only)
+            at_least(diag, lo, xp=xp, strided=True),
             lambda: ((diag >= lo) & (diag <= hi), diag),
             f"(a Cholesky factor) must have a positive diagonal in {limits}: a singular factor, "
             "or one whose squared diagonal underflows, is refused",

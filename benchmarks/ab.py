@@ -1,6 +1,7 @@
-"""In-process A/B of this checkout against a git revision, torch on the CPU.
+"""In-process A/B of this checkout against a git revision, torch (or jitted JAX) on the CPU.
 
     python benchmarks/ab.py REF --kind full --method kl --batch 1000 [--rounds 30] [--quantile 0.7]
+    python benchmarks/ab.py REF --backend jax ...   # jitted JAX on the CPU, compilation excluded
 
 Both versions of the package are imported into one process (REF extracted with ``git archive``
 under a temporary name) and their calls are alternated round by round on the same tensors, so
@@ -54,6 +55,7 @@ def cell_arguments(doc: str, *, kind: str, batch: int) -> argparse.ArgumentParse
 def main(argv: list[str] | None = None) -> int:
     ap = cell_arguments(__doc__, kind="full", batch=1000)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--backend", choices=("torch", "jax"), default="torch")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -68,28 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(tmp))
     sys.path.insert(0, str(ROOT))
     import numpy as np
-    import torch
     import trp_ab_base as base
 
     import tr_projections as new
 
-    torch.set_num_threads(args.threads)
     data = make_data(args.kind, args.dim, args.batch, 0)
     eps_mean, eps_cov, frac = bounds_for(data, args.method, args.quantile)
-    x = [torch.tensor(a, requires_grad=i < 2) for i, a in enumerate(data["arrays"])]
-    g = [torch.tensor(a) for a in data["cotangents"]]
-
-    def calls(mod):
-        def fwd():
-            with torch.no_grad():
-                mod.project(*x, method=args.method, eps_mean=eps_mean, eps_cov=eps_cov)
-
-        def both():
-            out = mod.project(*x, method=args.method, eps_mean=eps_mean, eps_cov=eps_cov)
-            torch.autograd.backward(list(out), g)
-
-        return {"fwd": fwd, "fwd+bwd": both}
-
+    if args.backend == "jax":
+        calls, library = jax_calls(data, args.method, eps_mean, eps_cov)
+    else:
+        calls, library = torch_calls(data, args.method, eps_mean, eps_cov, args.threads)
     fns = {"new": calls(new), "base": calls(base)}
     times = {(v, m): [] for v in fns for m in ("fwd", "fwd+bwd")}
     for v in fns:  # warm-up
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-        f"{platform.platform()}; torch {torch.__version__}"
+        f"{platform.platform()}; {library}"
     )
     print(f"# {args.method} {args.kind} d={args.dim} B={args.batch}, bounds at quantile "
           f"{args.quantile} ({frac:.0%} projected), {args.rounds} rounds, medians")  # fmt: skip
@@ -114,6 +104,56 @@ def main(argv: list[str] | None = None) -> int:
         a, b = (1e3 * float(np.median(times[(v, m)])) for v in ("new", "base"))
         print(f"| {m} | {a:.2f} | {b:.2f} | {b / a:.2f}× |")
     return 0
+
+
+def torch_calls(data: dict, method: str, eps_mean: float, eps_cov: float, threads: int):
+    """``(calls, library)``: ``calls(module)`` gives the forward and forward + backward of
+    ``module.project`` on torch tensors (the new policy requires grad)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = [torch.tensor(a, requires_grad=i < 2) for i, a in enumerate(data["arrays"])]
+    g = [torch.tensor(a) for a in data["cotangents"]]
+
+    def calls(mod):
+        def fwd():
+            with torch.no_grad():
+                mod.project(*x, method=method, eps_mean=eps_mean, eps_cov=eps_cov)
+
+        def both():
+            out = mod.project(*x, method=method, eps_mean=eps_mean, eps_cov=eps_cov)
+            torch.autograd.backward(list(out), g)
+
+        return {"fwd": fwd, "fwd+bwd": both}
+
+    return calls, f"torch {torch.__version__}"
+
+
+def jax_calls(data: dict, method: str, eps_mean: float, eps_cov: float):
+    """``(calls, library)`` as :func:`torch_calls`, for JAX arrays on the CPU: each module's
+    forward and ``value_and_grad`` (of the outputs against the fixed cotangents, by the mean
+    and scale) jitted and compiled before timing."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    x = [jnp.asarray(a) for a in data["arrays"]]
+    gm, gs = (jnp.asarray(a) for a in data["cotangents"])
+    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+
+    def calls(mod):
+        def loss(m, s, om, os_):
+            out = mod.project(m, s, om, os_, **kw)
+            return (out.mean * gm).sum() + (out.scale * gs).sum()
+
+        fwd = jax.jit(lambda *a: tuple(mod.project(*a, **kw))).lower(*x).compile()
+        both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*x).compile()
+        return {
+            "fwd": lambda: jax.block_until_ready(fwd(*x)),
+            "fwd+bwd": lambda: jax.block_until_ready(both(*x)),
+        }
+
+    return calls, f"jax {jax.__version__} (jitted)"
 
 
 if __name__ == "__main__":

@@ -102,13 +102,17 @@ def _torch_and_git_or_skip() -> None:
         pytest.skip("not a git checkout")
 
 
-def test_in_process_ab_runs():
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_in_process_ab_runs(backend):
     """``benchmarks/ab.py`` imports this checkout and a git revision side by side and prints
-    both medians and their ratio for forward and forward + backward."""
+    both medians and their ratio for forward and forward + backward, with torch tensors or
+    jitted JAX arrays."""
     _torch_and_git_or_skip()
+    if backend == "jax":
+        pytest.importorskip("jax")
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "ab.py"), "HEAD", "--kind", "diag",
-         "--batch", "64", "--rounds", "2"],
+         "--batch", "64", "--rounds", "2", "--backend", backend],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

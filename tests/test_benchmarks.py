@@ -116,6 +116,8 @@ def test_in_process_ab_runs(backend):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    machine = next(line for line in proc.stdout.splitlines() if line.startswith("# machine"))
+    assert f"; {backend} " in machine  # (the library the A/B ran with)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| fwd")]
     assert len(rows) == 2
     for row in rows:

@@ -220,12 +220,17 @@ def test_kl_eigs_small_steps_take_one_solve(monkeypatch):
         calls.append(b.shape[0])
         return real(a, b, **kw)
 
-    real = distances.solve_triangular
-    monkeypatch.setattr(distances, "solve_triangular", counting)
     import array_api_compat.numpy as xp
 
+    real = distances.solve_triangular
+    monkeypatch.setattr(distances, "solve_triangular", counting)
+    monkeypatch.setattr(_rows, "SELECT_ROWS", True)
     small = np.ones(n, dtype=bool)
     small[[3, 40]] = False
+    trace_c = 2.0 * np.trace(F, axis1=-2, axis2=-1) + np.sum(F * F, axis=(-2, -1))
+    assert np.all(trace_c <= 0.0)  # every row took A - I before: tr(C) <= d
+    assert np.all(np.sum(F * F, axis=(-2, -1))[small] <= 0.25)
+    assert np.all(np.sum(F * F, axis=(-2, -1))[~small] > 0.25)
     eigs = distances.kl_eigs(L[small], Lo[small], full=True, vectors=True, xp=xp, F=F[small])
     assert calls == []  # no E: every row takes C - I from F
     ref = _a_from_e_form(L[small], Lo[small])
@@ -236,10 +241,29 @@ def test_kl_eigs_small_steps_take_one_solve(monkeypatch):
 
     mixed = distances.kl_eigs(L, Lo, full=True, vectors=True, xp=xp, F=F)
     assert calls == [2]  # E on the two wide rows alone
+    # Without row selection every row of tr(C) <= d takes E (as before small steps took C):
+    # the wide rows' results are the same bits, the small ones' agree to rounding.
     monkeypatch.setattr(_rows, "SELECT_ROWS", False)
     whole = distances.kl_eigs(L, Lo, full=True, vectors=True, xp=xp, F=F)
     assert calls == [2, n]
     for got, want in zip(mixed, whole, strict=True):
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got[~small], want[~small])
+    np.testing.assert_allclose(np.sort(mixed.a[small], axis=-1) / scale, whole.a[small] / scale,
+                               rtol=0, atol=1e-13)  # fmt: skip
     wide = _a_from_e_form(L[~small], Lo[~small])
     np.testing.assert_allclose(np.sort(mixed.a[~small], axis=-1), wide, rtol=1e-13)
+
+    # Mostly wide steps: E for the whole batch in one solve, every row on A - I, as before.
+    monkeypatch.setattr(_rows, "SELECT_ROWS", True)
+    calls.clear()
+    most = distances.kl_eigs(L[~small][[0, 1, 0, 1]], Lo[~small][[0, 1, 0, 1]], full=True,
+                             vectors=False, xp=xp, F=F[~small][[0, 1, 0, 1]])  # fmt: skip
+    assert calls == [4]
+    np.testing.assert_allclose(most.a, np.concatenate([wide, wide]), rtol=1e-13)
+    most = distances.kl_eigs(
+        L[[3, 40, 3, 40, 0]], Lo[[3, 40, 3, 40, 0]], full=True, vectors=False, xp=xp,
+        F=F[[3, 40, 3, 40, 0]],
+    )  # fmt: skip
+    assert calls == [4, 5]  # (4 of 5 rows need E: above the gathering limit, so all take it)
+    np.testing.assert_allclose(most.a[:4], np.concatenate([wide, wide]), rtol=1e-13)
+    np.testing.assert_allclose(most.a[4], _a_from_e_form(L[:1], Lo[:1])[0], rtol=1e-12, atol=1e-15)

@@ -1042,3 +1042,21 @@ def test_kl_extreme_ratio_at_practical_bounds(backend, case, kind, dtype):
         worst = float(np.max(c / eps_cov - 1.0))
         record("extremes: KL ratio 1e+-7, eps_cov 1e-4..1", dtype, worst)
         assert worst <= tolerance(dtype).bound, f"eps_cov={eps_cov}: excess {worst:.3e}"
+
+
+def test_value_checks_leave_nothing_of_a_trace_behind():
+    """A jitted function that closes over a concrete old policy checks it while tracing. The
+    check's constants must not outlive that trace: an eager call afterwards (the same ``d``,
+    dtype and device) works and agrees."""
+    pytest.importorskip("jax")
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    old_scale, old_mean = jnp.eye(3), jnp.zeros(3)
+    traced = jax.jit(lambda m, s: trp.kl(m, s, old_mean, old_scale)[1])
+    inside = traced(jnp.ones(3), 2.0 * jnp.eye(3))
+    eager = trp.kl(jnp.ones(3), 2.0 * jnp.eye(3), old_mean, old_scale)[1]
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(inside), rtol=1e-14)
+    with pytest.raises(ValueError, match="lower triangular"):
+        trp.kl(jnp.ones(3), jnp.ones((3, 3)), old_mean, old_scale)

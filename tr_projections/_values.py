@@ -58,13 +58,26 @@ def at_least(x: Array, lo: float, *, xp: Any, strided: bool = False) -> Array:
     return xp.min(x) >= lo
 
 
-@functools.lru_cache(maxsize=64)
 def _triangle_limits(d: int, hi: float, dtype: Any, device: Any, xp: Any) -> tuple[Array, Array]:
     """``(limit, upper)`` of a ``(d, d)`` factor's entries check: ``hi`` on and below the
-    diagonal and 0 above it, and the mask of the strict upper triangle (made once per ``d``,
-    limit, dtype and device: they cost about as much as the check itself at 1,000 factors)."""
+    diagonal and 0 above it, and the mask of the strict upper triangle. NumPy's are made once
+    per ``d``, limit and dtype (read-only; they cost about as much as the check itself at 1,000
+    factors); other libraries' are made per call, since an array made inside a trace (``jit``,
+    ``torch.func``) must not outlive it."""
+    if _compat.is_numpy(xp):
+        return _numpy_triangle_limits(d, hi, dtype)
     limit = xp.tril(xp.full((d, d), hi, dtype=dtype, device=device))
     upper = xp.triu(xp.ones((d, d), dtype=xp.bool, device=device), k=1)
+    return limit, upper
+
+
+@functools.lru_cache(maxsize=64)
+def _numpy_triangle_limits(d: int, hi: float, dtype: Any) -> tuple[Array, Array]:
+    import numpy as np
+
+    limit = np.tril(np.full((d, d), hi, dtype=dtype))
+    upper = np.triu(np.ones((d, d), dtype=bool), k=1)
+    limit.flags.writeable = upper.flags.writeable = False
     return limit, upper
 
 

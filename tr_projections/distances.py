@@ -140,6 +140,15 @@ def _above_with_margin(g: Array, size: Array, eps: Array, *, d: int, dtype: Any,
     return g > eps - (1e-3 * eps + 64.0 * xp.finfo(dtype).eps * (size + d))
 
 
+def _any_all(mask: Array, *, xp: Any) -> tuple[bool | None, bool | None]:
+    """Whether any and whether every entry of ``mask`` is true (one host read), ``(None,
+    None)`` under tracing."""
+    if _compat._is_traced(mask, xp):
+        return None, None
+    n = int(xp.sum(xp.astype(mask, xp.int64)))
+    return n > 0, n == math.prod(tuple(mask.shape))
+
+
 def _a_minus_identity(scale: Array, old_scale: Array, *, xp: Any) -> Array:
     r""":math:`A - I = E + E^\top + E^\top E` with :math:`E = L^{-1}(L_o - L)`
     (:func:`kl_eigs`)."""
@@ -191,14 +200,16 @@ def kl_eigs(
         F = kl_f(scale, old_scale, xp=xp)
     # tr(C - I) = 2 tr(F) + ||F||_F^2 (F is lower triangular).
     sq = frob2(F, xp=xp)
-    use_c = (2.0 * row_sum(diagonal(F, xp=xp), xp=xp) + sq > 0.0) | (sq <= 0.25)
-    any_c = all_c = None  # unknown under tracing
-    if not _compat._is_traced(use_c, xp):  # one host read for both
-        n_c = int(xp.sum(xp.astype(use_c, xp.int64)))
-        any_c, all_c = n_c > 0, n_c == math.prod(tuple(use_c.shape))
+    wide = 2.0 * row_sum(diagonal(F, xp=xp), xp=xp) + sq > 0.0
+    use_c = wide | (sq <= 0.25)
+    any_c, all_c = _any_all(use_c, xp=xp)  # (None under tracing)
     # Eager arrays build only the matrix some row needs, E on those rows alone where they are
-    # few (a batch of small steps has none, or a few wide ones).
+    # few (a batch of small steps has none, or a few wide ones). Where they are most rows, the
+    # small steps take E too (accurate either way), as the rows of tr(C) <= d did before.
     rows_e = None if all_c or not any_c else _rows.choose(~use_c, xp=xp)
+    if any_c and not all_c and rows_e is None:
+        use_c = wide
+        any_c, all_c = _any_all(use_c, xp=xp)
     if all_c or rows_e is not None:
         M = F + mT(F, xp=xp) + matmul(F, mT(F, xp=xp), xp=xp)
         if rows_e is not None:

@@ -420,8 +420,8 @@ def kl_vjp(
         # C = V^T Sigma~_bar V (V = L_o U) with Sigma~_bar = sym(L~^-T P L~^-1), P from the
         # Cholesky VJP, is sym(K^T P K) with K = L~^-1 V: one triangular solve where the
         # Cholesky VJP takes two, and K = Q^T T^1/2 (Q orthogonal, as L~ L~^T = V T^-1 V^T) is
-        # well conditioned. C is used through its diagonal and sym(U (. C .) U^T) only, so it
-        # is not symmetrised here.
+        # as well conditioned as T^1/2 (moderately, on rows at their bound). C is used through
+        # its diagonal and sym(U (. C .) U^T) only, so it is not symmetrised here.
         K = solve_lower(res.proj_scale, matmul(L_o, U, xp=xp), xp=xp)
         P = cholesky_p(res.proj_scale, g_scale, xp=xp)
         C = matmul(mT(K, xp=xp), matmul(P, K, xp=xp), xp=xp)

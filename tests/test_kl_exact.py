@@ -205,14 +205,14 @@ def _a_from_e_form(L: np.ndarray, Lo: np.ndarray) -> np.ndarray:
 
 def test_kl_eigs_small_steps_take_one_solve(monkeypatch):
     """Steps inside a trust region (``||F||_F <= 1/2``) decompose ``C - I`` from ``F``, and
-    agree with ``A - I`` (the second solve's form) to rounding; a few wide steps solve for
+    agree with ``A - I`` (the second solve's form) to rounding; a few large steps solve for
     ``E`` on their own rows, with the same bits as the whole batch's ``E``."""
     from tr_projections import _rows, distances
 
     rng = np.random.default_rng(23)
     d, n = 6, 64
     shrink = rng.uniform(1e-6, 0.15, n)
-    shrink[[3, 40]] = [0.7, 0.9]  # wide steps: ||F||_F > 1/2 and tr(C) <= d
+    shrink[[3, 40]] = [0.7, 0.9]  # large steps: ||F||_F > 1/2 and tr(C) <= d
     L, Lo, F = _steps(rng, n, d, shrink)
     calls = []
 
@@ -240,9 +240,9 @@ def test_kl_eigs_small_steps_take_one_solve(monkeypatch):
     np.testing.assert_allclose(np.sort(eigs.lam, axis=-1), 1.0 + ref, rtol=1e-14)
 
     mixed = distances.kl_eigs(L, Lo, full=True, vectors=True, xp=xp, F=F)
-    assert calls == [2]  # E on the two wide rows alone
+    assert calls == [2]  # E on the two large steps alone
     # Without row selection every row of tr(C) <= d takes E (as before small steps took C):
-    # the wide rows' results are the same bits, the small ones' agree to rounding.
+    # the large steps' results are the same bits, the small ones' agree to rounding.
     monkeypatch.setattr(_rows, "SELECT_ROWS", False)
     whole = distances.kl_eigs(L, Lo, full=True, vectors=True, xp=xp, F=F)
     assert calls == [2, n]
@@ -250,20 +250,20 @@ def test_kl_eigs_small_steps_take_one_solve(monkeypatch):
         np.testing.assert_array_equal(got[~small], want[~small])
     np.testing.assert_allclose(np.sort(mixed.a[small], axis=-1) / scale, whole.a[small] / scale,
                                rtol=0, atol=1e-13)  # fmt: skip
-    wide = _a_from_e_form(L[~small], Lo[~small])
-    np.testing.assert_allclose(np.sort(mixed.a[~small], axis=-1), wide, rtol=1e-13)
+    large = _a_from_e_form(L[~small], Lo[~small])
+    np.testing.assert_allclose(np.sort(mixed.a[~small], axis=-1), large, rtol=1e-13)
 
-    # Mostly wide steps: E for the whole batch in one solve, every row on A - I, as before.
+    # Mostly large steps: E for the whole batch in one solve, every row on A - I, as before.
     monkeypatch.setattr(_rows, "SELECT_ROWS", True)
     calls.clear()
     most = distances.kl_eigs(L[~small][[0, 1, 0, 1]], Lo[~small][[0, 1, 0, 1]], full=True,
                              vectors=False, xp=xp, F=F[~small][[0, 1, 0, 1]])  # fmt: skip
     assert calls == [4]
-    np.testing.assert_allclose(most.a, np.concatenate([wide, wide]), rtol=1e-13)
+    np.testing.assert_allclose(most.a, np.concatenate([large, large]), rtol=1e-13)
     most = distances.kl_eigs(
         L[[3, 40, 3, 40, 0]], Lo[[3, 40, 3, 40, 0]], full=True, vectors=False, xp=xp,
         F=F[[3, 40, 3, 40, 0]],
     )  # fmt: skip
     assert calls == [4, 5]  # (4 of 5 rows need E: above the gathering limit, so all take it)
-    np.testing.assert_allclose(most.a[:4], np.concatenate([wide, wide]), rtol=1e-13)
+    np.testing.assert_allclose(most.a[:4], np.concatenate([large, large]), rtol=1e-13)
     np.testing.assert_allclose(most.a[4], _a_from_e_form(L[:1], Lo[:1])[0], rtol=1e-12, atol=1e-15)

@@ -200,15 +200,15 @@ def kl_eigs(
         F = kl_f(scale, old_scale, xp=xp)
     # tr(C - I) = 2 tr(F) + ||F||_F^2 (F is lower triangular).
     sq = frob2(F, xp=xp)
-    wide = 2.0 * row_sum(diagonal(F, xp=xp), xp=xp) + sq > 0.0
-    use_c = wide | (sq <= 0.25)
+    grows = 2.0 * row_sum(diagonal(F, xp=xp), xp=xp) + sq > 0.0  # tr(C) > d
+    use_c = grows | (sq <= 0.25)
     any_c, all_c = _any_all(use_c, xp=xp)  # (None under tracing)
     # Eager arrays build only the matrix some row needs, E on those rows alone where they are
-    # few (a batch of small steps has none, or a few wide ones). Where they are most rows, the
+    # few (a batch of small steps has none, or a few large ones). Where they are most rows, the
     # small steps take E too (accurate either way), as the rows of tr(C) <= d did before.
     rows_e = None if all_c or not any_c else _rows.choose(~use_c, xp=xp)
     if any_c and not all_c and rows_e is None:
-        use_c = wide
+        use_c = grows
         any_c, all_c = _any_all(use_c, xp=xp)
     if all_c or rows_e is not None:
         M = F + mT(F, xp=xp) + matmul(F, mT(F, xp=xp), xp=xp)

@@ -2,7 +2,8 @@
 
 ``trp.wasserstein``'s covariance part of full Gaussians is an operation with a hand-written VJP:
 torch's and JAX's derivatives of ``eigh`` and the SVD divide by differences of eigenvalues, and
-returned NaN for an identity covariance (every d, both libraries) before it was.
+returned NaN for an identity covariance (every d, both libraries) before it was. Every part's
+gradient with respect to a Cholesky factor is zero in the strict upper triangle.
 """
 
 from __future__ import annotations
@@ -129,3 +130,60 @@ def test_wasserstein_cov_values_unchanged():
             got = trp.wasserstein(np.zeros(3), L, np.zeros(3), Lo, scale_prec=scale_prec)[1]
             want, _ = distances.wasserstein_cov(L, Lo, full=True, scale_prec=scale_prec, xp=np)
             np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
+
+
+def _policies():
+    rng = np.random.default_rng(7)
+    L, Lo = (cholesky_factors(rng, (2,), 3, cond=20.0) for _ in range(2))
+    m, mo = rng.standard_normal((2, 2, 3))
+    return m, L, mo, Lo
+
+
+@pytest.mark.parametrize("name", ["kl", "frobenius", "wasserstein"])
+def test_torch_distance_gradients_are_lower_triangular(name):
+    """Under torch's autodiff the gradient of each part of every distance with respect to
+    either Cholesky factor is zero in the strict upper triangle (the package's convention for
+    factors, as in the projections' VJPs: autodiff of the products and solves inside used to
+    fill it), and gradcheck confirms the rest."""
+    torch = pytest.importorskip("torch")
+    fn = getattr(trp, name)
+    m, L, mo, Lo = _policies()
+    m, mo = torch.asarray(m), torch.asarray(mo)
+    args = tuple(torch.asarray(x).requires_grad_() for x in (L, Lo))
+    for part in (0, 1):
+        grads = torch.autograd.grad(
+            fn(m, args[0], mo, args[1])[part].sum(), args, allow_unused=True
+        )
+        for g in grads:
+            if g is not None:
+                assert bool(torch.all(torch.triu(g, 1) == 0)), (name, part)
+
+    def both(L, Lo):
+        return sum(fn(m, torch.tril(L), mo, torch.tril(Lo)))
+
+    assert torch.autograd.gradcheck(both, args, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kl", "frobenius", "wasserstein"])
+def test_jax_distance_gradients_are_lower_triangular(name):
+    """The same under JAX's autodiff, eagerly and under ``jit``."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from jax.test_util import check_grads
+
+    fn = getattr(trp, name)
+    m, L, mo, Lo = (jnp.asarray(x) for x in _policies())
+    for part in (0, 1):
+
+        def value(L, Lo, part=part):
+            return jnp.sum(fn(m, L, mo, Lo)[part])
+
+        for f in (value, jax.jit(value)):
+            for g in jax.grad(f, argnums=(0, 1))(L, Lo):
+                assert bool(jnp.all(jnp.triu(g, 1) == 0)), (name, part)
+
+    def both(L, Lo):
+        return sum(fn(m, jnp.tril(L), mo, jnp.tril(Lo)))
+
+    check_grads(both, (L, Lo), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)

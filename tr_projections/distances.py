@@ -262,8 +262,22 @@ def kl(mean: Array, scale: Array, old_mean: Array, old_scale: Array) -> Distance
     xp = p.xp
     with _compat.serial_decompositions():  # (JAX: one LAPACK call at a time)
         m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp)
-        eigs = kl_eigs(p.scale, p.old_scale, full=p.full, vectors=False, xp=xp)
+        L, L_o = _lower_factors(p, xp=xp)
+        eigs = kl_eigs(L, L_o, full=p.full, vectors=False, xp=xp)
     return DistanceParts(0.5 * m, kl_cov_from_eigs(eigs, xp=xp))
+
+
+def _lower_factors(p: Any, *, xp: Any) -> tuple[Array, Array]:
+    """``(scale, old_scale)`` of problem ``p`` for a distance's covariance part. Full factors of
+    libraries with autodiff (torch, JAX) pass through their lower triangle: the products and
+    solves of the part read the strict upper triangle (zero, as the value checks ask) as data,
+    and autodiff would give it a gradient, which the package's convention for Cholesky factors
+    makes zero (as the projections' VJPs do)."""
+    if not p.full or not (_compat.is_torch(xp) or _compat.is_jax(xp)):
+        return p.scale, p.old_scale
+    from .projections._vjp_core import tril  # (projections import this module)
+
+    return tril(p.scale, xp=xp), tril(p.old_scale, xp=xp)
 
 
 # --------------------------------------------------------------------------- Frobenius
@@ -302,7 +316,7 @@ def frobenius(
         m = mean_distance(
             p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
         )
-        c, _, _ = frobenius_cov(p.scale, p.old_scale, full=p.full, xp=xp)
+        c, _, _ = frobenius_cov(*_lower_factors(p, xp=xp), full=p.full, xp=xp)
     return DistanceParts(m, c)
 
 

@@ -187,3 +187,26 @@ def test_jax_distance_gradients_are_lower_triangular(name):
         return sum(fn(m, jnp.tril(L), mo, jnp.tril(Lo)))
 
     check_grads(both, (L, Lo), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kl", "frobenius"])
+def test_distance_values_ignore_the_gradient_convention(name):
+    """The zero upper-triangle gradient changes no value: with the value checks off (as under
+    ``jit``), a factor with entries above its diagonal gives torch and JAX the value NumPy
+    computes from the whole matrix, and a shared (unbatched) old factor the batched one's."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    fn = getattr(trp, name)
+    m, L, mo, Lo = _policies()
+    L = L + 0.1 * np.triu(np.ones((3, 3)), 1)  # (out of contract: not lower triangular)
+    with trp.checks(False):
+        want = [np.asarray(x) for x in fn(m, L, mo, Lo)]
+        shared = [np.asarray(x) for x in fn(m, L, mo, np.broadcast_to(Lo[0], L.shape))]
+        for conv in (torch.asarray, jax.numpy.asarray):
+            got = fn(*(conv(x) for x in (m, L, mo, Lo)))
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(np.asarray(g), w, rtol=1e-13)
+            got = fn(conv(m), conv(L), conv(mo), conv(Lo[0]))
+            for g, w in zip(got, shared, strict=True):
+                np.testing.assert_allclose(np.asarray(g), w, rtol=1e-13)

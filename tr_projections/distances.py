@@ -269,15 +269,21 @@ def kl(mean: Array, scale: Array, old_mean: Array, old_scale: Array) -> Distance
 
 def _lower_factors(p: Any, *, xp: Any) -> tuple[Array, Array]:
     """``(scale, old_scale)`` of problem ``p`` for a distance's covariance part. Full factors of
-    libraries with autodiff (torch, JAX) pass through their lower triangle: the products and
-    solves of the part read the strict upper triangle (zero, as the value checks ask) as data,
-    and autodiff would give it a gradient, which the package's convention for Cholesky factors
-    makes zero (as the projections' VJPs do)."""
+    libraries with autodiff (torch, JAX) come back as their lower triangle plus the rest with
+    its gradient stopped: the same values (a broadcast view becomes a copy), but autodiff of
+    the part's products and solves no longer gives the strict upper triangle (zero, as the
+    value checks ask) a gradient, which the package's convention for Cholesky factors makes
+    zero (as the projections' VJPs and the W2 part's do)."""
     if not p.full or not (_compat.is_torch(xp) or _compat.is_jax(xp)):
         return p.scale, p.old_scale
     from .projections._vjp_core import tril  # (projections import this module)
 
-    return tril(p.scale, xp=xp), tril(p.old_scale, xp=xp)
+    if _compat.is_torch(xp):
+        return tuple(tril(x, xp=xp) + (x - tril(x, xp=xp)).detach() for x in (p.scale, p.old_scale))
+    import jax
+
+    stop = jax.lax.stop_gradient
+    return tuple(tril(x, xp=xp) + stop(x - tril(x, xp=xp)) for x in (p.scale, p.old_scale))
 
 
 # --------------------------------------------------------------------------- Frobenius

@@ -20,7 +20,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -62,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     sys.path.insert(0, str(HERE))
-    from _worker import bounds_for, limit_threads, make_data
+    from _worker import bounds_for, interleaved_ms, limit_threads, make_data
 
     limit_threads(args.threads)
     tmp = extract(args.ref, "trp_ab_")
     (tmp / "tr_projections").rename(tmp / "trp_ab_base")
     sys.path.insert(0, str(tmp))
     sys.path.insert(0, str(ROOT))
-    import numpy as np
     import trp_ab_base as base
 
     import tr_projections as new
@@ -81,16 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         calls, library = torch_calls(data, args.method, eps_mean, eps_cov, args.threads)
     fns = {"new": calls(new), "base": calls(base)}
-    times = {(v, m): [] for v in fns for m in ("fwd", "fwd+bwd")}
-    for v in fns:  # warm-up
+    for v in fns:  # warm-up (interleaved_ms adds one untimed round)
         for fn in fns[v].values():
-            fn(), fn()
-    for r in range(args.rounds):
-        for v in fns if r % 2 else reversed(list(fns)):  # (neither always goes first)
-            for m, fn in fns[v].items():
-                start = time.perf_counter()
-                fn()
-                times[(v, m)].append(time.perf_counter() - start)
+            fn()
+    times = interleaved_ms(
+        {(v, m): fn for v in fns for m, fn in fns[v].items()}, args.rounds
+    )  # (alternated round by round, neither version always first)
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
@@ -101,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| mode | this checkout [ms] | " + args.ref + " [ms] | speed-up |")
     print("|---|---:|---:|---:|")
     for m in ("fwd", "fwd+bwd"):
-        a, b = (1e3 * float(np.median(times[(v, m)])) for v in ("new", "base"))
+        a, b = (times[(v, m)] for v in ("new", "base"))
         print(f"| {m} | {a:.2f} | {b:.2f} | {b / a:.2f}× |")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _data import full_policies
 
 import tr_projections as trp
 from tr_projections.testing.strategies import cholesky_factors
@@ -132,13 +133,6 @@ def test_wasserstein_cov_values_unchanged():
             np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
 
 
-def _policies():
-    rng = np.random.default_rng(7)
-    L, Lo = (cholesky_factors(rng, (2,), 3, cond=20.0) for _ in range(2))
-    m, mo = rng.standard_normal((2, 2, 3))
-    return m, L, mo, Lo
-
-
 @pytest.mark.parametrize("name", ["kl", "frobenius", "wasserstein"])
 def test_torch_distance_gradients_are_lower_triangular(name):
     """Under torch's autodiff the gradient of each part of every distance with respect to
@@ -147,7 +141,7 @@ def test_torch_distance_gradients_are_lower_triangular(name):
     fill it), and gradcheck confirms the rest."""
     torch = pytest.importorskip("torch")
     fn = getattr(trp, name)
-    m, L, mo, Lo = _policies()
+    m, L, mo, Lo = full_policies(np.random.default_rng(7), 2, 3)
     m, mo = torch.asarray(m), torch.asarray(mo)
     args = tuple(torch.asarray(x).requires_grad_() for x in (L, Lo))
     for part in (0, 1):
@@ -173,7 +167,7 @@ def test_jax_distance_gradients_are_lower_triangular(name):
     from jax.test_util import check_grads
 
     fn = getattr(trp, name)
-    m, L, mo, Lo = (jnp.asarray(x) for x in _policies())
+    m, L, mo, Lo = (jnp.asarray(x) for x in full_policies(np.random.default_rng(7), 2, 3))
     for part in (0, 1):
 
         def value(L, Lo, part=part):
@@ -198,7 +192,7 @@ def test_distance_values_ignore_the_gradient_convention(name):
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
     fn = getattr(trp, name)
-    m, L, mo, Lo = _policies()
+    m, L, mo, Lo = full_policies(np.random.default_rng(7), 2, 3)
     L = L + 0.1 * np.triu(np.ones((3, 3)), 1)  # (out of contract: not lower triangular)
     with trp.checks(False):
         want = [np.asarray(x) for x in fn(m, L, mo, Lo)]

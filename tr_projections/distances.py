@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from . import _compat, _rows
 from ._compat import matmul, row_sum, solve_triangular
 from ._inputs import prepare
-from .gaussian import diagonal, frob2, mahalanobis, mT, root_from_cholesky, root_from_eig
+from .gaussian import diagonal, frob2, mahalanobis, mT, root_from_cholesky, root_from_eig, tril
 
 __all__ = ["DistanceParts", "frobenius", "kl", "wasserstein"]
 
@@ -143,10 +143,8 @@ def _above_with_margin(g: Array, size: Array, eps: Array, *, d: int, dtype: Any,
 def _any_all(mask: Array, *, xp: Any) -> tuple[bool | None, bool | None]:
     """Whether any and whether every entry of ``mask`` is true (one host read), ``(None,
     None)`` under tracing."""
-    if _compat._is_traced(mask, xp):
-        return None, None
-    n = int(xp.sum(xp.astype(mask, xp.int64)))
-    return n > 0, n == math.prod(tuple(mask.shape))
+    n = _compat.count_true(mask, xp=xp)
+    return (None, None) if n is None else (n > 0, n == math.prod(tuple(mask.shape)))
 
 
 def _a_minus_identity(scale: Array, old_scale: Array, *, xp: Any) -> Array:
@@ -276,14 +274,11 @@ def _lower_factors(p: Any, *, xp: Any) -> tuple[Array, Array]:
     zero (as the projections' VJPs and the W2 part's do)."""
     if not p.full or not (_compat.is_torch(xp) or _compat.is_jax(xp)):
         return p.scale, p.old_scale
-    from .projections._vjp_core import tril  # (projections import this module)
-
-    if _compat.is_torch(xp):
-        return tuple(tril(x, xp=xp) + (x - tril(x, xp=xp)).detach() for x in (p.scale, p.old_scale))
-    import jax
-
-    stop = jax.lax.stop_gradient
-    return tuple(tril(x, xp=xp) + stop(x - tril(x, xp=xp)) for x in (p.scale, p.old_scale))
+    lower = [tril(x, xp=xp) for x in (p.scale, p.old_scale)]
+    return tuple(
+        t + _compat.stop_gradient(x - t, xp=xp)
+        for t, x in zip(lower, (p.scale, p.old_scale), strict=True)
+    )
 
 
 # --------------------------------------------------------------------------- Frobenius

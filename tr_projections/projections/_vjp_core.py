@@ -20,28 +20,9 @@ from typing import Any
 
 from .. import _compat
 from .._compat import matmul, solve_triangular
-from ..gaussian import mT, sym
+from ..gaussian import _row_col, mT, sym, tril
 
 Array = Any
-
-
-def tril(x: Array, *, xp: Any) -> Array:
-    """Lower triangle (diagonal included) of a batch of square matrices.
-
-    A ``where`` with one ``(d, d)`` mask: the same values as ``xp.tril``, which torch runs about
-    twice as slowly on a batch of small matrices."""
-    if _compat.is_jax(xp):  # an incoming NumPy cotangent: the mask needs x's device
-        x = xp.asarray(x)
-    dev = _compat.device(x)
-    row, col = _row_col(x.shape[-1], dev, xp=xp)
-    return xp.where(row >= col, x, xp.zeros((), dtype=x.dtype, device=dev))
-
-
-def _row_col(d: int, device: Any, *, xp: Any) -> tuple[Array, Array]:
-    """Row and column indices of a ``(d, d)`` matrix, as ``(d, 1)`` and ``(1, d)`` aranges: the
-    triangle masks are built from them (torch's ``tril`` of a ``(d, d)`` matrix is slow)."""
-    i = xp.arange(d, device=device)
-    return i[:, None], i[None, :]
 
 
 def solve_lower(L: Array, B: Array, *, xp: Any) -> Array:

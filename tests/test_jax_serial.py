@@ -42,9 +42,10 @@ def _decompositions(jaxpr):
         if eqn.primitive.name in DECOMPOSITIONS:
             return True
         for p in eqn.params.values():
-            inner = getattr(p, "jaxpr", p)
-            if hasattr(inner, "eqns") and any(contains(e) for e in inner.eqns):
-                return True
+            for sub in p if isinstance(p, tuple) else (p,):  # (a cond's branches: a tuple)
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and any(contains(e) for e in inner.eqns):
+                    return True
         return False
 
     return [e for e in jaxpr.eqns if contains(e)]

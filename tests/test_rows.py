@@ -19,7 +19,7 @@ PROJECTIONS = {
     "frobenius": trp.project_frobenius,
     "wasserstein": trp.project_wasserstein,
 }
-#: The modules that select rows (each imported ``choose`` by name).
+#: The modules that select rows (each imported ``choose``, and KL ``choose_slots``, by name).
 USERS = (gaussian, _core, frobenius, kl, wasserstein)
 
 
@@ -101,8 +101,10 @@ def test_selected_rows_match_the_whole_batch(backend, method, kind, quantile, mo
     if full:
         g[1] = np.tril(g[1])
     selected = _run(backend, method, args, eps, g)
-    for mod in USERS:  # every row, as under tracing
+    for mod in USERS:  # every row, as under tracing without slots
         monkeypatch.setattr(mod, "choose", lambda mask, *, xp, elementwise=False: None)
+        if hasattr(mod, "choose_slots"):
+            monkeypatch.setattr(mod, "choose_slots", lambda mask, *, xp: None)
     whole = _run(backend, method, args, eps, g)
     for name, a, b in zip(("mean", "scale", "g_mean", "g_scale", "g_old_mean", "g_old_scale"),
                           selected, whole, strict=True):  # fmt: skip

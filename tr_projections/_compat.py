@@ -25,6 +25,7 @@ import array_api_compat as _aac
 __all__ = [
     "array_namespace",
     "cholesky",
+    "cond_rows",
     "copy",
     "count_true",
     "device",
@@ -36,6 +37,7 @@ __all__ = [
     "is_numpy",
     "is_torch",
     "matmul",
+    "nonzero_padded",
     "numpy_threads",
     "put_rows",
     "qr_r",
@@ -764,10 +766,57 @@ def take_rows(x: Array, index: Array, *, xp: Namespace) -> Array:
     """``x``'s rows (axis 0) at ``index`` (non-negative). torch gathers with ``index_select``
     directly: array-api-compat's ``take`` first maps negative indices with a comparison, an
     addition and a ``where`` over the index (three passes that cost as much as the gather
-    itself at 30,000 of 100,000 rows)."""
+    itself at 30,000 of 100,000 rows). JAX clips an index past the end to the last row (the
+    padding of :func:`nonzero_padded`: a real row, never the NaN of JAX's default ``fill``)."""
     if is_torch(xp):
         return x.index_select(0, index)
+    if is_jax(xp):
+        return xp.take(x, index, axis=0, mode="clip")
     return xp.take(x, index, axis=0)
+
+
+def nonzero_padded(mask: Array, *, xp: Namespace) -> Array:
+    """The positions of the true entries of the 1-D ``mask``, ascending, then ``len(mask)``
+    repeated up to ``len(mask)`` entries: a static shape under ``jax.jit`` (JAX only). The
+    padding is past the end: :func:`take_rows` clips it to the last row and :func:`put_rows`
+    drops what is put there."""
+    n = mask.shape[0]
+    return _native_namespace(xp).nonzero(mask, size=n, fill_value=n)[0]
+
+
+def cond_rows(
+    pred: Array, fn: Callable, operands: tuple, like: tuple, rows: int, *, xp: Namespace
+) -> tuple:
+    """``fn(*operands)`` where the traced JAX scalar ``pred`` is true, zeros where it is false
+    (``lax.cond``: only one branch runs). ``fn`` returns a tuple of arrays (or ``None``s), each
+    with ``rows`` entries along its first axis and otherwise the shape and dtype of the same
+    entry of ``like`` (``fn``'s output for other rows).
+
+    Decompositions inside ``fn`` keep the order of :func:`serial_decompositions`: the branch
+    starts its own chain after the enclosing one's last output (a closed-over operand of the
+    ``cond``, so the whole ``cond`` waits for it), and the enclosing chain goes on after the
+    ``cond``'s first output: no array traced inside the branch leaks out of it."""
+    import jax
+
+    box = _serial.get()
+    after = None if box is None else box[0]
+    jnp = _native_namespace(xp)
+
+    def run(*ops: Array) -> tuple:
+        with serial_decompositions(after):
+            return tuple(fn(*ops))
+
+    def skip(*ops: Array) -> tuple:
+        return tuple(
+            None if x is None else jnp.zeros((rows,) + tuple(x.shape[1:]), dtype=x.dtype)
+            for x in like
+        )
+
+    result = jax.lax.cond(pred, run, skip, *operands)
+    first = next((r for r in result if r is not None and math.prod(r.shape) > 0), None)
+    if box is not None and first is not None:
+        box[0] = first
+    return result
 
 
 def put_rows(
@@ -795,8 +844,10 @@ def put_rows(
             return default.index_add_(0, index, sub) if owned else default.index_add(0, index, sub)
         return default.index_copy_(0, index, sub) if owned else default.index_copy(0, index, sub)
     if is_jax(xp):  # (a NumPy ``default``, e.g. an incoming cotangent, becomes a JAX array)
+        # (an index past the end, :func:`nonzero_padded`'s padding, puts nothing)
         at = xp.asarray(default).at[index]
-        return at.add(sub) if add else at.set(sub)
+        kw = {"mode": "drop", "indices_are_sorted": True}
+        return at.add(sub, **kw) if add else at.set(sub, **kw)
     if is_numpy(xp) or is_cupy(xp):
         out = default if owned else default.copy()
         if add:

@@ -11,9 +11,12 @@ has no scatter, its fallback is ``take`` + ``where``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any, NamedTuple
+
+from array_api_compat import is_jax_array
 
 from . import _compat
 
@@ -22,10 +25,14 @@ Array = Any
 
 class Rows(NamedTuple):
     """The selected rows of a flattened batch: their flat ``index`` (ascending) and the flat
-    boolean ``mask`` of the whole batch."""
+    boolean ``mask`` of the whole batch. Under ``jax.jit`` (:func:`choose_slots`) ``index`` has
+    one entry per row of the batch, padded past the end, and ``slots`` holds the static bounds
+    ``(0, ..., n)`` of the slots that :func:`on_rows` runs a stage in, each only when some
+    selected row reaches it."""
 
     index: Array
     mask: Array
+    slots: tuple[int, ...] | None = None
 
 
 #: Whether eager arrays run the costly stages on the selected rows alone (the default), or every
@@ -68,6 +75,107 @@ def choose(mask: Array, *, xp: Any, elementwise: bool = False) -> Rows | None:
     return Rows(index, flat)
 
 
+def slot_fractions(raw: str) -> tuple[float, ...]:
+    """The slots' ends from the text of ``TRP_JIT_SLOTS``: comma-separated fractions of the
+    batch strictly between 0 and 1 (``""``: the default, half; ``0``, ``off``, ``no``,
+    ``false``: no slots)."""
+    text = raw.strip().lower()
+    if text == "":
+        return (0.5,)
+    if text in ("0", "off", "no", "false"):
+        return ()
+    try:
+        fractions = tuple(float(f) for f in text.split(","))
+    except ValueError:
+        fractions = ()
+    if not fractions or not all(0.0 < f < 1.0 for f in fractions):
+        raise ValueError(
+            "environment variable TRP_JIT_SLOTS must be 0 (no slots) or comma-separated "
+            f"fractions of the batch between 0 and 1, such as 0.25,0.5; got {raw!r}"
+        )
+    return tuple(sorted(set(fractions)))
+
+
+#: Under ``jax.jit`` a batch of at least :data:`MIN_ROWS_SLOTS` rows runs a costly stage
+#: (:func:`on_rows`) in slots that end at these fractions of the batch and at its end: the
+#: selected rows are gathered in order, the first slot always runs and each later one only when
+#: the selected rows reach into it (a ``lax.cond``, one more compiled copy of the stage per
+#: slot). With half the batch or fewer selected, the decompositions and the KL solve run on
+#: half the rows; with more, every slot runs and the stage costs what it costs without slots
+#: (plus the gathers). ``()`` turns slots off (every row, as before). Set at import from
+#: ``TRP_JIT_SLOTS`` (:func:`slot_fractions`); a program already traced keeps its slots.
+SLOT_FRACTIONS: tuple[float, ...] = slot_fractions(os.environ.get("TRP_JIT_SLOTS", ""))
+
+#: Smaller traced batches run every stage on every row: the gathers and the ``cond`` cost more
+#: than half a small batch's decompositions.
+MIN_ROWS_SLOTS = 4096
+
+
+def traced_settings() -> tuple:
+    """The settings a traced projection's program depends on (part of the JAX adapter's static
+    key: a program traced under other settings is not reused)."""
+    return SELECT_ROWS, tuple(SLOT_FRACTIONS), MIN_ROWS_SLOTS
+
+
+def choose_slots(mask: Array, *, xp: Any) -> Rows | None:
+    """:func:`choose` for a costly stage run through :func:`on_rows`: with eager arrays the
+    same; traced JAX arrays get the selected rows in slots (:data:`SLOT_FRACTIONS`) in batches
+    of at least :data:`MIN_ROWS_SLOTS` rows, else ``None``. (Under ``vmap`` each slot's
+    ``cond`` becomes a ``select`` that runs it: every slot runs, as every row would without
+    slots.)"""
+    if not _compat._is_traced(mask, xp):
+        return choose(mask, xp=xp)
+    n = math.prod(tuple(mask.shape))
+    if not (SELECT_ROWS and SLOT_FRACTIONS and _compat.is_jax(xp)) or n < MIN_ROWS_SLOTS:
+        return None
+    flat = xp.reshape(mask, (-1,))
+    return Rows(_compat.nonzero_padded(flat, xp=xp), flat, _slot_bounds(n))
+
+
+def _slot_bounds(n: int) -> tuple[int, ...]:
+    inner = sorted({min(n, max(1, math.ceil(f * n))) for f in SLOT_FRACTIONS} - {n})
+    return (0, *inner, n)
+
+
+def on_rows(
+    rows: Rows | None,
+    fn: Any,
+    gather: tuple = (),
+    row_arrays: tuple = (),
+    *,
+    xp: Any,
+) -> tuple:
+    """``fn(*taken, *row_arrays)`` on the selected rows: ``taken`` are the ``(x, event_ndim)``
+    pairs of ``gather`` (whole-batch arrays) restricted to ``rows`` (:func:`take`), and
+    ``row_arrays`` are already on the rows (one entry per selected row, e.g. a forward's
+    residuals). ``fn`` returns a tuple of arrays (or ``None``s) with one entry per row.
+
+    Eager rows (or ``None``): one call. Slotted rows (:func:`choose_slots`): one call per slot,
+    each gathering its own rows; every slot after the first runs only when a selected row
+    reaches it (:func:`~tr_projections._compat.cond_rows`, zeros otherwise), and the slots'
+    outputs are joined in order: the same layout as on eager rows, padded to the batch."""
+    if rows is None or rows.slots is None:
+        taken = tuple(take(x, rows, event_ndim=e, xp=xp) for x, e in gather)
+        return tuple(fn(*taken, *row_arrays))
+
+    def slot(lo: int, hi: int) -> tuple:
+        index = rows.index[lo:hi]
+        taken = tuple(
+            _compat.take_rows(xp.reshape(x, (-1,) + tuple(x.shape[x.ndim - e :])), index, xp=xp)
+            for x, e in gather
+        )
+        return taken + tuple(None if r is None else r[lo:hi] for r in row_arrays)
+
+    bounds = rows.slots
+    parts = [tuple(fn(*slot(bounds[0], bounds[1])))]
+    count = xp.sum(xp.astype(rows.mask, xp.int32))
+    for lo, hi in itertools.pairwise(bounds[1:]):
+        parts.append(_compat.cond_rows(count > lo, fn, slot(lo, hi), parts[0], hi - lo, xp=xp))
+    return tuple(
+        None if ps[0] is None else xp.concat(list(ps), axis=0) for ps in zip(*parts, strict=True)
+    )
+
+
 def narrow(rows: Rows | None, mask: Array, *, xp: Any) -> tuple[Rows | None, Rows | None]:
     """The rows of ``rows`` (every row: ``None``) where ``mask`` is true, for a stage that
     first needed a wider set (the candidates of a cheap test). ``mask`` has one entry per row
@@ -88,8 +196,13 @@ def fields(rows: Rows | None) -> tuple[Array | None, Array | None]:
 
 
 def from_fields(index: Array | None, mask: Array | None) -> Rows | None:
-    """The inverse of :func:`fields`."""
-    return None if index is None else Rows(index, mask)
+    """The inverse of :func:`fields` (slotted rows, the only ones with an index as long as the
+    batch, get their slots again)."""
+    if index is None:
+        return None
+    n = mask.shape[0]
+    slotted = index.shape[0] == n > 0 and is_jax_array(index)
+    return Rows(index, mask, _slot_bounds(n) if slotted else None)
 
 
 def take(x: Array, rows: Rows | None, *, event_ndim: int, xp: Any) -> Array:
@@ -165,11 +278,15 @@ __all__ = [
     "Rows",
     "add_to",
     "choose",
+    "choose_slots",
     "fields",
     "from_fields",
     "narrow",
+    "on_rows",
     "put",
     "put_or_zero",
+    "slot_fractions",
     "take",
     "take_batch",
+    "traced_settings",
 ]

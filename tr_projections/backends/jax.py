@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _compat
+from .. import _compat, _rows
 from .._inputs import is_static_bound
 from . import _common
 
@@ -25,13 +25,13 @@ def _merge(static_bounds: tuple, bounds: tuple) -> tuple:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _operation(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
-    kind, options, static_bounds = static
+    kind, options, static_bounds, _ = static
     with _compat.serial_decompositions():
         return _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))[0]
 
 
 def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
-    kind, options, static_bounds = static
+    kind, options, static_bounds, _ = static
     with _compat.serial_decompositions() as last:
         outs, res = _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))
     # The backward's decompositions follow the forward's last one (one element of its output
@@ -49,7 +49,7 @@ def _zero(b: Any) -> Any:
 
 
 def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
-    kind, options, _ = static
+    kind, options, _, _ = static
     res, bounds, arrays, last = carry
     with _compat.serial_decompositions(last):
         grads = _common.backward(kind, arrays, res, cots, dict(options))
@@ -67,5 +67,6 @@ def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
     is_static = [is_static_bound(b, name) for b, name in zip(bounds, names, strict=True)]
     static_bounds = tuple(b if s else None for b, s in zip(bounds, is_static, strict=True))
     dynamic = tuple(None if s else b for b, s in zip(bounds, is_static, strict=True))
-    static = (kind, tuple(sorted(options.items())), static_bounds)
+    # (the row settings too: a trace made under other slots is not reused)
+    static = (kind, tuple(sorted(options.items())), static_bounds, _rows.traced_settings())
     return tuple(_operation(static, dynamic, tuple(arrays)))

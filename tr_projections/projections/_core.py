@@ -193,7 +193,7 @@ def scale_cotangent(
 
 def old_scale_cotangent(
     cov_part: Array,
-    active: Array,
+    active: Array | None,
     rows: Rows | None,
     mean_part: Array | None,
     like: Array,
@@ -202,12 +202,13 @@ def old_scale_cotangent(
     xp: Any,
 ) -> Array:
     """The old scale's cotangent: the covariance part on the active ones of ``rows`` (zero on
-    every other row), plus the mean part's (a whole-batch array, or ``None`` when the mean's
-    distance does not use the old scale). ``like`` gives the shape: a mean part over more
-    states (a covariance part computed once for states that share it, :func:`cov_problem`) is
-    summed to it first."""
-    act = expand(active, event_ndim, xp=xp)
-    cov_part = xp.where(act, cov_part, xp.zeros_like(cov_part))
+    every other row; ``active`` is ``None`` where ``cov_part`` is zero there already), plus the
+    mean part's (a whole-batch array, or ``None`` when the mean's distance does not use the old
+    scale). ``like`` gives the shape: a mean part over more states (a covariance part computed
+    once for states that share it, :func:`cov_problem`) is summed to it first."""
+    if active is not None:
+        act = expand(active, event_ndim, xp=xp)
+        cov_part = xp.where(act, cov_part, xp.zeros_like(cov_part))
     if mean_part is None:
         return put_or_zero(cov_part, rows, like, event_ndim=event_ndim, xp=xp)
     mean_part = unbroadcast(mean_part, like, xp=xp)  # (itself, or a fresh sum)

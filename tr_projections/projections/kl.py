@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from .. import _rows
 from .._compat import count_true, matmul, row_sum, while_loop
 from .._inputs import Problem, unbroadcast
-from .._rows import choose, fields, from_fields, put, take, take_batch
+from .._rows import choose, choose_slots, fields, from_fields, on_rows, put
 from ..distances import (
     KLEigs,
     kl_cov_from_eigs,
@@ -44,7 +44,6 @@ from ._core import (
     old_scale_cotangent,
     project_mean,
     project_mean_vjp,
-    scale_cotangent,
     select,
     spread,
 )
@@ -315,11 +314,13 @@ class KLResiduals(NamedTuple):
 def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLResiduals]:
     """The KL projection of ``p``, its weights and the residuals of its VJP.
 
-    With eager arrays the covariance stages (``eigh``, the solve, the output factor) run only on
-    the rows that may be outside their bound (:mod:`._rows`), picked by a margin test on a cheap
-    form of the KL before the accurate one is evaluated: the direct form in the eigenvalues for
-    diagonal Gaussians (:func:`~tr_projections.distances.kl_may_exceed_diag`), the trace form
-    for full ones (:func:`~tr_projections.distances.kl_may_exceed`, before any decomposition).
+    The covariance stages (``eigh``, the solve, the output factor) run only on the rows that
+    may be outside their bound, picked by a margin test on a cheap form of the KL before the
+    accurate one is evaluated: the direct form in the eigenvalues for diagonal Gaussians
+    (:func:`~tr_projections.distances.kl_may_exceed_diag`), the trace form for full ones
+    (:func:`~tr_projections.distances.kl_may_exceed`, before any decomposition). Eager arrays
+    gather those rows (:mod:`._rows`); full Gaussians under ``jax.jit`` run the stages in slots
+    of the batch, the later ones only when the rows reach them (:func:`._rows.choose_slots`).
     """
     xp = p.xp
     ev = 2 if p.full else 1
@@ -332,24 +333,45 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
 
     if p.full:
         F = kl_f(p.scale, p.old_scale, xp=xp)
-        may_exceed = kl_may_exceed(F, p.scale, p.old_scale, eps_cov, xp=xp)
-        rows = choose(may_exceed, xp=xp)
-        scale, old_scale = (take(x, rows, event_ndim=2, xp=xp) for x in (p.scale, p.old_scale))
-        eigs = kl_eigs(
-            scale, old_scale, full=True, vectors=True, xp=xp, F=take(F, rows, event_ndim=2, xp=xp)
-        )
+        rows = choose_slots(kl_may_exceed(F, p.scale, p.old_scale, eps_cov, xp=xp), xp=xp)
+        gather = ((p.scale, 2), (p.old_scale, 2), (F, 2))
     else:
-        eigs = kl_eigs(p.scale, p.old_scale, full=False, vectors=True, xp=xp)
-        rows = choose(kl_may_exceed_diag(eigs, eps_cov, xp=xp), xp=xp)
-        scale, old_scale = (take(x, rows, event_ndim=1, xp=xp) for x in (p.scale, p.old_scale))
-        eigs = KLEigs(*(take(x, rows, event_ndim=1, xp=xp) for x in eigs[:2]), None)
-    g1 = kl_cov_from_eigs(eigs, xp=xp)  # accurate, on the chosen rows
-    eps_cov = take_batch(eps_cov, rows, p.batch, xp=xp)
+        a, lam, _ = kl_eigs(p.scale, p.old_scale, full=False, vectors=True, xp=xp)
+        rows = choose(kl_may_exceed_diag(KLEigs(a, lam, None), eps_cov, xp=xp), xp=xp)
+        gather = ((p.scale, 1), (p.old_scale, 1), (a, 1), (lam, 1))
+    eps_rows = eps_cov if rows is None else xp.broadcast_to(eps_cov, p.batch)
+    stage = functools.partial(_full_stage if p.full else _diag_stage, xp=xp)
+    new_scale, a, lam, U, tau, log_tau, active, proj = on_rows(
+        rows, stage, gather + ((eps_rows, 0),), xp=xp
+    )
+    out = put(new_scale, rows, p.scale, event_ndim=ev, xp=xp)
+    res = KLResiduals(
+        tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, log_tau, active, proj,
+        *fields(rows), shared,
+    )  # fmt: skip
+    return Gaussian(mean, spread(out, batch, event_ndim=ev, xp=xp)), res
+
+
+def _full_stage(scale: Array, old_scale: Array, F: Array, eps_cov: Array, *, xp: Any) -> tuple:
+    # The covariance part of full Gaussians on its rows (F = L_o^-1 (L - L_o) there).
+    eigs = kl_eigs(scale, old_scale, full=True, vectors=True, xp=xp, F=F)
+    return _solve_stage(eigs, scale, old_scale, eps_cov, xp=xp)
+
+
+def _diag_stage(
+    scale: Array, old_scale: Array, a: Array, lam: Array, eps_cov: Array, *, xp: Any
+) -> tuple:
+    return _solve_stage(KLEigs(a, lam, None), scale, old_scale, eps_cov, xp=xp)
+
+
+def _solve_stage(eigs: KLEigs, scale: Array, old_scale: Array, eps_cov: Array, *, xp: Any):
+    # The weight and the projected scale on the rows of eigs: (new scale, then the residuals).
+    g1 = kl_cov_from_eigs(eigs, xp=xp)  # accurate
     a, lam, U = eigs
     log_tau = solve_log_tau(eigs, g1, eps_cov, xp=xp)
     tau = xp.exp(log_tau)
     t = _t(log_tau, lam, xp=xp)  # eigenvalues of L_o^T Lambda~ L_o
-    if p.full:
+    if U is not None:
         # Sigma~ = W diag(1/t) W^T with W = L_o U: no inverse formed, and its factor from
         # the QR of diag(t^-1/2) W^T, without squaring.
         W = matmul(old_scale, U, xp=xp)
@@ -357,13 +379,8 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     else:
         proj = old_scale / xp.sqrt(t)
     active = g1 > eps_cov
-    new_scale = select(active, proj, scale, event_ndim=ev, xp=xp)
-    out = put(new_scale, rows, p.scale, event_ndim=ev, xp=xp)
-    res = KLResiduals(
-        tau_mean, dist_mean, dist_mean > eps_mean, a, lam, U, tau, log_tau, active, proj,
-        *fields(rows), shared,
-    )  # fmt: skip
-    return Gaussian(mean, spread(out, batch, event_ndim=ev, xp=xp)), res
+    new_scale = select(active, proj, scale, event_ndim=2 if U is not None else 1, xp=xp)
+    return new_scale, a, lam, U, tau, log_tau, active, proj
 
 
 def kl_vjp(
@@ -390,82 +407,102 @@ def kl_vjp(
     :math:`G, M` and the two cotangents are diagonal up to :math:`\bar{\tilde\Sigma}`;
     back in scales it takes triangular solves with :math:`L_o` only. Diagonal Gaussians are the
     same with :math:`U = I`, elementwise. Inactive rows pass ``g_scale`` through. Without
-    ``old`` the old policy's cotangents are skipped (``None``).
+    ``old`` the old policy's cotangents are skipped (``None``). The covariance part runs on the
+    forward's rows (in the same slots under ``jax.jit``).
     """
     xp, full = p.xp, p.full
     m = project_mean_vjp(
         g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
         coef=0.5, scale_prec=True, full=full, xp=xp, old=old,
     )  # fmt: skip
-    a, lam, tau, active = res.a, res.lam, res.tau, res.active
     rows = from_fields(res.rows, res.row_mask)
     ev = 2 if full else 1
     p = marked_cov_problem(p, res.shared)  # (a shared covariance: its own batch)
     g_scale = unbroadcast(g_scale, p.scale, xp=xp)  # (summed over the states sharing it)
     if full:
         g_scale = tril(g_scale, xp=xp)
-    g_all = g_scale
-    g_scale, scale, old_scale = (
-        take(x, rows, event_ndim=ev, xp=xp) for x in (g_scale, p.scale, p.old_scale)
+    stage = functools.partial(_full_vjp if full else _diag_vjp, old=old, xp=xp)
+    residuals = (res.a, res.lam, res.U, res.tau, res.log_tau, res.active, res.proj_scale)
+    scale_bar, old_scale_bar = on_rows(
+        rows, stage, ((g_scale, ev), (p.scale, ev), (p.old_scale, ev)), residuals, xp=xp
     )
-    tau_e = tau[..., None]
-    t = _t(res.log_tau, lam, xp=xp)
-    # m_i: M in the basis V; dg/dtau = <M, D> = sum_i m_i a_i.
-    m_eig = 0.5 * tau_e * a / (t * t)
-    dg_dtau = xp.where(active, row_sum(m_eig * a, xp=xp), xp.ones_like(tau))
-    if full:
-        L, L_o, U = scale, old_scale, res.U
-        # (batch-sized temporaries are dropped as soon as they are used: with every state
-        # projected they set the peak memory of forward + backward)
-        # C = V^T Sigma~_bar V (V = L_o U) with Sigma~_bar = sym(L~^-T P L~^-1), P from the
-        # Cholesky VJP, is sym(K^T P K) with K = L~^-1 V: one triangular solve where the
-        # Cholesky VJP takes two, and K = Q^T T^1/2 (Q orthogonal, as L~ L~^T = V T^-1 V^T) is
-        # as well conditioned as T^1/2 (moderately, on rows at their bound). C is used through
-        # its diagonal and sym(U (. C .) U^T) only, so it is not symmetrised here.
-        K = solve_lower(res.proj_scale, matmul(L_o, U, xp=xp), xp=xp)
-        P = cholesky_p(res.proj_scale, g_scale, xp=xp)
-        C = matmul(mT(K, xp=xp), matmul(P, K, xp=xp), xp=xp)
-        del K, P
-        G = -C / (t[..., :, None] * t[..., None, :])  # dl/dLambda~ in the basis V
-        del C
-        kappa = row_sum(diagonal(G, xp=xp) * a, xp=xp) / dg_dtau
-        k = kappa[..., None]
-        H = G - diag_embed(k * m_eig, xp=xp)
-        del G
-        # Sigma_bar = -Lambda Lambda_bar Lambda = -L_o^-T U [lam Lhat lam] U^T L_o^-1, with
-        # Lambda_bar = tau H; then L_bar = tril(2 Sigma_bar L); and
-        # Sigma_o_bar = -L_o^-T U Lhat_o U^T L_o^-1.
-        Ut = mT(U, xp=xp)
-        inner = (tau[..., None] * lam)[..., :, None] * H * lam[..., None, :]
-        if not old:
-            del H
-        Y = matmul(matmul(U, inner, xp=xp), Ut, xp=xp)
-        del inner
-        Y = solve_lower_t(L_o, sym(Y, xp=xp), xp=xp)
-        scale_bar = tril(-2.0 * matmul(Y, solve_lower(L_o, L, xp=xp), xp=xp), xp=xp)
-        if old:
-            old_prec_bar = (1.0 - tau[..., None, None]) * H + diag_embed(
-                (0.5 * k) * tau_e * a / t, xp=xp
-            )
-            Y_o = sym(matmul(matmul(U, old_prec_bar, xp=xp), Ut, xp=xp), xp=xp)
-            old_scale_bar = tril(-2.0 * solve_lower_t(L_o, Y_o, xp=xp), xp=xp)
-    else:
-        # sigma~ = sigma_o / sqrt(t): t_bar = -g sigma~ / (2t); a_i = sigma_o^2/sigma^2 - 1.
-        t_bar = -0.5 * g_scale * res.proj_scale / t
-        kappa = row_sum(t_bar * a, xp=xp) / dg_dtau
-        a_bar = tau_e * t_bar - kappa[..., None] * tau_e * m_eig
-        scale_bar = -2.0 * a_bar * lam / scale
-        if old:
-            old_scale_bar = g_scale / xp.sqrt(t) + 2.0 * a_bar * lam / old_scale
-    scale_bar = scale_cotangent(
-        scale_bar, g_scale, active, rows, g_all, event_ndim=ev, xp=xp, owned=full
-    )
+    scale_bar = put(scale_bar, rows, g_scale, event_ndim=ev, xp=xp, owned=full)
     if not old:
         return Cotangents(m.mean, scale_bar, None, None)
     old_scale_bar = old_scale_cotangent(
-        old_scale_bar, active, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
+        old_scale_bar, None, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
     )
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
+
+
+def _dg_dtau(a: Array, lam: Array, tau: Array, log_tau: Array, active: Array, *, xp: Any):
+    # (t, m_eig, dg/dtau): m_i is M in the basis V, dg/dtau = <M, D> = sum_i m_i a_i.
+    t = _t(log_tau, lam, xp=xp)
+    m_eig = 0.5 * tau[..., None] * a / (t * t)
+    return t, m_eig, xp.where(active, row_sum(m_eig * a, xp=xp), xp.ones_like(tau))
+
+
+def _full_vjp(
+    g_scale, L, L_o, a, lam, U, tau, log_tau, active, proj, *, old: bool, xp: Any
+) -> tuple[Array, Array | None]:
+    # The covariance part's cotangents of scale and old scale on its rows: the VJP's on active
+    # rows, g_scale passed through (scale) and zero (old scale) on the others.
+    t, m_eig, dg_dtau = _dg_dtau(a, lam, tau, log_tau, active, xp=xp)
+    # (batch-sized temporaries are dropped as soon as they are used: with every state
+    # projected they set the peak memory of forward + backward)
+    # C = V^T Sigma~_bar V (V = L_o U) with Sigma~_bar = sym(L~^-T P L~^-1), P from the
+    # Cholesky VJP, is sym(K^T P K) with K = L~^-1 V: one triangular solve where the
+    # Cholesky VJP takes two, and K = Q^T T^1/2 (Q orthogonal, as L~ L~^T = V T^-1 V^T) is
+    # as well conditioned as T^1/2 (moderately, on rows at their bound). C is used through
+    # its diagonal and sym(U (. C .) U^T) only, so it is not symmetrised here.
+    K = solve_lower(proj, matmul(L_o, U, xp=xp), xp=xp)
+    P = cholesky_p(proj, g_scale, xp=xp)
+    C = matmul(mT(K, xp=xp), matmul(P, K, xp=xp), xp=xp)
+    del K, P
+    G = -C / (t[..., :, None] * t[..., None, :])  # dl/dLambda~ in the basis V
+    del C
+    kappa = row_sum(diagonal(G, xp=xp) * a, xp=xp) / dg_dtau
+    k = kappa[..., None]
+    H = G - diag_embed(k * m_eig, xp=xp)
+    del G
+    # Sigma_bar = -Lambda Lambda_bar Lambda = -L_o^-T U [lam Lhat lam] U^T L_o^-1, with
+    # Lambda_bar = tau H; then L_bar = tril(2 Sigma_bar L); and
+    # Sigma_o_bar = -L_o^-T U Lhat_o U^T L_o^-1.
+    Ut = mT(U, xp=xp)
+    inner = (tau[..., None] * lam)[..., :, None] * H * lam[..., None, :]
+    if not old:
+        del H
+    Y = matmul(matmul(U, inner, xp=xp), Ut, xp=xp)
+    del inner
+    Y = solve_lower_t(L_o, sym(Y, xp=xp), xp=xp)
+    act = active[..., None, None]
+    scale_bar = tril(-2.0 * matmul(Y, solve_lower(L_o, L, xp=xp), xp=xp), xp=xp)
+    scale_bar = xp.where(act, scale_bar, g_scale)
+    if not old:
+        return scale_bar, None
+    old_prec_bar = (1.0 - tau[..., None, None]) * H + diag_embed(
+        (0.5 * k) * tau[..., None] * a / t, xp=xp
+    )
+    Y_o = sym(matmul(matmul(U, old_prec_bar, xp=xp), Ut, xp=xp), xp=xp)
+    old_scale_bar = tril(-2.0 * solve_lower_t(L_o, Y_o, xp=xp), xp=xp)
+    return scale_bar, xp.where(act, old_scale_bar, xp.zeros_like(old_scale_bar))
+
+
+def _diag_vjp(
+    g_scale, scale, old_scale, a, lam, U, tau, log_tau, active, proj, *, old: bool, xp: Any
+) -> tuple[Array, Array | None]:
+    # sigma~ = sigma_o / sqrt(t): t_bar = -g sigma~ / (2t); a_i = sigma_o^2/sigma^2 - 1.
+    t, m_eig, dg_dtau = _dg_dtau(a, lam, tau, log_tau, active, xp=xp)
+    tau_e = tau[..., None]
+    t_bar = -0.5 * g_scale * proj / t
+    kappa = row_sum(t_bar * a, xp=xp) / dg_dtau
+    a_bar = tau_e * t_bar - kappa[..., None] * tau_e * m_eig
+    act = active[..., None]
+    scale_bar = xp.where(act, -2.0 * a_bar * lam / scale, g_scale)
+    if not old:
+        return scale_bar, None
+    old_scale_bar = g_scale / xp.sqrt(t) + 2.0 * a_bar * lam / old_scale
+    return scale_bar, xp.where(act, old_scale_bar, xp.zeros_like(old_scale_bar))
 
 
 __all__ = ["KLResiduals", "kl_fwd", "kl_vjp", "solve_log_tau", "solve_tau"]

@@ -27,6 +27,7 @@ from test_jax_serial import _assert_in_turn, _decompositions  # noqa: E402
 import tr_projections as trp  # noqa: E402
 import tr_projections._rows as rows_mod  # noqa: E402
 from tr_projections.distances import kl_f, kl_may_exceed  # noqa: E402
+from tr_projections.testing.invariants import tolerance  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -57,42 +58,90 @@ def _bound(args, fraction):
     return 0.5 * float(c[k] + c[k + 1])
 
 
-def _value_and_grads(args, g, eps_cov):
-    def loss(m, L, mo, Lo):
-        out = trp.project_kl(m, L, mo, Lo, eps_mean=0.05, eps_cov=eps_cov)
+def _value_and_grads(args, g, eps_cov, dtype=jnp.float64):
+    def loss(m, L, mo, Lo, eps):
+        out = trp.project_kl(m, L, mo, Lo, eps_mean=0.05, eps_cov=eps)
         return jnp.sum(out.mean * g[0]) + jnp.sum(out.scale * g[1]), out
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
-    (_, out), grads = fn(*map(jnp.asarray, args))
+    x = [jnp.asarray(a, dtype=dtype) for a in args]
+    eps = eps_cov if isinstance(eps_cov, float) else jnp.asarray(eps_cov, dtype=dtype)
+    (_, out), grads = fn(*x, eps)
     return [np.asarray(a) for a in (*out, *grads)]
 
 
-@pytest.mark.parametrize(
-    "fraction", [0.0, 0.2, 0.45, 0.8, 1.0], ids=["none", "few", "first", "most", "all"]
-)
-@pytest.mark.parametrize("share_old", [False, True], ids=["own", "shared"])
-def test_slots_match_the_whole_batch(fraction, share_old, monkeypatch):
-    args, g = _problem((4, 10), 4, seed=int(fraction * 10) + 7 * share_old, share_old=share_old)
-    eps_cov = _bound(args, fraction)
-    # the premise: the rows the slots get reach the second slot only in "most" and "all"
-    L, Lo = np.broadcast_arrays(args[1], args[3])
-    may = kl_may_exceed(kl_f(L, Lo, xp=np), L, Lo, np.asarray(eps_cov), xp=np)
-    assert (int(np.sum(may)) > may.size // 2) == (fraction > 0.5)
-    slotted = _value_and_grads(args, g, eps_cov)
-    monkeypatch.setattr(rows_mod, "SLOT_FRACTIONS", ())
-    whole = _value_and_grads(args, g, eps_cov)
-    names = ("mean", "scale", "g_mean", "g_scale", "g_old_mean", "g_old_scale")
-    for name, a, b in zip(names, slotted, whole, strict=True):
+NAMES = ("mean", "scale", "g_mean", "g_scale", "g_old_mean", "g_old_scale")
+
+
+def _assert_close(got, want, dtype):
+    tol = tolerance(np.dtype(dtype)).batch
+    for name, a, b in zip(NAMES, got, want, strict=True):
         assert a.shape == b.shape, name
         assert np.all(np.isfinite(a)), name
         scale = max(1.0, float(np.max(np.abs(b))))
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * scale, err_msg=name)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale, err_msg=name)
+
+
+def _slotted_and_whole(args, g, eps_cov, monkeypatch, dtype=jnp.float64):
+    slotted = _value_and_grads(args, g, eps_cov, dtype)
+    with monkeypatch.context() as m:
+        m.setattr(rows_mod, "SLOT_FRACTIONS", ())
+        whole = _value_and_grads(args, g, eps_cov, dtype)
+    _assert_close(slotted, whole, dtype)
+    return slotted
+
+
+CASES = [  # (fraction of states outside, old policy shared, slots' ends)
+    *((f, False, (0.5,)) for f in (0.0, 0.2, 0.45, 0.8, 1.0)),
+    *((f, True, (0.5,)) for f in (0.2, 0.8)),
+    *((f, False, (0.25, 0.5)) for f in (0.2, 0.8)),
+]
+
+
+@pytest.mark.parametrize(
+    ("fraction", "share_old", "fractions"),
+    CASES,
+    ids=[f"{f:.0%}-{'shared' if s else 'own'}-{len(e) + 1}slots" for f, s, e in CASES],
+)
+def test_slots_match_the_whole_batch(fraction, share_old, fractions, monkeypatch):
+    monkeypatch.setattr(rows_mod, "SLOT_FRACTIONS", fractions)
+    args, g = _problem((4, 10), 3, seed=int(fraction * 10) + 7 * share_old, share_old=share_old)
+    eps_cov = _bound(args, fraction)
+    # the premise: the rows the slots get reach the second half only in "most" and "all"
+    L, Lo = np.broadcast_arrays(args[1], args[3])
+    may = kl_may_exceed(kl_f(L, Lo, xp=np), L, Lo, np.asarray(eps_cov), xp=np)
+    assert (int(np.sum(may)) > may.size // 2) == (fraction > 0.5)
+    slotted = _slotted_and_whole(args, g, eps_cov, monkeypatch)
     # and those of eager NumPy (rows gathered by value)
     out, vjp_fn = trp.vjp(trp.project_kl, *args, eps_mean=0.05, eps_cov=eps_cov)
-    eager = [*out, *vjp_fn(trp.Gaussian(*g))]
-    for name, a, b in zip(names, slotted, eager, strict=True):
-        scale = max(1.0, float(np.max(np.abs(b))))
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * scale, err_msg=name)
+    _assert_close(slotted, [*out, *vjp_fn(trp.Gaussian(*g))], np.float64)
+
+
+def test_slots_of_a_shared_covariance(monkeypatch):
+    """Scales and bound shared along the first batch axis: the covariance part is computed once
+    per distinct covariance (``cov_problem``), in slots of that smaller batch."""
+    args, g = _problem((2, 20), 3, seed=11)
+    args = [args[0], args[1][:1], args[2], args[3][:1]]
+    eps_cov = _bound([a[:1] for a in args], 0.3)
+    _slotted_and_whole(args, g, eps_cov, monkeypatch)
+
+
+def test_slots_in_float32_and_with_a_bound_per_state(monkeypatch):
+    args, g = _problem((40,), 4, seed=12)
+    c = np.asarray(trp.kl(*args)[1])
+    eps = c * np.resize([0.5, 2.0, 1.5, 3.0], c.shape)  # a quarter of the states outside
+    _slotted_and_whole(args, g, eps, monkeypatch)
+    _slotted_and_whole(args, g, float(np.median(c)), monkeypatch, dtype=jnp.float32)
+
+
+def test_slots_from_the_default_minimum(monkeypatch):
+    """A batch of exactly :data:`MIN_ROWS_SLOTS` states takes slots with the shipped settings."""
+    monkeypatch.undo()  # (the autouse fixture's smaller minimum)
+    n = rows_mod.MIN_ROWS_SLOTS
+    args, g = _problem((n,), 2, seed=13)
+    x = list(map(jnp.asarray, args))
+    assert _eigh_batches(_forward_jaxpr(x))[0] == [math.ceil(n / 2)]
+    _slotted_and_whole(args, g, _bound(args, 0.3), monkeypatch)
 
 
 def _eigh_batches(jaxpr) -> tuple[list[int], list[int]]:
@@ -159,6 +208,24 @@ def test_slots_keep_the_decompositions_in_turn(monkeypatch):
         branch = e.params["branches"][1].jaxpr  # (branches: false, true)
         assert len(_decompositions(branch)) >= 2
         _assert_in_turn(branch)
+
+
+@pytest.mark.parametrize("fractions", [(0.5,), (0.25, 0.5)], ids=["halves", "three"])
+def test_slots_keep_the_decompositions_in_turn_under_vmap(fractions, monkeypatch):
+    """Under ``vmap`` of states whose rows differ, each ``cond`` becomes a ``select`` that runs
+    its branch inline: the decompositions after it must still wait for the branch's last one,
+    not only for its first output."""
+    monkeypatch.setattr(rows_mod, "SLOT_FRACTIONS", fractions)
+    args, _ = _problem((2, 40), 12, seed=14)
+
+    def loss(m, L, mo, Lo):
+        out = trp.project_kl(m, L, mo, Lo, eps_mean=1e-3, eps_cov=1e-3)
+        return jnp.sum(out.mean) + jnp.sum(out.scale)
+
+    grad = jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    jaxpr = jax.make_jaxpr(grad)(*map(jnp.asarray, args)).jaxpr
+    assert not any(e.primitive.name == "cond" for e in jaxpr.eqns)  # (all selects now)
+    _assert_in_turn(jaxpr)
 
 
 def test_vmap_runs_every_slot_with_the_same_results(monkeypatch):

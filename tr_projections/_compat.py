@@ -787,36 +787,44 @@ def nonzero_padded(mask: Array, *, xp: Namespace) -> Array:
 def cond_rows(
     pred: Array, fn: Callable, operands: tuple, like: tuple, rows: int, *, xp: Namespace
 ) -> tuple:
-    """``fn(*operands)`` where the traced JAX scalar ``pred`` is true, zeros where it is false
-    (``lax.cond``: only one branch runs). ``fn`` returns a tuple of arrays (or ``None``s), each
-    with ``rows`` entries along its first axis and otherwise the shape and dtype of the same
-    entry of ``like`` (``fn``'s output for other rows).
+    """``fn(*operands)`` where the traced JAX scalar ``pred`` is true (``lax.cond``: only one
+    branch runs). ``fn`` returns a tuple of arrays (or ``None``s), each with ``rows`` entries
+    along its first axis and otherwise the shape and dtype of the same entry of ``like``
+    (``fn``'s output for other rows, at least one). Where ``pred`` is false, each entry is the
+    first row of ``like``'s repeated: finite values, so that where the ``cond`` becomes a
+    ``select`` that runs both branches (``vmap`` with a predicate that differs between the
+    mapped elements) nothing downstream computes on zeros, which a KL VJP divides by.
 
     Decompositions inside ``fn`` keep the order of :func:`serial_decompositions`: the branch
     starts its own chain after the enclosing one's last output (a closed-over operand of the
     ``cond``, so the whole ``cond`` waits for it), and the enclosing chain goes on after the
-    ``cond``'s first output: no array traced inside the branch leaks out of it."""
+    branch's last decomposition, which the ``cond`` returns as one more output (a ``select``
+    does not wait for the whole branch); no array traced inside the branch leaks out of it."""
     import jax
 
     box = _serial.get()
     after = None if box is None else box[0]
     jnp = _native_namespace(xp)
+    marker = jnp.zeros((1,), dtype=jnp.float32)  # (what the branch's chain ends with)
 
     def run(*ops: Array) -> tuple:
-        with serial_decompositions(after):
-            return tuple(fn(*ops))
+        with serial_decompositions(after) as last:
+            out = tuple(fn(*ops))
+        if last[0] is None or math.prod(last[0].shape) == 0:
+            return (*out, marker)
+        return (*out, jnp.astype(jnp.ravel(last[0])[:1], jnp.float32))
 
     def skip(*ops: Array) -> tuple:
-        return tuple(
-            None if x is None else jnp.zeros((rows,) + tuple(x.shape[1:]), dtype=x.dtype)
+        out = tuple(
+            None if x is None else jnp.broadcast_to(x[:1], (rows,) + tuple(x.shape[1:]))
             for x in like
         )
+        return (*out, marker)
 
-    result = jax.lax.cond(pred, run, skip, *operands)
-    first = next((r for r in result if r is not None and math.prod(r.shape) > 0), None)
-    if box is not None and first is not None:
-        box[0] = first
-    return result
+    *result, end = jax.lax.cond(pred, run, skip, *operands)
+    if box is not None:
+        box[0] = end
+    return tuple(result)
 
 
 def put_rows(

@@ -40,7 +40,8 @@ class Rows(NamedTuple):
 #: rows). The selection costs a ``nonzero`` (a host read on a GPU), gathers and puts; on a GPU,
 #: where the per-operation cost dominates up to a million states, the whole batch may be the
 #: cheaper choice. That is not measured yet: this switch is there to measure it. The environment
-#: variable ``TRP_ROW_SELECTION=0`` (or ``false``, ``no``, ``off``) turns it off at import.
+#: variable ``TRP_ROW_SELECTION=0`` (or ``false``, ``no``, ``off``) turns it off at import. Off,
+#: traced JAX arrays take no slots either (:func:`choose_slots`).
 SELECT_ROWS = os.environ.get("TRP_ROW_SELECTION", "1").strip().lower() not in (
     "0",
     "false",

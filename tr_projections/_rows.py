@@ -121,9 +121,9 @@ def traced_settings() -> tuple:
 def choose_slots(mask: Array, *, xp: Any) -> Rows | None:
     """:func:`choose` for a costly stage run through :func:`on_rows`: with eager arrays the
     same; traced JAX arrays get the selected rows in slots (:data:`SLOT_FRACTIONS`) in batches
-    of at least :data:`MIN_ROWS_SLOTS` rows, else ``None``. (Under ``vmap`` each slot's
-    ``cond`` becomes a ``select`` that runs it: every slot runs, as every row would without
-    slots.)"""
+    of at least :data:`MIN_ROWS_SLOTS` rows, else ``None``. (Under ``vmap`` over policies
+    whose selected rows differ, each slot's ``cond`` becomes a ``select`` that runs it: every
+    slot runs, as every row would without slots.)"""
     if not _compat._is_traced(mask, xp):
         return choose(mask, xp=xp)
     n = math.prod(tuple(mask.shape))
@@ -153,8 +153,9 @@ def on_rows(
 
     Eager rows (or ``None``): one call. Slotted rows (:func:`choose_slots`): one call per slot,
     each gathering its own rows; every slot after the first runs only when a selected row
-    reaches it (:func:`~tr_projections._compat.cond_rows`, zeros otherwise), and the slots'
-    outputs are joined in order: the same layout as on eager rows, padded to the batch."""
+    reaches it (:func:`~tr_projections._compat.cond_rows`; otherwise the first slot's first
+    row stands in for its rows, which are all padding then), and the slots' outputs are joined
+    in order: the same layout as on eager rows, padded to the batch."""
     if rows is None or rows.slots is None:
         taken = tuple(take(x, rows, event_ndim=e, xp=xp) for x, e in gather)
         return tuple(fn(*taken, *row_arrays))

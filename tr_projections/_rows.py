@@ -107,9 +107,12 @@ def slot_fractions(raw: str) -> tuple[float, ...]:
 #: ``TRP_JIT_SLOTS`` (:func:`slot_fractions`); a program already traced keeps its slots.
 SLOT_FRACTIONS: tuple[float, ...] = slot_fractions(os.environ.get("TRP_JIT_SLOTS", ""))
 
-#: Smaller traced batches run every stage on every row: the gathers and the ``cond`` cost more
-#: than half a small batch's decompositions.
-MIN_ROWS_SLOTS = 4096
+#: Smaller traced batches run every stage on every row. Slots were faster at every size
+#: measured (``benchmarks/jax_slots.py``, jitted forward + backward of full 6-D KL projections,
+#: 2 CPUs: 1.48-1.68x from 256 states to 4,096, 1.12x and 1.26x at 16 and 64), but each costs
+#: one more compiled copy of the stages (1.0-1.6 s there): small batches, often compiled in many
+#: shapes (tests, evaluation), keep one copy.
+MIN_ROWS_SLOTS = 256
 
 
 def traced_settings() -> tuple:

@@ -90,7 +90,9 @@ def _eager(args, g, eps_cov):
 
 def _check_slots(args, g, eps_cov, monkeypatch, *, whole=False, dtype=jnp.float64):
     """Slotted ``jit`` against eager NumPy (float64) and, with ``whole`` (and in float32),
-    against the same program without slots."""
+    against the same program without slots. (The premise: the program has slots, a ``cond``
+    with an ``eigh`` inside.)"""
+    assert _eigh_batches(_forward_jaxpr([jnp.asarray(a, dtype=dtype) for a in args]))[1]
     slotted = _value_and_grads(args, g, eps_cov, dtype)
     if dtype == jnp.float64:
         _assert_close(slotted, _eager(args, g, eps_cov), np.float64)
@@ -235,8 +237,9 @@ def test_slots_keep_the_decompositions_in_turn_under_vmap(fractions, monkeypatch
 
 
 def test_vmap_runs_every_slot_with_the_same_results(monkeypatch):
-    """Under ``vmap`` each ``cond`` becomes a ``select``: every slot runs (the second on zeros
-    where no row reaches it), and the outputs and gradients are those of the whole batch."""
+    """Under ``vmap`` each ``cond`` becomes a ``select``: every slot runs (the second on the
+    first slot's first row where no row reaches it), and the outputs and gradients are those of
+    the whole batch."""
     args, g = _problem((3, 16), 4, seed=6)
     eps = _bound(args, 0.3)
 

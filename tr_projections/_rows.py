@@ -103,13 +103,16 @@ def slot_fractions(raw: str) -> tuple[float, ...]:
 #: the selected rows reach into it (a ``lax.cond``, one more compiled copy of the stage per
 #: slot). With half the batch or fewer selected, the decompositions and the KL solve run on
 #: half the rows; with more, every slot runs and the stage costs what it costs without slots
-#: (plus the gathers). ``()`` turns slots off (every row, as before). Set at import from
+#: plus the gathers (``benchmarks/jax_slots.py --quantile 0``, every state outside: 0.85-0.90x
+#: of the program without slots from 256 to 10,000 full 6-D states). ``()`` turns slots off
+#: (every row, as before). Set at import from
 #: ``TRP_JIT_SLOTS`` (:func:`slot_fractions`); a program already traced keeps its slots.
 SLOT_FRACTIONS: tuple[float, ...] = slot_fractions(os.environ.get("TRP_JIT_SLOTS", ""))
 
-#: Smaller traced batches run every stage on every row. Slots were faster at every size
-#: measured (``benchmarks/jax_slots.py``, jitted forward + backward of full 6-D KL projections,
-#: 2 CPUs: 1.48-1.68x from 256 states to 4,096, 1.12x and 1.26x at 16 and 64), but each costs
+#: Smaller traced batches run every stage on every row. With about 30 % of the states passing
+#: the row test, slots were faster at every size measured (``benchmarks/jax_slots.py``, jitted
+#: forward + backward of full 6-D KL projections, 2 CPUs: 1.48-1.68x from 256 states to 4,096,
+#: 1.12x and 1.26x at 16 and 64), but each costs
 #: one more compiled copy of the stages (1.0-1.6 s there): small batches, often compiled in many
 #: shapes (tests, evaluation), keep one copy.
 MIN_ROWS_SLOTS = 256

@@ -9,7 +9,7 @@ lowered to 1 so that every size takes them) and without (``()``), reports both c
 times the two programs interleaved round by round and prints their medians and ratio:
 
     python benchmarks/jax_slots.py                          # B = 16 ... 4096
-    python benchmarks/jax_slots.py --batches 1e4,1e5 --rounds 7 --kind full
+    python benchmarks/jax_slots.py --batches 1e4,1e5 --rounds 7
     python benchmarks/jax_slots.py --quantile 0     # every state outside: both slots run
 """
 
@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="16,64,256,512,1024,4096")
     ap.add_argument("--dim", type=int, default=6)
-    ap.add_argument("--kind", choices=("full", "diag"), default="full")
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument(
         "--quantile", type=float, default=0.7,
@@ -75,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
 
     _rows.MIN_ROWS_SLOTS = 1
     print(machine_line(f"jax {jax.__version__}, {args.threads} CPUs (affinity)"))
-    print(f"# KL {args.kind} d={args.dim}, value_and_grad jitted, float64, bounds at quantile "
+    print(f"# KL full d={args.dim}, value_and_grad jitted, float64, bounds at quantile "
           f"{args.quantile}, medians of {args.rounds} interleaved rounds")  # fmt: skip
     print("| B | projected | compile, no slots [s] | compile, slots [s] | no slots [ms] "
           "| slots [ms] | speed-up |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for batch in (int(float(b)) for b in args.batches.split(",")):
-        data = make_data(args.kind, args.dim, batch, 0)
+        data = make_data("full", args.dim, batch, 0)  # (diagonal KL takes no slots)
         frac = bounds_for(data, "kl", args.quantile)[2]
         calls, compile_s = {}, {}
         for name, fractions in (("none", ()), ("slots", (0.5,))):

@@ -33,10 +33,13 @@ from _worker import (  # noqa: E402
 )
 
 
-def compiled_loss(data: dict, quantile: float, jax, trp) -> tuple:
+def compiled_loss(data: dict, quantile: float) -> tuple:
     """``(call, compile seconds)``: ``value_and_grad`` of the benchmark's loss of ``data``'s
     KL projection by the new mean and scale, jitted and compiled under the current settings."""
+    import jax
     import jax.numpy as jnp
+
+    import tr_projections as trp
 
     eps_mean, eps_cov, _ = bounds_for(data, "kl", quantile)
     x = [jnp.asarray(a) for a in data["arrays"]]
@@ -69,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    import tr_projections as trp
     from tr_projections import _rows
 
     _rows.MIN_ROWS_SLOTS = 1
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         calls, compile_s = {}, {}
         for name, fractions in (("none", ()), ("slots", (0.5,))):
             _rows.SLOT_FRACTIONS = fractions
-            calls[name], compile_s[name] = compiled_loss(data, args.quantile, jax, trp)
+            calls[name], compile_s[name] = compiled_loss(data, args.quantile)
         ms = interleaved_ms(calls, args.rounds)
         row = [f"{batch:,}", f"{frac:.0%}"]
         row += [f"{compile_s[k]:.2f}" for k in ("none", "slots")]

@@ -34,6 +34,15 @@ ON_CPU = pytest.mark.skipif(
 DECOMPOSITIONS = {"eigh", "svd", "cholesky", "triangular_solve", "qr", "geqrf"}
 
 
+def _inner_jaxprs(eqn):
+    """The jaxprs an equation calls (``pjit``, ``custom_vjp``, loops; a ``cond``'s branches)."""
+    for p in eqn.params.values():
+        for sub in p if isinstance(p, tuple) else (p,):  # (a cond's branches: a tuple)
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
 def _decompositions(jaxpr):
     """Top-level equations of ``jaxpr`` that are, or call, a decomposition or triangular solve,
     in program order."""
@@ -41,12 +50,7 @@ def _decompositions(jaxpr):
     def contains(eqn) -> bool:
         if eqn.primitive.name in DECOMPOSITIONS:
             return True
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, tuple) else (p,):  # (a cond's branches: a tuple)
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and any(contains(e) for e in inner.eqns):
-                    return True
-        return False
+        return any(contains(e) for inner in _inner_jaxprs(eqn) for e in inner.eqns)
 
     return [e for e in jaxpr.eqns if contains(e)]
 

@@ -23,7 +23,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 from _data import full_policies  # noqa: E402
-from test_jax_serial import _assert_in_turn, _decompositions  # noqa: E402
+from test_jax_serial import _assert_in_turn, _decompositions, _inner_jaxprs  # noqa: E402
 
 import tr_projections as trp  # noqa: E402
 import tr_projections._rows as rows_mod  # noqa: E402
@@ -161,11 +161,8 @@ def _eigh_batches(jaxpr) -> tuple[list[int], list[int]]:
         for e in jp.eqns:
             if e.primitive.name == "eigh":
                 (inside if in_cond else outside).append(math.prod(e.invars[0].aval.shape[:-2]))
-            for p in e.params.values():
-                for sub in p if isinstance(p, tuple) else (p,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner, in_cond or e.primitive.name == "cond")
+            for inner in _inner_jaxprs(e):
+                walk(inner, in_cond or e.primitive.name == "cond")
 
     walk(jaxpr, False)
     return outside, inside

@@ -167,11 +167,8 @@ def on_rows(
         return tuple(fn(*taken, *row_arrays))
 
     def slot(lo: int, hi: int) -> tuple:
-        index = rows.index[lo:hi]
-        taken = tuple(
-            _compat.take_rows(xp.reshape(x, (-1,) + tuple(x.shape[x.ndim - e :])), index, xp=xp)
-            for x, e in gather
-        )
+        part = rows._replace(index=rows.index[lo:hi])
+        taken = tuple(take(x, part, event_ndim=e, xp=xp) for x, e in gather)
         return taken + tuple(None if r is None else r[lo:hi] for r in row_arrays)
 
     bounds = rows.slots

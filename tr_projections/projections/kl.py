@@ -336,9 +336,9 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
         rows = choose_slots(kl_may_exceed(F, p.scale, p.old_scale, eps_cov, xp=xp), xp=xp)
         gather = ((p.scale, 2), (p.old_scale, 2), (F, 2))
     else:
-        a, lam, _ = kl_eigs(p.scale, p.old_scale, full=False, vectors=True, xp=xp)
-        rows = choose(kl_may_exceed_diag(KLEigs(a, lam, None), eps_cov, xp=xp), xp=xp)
-        gather = ((p.scale, 1), (p.old_scale, 1), (a, 1), (lam, 1))
+        eigs = kl_eigs(p.scale, p.old_scale, full=False, vectors=True, xp=xp)
+        rows = choose(kl_may_exceed_diag(eigs, eps_cov, xp=xp), xp=xp)
+        gather = ((p.scale, 1), (p.old_scale, 1), (eigs.a, 1), (eigs.lam, 1))
     eps_rows = eps_cov if rows is None else xp.broadcast_to(eps_cov, p.batch)
     stage = functools.partial(_full_stage if p.full else _diag_stage, xp=xp)
     new_scale, a, lam, U, tau, log_tau, active, proj = on_rows(

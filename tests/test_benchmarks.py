@@ -142,3 +142,21 @@ def test_fresh_process_ab_runs():
         ms, _, faults = row.split("|")[2:5]
         assert float(ms) > 0 and float(faults) >= 0
     assert "speed-up over HEAD:" in proc.stdout
+
+
+def test_lanes_benchmark_runs():
+    """``benchmarks/lanes.py --quick`` times one small cell per backend with the chunks split
+    over two lanes, and both settings give the same bits."""
+    pytest.importorskip("torch")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "lanes.py"), "--quick"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| numpy") or
+            line.startswith("| torch")]  # fmt: skip
+    assert len(rows) == 4
+    for row in rows:
+        in_turn, lanes, ratio, same = (c.strip() for c in row.split("|")[7:11])
+        assert float(in_turn) > 0 and float(lanes) > 0 and float(ratio.rstrip("×")) > 0
+        assert same == "yes"

@@ -18,6 +18,11 @@ FNS = {
 }
 
 
+def _plans(*args) -> bool:
+    """Whether ``_common._plan`` splits a call of these arguments into chunks."""
+    return _common._plan(*args) is not None
+
+
 def _chunk_sizes(monkeypatch, op: str) -> list:
     """The number of rows of every forward call of operation ``op`` from now on."""
     calls = []
@@ -86,7 +91,7 @@ def test_what_is_not_chunked(monkeypatch):
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
     case = make_case(41, "kl", False, d=3, batch=(50,))
     mean, scale, old_mean, old_scale = case.args
-    chunkable = _common._chunkable
+    chunkable = _plans
     assert chunkable("kl", case.args, (0.1, 0.1))
     assert not chunkable("kl", (mean[:16], scale[:16], old_mean[:16], old_scale[:16]), (0.1, 0.1))
     assert not chunkable("kl", (mean, scale, old_mean[:1], old_scale), (0.1, 0.1))
@@ -309,13 +314,13 @@ def test_torch_kernel_chunks_with_either_backward(monkeypatch, backward_route):
 
 
 def test_chunkable_with_a_row_limit(monkeypatch):
-    """``_chunkable(rows=)`` (the torch adapter's chunks): any eager arrays the caller vouches
+    """``_plan(rows=)`` (the torch adapter's chunks): any eager arrays the caller vouches
     for, longer than ``rows``, with bounds that are numbers, 0-d arrays or per-state arrays;
     ``rows=0`` never."""
     torch = pytest.importorskip("torch")
     case = make_case(49, "kl", False, d=3, batch=(50,))
     args = tuple(torch.tensor(a) for a in case.args)
-    chunkable = _common._chunkable
+    chunkable = _plans
     assert chunkable("kl", args, (0.1, torch.tensor(0.1)), 16)
     assert chunkable("kl", args, (torch.full((50,), 0.1), 0.1), 16)
     assert not chunkable("kl", args, (torch.full((1,), 0.1), 0.1), 16)

@@ -33,6 +33,7 @@ __all__ = [
     "eigh",
     "eigh_through",
     "householder_r",
+    "in_lanes",
     "is_jax",
     "is_numpy",
     "is_torch",
@@ -44,6 +45,7 @@ __all__ = [
     "row_sum",
     "serial_decompositions",
     "solve_triangular",
+    "split_threads",
     "stop_gradient",
     "svd",
     "take_rows",
@@ -321,6 +323,8 @@ _pool_lock = threading.Lock()
 _numpy_threads: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "tr_projections_numpy_threads", default=None
 )
+# Set in the parts that :func:`in_lanes` runs: their work is not split again.
+_lane: contextvars.ContextVar[bool] = contextvars.ContextVar("tr_projections_lane", default=False)
 
 
 def _reset_after_fork() -> None:  # (the child has none of the parent's pool threads)
@@ -358,10 +362,15 @@ def _configured_threads() -> int:
     return n
 
 
-def _lapack_threads(a: Array, xp: Namespace) -> int:
-    """How many parts a batched decomposition of ``a`` is split into (1: not split)."""
-    if a.ndim < 3 or max(a.shape[-2:]) > PARALLEL_MAX_D:
-        return 1
+def split_threads(xp: Namespace, a: Array | None = None) -> int:
+    """How many threads the package may split eager CPU work on arrays of ``xp`` over (batched
+    decompositions' parts, a large call's chunks of rows): for NumPy the CPUs this process may
+    run on, at most ``OMP_NUM_THREADS`` where that is set (or what :func:`numpy_threads` says);
+    for plain CPU torch tensors (``a``, when given, is checked) ``torch.get_num_threads()``;
+    :data:`LAPACK_THREADS` for both where it is set; never more than :data:`PARALLEL_MAX_PARTS`.
+    1 for other arrays, and inside work that already runs split (:func:`in_lanes`)."""
+    if _lane.get():
+        return 1  # (a part of a split call: the call's threads are taken)
     if is_numpy(xp):
         n = _configured_threads() or _numpy_threads.get()
         if not n:
@@ -372,13 +381,20 @@ def _lapack_threads(a: Array, xp: Namespace) -> int:
             omp = os.environ.get("OMP_NUM_THREADS", "")
             if omp.isdigit() and int(omp) > 0:
                 n = min(n, int(omp))
-    elif is_torch(xp) and a.device.type == "cpu" and _torch_plain(a):
+    elif is_torch(xp) and (a is None or (a.device.type == "cpu" and _torch_plain(a))):
         import torch
 
         n = _configured_threads() or torch.get_num_threads()
     else:
         return 1
     return max(1, min(n, PARALLEL_MAX_PARTS))
+
+
+def _lapack_threads(a: Array, xp: Namespace) -> int:
+    """How many parts a batched decomposition of ``a`` is split into (1: not split)."""
+    if a.ndim < 3 or max(a.shape[-2:]) > PARALLEL_MAX_D:
+        return 1
+    return split_threads(xp, a)
 
 
 def _executor() -> Any:
@@ -396,16 +412,64 @@ def _executor() -> Any:
         return _pool
 
 
+def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run the zero-argument ``tasks`` at the same time: all but the last on the thread pool
+    and the last on this thread, each in a copy of the caller's context (its settings, e.g.
+    :func:`tr_projections.checks`) with further splitting off (:func:`split_threads` is 1
+    there) and, once torch is imported, torch's grad mode as the caller's (a pool thread's own
+    default is on). Returns their results in order, once every task has finished; if any
+    failed, raises the error of the first that failed, in the order of ``tasks``. A task that
+    cannot be handed to the pool (the interpreter is shutting down) runs here."""
+    from concurrent.futures import wait
+
+    grad = None
+    if "torch" in sys.modules:
+        import torch
+
+        grad = torch.is_grad_enabled()
+
+    def lane(task: Callable[[], Any]) -> Any:
+        _lane.set(True)
+        if grad is None:
+            return task()
+        import torch
+
+        with torch.set_grad_enabled(grad):
+            return task()
+
+    runs: list = []  # (future or None, result or error) per task
+    pool = _executor() if len(tasks) > 1 else None
+    for task in tasks[:-1]:
+        try:
+            runs.append([pool.submit(contextvars.copy_context().run, lane, task), None])
+        except RuntimeError:  # (a pool shut down at interpreter exit)
+            runs.append([None, task])
+    runs.append([None, tasks[-1]])
+    for run in runs:  # (those not on the pool, here, in order)
+        if run[0] is None:
+            try:
+                run[1] = (True, contextvars.copy_context().run(lane, run[1]))
+            except Exception as e:  # (raised below, once every task has finished)
+                run[1] = (False, e)
+    wait([run[0] for run in runs if run[0] is not None])
+    out = []
+    for future, done in runs:
+        if future is not None:
+            error = future.exception()
+            done = (False, error) if error is not None else (True, future.result())
+        if not done[0]:
+            raise done[1]
+        out.append(done[1])
+    return out
+
+
 def _in_parallel(
     fn: Callable[[Array], tuple], flat: Array, parts: int, *, xp: Namespace
 ) -> list[tuple]:
-    """``fn`` on at most ``parts`` consecutive slices of ``flat`` (``(n, m, k)``), all but the
-    last on the thread pool and the last on this thread; the outputs of each slice, in order.
-    A part that cannot be handed to the pool (the interpreter is shutting down) runs here. If any
-    part fails, ``fn`` runs once more on the whole batch here, so that the caller sees the error
-    of one call (its batch indices, not a part's)."""
-    from concurrent.futures import wait
-
+    """``fn`` on at most ``parts`` consecutive slices of ``flat`` (``(n, m, k)``) at the same
+    time (:func:`in_lanes`); the outputs of each slice, in order. If any part fails, ``fn``
+    runs once more on the whole batch here, so that the caller sees the error of one call (its
+    batch indices, not a part's)."""
     n = flat.shape[0]
     if is_torch(xp):
         flat = flat.detach()  # (the slices record no graph on the pool's threads)
@@ -419,25 +483,12 @@ def _in_parallel(
     cuts = [(i, min(i + step, n)) for i in range(0, n, step)]
     if len(cuts) == 1:
         return [tuple(fn(flat))]
-    futures: list = []
-    outs: list = [None] * len(cuts)
     try:
-        pool = _executor()
-        for k, (i, j) in enumerate(cuts[:-1]):
-            try:
-                futures.append(pool.submit(fn, flat[i:j, ...]))
-            except RuntimeError:  # (a pool shut down at interpreter exit)
-                outs[k] = tuple(fn(flat[i:j, ...]))
-                futures.append(None)
-        outs[-1] = tuple(fn(flat[cuts[-1][0] : cuts[-1][1], ...]))
-        wait([f for f in futures if f is not None])
-        for k, f in enumerate(futures):
-            if f is not None:
-                outs[k] = tuple(f.result())
+        return [
+            tuple(x) for x in in_lanes([functools.partial(fn, flat[i:j, ...]) for i, j in cuts])
+        ]
     except Exception:
-        wait([f for f in futures if f is not None])  # (no part still runs when this returns)
         return [tuple(fn(flat))]  # (raises the error of one call)
-    return outs
 
 
 def _chunked(

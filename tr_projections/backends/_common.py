@@ -13,11 +13,14 @@ library.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import _compat
 from .._config import checks
 from .._inputs import bound, namespace_of, prepare, unbroadcast
 from ..gaussian import is_full
@@ -147,33 +150,69 @@ def _spans(n: int, n_chunks: int | None = None, rows: int | None = None) -> list
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _chunkable(kind: str, arrays: tuple, bounds: tuple, rows: int | None = None) -> bool:
-    """Whether a call runs in chunks: a projection of arrays that share their first (batch)
-    axis, longer than the chunk, with bounds that are numbers, 0-d arrays or arrays of the
-    batch's shape. Without ``rows``: eager NumPy arrays, in chunks of :data:`CHUNK_ROWS`; with
-    ``rows``, the caller vouches for its arrays being eager (the torch adapter's CPU kernels)."""
+#: Eager CPU projections (NumPy arrays, and torch's CPU tensors where the torch adapter asks)
+#: whose scale holds at least this many numbers (about 14,600 full or 87,000 diagonal 6-D
+#: states) run in chunks on several threads at once (:func:`lanes`), forward and backward: the
+#: elementwise work of NumPy, and the decompositions of both, then use every thread. A chunk is
+#: an even share of the rows per thread, but at most the call's chunk length (``CHUNK_ROWS``)
+#: and at least the rows that hold this many numbers, whichever is more: shorter chunks of NumPy's
+#: many short operations contend for the GIL (diagonal KL, 100,000 states in chunks of 4,096 rows
+#: on 2 threads: 0.74x the time in turn; chunks of 50,000: 1.4x). (All chunks of a call have the
+#: same length, so one may hold down to half as many.) The results are those of the same chunks
+#: in turn, bit for bit. Measured: ``benchmarks/lanes.py``, ``docs/benchmarks.md``. 0: never.
+PARALLEL_MIN_NUMBERS = 1 << 19
+
+
+def lanes(kind: str, arrays: tuple) -> int:
+    """How many chunks of a call of operation ``kind`` on eager CPU ``arrays`` run at the same
+    time (1: one after another): the threads of :func:`tr_projections._compat.split_threads`,
+    for projections whose scale holds at least :data:`PARALLEL_MIN_NUMBERS` numbers."""
+    if kind not in _CHUNKED or not PARALLEL_MIN_NUMBERS:
+        return 1
+    scale = arrays[1]
+    if math.prod(tuple(scale.shape)) < PARALLEL_MIN_NUMBERS:
+        return 1
+    return _compat.split_threads(_compat.array_namespace(scale), scale)
+
+
+def _plan(
+    kind: str, arrays: tuple, bounds: tuple, rows: int | None = None
+) -> tuple[list[tuple[int, int]], int] | None:
+    """The spans of rows a call runs in and how many run at once, or ``None`` (one call on the
+    whole batch): a projection of arrays that share their first (batch) axis, with bounds that
+    are numbers, 0-d arrays or arrays of the batch's shape, longer than its chunk. Without
+    ``rows``: eager NumPy arrays, in chunks of :data:`CHUNK_ROWS`; with ``rows``, the caller
+    vouches for its arrays being eager (the torch adapter's CPU kernels); 0: never. With more
+    than one lane (:func:`lanes`) the chunks may be longer, and a shorter batch is split too."""
     if rows is None:
         rows = CHUNK_ROWS
         if not all(isinstance(x, np.ndarray) for x in arrays):
-            return False
+            return None
     if kind not in _CHUNKED or not rows:
-        return False
+        return None
     mean, scale, old_mean, old_scale = arrays
     n = mean.shape[0] if mean.ndim >= 2 else 0
-    if n <= rows or mean.ndim != old_mean.ndim or scale.ndim != old_scale.ndim:
-        return False
+    if n < 2 or mean.ndim != old_mean.ndim or scale.ndim != old_scale.ndim:
+        return None
     if scale.ndim != mean.ndim + is_full(mean, scale) or any(x.shape[0] != n for x in arrays):
-        return False  # (so that axis 0 is the batch's first axis in every array)
+        return None  # (so that axis 0 is the batch's first axis in every array)
     batch_ndim = mean.ndim - 1
     for b in bounds:
         if isinstance(b, (int, float)):
             continue
         ndim = getattr(b, "ndim", None)
         if ndim is None:
-            return False
+            return None
         if ndim > 0 and (ndim != batch_ndim or b.shape[0] != n):
-            return False
-    return True
+            return None
+    k = lanes(kind, arrays)
+    if k > 1:  # (an even share per lane; not shorter than `least`, nor longer than `rows`)
+        least = -(-PARALLEL_MIN_NUMBERS // math.prod(tuple(scale.shape[1:])))
+        rows = min(max(-(-n // k), least), max(rows, least))
+    if n <= rows:
+        return None
+    spans = _spans(n, rows=rows)
+    return spans, min(k, len(spans))
 
 
 def _rows(xs: tuple, start: int, stop: int) -> tuple:
@@ -182,29 +221,45 @@ def _rows(xs: tuple, start: int, stop: int) -> tuple:
     return tuple(x[start:stop] if getattr(x, "ndim", 0) > 0 else x for x in xs)
 
 
+def _on_spans(fn: Callable, spans: list, n_lanes: int) -> list:
+    """``fn(i, start, stop)`` for each span ``i``, in ``n_lanes`` lanes of consecutive spans at
+    the same time (:func:`tr_projections._compat.in_lanes`); the results in the spans' order."""
+    if n_lanes < 2:
+        return [fn(i, a, b) for i, (a, b) in enumerate(spans)]
+    share = -(-len(spans) // n_lanes)
+    groups = [range(i, min(i + share, len(spans))) for i in range(0, len(spans), share)]
+    tasks = [functools.partial(lambda g: [fn(i, *spans[i]) for i in g], g) for g in groups]
+    return [r for rs in _compat.in_lanes(tasks) for r in rs]
+
+
 def forward(
     kind: str, arrays: tuple, bounds: tuple, options: dict, *, chunk_rows: int | None = None
 ) -> tuple[tuple, Any]:
     """Outputs and residuals of operation ``kind`` on the raw ``arrays``. Large eager NumPy
     projections run in chunks of rows (:data:`CHUNK_ROWS`), and so do other eager arrays where
-    the caller gives ``chunk_rows``: their residuals are then a list, one residual tuple per
+    the caller gives ``chunk_rows``, on several threads at once where they are large enough
+    (:data:`PARALLEL_MIN_NUMBERS`): their residuals are then a list, one residual tuple per
     chunk, which :func:`backward` takes as it is."""
     op = OPERATIONS[kind]
-    if not _chunkable(kind, arrays, bounds, chunk_rows):
+    plan = _plan(kind, arrays, bounds, chunk_rows)
+    if plan is None:
         return op.forward(arrays, bounds, options)
+    spans, n_lanes = plan
     # The whole call's checks first (messages name the caller's indices), then the chunks.
     p = prepare(*arrays)
     for b, name in zip(bounds, op.bound_names, strict=True):
         bound(b, name, p)
     xp = p.xp
     del p  # (its whole-batch casts, if any, need not live through the chunks)
-    outs, res = [], []
     with checks(False):
-        for start, stop in _spans(arrays[0].shape[0], rows=chunk_rows):
-            o, r = op.forward(_rows(arrays, start, stop), _rows(bounds, start, stop), options)
-            outs.append(o)
-            res.append(r)
-    return tuple(xp.concat(list(parts), axis=0) for parts in zip(*outs, strict=True)), res
+        parts = _on_spans(
+            lambda _, a, b: op.forward(_rows(arrays, a, b), _rows(bounds, a, b), options),
+            spans,
+            n_lanes,
+        )
+    outs = [o for o, _ in parts]
+    res = [r for _, r in parts]
+    return tuple(xp.concat(list(chunks), axis=0) for chunks in zip(*outs, strict=True)), res
 
 
 def backward(
@@ -231,10 +286,12 @@ def backward(
         c is not None and c.ndim == x.ndim and c.shape[0] == n
         for c, x in zip(cots, arrays[:2], strict=True)
     )
-    parts = []
-    for (a, b), r in zip(spans, res, strict=True):
+
+    def part(i: int, a: int, b: int) -> tuple:
         rows = tuple(c[a:b] if al else c for c, al in zip(cots, aligned, strict=True))
-        parts.append(_backward(op, _rows(arrays, a, b), r, rows, options, needs, xp))
+        return _backward(op, _rows(arrays, a, b), res[i], rows, options, needs, xp)
+
+    parts = _on_spans(part, spans, min(lanes(kind, arrays), len(spans)))
     return tuple(
         xp.concat(list(gs), axis=0) if need else None
         for gs, need in zip(zip(*parts, strict=True), needs, strict=True)

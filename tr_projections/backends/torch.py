@@ -72,7 +72,11 @@ _NUMPY_DTYPES = (torch.float32, torch.float64)
 #: cheap enough that the chunks' joins weigh (about 7 % slower), run whole (:data:`CHUNKED`).
 #: CUDA tensors (whose batches are cheaper whole), and calls under ``torch.func.vmap`` or
 #: ``torch.compile``, run whole (``torch.func.grad`` and ``vjp`` run the forward eagerly: it
-#: chunks). 0: never.
+#: chunks). From ``_common.PARALLEL_MIN_NUMBERS`` numbers in the scale, the chunks run on torch's
+#: threads at once (``_common.lanes``) and hold at most ``CHUNK_ROWS // threads`` rows, so that as
+#: many rows' temporaries exist at a time as in turn; shorter batches are split too (Frobenius
+#: projections still run whole: torch's kernels already use every thread for their products and
+#: passes). 0: never.
 CHUNK_ROWS = 65536
 CHUNKED = ("kl", "wasserstein")
 
@@ -165,7 +169,11 @@ class _Operation(torch.autograd.Function):
                     kind, _to_numpy(arrays), _to_numpy(bounds), dict(options)
                 )
             return _to_torch((*outs, *_entries(res)))
-        chunk = CHUNK_ROWS if kind in CHUNKED and _eager_cpu(inputs) else 0
+        chunk = 0
+        if kind in CHUNKED and _eager_cpu(inputs):
+            # Chunks on several threads at once (_common.lanes) are shorter in proportion: as
+            # many rows' temporaries exist at a time as with one chunk after another.
+            chunk = CHUNK_ROWS // _common.lanes(kind, arrays)
         outs, res = _common.forward(kind, arrays, bounds, dict(options), chunk_rows=chunk)
         return (*outs, *_entries(res))
 

@@ -1,0 +1,176 @@
+"""Chunks of a large eager CPU projection on several threads at once, against one after another.
+
+Eager NumPy projections of more than ``_common.CHUNK_ROWS`` states, and KL and W2 projections of
+torch CPU tensors of more than the torch adapter's ``CHUNK_ROWS``, run in chunks of rows. From
+``_common.PARALLEL_MIN_NUMBERS`` numbers in the scale, the chunks run on several threads at once
+(``_common.lanes``; the threads of ``_compat.split_threads``). This script times the public calls
+(``trp.project`` and ``trp.vjp`` for NumPy; ``trp.project`` and ``backward()`` for torch, the new
+policy requiring grad) with the lanes off (``PARALLEL_MIN_NUMBERS = 0``) and on (the shipped
+value), on ``run.py``'s data and bounds, interleaved round by round in one process, and prints the
+medians, their ratio and the machine:
+
+    python benchmarks/lanes.py                              # d = 6, B = 1e4, 3e4, 1e5
+    python benchmarks/lanes.py --backends numpy --kinds diag --batches 5e4,1e5,3e5
+    python benchmarks/lanes.py --quick                      # one small cell per backend (CI)
+    python benchmarks/lanes.py --backends numpy --kinds diag --methods kl --batches 1e5 \
+        --chunk-rows 4096 --min-numbers 24576               # short chunks: the GIL's share
+
+``--chunk-rows`` sets both chunk lengths (NumPy's ``_common.CHUNK_ROWS`` and the torch adapter's
+``CHUNK_ROWS``) for both settings, and ``--min-numbers`` the value of ``PARALLEL_MIN_NUMBERS`` with
+the lanes on.
+
+Both settings should give the same outputs and cotangents bit for bit: the last column says
+whether the first call of each gave them (the tests check it on small batches,
+``tests/test_lanes.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # (the checkout; this folder is on the path already)
+
+from _worker import bounds_for, interleaved_ms, machine_line, make_data  # noqa: E402
+
+
+def _numpy_call(trp, arrays, cotangents, method, eps_mean, eps_cov, backward):
+    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+    x = [np.array(a, copy=True) for a in arrays]
+    ct = trp.Gaussian(*cotangents)
+
+    def call():
+        if not backward:
+            return tuple(trp.project(*x, **kw))
+        out, vjp_fn = trp.vjp(trp.project, *x, **kw)
+        return (*out, *vjp_fn(ct, wrt=("mean", "scale")))
+
+    return call
+
+
+def _torch_call(trp, arrays, cotangents, method, eps_mean, eps_cov, backward):
+    import torch
+
+    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+    x = [torch.asarray(a) for a in arrays]
+    leaves = [x[0].detach().requires_grad_(True), x[1].detach().requires_grad_(True)]
+    g_mean, g_scale = (torch.asarray(g) for g in cotangents)
+
+    def call():
+        if not backward:
+            with torch.no_grad():
+                return tuple(trp.project(*x, **kw))
+        for leaf in leaves:
+            leaf.grad = None
+        out = trp.project(leaves[0], leaves[1], x[2], x[3], **kw)
+        ((out.mean * g_mean).sum() + (out.scale * g_scale).sum()).backward()
+        return (out.mean.detach(), out.scale.detach(), leaves[0].grad, leaves[1].grad)
+
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", default="numpy,torch")
+    ap.add_argument("--methods", default="kl,frobenius,wasserstein")
+    ap.add_argument("--kinds", default="diag,full")
+    ap.add_argument("--dims", default="6")
+    ap.add_argument("--batches", default="1e4,3e4,1e5")
+    ap.add_argument("--modes", default="forward,backward", help="forward, forward + backward")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (0: leave alone)")
+    ap.add_argument("--seed", type=int, default=20210503)
+    ap.add_argument("--chunk-rows", type=int, help="both chunk lengths (default: as shipped)")
+    ap.add_argument("--min-numbers", type=int, help="PARALLEL_MIN_NUMBERS with the lanes on")
+    ap.add_argument("--quick", action="store_true", help="one small cell per backend (CI)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.methods, args.kinds, args.batches, args.rounds = "kl", "full", "2000", 1
+
+    import tr_projections as trp
+    from tr_projections.backends import _common
+
+    makers = {}
+    versions = f"numpy {np.__version__}"
+    for name in args.backends.split(","):
+        if name == "numpy":
+            makers[name] = _numpy_call
+        elif name == "torch":
+            import torch
+
+            if args.threads > 0:
+                torch.set_num_threads(args.threads)
+            makers[name] = _torch_call
+            versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        else:
+            raise SystemExit(f"--backends: numpy or torch, not {name!r}")
+    shipped = _common.PARALLEL_MIN_NUMBERS
+    chunks = {"numpy": _common.CHUNK_ROWS}
+    if "torch" in makers:
+        from tr_projections.backends import torch as adapter
+
+        chunks["torch"] = adapter.CHUNK_ROWS
+    if args.chunk_rows is not None:
+        _common.CHUNK_ROWS = args.chunk_rows
+        if "torch" in makers:
+            adapter.CHUNK_ROWS = args.chunk_rows
+    on_value = 1 if args.quick else (args.min_numbers or shipped)
+    print(machine_line(versions))
+    print(
+        f"# lanes on: PARALLEL_MIN_NUMBERS = {on_value:,}"
+        + (" (--quick: every cell split)" if args.quick else "")
+        + f"; chunk rows (NumPy, torch): {_common.CHUNK_ROWS:,}"
+        + (f", {adapter.CHUNK_ROWS:,}" if "torch" in makers else "")
+        + f"; float64, median ms of {args.rounds} interleaved rounds"
+    )
+    print("| backend | method | kind | d | B | mode | in turn | lanes | speed-up | same bits |")
+    print("|---|---|---|---:|---:|---|---:|---:|---:|---|")
+    try:
+        for d in [int(x) for x in args.dims.split(",")]:
+            for kind in args.kinds.split(","):
+                for B in [int(float(x)) for x in args.batches.split(",")]:
+                    data = make_data(kind, d, B, args.seed)
+                    for method in args.methods.split(","):
+                        eps_mean, eps_cov, _ = bounds_for(data, method)
+                        for name, maker in makers.items():
+                            for mode in args.modes.split(","):
+                                call = maker(
+                                    trp, data["arrays"], data["cotangents"], method,
+                                    eps_mean, eps_cov, mode == "backward",
+                                )  # fmt: skip
+
+                                def setting(value, call=call):
+                                    _common.PARALLEL_MIN_NUMBERS = value
+                                    return call()
+
+                                outs = {v: setting(v) for v in (0, on_value)}
+                                same = all(
+                                    np.array_equal(np.asarray(a), np.asarray(b))
+                                    for a, b in zip(outs[0], outs[on_value], strict=True)
+                                )
+                                del outs
+                                t = interleaved_ms(
+                                    {v: (lambda v=v, s=setting: s(v)) for v in (0, on_value)},
+                                    args.rounds,
+                                )
+                                label = "fwd" if mode == "forward" else "fwd+bwd"
+                                print(
+                                    f"| {name} | {method} | {kind} | {d} | {B:,} | {label} | "
+                                    f"{t[0]:.2f} | {t[on_value]:.2f} | "
+                                    f"{t[0] / t[on_value]:.2f}× | {'yes' if same else 'NO'} |",
+                                    flush=True,
+                                )
+    finally:
+        _common.PARALLEL_MIN_NUMBERS = shipped
+        _common.CHUNK_ROWS = chunks["numpy"]
+        if "torch" in chunks:
+            adapter.CHUNK_ROWS = chunks["torch"]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -118,11 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         _common.CHUNK_ROWS = args.chunk_rows
         if "torch" in makers:
             adapter.CHUNK_ROWS = args.chunk_rows
-    on_value = 1 if args.quick else (args.min_numbers or shipped)
+    on_value = 1 if args.quick else shipped if args.min_numbers is None else args.min_numbers
+    from tr_projections import _compat
+
+    threads = _compat.LAPACK_THREADS
+    if args.quick:
+        _compat.LAPACK_THREADS = 2  # (two lanes whatever the machine has)
     print(machine_line(versions))
     print(
         f"# lanes on: PARALLEL_MIN_NUMBERS = {on_value:,}"
-        + (" (--quick: every cell split)" if args.quick else "")
+        + (" (--quick: every cell split, in two lanes)" if args.quick else "")
         + f"; chunk rows (NumPy, torch): {_common.CHUNK_ROWS:,}"
         + (f", {adapter.CHUNK_ROWS:,}" if "torch" in makers else "")
         + f"; float64, median ms of {args.rounds} interleaved rounds"
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                                 )
     finally:
         _common.PARALLEL_MIN_NUMBERS = shipped
+        _compat.LAPACK_THREADS = threads
         _common.CHUNK_ROWS = chunks["numpy"]
         if "torch" in chunks:
             adapter.CHUNK_ROWS = chunks["torch"]

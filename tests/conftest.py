@@ -57,6 +57,28 @@ def xp(backend):
     return backend.xp
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, each worker hands its worst values and counts to the controller."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        from _report import COUNTS, WORST
+
+        output["trp_worst"] = [[check, dtype, value] for (check, dtype), value in WORST.items()]
+        output["trp_counts"] = dict(COUNTS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller: merge a finished worker's worst values and counts."""
+    from _report import count, record
+
+    output = getattr(node, "workeroutput", {})
+    for check, dtype, value in output.get("trp_worst", []):
+        record(check, dtype, value)
+    for check, n in output.get("trp_counts", {}).items():
+        count(check, n)
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print the worst measured values and example counts of the property tests."""
     from _report import COUNTS, WORST

@@ -25,17 +25,49 @@ def two_lanes(monkeypatch):
     monkeypatch.setattr(_common, "PARALLEL_MIN_NUMBERS", 1)
 
 
-def _spy_forward(monkeypatch, op: str) -> list:
-    """``(thread, rows)`` of every forward call of operation ``op`` from now on."""
-    calls = []
+class _Spy(list):
+    """``(thread, rows)`` of every call of a stage. While ``meet`` is on, each thread's first
+    call waits until a second thread has made its first one (a barrier, not a sleep): the test
+    sees two lanes at work however slowly the pool's thread starts, and fails (after its
+    timeout) where there is only one."""
+
+    def __init__(self):
+        super().__init__()
+        self.meet = True
+        self._barrier = threading.Barrier(2, timeout=60)
+
+    def record(self, rows: int) -> None:
+        me = threading.get_ident()
+        first = all(t != me for t, _ in self)
+        self.append((me, rows))
+        if self.meet and first:
+            self._barrier.wait()
+
+
+def _spy_forward(monkeypatch, op: str, *, meet: bool = True) -> _Spy:
+    """The calls of operation ``op``'s forward from now on (:class:`_Spy`)."""
+    calls = _Spy()
+    calls.meet = meet
     real = _common.OPERATIONS[op].forward
 
     def forward(a, b, o):
-        calls.append((threading.get_ident(), a[0].shape[0]))
-        time.sleep(0.01)  # (so that the other lane starts while this one works)
+        calls.record(a[0].shape[0])
         return real(a, b, o)
 
     monkeypatch.setitem(_common.OPERATIONS, op, _common.OPERATIONS[op]._replace(forward=forward))
+    return calls
+
+
+def _spy_backward(monkeypatch, op: str) -> _Spy:
+    """The calls of operation ``op``'s backward from now on (:class:`_Spy`)."""
+    calls = _Spy()
+    real = _common.OPERATIONS[op].backward
+
+    def backward(a, r, c, o, n):
+        calls.record(a[0].shape[0])
+        return real(a, r, c, o, n)
+
+    monkeypatch.setitem(_common.OPERATIONS, op, _common.OPERATIONS[op]._replace(backward=backward))
     return calls
 
 
@@ -56,10 +88,13 @@ def test_lanes_equal_chunks_in_turn(two_lanes, monkeypatch, method, kind):
     g = [rng.standard_normal(np.shape(x)) for x in fn(*case.args, **case.kwargs)]
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
     calls = _spy_forward(monkeypatch, op)
+    back = _spy_backward(monkeypatch, op)
     got = _outputs_and_cotangents(fn, case.args, case.kwargs, g)
-    assert sorted(n for _, n in calls) == [11, 13, 13, 13]
-    assert len({t for t, _ in calls}) == 2  # (two lanes, on two threads)
+    for seen in (calls, back):  # (forward and backward, in two lanes on two threads)
+        assert sorted(n for _, n in seen) == [11, 13, 13, 13]
+        assert len({t for t, _ in seen}) == 2
     calls.clear()
+    calls.meet = back.meet = False
     monkeypatch.setattr(_common, "PARALLEL_MIN_NUMBERS", 0)
     want = _outputs_and_cotangents(fn, case.args, case.kwargs, g)
     assert [n for _, n in calls] == [13, 13, 13, 11]
@@ -117,9 +152,10 @@ def test_torch_lanes_equal_chunks_in_turn(two_lanes, monkeypatch, route, method)
 
 def test_plan(monkeypatch):
     """How a call is cut: in turn, chunks of CHUNK_ROWS; with lanes, an even share of the rows
-    per lane, at most CHUNK_ROWS rows and at least the rows holding PARALLEL_MIN_NUMBERS
-    numbers of the scale (whichever is more), so a batch shorter than CHUNK_ROWS is split too;
-    lanes never outnumber the chunks; below PARALLEL_MIN_NUMBERS, no lanes."""
+    per lane, at least the rows holding PARALLEL_MIN_NUMBERS numbers of the scale, at most
+    CHUNK_ROWS rows or that least length (whichever is more), or at most the caller's bound
+    (the torch adapter's), so a batch shorter than CHUNK_ROWS is split too; lanes never
+    outnumber the chunks; below PARALLEL_MIN_NUMBERS, no lanes."""
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
     full = make_case(62, "kl", True, d=3, batch=(50,)).args  # (9 numbers of scale per row)
@@ -129,7 +165,9 @@ def test_plan(monkeypatch):
     assert plan("kl", full, (0.1, 0.1)) == (_common._spans(50, rows=16), 1)
     monkeypatch.setattr(_common, "PARALLEL_MIN_NUMBERS", 9 * 20)  # (20 full rows, 60 diagonal)
     spans, lanes = plan("kl", full, (0.1, 0.1))
-    assert lanes == 3 and [b - a for a, b in spans] == [17, 17, 16]  # (rows: min(20, 17))
+    assert lanes == 3 and [b - a for a, b in spans] == [17, 17, 16]  # (rows: max(17, 20) = 20)
+    spans, lanes = plan("kl", full, (0.1, 0.1), 16)  # (a caller's bound: at most 16 rows)
+    assert lanes == 3 and [b - a for a, b in spans] == [13, 13, 13, 11]
     assert plan("kl", diag, (0.1, 0.1)) == (_common._spans(50, rows=16), 1)  # (150 < 180)
     monkeypatch.setattr(_common, "PARALLEL_MIN_NUMBERS", 9 * 10)
     spans, lanes = plan("kl", full, (0.1, 0.1))  # (rows: max(16, 10) = 16)
@@ -151,9 +189,11 @@ def test_in_lanes_order_context_and_threads():
     off (``split_threads`` is 1 there, not here), the last on the calling thread."""
     here = threading.get_ident()
     assert _compat.split_threads(np) >= 1
+    together = threading.Barrier(3, timeout=60)  # (all three at once, on three threads)
 
     def task(i):
         def run():
+            together.wait()
             time.sleep(0.02 * (3 - i))  # (the first to start finishes last)
             return i, trp.checks_enabled(), _compat.split_threads(np), threading.get_ident()
 
@@ -230,3 +270,144 @@ def test_no_second_split_inside_a_lane(two_lanes, monkeypatch):
     monkeypatch.setattr(_common, "PARALLEL_MIN_NUMBERS", 0)
     trp.project_wasserstein(*case.args, **case.kwargs)
     assert splits
+
+
+def test_torch_func_grad_in_lanes(two_lanes, monkeypatch):
+    """``torch.func.grad`` runs the adapter's forward eagerly, so its chunks take lanes too:
+    two threads, and the gradients of the same chunks in turn, bit for bit."""
+    torch = pytest.importorskip("torch")
+    from tr_projections.backends import torch as adapter
+
+    case = make_case(65, "kl", True, d=3, batch=(50,))
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    mean, scale, old_mean, old_scale = (torch.tensor(a) for a in case.args)
+    kw = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in case.kwargs.items()}
+    rng = np.random.default_rng(5)
+    g_mean, g_scale = (torch.tensor(rng.standard_normal(tuple(x.shape))) for x in (mean, scale))
+
+    def loss(m, s):
+        out = case.fn(m, s, old_mean, old_scale, **kw)
+        return (out.mean * g_mean).sum() + (out.scale * g_scale).sum()
+
+    calls = _spy_forward(monkeypatch, "kl")
+    monkeypatch.setattr(adapter, "CHUNK_ROWS", 32)  # (16 rows a chunk in two lanes)
+    got = torch.func.grad(loss, argnums=(0, 1))(mean, scale)
+    assert sorted(n for _, n in calls) == [11, 13, 13, 13] and len({t for t, _ in calls}) == 2
+    calls.meet = False
+    monkeypatch.setattr(_common, "PARALLEL_MIN_NUMBERS", 0)
+    monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
+    want = torch.func.grad(loss, argnums=(0, 1))(mean, scale)
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_torch_thread_states_keep_one_thread(two_lanes, monkeypatch):
+    """Autocast, inference mode and ``__torch_function__``/dispatch modes are per thread in
+    torch, so a call under one of them runs its chunks in turn, all on the calling thread (a
+    lane would run without them): here float32 KL under CPU autocast, the same bits as with
+    the lanes off, and ``split_threads`` is 1 under each state."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tr_projections.backends import torch as adapter
+
+    a = torch.ones(3, 2, 2)
+    assert _compat.split_threads(xpt, a) == 2
+
+    class FunctionMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class DispatchMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    states = [
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.inference_mode(),
+        FunctionMode(),
+        DispatchMode(),
+    ]
+    for state in states:
+        with state:
+            assert _compat.split_threads(xpt, a) == 1, state
+    case = make_case(66, "kl", True, d=3, batch=(50,))
+    args = [torch.tensor(x, dtype=torch.float32) for x in case.args]
+    kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
+    calls = _spy_forward(monkeypatch, "kl", meet=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = case.fn(*args, **kw)
+        assert {t for t, _ in calls} == {threading.get_ident()} and len(calls) == 4
+        monkeypatch.setattr(_common, "PARALLEL_MIN_NUMBERS", 0)
+        want = case.fn(*args, **kw)
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_lanes_take_the_next_chunk(monkeypatch):
+    """Each lane takes the next chunk not yet taken: while one lane is held on the first
+    chunk, the other takes all the rest; the results come back in the chunks' order."""
+    spans = [(0, 1), (1, 2), (2, 3), (3, 4)]
+    seen = []
+    rest_done = threading.Event()
+
+    def fn(i, a, b):
+        if i == 0:  # (held until the other lane has done every other chunk)
+            assert rest_done.wait(60)
+        seen.append((i, threading.get_ident()))
+        if len(seen) == 3:
+            rest_done.set()
+        return i
+
+    assert _common._on_spans(fn, spans, 2) == [0, 1, 2, 3]
+    lane_of = dict(seen)
+    assert {lane_of[i] for i in (1, 2, 3)} == {t for i, t in seen if i != 0}
+    assert lane_of[0] not in {lane_of[i] for i in (1, 2, 3)}
+
+
+def test_lanes_raise_the_first_failing_chunk():
+    """When chunks fail in two lanes, the caller gets the error of the first in order, once
+    both lanes have stopped."""
+    spans = [(i, i + 1) for i in range(6)]
+
+    def fn(i, a, b):
+        time.sleep(0.05 if i == 2 else 0.0)
+        if i in (2, 3):
+            raise ValueError(f"chunk {i}")
+        return i
+
+    with pytest.raises(ValueError, match="chunk 2"):
+        _common._on_spans(fn, spans, 2)
+
+
+def test_in_lanes_waits_on_an_interrupt():
+    """An interrupt of the task on the calling thread propagates once the running tasks on
+    the pool have finished (no lane is left working on the caller's arrays)."""
+    finished = []
+    started = threading.Event()
+
+    def slow():
+        started.set()
+        time.sleep(0.1)
+        finished.append(1)
+
+    def interrupted():
+        assert started.wait(5.0)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _compat.in_lanes([slow, interrupted])
+    assert finished == [1]
+    assert _compat.in_lanes([]) == []
+
+
+def test_in_lanes_numpy_error_state():
+    """A lane handles NumPy's floating-point errors as the caller does (NumPy 1.x keeps the
+    setting per thread)."""
+    with np.errstate(divide="raise", invalid="ignore"):
+        states = _compat.in_lanes([np.geterr] * 3)
+    assert all(s["divide"] == "raise" and s["invalid"] == "ignore" for s in states)

@@ -384,6 +384,8 @@ def split_threads(xp: Namespace, a: Array | None = None) -> int:
     elif is_torch(xp) and (a is None or (a.device.type == "cpu" and _torch_plain(a))):
         import torch
 
+        if not _torch_thread_state_plain():
+            return 1
         n = _configured_threads() or torch.get_num_threads()
     else:
         return 1
@@ -416,12 +418,22 @@ def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
     """Run the zero-argument ``tasks`` at the same time: all but the last on the thread pool
     and the last on this thread, each in a copy of the caller's context (its settings, e.g.
     :func:`tr_projections.checks`) with further splitting off (:func:`split_threads` is 1
-    there) and, once torch is imported, torch's grad mode as the caller's (a pool thread's own
-    default is on). Returns their results in order, once every task has finished; if any
-    failed, raises the error of the first that failed, in the order of ``tasks``. A task that
-    cannot be handed to the pool (the interpreter is shutting down) runs here."""
+    there), NumPy's error handling as the caller's (NumPy 1.x keeps it per thread) and, once
+    torch is imported, torch's grad mode as the caller's (a pool thread's own default is on).
+    Returns their results in order, once every task has finished; if any failed, raises the
+    error of the first that failed, in the order of ``tasks``. An interrupt (any exception
+    that is not an ``Exception``) of the task on this thread cancels the tasks not yet started
+    and waits for the running ones before it propagates. A task that cannot be handed to the
+    pool (the interpreter is shutting down) runs here."""
     from concurrent.futures import wait
 
+    if not tasks:
+        return []
+    errstate = None
+    if "numpy" in sys.modules:
+        import numpy
+
+        errstate = numpy.geterr()
     grad = None
     if "torch" in sys.modules:
         import torch
@@ -430,37 +442,50 @@ def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
 
     def lane(task: Callable[[], Any]) -> Any:
         _lane.set(True)
-        if grad is None:
-            return task()
-        import torch
+        with contextlib.ExitStack() as stack:
+            if errstate is not None:
+                import numpy
 
-        with torch.set_grad_enabled(grad):
+                stack.enter_context(numpy.errstate(**errstate))
+            if grad is not None:
+                import torch
+
+                stack.enter_context(torch.set_grad_enabled(grad))
             return task()
 
-    runs: list = []  # (future or None, result or error) per task
+    futures: list = []  # (None: the task runs here)
     pool = _executor() if len(tasks) > 1 else None
     for task in tasks[:-1]:
         try:
-            runs.append([pool.submit(contextvars.copy_context().run, lane, task), None])
+            futures.append(pool.submit(contextvars.copy_context().run, lane, task))
         except RuntimeError:  # (a pool shut down at interpreter exit)
-            runs.append([None, task])
-    runs.append([None, tasks[-1]])
-    for run in runs:  # (those not on the pool, here, in order)
-        if run[0] is None:
-            try:
-                run[1] = (True, contextvars.copy_context().run(lane, run[1]))
-            except Exception as e:  # (raised below, once every task has finished)
-                run[1] = (False, e)
-    wait([run[0] for run in runs if run[0] is not None])
-    out = []
-    for future, done in runs:
-        if future is not None:
-            error = future.exception()
-            done = (False, error) if error is not None else (True, future.result())
-        if not done[0]:
-            raise done[1]
-        out.append(done[1])
-    return out
+            futures.append(None)
+    futures.append(None)
+    pending = [f for f in futures if f is not None]
+    outs: list = [None] * len(tasks)
+    errors: list = [None] * len(tasks)
+    try:
+        for k, task in enumerate(tasks):
+            if futures[k] is None:
+                try:
+                    outs[k] = contextvars.copy_context().run(lane, task)
+                except Exception as e:  # (raised below, once every task has finished)
+                    errors[k] = e
+    except BaseException:
+        for f in pending:
+            f.cancel()
+        wait(pending)
+        raise
+    wait(pending)
+    for k, f in enumerate(futures):
+        if f is not None:
+            errors[k] = f.exception()
+            if errors[k] is None:
+                outs[k] = f.result()
+    for e in errors:
+        if e is not None:
+            raise e
+    return outs
 
 
 def _in_parallel(
@@ -548,6 +573,24 @@ def _cupy_sees_gpu() -> bool:
         return False
 
 
+def _torch_thread_state_plain() -> bool:
+    """Whether this thread has none of torch's per-thread states that work on another thread
+    would not see: autocast, inference mode, ``__torch_function__`` or dispatch modes (a
+    profiler's or a FLOP counter's). (Grad mode is carried over by :func:`in_lanes`.)"""
+    import torch
+
+    try:
+        autocast = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    except TypeError:  # pragma: no cover - torch < 2.4 (no device argument)
+        autocast = torch.is_autocast_cpu_enabled() or torch.is_autocast_enabled()
+    return not (
+        autocast
+        or torch.is_inference_mode_enabled()
+        or torch._C._len_torch_function_stack() > 0
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
 def _torch_plain(*ts: Array) -> bool:
     """Whether tensors ``ts`` may go to another library (CuPy, NumPy) and back: float tensors
     whose result torch need not differentiate (no autograd graph being recorded, no forward-mode
@@ -558,7 +601,7 @@ def _torch_plain(*ts: Array) -> bool:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(
-        type(t) is torch.Tensor
+        type(t) in (torch.Tensor, torch.nn.Parameter)
         and t.dtype in (torch.float32, torch.float64)
         and not (t.requires_grad and torch.is_grad_enabled())
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -13,8 +13,8 @@ library.
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -154,12 +154,14 @@ def _spans(n: int, n_chunks: int | None = None, rows: int | None = None) -> list
 #: whose scale holds at least this many numbers (about 14,600 full or 87,000 diagonal 6-D
 #: states) run in chunks on several threads at once (:func:`lanes`), forward and backward: the
 #: elementwise work of NumPy, and the decompositions of both, then use every thread. A chunk is
-#: an even share of the rows per thread, but at most the call's chunk length (``CHUNK_ROWS``)
-#: and at least the rows that hold this many numbers, whichever is more: shorter chunks of NumPy's
-#: many short operations contend for the GIL (diagonal KL, 100,000 states in chunks of 4,096 rows
-#: on 2 threads: 0.74x the time in turn; chunks of 50,000: 1.4x). (All chunks of a call have the
-#: same length, so one may hold down to half as many.) The results are those of the same chunks
-#: in turn, bit for bit. Measured: ``benchmarks/lanes.py``, ``docs/benchmarks.md``. 0: never.
+#: an even share of the rows per thread, at least the rows that hold this many numbers, and at
+#: most the torch adapter's chunk length or, for NumPy, ``CHUNK_ROWS`` or that least length,
+#: whichever is more: shorter chunks of NumPy's many short operations contend for the GIL
+#: (diagonal KL, 100,000 states on 2 threads, forward + backward: chunks of 4,096 rows took 1.28x
+#: the time in turn; the chunks of 50,000 rows this gives, 0.73x). (All chunks of a call have
+#: the same length, so one may hold down to half as many.) Each thread takes the next chunk not
+#: yet taken. The results are those of the same chunks in turn, bit for bit. Measured:
+#: ``benchmarks/lanes.py``, ``docs/benchmarks.md``. 0: never.
 PARALLEL_MIN_NUMBERS = 1 << 19
 
 
@@ -182,8 +184,10 @@ def _plan(
     whole batch): a projection of arrays that share their first (batch) axis, with bounds that
     are numbers, 0-d arrays or arrays of the batch's shape, longer than its chunk. Without
     ``rows``: eager NumPy arrays, in chunks of :data:`CHUNK_ROWS`; with ``rows``, the caller
-    vouches for its arrays being eager (the torch adapter's CPU kernels); 0: never. With more
-    than one lane (:func:`lanes`) the chunks may be longer, and a shorter batch is split too."""
+    vouches for its arrays being eager (the torch adapter's CPU kernels) and ``rows`` is a
+    bound; 0: never. With more than one lane (:func:`lanes`) a shorter batch is split too, and
+    NumPy's chunks may be longer (see :data:`PARALLEL_MIN_NUMBERS`)."""
+    given = rows is not None
     if rows is None:
         rows = CHUNK_ROWS
         if not all(isinstance(x, np.ndarray) for x in arrays):
@@ -206,9 +210,11 @@ def _plan(
         if ndim > 0 and (ndim != batch_ndim or b.shape[0] != n):
             return None
     k = lanes(kind, arrays)
-    if k > 1:  # (an even share per lane; not shorter than `least`, nor longer than `rows`)
+    if k > 1:
+        # An even share per lane, not shorter than `least`; at most the caller's `rows` (the
+        # torch adapter's memory bound), or NumPy's CHUNK_ROWS unless `least` is longer.
         least = -(-PARALLEL_MIN_NUMBERS // math.prod(tuple(scale.shape[1:])))
-        rows = min(max(-(-n // k), least), max(rows, least))
+        rows = min(max(-(-n // k), least), rows if given else max(rows, least))
     if n <= rows:
         return None
     spans = _spans(n, rows=rows)
@@ -222,14 +228,40 @@ def _rows(xs: tuple, start: int, stop: int) -> tuple:
 
 
 def _on_spans(fn: Callable, spans: list, n_lanes: int) -> list:
-    """``fn(i, start, stop)`` for each span ``i``, in ``n_lanes`` lanes of consecutive spans at
-    the same time (:func:`tr_projections._compat.in_lanes`); the results in the spans' order."""
+    """``fn(i, start, stop)`` for each span ``i``; with ``n_lanes`` > 1 on that many threads at
+    once (:func:`tr_projections._compat.in_lanes`), each lane taking the next span not yet
+    taken until none is left (chunks of uneven cost keep every lane busy). The results in the
+    spans' order; if any failed, the error of the first that failed, in the spans' order, once
+    every lane has stopped (a lane stops taking spans once any has failed)."""
     if n_lanes < 2:
         return [fn(i, a, b) for i, (a, b) in enumerate(spans)]
-    share = -(-len(spans) // n_lanes)
-    groups = [range(i, min(i + share, len(spans))) for i in range(0, len(spans), share)]
-    tasks = [functools.partial(lambda g: [fn(i, *spans[i]) for i in g], g) for g in groups]
-    return [r for rs in _compat.in_lanes(tasks) for r in rs]
+    results: list = [None] * len(spans)
+    errors: dict[int, Exception] = {}
+    lock = threading.Lock()
+    taken = [0]
+
+    def lane() -> None:
+        while True:
+            with lock:
+                i = taken[0]
+                if errors or i >= len(spans):
+                    return
+                taken[0] = i + 1
+            try:
+                results[i] = fn(i, *spans[i])
+            except Exception as e:
+                with lock:
+                    errors[i] = e
+                return
+            except BaseException:  # (an interrupt: no more spans, here or elsewhere)
+                with lock:
+                    taken[0] = len(spans)
+                raise
+
+    _compat.in_lanes([lane] * n_lanes)
+    if errors:
+        raise errors[min(errors)]
+    return results
 
 
 def forward(

@@ -173,7 +173,7 @@ class _Operation(torch.autograd.Function):
         if kind in CHUNKED and _eager_cpu(inputs):
             # Chunks on several threads at once (_common.lanes) are shorter in proportion: as
             # many rows' temporaries exist at a time as with one chunk after another.
-            chunk = CHUNK_ROWS // _common.lanes(kind, arrays)
+            chunk = CHUNK_ROWS and max(1, CHUNK_ROWS // _common.lanes(kind, arrays))
         outs, res = _common.forward(kind, arrays, bounds, dict(options), chunk_rows=chunk)
         return (*outs, *_entries(res))
 

@@ -124,9 +124,11 @@ def test_torch_lanes_equal_chunks_in_turn(two_lanes, monkeypatch, route, method)
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 1 << 20 if route == "numpy" else 0)
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
     graphs = []
+    calls = _Spy()
     real = _common.OPERATIONS[method].forward
 
     def forward(a, b, o):
+        calls.record(a[0].shape[0])
         out = real(a, b, o)
         graphs.append(any(getattr(x, "grad_fn", None) is not None for x in out[0]))
         return out
@@ -145,6 +147,8 @@ def test_torch_lanes_equal_chunks_in_turn(two_lanes, monkeypatch, route, method)
 
     got = run(True)
     assert len(graphs) == 4 and not any(graphs)
+    assert len({t for t, _ in calls}) == 2  # (both lanes worked, the pool's one included)
+    calls.meet = False
     want = run(False)
     for x, y in zip(got, want, strict=True):
         np.testing.assert_array_equal(x, y)
@@ -302,10 +306,11 @@ def test_torch_func_grad_in_lanes(two_lanes, monkeypatch):
 
 
 def test_torch_thread_states_keep_one_thread(two_lanes, monkeypatch):
-    """Autocast, inference mode and ``__torch_function__``/dispatch modes are per thread in
-    torch, so a call under one of them runs its chunks in turn, all on the calling thread (a
-    lane would run without them): here float32 KL under CPU autocast, the same bits as with
-    the lanes off, and ``split_threads`` is 1 under each state."""
+    """Autocast, inference mode, ``__torch_function__`` and dispatch modes (a default device, a
+    FLOP counter) and the profiler are per thread in torch, so a call under one of them runs
+    its chunks in turn, all on the calling thread (a lane would run without them): here
+    float32 KL under CPU autocast, the same bits as with the lanes off, and ``split_threads``
+    is 1 under each state."""
     torch = pytest.importorskip("torch")
     import array_api_compat.torch as xpt
     from torch.overrides import TorchFunctionMode
@@ -329,7 +334,11 @@ def test_torch_thread_states_keep_one_thread(two_lanes, monkeypatch):
         torch.inference_mode(),
         FunctionMode(),
         DispatchMode(),
+        torch.device("cpu"),
+        torch.profiler.profile(),
     ]
+    with torch.no_grad():  # (as inside the adapter: a Parameter is a plain tensor there)
+        assert _compat.split_threads(xpt, torch.nn.Parameter(a)) == 2
     for state in states:
         with state:
             assert _compat.split_threads(xpt, a) == 1, state
@@ -411,3 +420,34 @@ def test_in_lanes_numpy_error_state():
     with np.errstate(divide="raise", invalid="ignore"):
         states = _compat.in_lanes([np.geterr] * 3)
     assert all(s["divide"] == "raise" and s["invalid"] == "ignore" for s in states)
+
+
+def test_in_lanes_interrupted_while_waiting(monkeypatch):
+    """An interrupt while the calling thread waits for the pool's tasks (its own task done
+    first) cancels what has not started and waits for what runs before it propagates."""
+    import concurrent.futures
+
+    real_wait = concurrent.futures.wait
+    interrupted = []
+
+    def wait(futures, *args, **kwargs):
+        if not interrupted and not all(f.done() for f in futures):
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        return real_wait(futures, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "wait", wait)
+    finished = []
+    started = threading.Event()
+
+    def slow():
+        started.set()
+        time.sleep(0.1)
+        finished.append(1)
+
+    def quick():
+        assert started.wait(60)
+
+    with pytest.raises(KeyboardInterrupt):
+        _compat.in_lanes([slow, quick])
+    assert interrupted and finished == [1]

@@ -433,7 +433,7 @@ def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
     if "numpy" in sys.modules:
         import numpy
 
-        errstate = numpy.geterr()
+        errstate = {**numpy.geterr(), "call": numpy.geterrcall()}
     grad = None
     if "torch" in sys.modules:
         import torch
@@ -454,37 +454,41 @@ def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
             return task()
 
     futures: list = []  # (None: the task runs here)
-    pool = _executor() if len(tasks) > 1 else None
-    for task in tasks[:-1]:
-        try:
-            futures.append(pool.submit(contextvars.copy_context().run, lane, task))
-        except RuntimeError:  # (a pool shut down at interpreter exit)
-            futures.append(None)
-    futures.append(None)
-    pending = [f for f in futures if f is not None]
     outs: list = [None] * len(tasks)
     errors: list = [None] * len(tasks)
+    pool = _executor() if len(tasks) > 1 else None
     try:
+        for task in tasks[:-1]:
+            try:
+                futures.append(pool.submit(contextvars.copy_context().run, lane, task))
+            except RuntimeError as e:
+                if "shutdown" not in str(e):
+                    raise  # (e.g. no thread could be started: the call fails)
+                futures.append(None)  # (a pool shut down at interpreter exit: run it here)
+        futures.append(None)
         for k, task in enumerate(tasks):
             if futures[k] is None:
                 try:
                     outs[k] = contextvars.copy_context().run(lane, task)
                 except Exception as e:  # (raised below, once every task has finished)
                     errors[k] = e
-    except BaseException:
+        wait([f for f in futures if f is not None])
+    except BaseException:  # (an interrupt, here or while waiting: stop what has not started)
+        pending = [f for f in futures if f is not None]
         for f in pending:
             f.cancel()
         wait(pending)
         raise
-    wait(pending)
     for k, f in enumerate(futures):
         if f is not None:
             errors[k] = f.exception()
             if errors[k] is None:
                 outs[k] = f.result()
-    for e in errors:
-        if e is not None:
-            raise e
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        outs.clear()  # (the error's traceback keeps this frame: not the results with it)
+        errors.clear()
+        raise first
     return outs
 
 
@@ -575,8 +579,9 @@ def _cupy_sees_gpu() -> bool:
 
 def _torch_thread_state_plain() -> bool:
     """Whether this thread has none of torch's per-thread states that work on another thread
-    would not see: autocast, inference mode, ``__torch_function__`` or dispatch modes (a
-    profiler's or a FLOP counter's). (Grad mode is carried over by :func:`in_lanes`.)"""
+    would not see: autocast, inference mode, ``__torch_function__`` modes (a default device
+    set with ``torch.device`` or ``torch.set_default_device``), dispatch modes (a FLOP
+    counter's), the profiler. (Grad mode is carried over by :func:`in_lanes`.)"""
     import torch
 
     try:
@@ -588,6 +593,7 @@ def _torch_thread_state_plain() -> bool:
         or torch.is_inference_mode_enabled()
         or torch._C._len_torch_function_stack() > 0
         or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._autograd._profiler_enabled()
     )
 
 

@@ -241,26 +241,29 @@ def _on_spans(fn: Callable, spans: list, n_lanes: int) -> list:
     taken = [0]
 
     def lane() -> None:
-        while True:
-            with lock:
-                i = taken[0]
-                if errors or i >= len(spans):
+        try:
+            while True:
+                with lock:
+                    i = taken[0]
+                    if errors or i >= len(spans):
+                        return
+                    taken[0] = i + 1
+                try:
+                    results[i] = fn(i, *spans[i])
+                except Exception as e:
+                    with lock:
+                        errors[i] = e
                     return
-                taken[0] = i + 1
-            try:
-                results[i] = fn(i, *spans[i])
-            except Exception as e:
-                with lock:
-                    errors[i] = e
-                return
-            except BaseException:  # (an interrupt: no more spans, here or elsewhere)
-                with lock:
-                    taken[0] = len(spans)
-                raise
+        except BaseException:  # (an interrupt: no more spans, here or elsewhere)
+            taken[0] = len(spans)
+            raise
 
     _compat.in_lanes([lane] * n_lanes)
     if errors:
-        raise errors[min(errors)]
+        first = errors[min(errors)]
+        results.clear()  # (the error's traceback keeps the lanes' frames: not the results)
+        errors.clear()
+        raise first
     return results
 
 

@@ -393,27 +393,6 @@ def test_lanes_raise_the_first_failing_chunk():
         _common._on_spans(fn, spans, 2)
 
 
-def test_in_lanes_waits_on_an_interrupt():
-    """An interrupt of the task on the calling thread propagates once the running tasks on
-    the pool have finished (no lane is left working on the caller's arrays)."""
-    finished = []
-    started = threading.Event()
-
-    def slow():
-        started.set()
-        time.sleep(0.1)
-        finished.append(1)
-
-    def interrupted():
-        assert started.wait(5.0)
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _compat.in_lanes([slow, interrupted])
-    assert finished == [1]
-    assert _compat.in_lanes([]) == []
-
-
 def test_in_lanes_numpy_error_state():
     """A lane handles NumPy's floating-point errors as the caller does (NumPy 1.x keeps the
     setting per thread)."""
@@ -422,16 +401,18 @@ def test_in_lanes_numpy_error_state():
     assert all(s["divide"] == "raise" and s["invalid"] == "ignore" for s in states)
 
 
-def test_in_lanes_interrupted_while_waiting(monkeypatch):
-    """An interrupt while the calling thread waits for the pool's tasks (its own task done
-    first) cancels what has not started and waits for what runs before it propagates."""
+@pytest.mark.parametrize("where", ["task", "wait"])
+def test_in_lanes_waits_on_an_interrupt(monkeypatch, where):
+    """An interrupt on the calling thread, in its own task or while it waits for the pool's
+    tasks (its own done first), cancels what has not started and propagates once what runs
+    has finished (no lane is left working on the caller's arrays)."""
     import concurrent.futures
 
     real_wait = concurrent.futures.wait
     interrupted = []
 
     def wait(futures, *args, **kwargs):
-        if not interrupted and not all(f.done() for f in futures):
+        if where == "wait" and not interrupted and not all(f.done() for f in futures):
             interrupted.append(1)
             raise KeyboardInterrupt
         return real_wait(futures, *args, **kwargs)
@@ -445,9 +426,13 @@ def test_in_lanes_interrupted_while_waiting(monkeypatch):
         time.sleep(0.1)
         finished.append(1)
 
-    def quick():
+    def here():
         assert started.wait(60)
+        if where == "task":
+            interrupted.append(1)
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _compat.in_lanes([slow, quick])
+        _compat.in_lanes([slow, here])
     assert interrupted and finished == [1]
+    assert _compat.in_lanes([]) == []

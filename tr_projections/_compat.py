@@ -422,9 +422,9 @@ def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
     torch is imported, torch's grad mode as the caller's (a pool thread's own default is on).
     Returns their results in order, once every task has finished; if any failed, raises the
     error of the first that failed, in the order of ``tasks``. An interrupt (any exception
-    that is not an ``Exception``) of the task on this thread cancels the tasks not yet started
-    and waits for the running ones before it propagates. A task that cannot be handed to the
-    pool (the interpreter is shutting down) runs here."""
+    that is not an ``Exception``) on this thread, in its task or while it waits, cancels the
+    tasks not yet started and waits for the running ones before it propagates. A task that
+    cannot be handed to the pool (the interpreter is shutting down) runs here."""
     from concurrent.futures import wait
 
     if not tasks:

@@ -337,7 +337,7 @@ class TorchBackend(Backend):
                 out = trp.project(leaves[0], leaves[1], x[2], x[3], **kw)
                 loss = (out.mean * g_mean).sum() + (out.scale * g_scale).sum()
                 loss.backward()
-                return leaves[0].grad
+                return leaves[0].grad, leaves[1].grad
 
         return Prepared(call, self._sync)
 

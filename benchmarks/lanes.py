@@ -3,11 +3,11 @@
 Eager NumPy projections of more than ``_common.CHUNK_ROWS`` states, and KL and W2 projections of
 torch CPU tensors of more than the torch adapter's ``CHUNK_ROWS``, run in chunks of rows. From
 ``_common.PARALLEL_MIN_NUMBERS`` numbers in the scale, the chunks run on several threads at once
-(``_common.lanes``; the threads of ``_compat.split_threads``). This script times the public calls
-(``trp.project`` and ``trp.vjp`` for NumPy; ``trp.project`` and ``backward()`` for torch, the new
-policy requiring grad) with the lanes off (``PARALLEL_MIN_NUMBERS = 0``) and on (the shipped
-value), on ``run.py``'s data and bounds, interleaved round by round in one process, and prints the
-medians, their ratio and the machine:
+(``_common.lanes``; the threads of ``_compat.split_threads``). This script times the public
+calls as ``run.py``'s workers make them (``trp.project`` and ``trp.vjp`` for NumPy;
+``trp.project`` and ``backward()`` for torch, the new policy requiring grad) with the lanes off
+(``PARALLEL_MIN_NUMBERS = 0``) and on (the shipped value), on ``run.py``'s data and bounds,
+interleaved round by round in one process, and prints the medians, their ratio and the machine:
 
     python benchmarks/lanes.py                              # d = 6, B = 1e4, 3e4, 1e5
     python benchmarks/lanes.py --backends numpy --kinds diag --batches 5e4,1e5,3e5
@@ -20,8 +20,9 @@ medians, their ratio and the machine:
 the lanes on.
 
 Both settings should give the same outputs and cotangents bit for bit: the last column says
-whether the first call of each gave them (the tests check it on small batches,
-``tests/test_lanes.py``).
+whether the first call of each gave them: the outputs in the forward rows, the new policy's
+cotangents in the forward + backward rows (the tests check every output and cotangent on small
+batches, ``tests/test_lanes.py``).
 """
 
 from __future__ import annotations
@@ -35,42 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # (the checkout; this folder is on the path already)
 
-from _worker import bounds_for, interleaved_ms, machine_line, make_data  # noqa: E402
-
-
-def _numpy_call(trp, arrays, cotangents, method, eps_mean, eps_cov, backward):
-    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
-    x = [np.array(a, copy=True) for a in arrays]
-    ct = trp.Gaussian(*cotangents)
-
-    def call():
-        if not backward:
-            return tuple(trp.project(*x, **kw))
-        out, vjp_fn = trp.vjp(trp.project, *x, **kw)
-        return (*out, *vjp_fn(ct, wrt=("mean", "scale")))
-
-    return call
-
-
-def _torch_call(trp, arrays, cotangents, method, eps_mean, eps_cov, backward):
-    import torch
-
-    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
-    x = [torch.asarray(a) for a in arrays]
-    leaves = [x[0].detach().requires_grad_(True), x[1].detach().requires_grad_(True)]
-    g_mean, g_scale = (torch.asarray(g) for g in cotangents)
-
-    def call():
-        if not backward:
-            with torch.no_grad():
-                return tuple(trp.project(*x, **kw))
-        for leaf in leaves:
-            leaf.grad = None
-        out = trp.project(leaves[0], leaves[1], x[2], x[3], **kw)
-        ((out.mean * g_mean).sum() + (out.scale * g_scale).sum()).backward()
-        return (out.mean.detach(), out.scale.detach(), leaves[0].grad, leaves[1].grad)
-
-    return call
+from _worker import bounds_for, interleaved_ms, machine_line, make_backend, make_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,23 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.methods, args.kinds, args.batches, args.rounds = "kl", "full", "2000", 1
 
-    import tr_projections as trp
     from tr_projections.backends import _common
 
-    makers = {}
+    makers = {}  # (run.py's workers' calls: _worker.NumpyLike, _worker.TorchBackend)
     versions = f"numpy {np.__version__}"
     for name in args.backends.split(","):
-        if name == "numpy":
-            makers[name] = _numpy_call
-        elif name == "torch":
+        if name not in ("numpy", "torch"):
+            raise SystemExit(f"--backends: numpy or torch, not {name!r}")
+        makers[name] = make_backend(name, args.threads)
+        if name == "torch":
             import torch
 
-            if args.threads > 0:
-                torch.set_num_threads(args.threads)
-            makers[name] = _torch_call
             versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-        else:
-            raise SystemExit(f"--backends: numpy or torch, not {name!r}")
     shipped = _common.PARALLEL_MIN_NUMBERS
     chunks = {"numpy": _common.CHUNK_ROWS}
     if "torch" in makers:
@@ -141,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                     data = make_data(kind, d, B, args.seed)
                     for method in args.methods.split(","):
                         eps_mean, eps_cov, _ = bounds_for(data, method)
-                        for name, maker in makers.items():
+                        for name, backend in makers.items():
                             for mode in args.modes.split(","):
-                                call = maker(
-                                    trp, data["arrays"], data["cotangents"], method,
-                                    eps_mean, eps_cov, mode == "backward",
-                                )  # fmt: skip
+                                call = backend.prepare(
+                                    data["arrays"], data["cotangents"], mode, method,
+                                    eps_mean, eps_cov,
+                                ).call  # fmt: skip
 
                                 def setting(value, call=call):
                                     _common.PARALLEL_MIN_NUMBERS = value

@@ -44,30 +44,18 @@ class _Spy(list):
             self._barrier.wait()
 
 
-def _spy_forward(monkeypatch, op: str, *, meet: bool = True) -> _Spy:
-    """The calls of operation ``op``'s forward from now on (:class:`_Spy`)."""
+def _spy(monkeypatch, op: str, stage: str = "forward", *, meet: bool = True) -> _Spy:
+    """The calls of operation ``op``'s ``stage`` (``forward`` or ``backward``) from now on
+    (:class:`_Spy`)."""
     calls = _Spy()
     calls.meet = meet
-    real = _common.OPERATIONS[op].forward
+    real = getattr(_common.OPERATIONS[op], stage)
 
-    def forward(a, b, o):
-        calls.record(a[0].shape[0])
-        return real(a, b, o)
+    def spied(arrays, *rest):
+        calls.record(arrays[0].shape[0])
+        return real(arrays, *rest)
 
-    monkeypatch.setitem(_common.OPERATIONS, op, _common.OPERATIONS[op]._replace(forward=forward))
-    return calls
-
-
-def _spy_backward(monkeypatch, op: str) -> _Spy:
-    """The calls of operation ``op``'s backward from now on (:class:`_Spy`)."""
-    calls = _Spy()
-    real = _common.OPERATIONS[op].backward
-
-    def backward(a, r, c, o, n):
-        calls.record(a[0].shape[0])
-        return real(a, r, c, o, n)
-
-    monkeypatch.setitem(_common.OPERATIONS, op, _common.OPERATIONS[op]._replace(backward=backward))
+    monkeypatch.setitem(_common.OPERATIONS, op, _common.OPERATIONS[op]._replace(**{stage: spied}))
     return calls
 
 
@@ -87,8 +75,8 @@ def test_lanes_equal_chunks_in_turn(two_lanes, monkeypatch, method, kind):
     rng = np.random.default_rng(2)
     g = [rng.standard_normal(np.shape(x)) for x in fn(*case.args, **case.kwargs)]
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
-    calls = _spy_forward(monkeypatch, op)
-    back = _spy_backward(monkeypatch, op)
+    calls = _spy(monkeypatch, op)
+    back = _spy(monkeypatch, op, "backward")
     got = _outputs_and_cotangents(fn, case.args, case.kwargs, g)
     for seen in (calls, back):  # (forward and backward, in two lanes on two threads)
         assert sorted(n for _, n in seen) == [11, 13, 13, 13]
@@ -293,7 +281,7 @@ def test_torch_func_grad_in_lanes(two_lanes, monkeypatch):
         out = case.fn(m, s, old_mean, old_scale, **kw)
         return (out.mean * g_mean).sum() + (out.scale * g_scale).sum()
 
-    calls = _spy_forward(monkeypatch, "kl")
+    calls = _spy(monkeypatch, "kl")
     monkeypatch.setattr(adapter, "CHUNK_ROWS", 32)  # (16 rows a chunk in two lanes)
     got = torch.func.grad(loss, argnums=(0, 1))(mean, scale)
     assert sorted(n for _, n in calls) == [11, 13, 13, 13] and len({t for t, _ in calls}) == 2
@@ -347,7 +335,7 @@ def test_torch_thread_states_keep_one_thread(two_lanes, monkeypatch):
     kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
     monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
-    calls = _spy_forward(monkeypatch, "kl", meet=False)
+    calls = _spy(monkeypatch, "kl", meet=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = case.fn(*args, **kw)
         assert {t for t, _ in calls} == {threading.get_ident()} and len(calls) == 4

@@ -7,20 +7,25 @@
 #         array-api-compat==1.16.0 array-api-strict==2.6.1
 #   on the device (carry .whl):
 #     bash benchmarks/gpu_check.sh            # writes under $OUT (default ./gpu-out), <= 9.5 min
-#     bash benchmarks/gpu_check.sh targets    # <= 5 min: the issue's GPU target rows only
+#     bash benchmarks/gpu_check.sh targets    # <= 6.5 min: the issue's GPU target rows only
 #
 # Installs only what is missing, then, each stage under its own time limit (one that hangs
 # leaves the others' results; every benchmark cell is printed as it is timed), all output also
 # in $OUT/log.txt:
-#   1. batched eigh routes (benchmarks/eigh.py): torch in chunks, torch->CuPy, CuPy, JAX;
-#   2. KL, full, d = 6 (targets: B = 1e6), torch/CuPy/JAX, with torch's own eigh
-#      (TRP_TORCH_CUDA_EIGH=torch) interleaved as torch_cuda+env: the eigh route end to end;
-#   3. KL, diagonal, d = 6, with TRP_ROW_SELECTION=0 (every stage on the whole batch, no row
-#      gathering: fewer operations and host reads) interleaved as torch_cuda+env;
-#   4. (whole run) Frobenius and W2 at 1e6 states;
-#   5. the GPU tests: the eigh routes (tests/test_compat.py) first, then the torch_cuda and cupy
-#      backends (targets: large batches and batch-vs-rows only) and (whole run) the "jax" backend
-#      on the GPU for its bound properties; batches above 65,535 full Gaussians included.
+#   1. the fused diagonal KL kernels' GPU tests (tests/test_kl_fused.py): torch CUDA and CuPy,
+#      float32 and float64, against the array-API form;
+#   2. (whole run) batched eigh routes (benchmarks/eigh.py): torch in chunks, torch->CuPy,
+#      CuPy, JAX;
+#   3. KL, diagonal, d = 6 (targets: B = 1e6), torch/CuPy/JAX, with TRP_FUSED=off (the
+#      array-API form instead of the fused kernels) interleaved as torch_cuda+env and cupy+env;
+#   4. KL, full, d = 6, with torch's own eigh (TRP_TORCH_CUDA_EIGH=torch) interleaved as
+#      torch_cuda+env: the eigh route end to end;
+#   5. (whole run) Frobenius and W2 at 1e6 states;
+#   6. the GPU tests: the eigh routes (tests/test_compat.py), the large batches and
+#      batch-vs-rows, and every KL test of the projections, gradients and robustness suites
+#      (targets) or those whole suites (whole run), on the torch_cuda and cupy backends, and
+#      (whole run) the "jax" backend on the GPU for its bound properties; batches above 65,535
+#      full Gaussians included.
 # Files that come back (at most 8): log.txt, eigh.json, kl-full.json, kl-diag.json,
 # other.json, tests.log.
 set -uo pipefail
@@ -67,10 +72,10 @@ PY
 status=0
 if [ "${1:-}" = targets ]; then
     BATCHES=100000,1000000 MODES=backward EIGH_B=10000,100000,1000000
-    T_EIGH=40 T_FULL=100 T_DIAG=60
+    T_FULL=100 T_DIAG=90
 else
     BATCHES=1000,100000,1000000 MODES=forward,backward EIGH_B=1000,10000,100000,1000000
-    T_EIGH=45 T_FULL=150 T_DIAG=70
+    T_FULL=150 T_DIAG=120
 fi
 bench() { # bench SECONDS NAME ARGS...: one stage of benchmarks/run.py
     local seconds=$1 name=$2
@@ -80,32 +85,36 @@ bench() { # bench SECONDS NAME ARGS...: one stage of benchmarks/run.py
         --cell-timeout 30 --verbose --label "gpu-$name" --json "$OUT/$name.json" "$@" 2>&1 \
         | tee -a "$LOG" || status=1
 }
+: >"$OUT/tests.log"
+gpu_tests() { # gpu_tests SECONDS BACKENDS PYTEST-ARGS...
+    local seconds=$1 backends=$2
+    shift 2
+    stage "tests: $backends $*" | tee -a "$LOG"
+    TRP_BACKENDS=$backends timeout "$seconds" python3 -m pytest -q --tb=short \
+        -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.log" | tail -40 >>"$LOG" || status=1
+}
 
-stage eigh | tee -a "$LOG"
-timeout "$T_EIGH" python3 benchmarks/eigh.py --device cuda --batches "$EIGH_B" \
-    --json "$OUT/eigh.json" 2>&1 | tee -a "$LOG" || status=1
+gpu_tests 60 torch_cuda,cupy tests/test_kl_fused.py
 
+if [ "${1:-}" != targets ]; then
+    stage eigh | tee -a "$LOG"
+    timeout 45 python3 benchmarks/eigh.py --device cuda --batches "$EIGH_B" \
+        --json "$OUT/eigh.json" 2>&1 | tee -a "$LOG" || status=1
+fi
+
+bench "$T_DIAG" kl-diag --methods kl --kinds diag --batches "$BATCHES" --modes forward,backward \
+    --variant-env TRP_FUSED=off --variant-backends torch_cuda,cupy
 bench "$T_FULL" kl-full --methods kl --kinds full --batches "$BATCHES" --modes "$MODES" \
     --variant-env TRP_TORCH_CUDA_EIGH=torch
-bench "$T_DIAG" kl-diag --methods kl --kinds diag --batches "$BATCHES" --modes backward \
-    --variant-env TRP_ROW_SELECTION=0
 if [ "${1:-}" != targets ]; then
     bench 70 other --methods frobenius,wasserstein --kinds diag,full --batches 1000000 \
         --modes backward
 fi
 
-stage tests | tee -a "$LOG"
-: >"$OUT/tests.log"
-gpu_tests() { # gpu_tests SECONDS BACKENDS PYTEST-ARGS...
-    local seconds=$1 backends=$2
-    shift 2
-    TRP_BACKENDS=$backends timeout "$seconds" python3 -m pytest -q --tb=short \
-        -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.log" | tail -40 >>"$LOG" || status=1
-}
-gpu_tests 40 torch_cuda,cupy tests/test_compat.py -k "_eigh or eigh_"
+gpu_tests 30 torch_cuda,cupy tests/test_compat.py -k "_eigh or eigh_"
 if [ "${1:-}" = targets ]; then
-    gpu_tests 80 torch_cuda,cupy tests/test_projections.py \
-        -k "large_gpu_batches or batch_equals_rows"
+    gpu_tests 80 torch_cuda,cupy tests/test_projections.py tests/test_gradients.py \
+        tests/test_robustness.py -k "large_gpu_batches or batch_equals_rows or kl"
 else
     gpu_tests 130 torch_cuda,cupy tests/test_projections.py tests/test_gradients.py \
         tests/test_compat.py tests/test_robustness.py

@@ -94,8 +94,8 @@ PACKAGES = (
     "cupy-cuda13x",
 )
 
-#: The worker of ``--variant-env``: torch (torch_cuda with ``--device cuda``) with extra
-#: environment variables, named ``<backend>+env``.
+#: The workers of ``--variant-env``: torch (torch_cuda with ``--device cuda``), or the
+#: ``--variant-backends``, with extra environment variables, named ``<backend>+env``.
 VARIANT_SUFFIX = "+env"
 
 FULL = {
@@ -214,10 +214,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         type=_env_pair,
-        help="also run torch (with --device cuda: torch_cuda) in a worker named "
-        f"'<backend>{VARIANT_SUFFIX}' with this set in its environment (repeatable), "
-        "interleaved with the plain one, and print the speed-up: e.g. glibc's "
+        help="also run torch (with --device cuda: torch_cuda; or the --variant-backends) in "
+        f"a worker named '<backend>{VARIANT_SUFFIX}' with this set in its environment "
+        "(repeatable), interleaved with the plain one, and print the speed-up: e.g. glibc's "
         "MALLOC_MMAP_THRESHOLD_, or TRP_TORCH_CUDA_EIGH=torch on the GPU",
+    )
+    p.add_argument(
+        "--variant-backends",
+        type=_csv(str),
+        default=None,
+        help="the backends that --variant-env runs a variant of (default: torch, with "
+        "--device cuda torch_cuda), e.g. torch_cuda,cupy",
     )
     p.add_argument(
         "--bound-quantile",
@@ -275,12 +282,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if missing:
             p.error(f"--baseline-backends {missing} are not among --backends {args.backends}")
         args.backends = args.backends + [f"{b}@{args.baseline}" for b in args.baseline_backends]
-    args.variant = ("torch_cuda" if gpu else "torch") + VARIANT_SUFFIX
-    if args.variant_env:
-        base = args.variant.removesuffix(VARIANT_SUFFIX)
+    bases = args.variant_backends or ["torch"]
+    if gpu:
+        bases = [{"torch": "torch_cuda", "jax": "jax_cuda"}.get(b, b) for b in bases]
+    args.variants = [b + VARIANT_SUFFIX for b in bases] if args.variant_env else []
+    for base in bases if args.variant_env else ():
         if base not in args.backends:
             p.error(f"--variant-env needs the {base} backend")
-        args.backends = args.backends + [args.variant]
+    args.backends = args.backends + args.variants
     return args
 
 
@@ -532,7 +541,7 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
     for name in args.backends:
         source = args.baseline_src if "@" in name else None
         extra_env = {"TRP_BENCH_DATA": data_dir, **dict(args.worker_env)}
-        if name == args.variant:
+        if name in args.variants:
             extra_env.update(args.variant_env)
         w = Worker(
             name,

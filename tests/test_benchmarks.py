@@ -82,6 +82,49 @@ def test_variant_environment_runs_beside_torch(tmp_path):
     assert variant and len(variant) == len(plain)
 
 
+def test_variant_of_other_backends(tmp_path):
+    """``--variant-backends`` runs the variant of each named backend (``numpy+env`` here, as
+    ``cupy+env`` with ``TRP_FUSED=off`` on a GPU), with a speed-up table each; a variant of a
+    backend that is not run is refused."""
+    out = tmp_path / "variants.json"
+    common = [sys.executable, str(RUN), "--quick", "--methods", "kl", "--kinds", "diag",
+              "--no-memory", "--variant-env", "TRP_FUSED=off"]  # fmt: skip
+    proc = subprocess.run(
+        [*common, "--backends", "numpy", "--variant-backends", "numpy", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### Speed-up of numpy with the variant environment" in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["backends"]) == {"numpy", "numpy+env"}
+    refused = subprocess.run(
+        [*common, "--backends", "numpy", "--variant-backends", "cupy"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert refused.returncode == 2
+    assert "--variant-env needs the cupy backend" in refused.stderr
+
+
+def test_gpu_profile_script_parses():
+    """``benchmarks/gpu_profile.py`` (run on a device machine only) at least parses its
+    arguments here."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_profile.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ops" in proc.stdout and "blocking" in proc.stdout
+
+
 def test_worker_env_must_be_key_value():
     proc = subprocess.run(
         [sys.executable, str(RUN), "--quick", "--worker-env", "NOEQUALS"],

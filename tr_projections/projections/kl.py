@@ -36,6 +36,7 @@ from ..distances import (
     mean_distance,
 )
 from ..gaussian import Gaussian, cholesky_of_gram, diag_embed, diagonal, mT, sym
+from . import _kl_diag_fused
 from ._core import (
     Cotangents,
     cov_problem,
@@ -323,13 +324,24 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     of the batch, the later ones only when the rows reach them (:func:`._rows.choose_slots`).
     """
     xp = p.xp
+    # (the covariance part once per distinct covariance)
+    p_cov, shared = cov_problem(p, eps_cov)
+    if not p.full and shared is None and _kl_diag_fused.applies(p):
+        fused = _kl_diag_fused.kl_diag_fwd(p, eps_mean, eps_cov)
+        if fused is not None:
+            out, (tau_mean, dist_mean, active_mean, tau, log_tau, active) = fused
+            res = KLResiduals(
+                tau_mean, dist_mean, active_mean, None, None, None, tau, log_tau, active,
+                None, None, None, None,
+            )  # fmt: skip
+            return out, res
     ev = 2 if p.full else 1
     dist_mean = 0.5 * mean_distance(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp
     )
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
     batch = p.batch
-    p, shared = cov_problem(p, eps_cov)  # (the covariance part once per distinct covariance)
+    p = p_cov
 
     if p.full:
         F = kl_f(p.scale, p.old_scale, xp=xp)
@@ -411,6 +423,8 @@ def kl_vjp(
     forward's rows (in the same slots under ``jax.jit``).
     """
     xp, full = p.xp, p.full
+    if not full and res.a is None:  # (the fused kernels' residuals)
+        return Cotangents(*_kl_diag_fused.kl_diag_vjp(p, res, g_mean, g_scale, old=old))
     m = project_mean_vjp(
         g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
         coef=0.5, scale_prec=True, full=full, xp=xp, old=old,

@@ -282,9 +282,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if missing:
             p.error(f"--baseline-backends {missing} are not among --backends {args.backends}")
         args.backends = args.backends + [f"{b}@{args.baseline}" for b in args.baseline_backends]
+    if args.variant_backends and not args.variant_env:
+        p.error("--variant-backends needs --variant-env")
     bases = args.variant_backends or ["torch"]
     if gpu:
         bases = [{"torch": "torch_cuda", "jax": "jax_cuda"}.get(b, b) for b in bases]
+    if len(set(bases)) != len(bases):
+        p.error(f"--variant-backends: {bases} names a backend twice")
     args.variants = [b + VARIANT_SUFFIX for b in bases] if args.variant_env else []
     for base in bases if args.variant_env else ():
         if base not in args.backends:

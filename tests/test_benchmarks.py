@@ -109,6 +109,17 @@ def test_variant_of_other_backends(tmp_path):
     )
     assert refused.returncode == 2
     assert "--variant-env needs the cupy backend" in refused.stderr
+    for extra, message in (
+        (["--variant-backends", "numpy,numpy"], "names a backend twice"),
+        ([], "--variant-backends needs --variant-env"),
+    ):
+        cmd = [sys.executable, str(RUN), "--quick", "--backends", "numpy", *extra]
+        if extra:
+            cmd += ["--variant-env", "TRP_FUSED=off"]
+        else:
+            cmd += ["--variant-backends", "numpy"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_gpu_profile_script_parses():

@@ -174,7 +174,9 @@ def test_row_selection_switched_off(backend, method, kind, monkeypatch):
     stage selects rows, the KL solver keeps its whole batch), and the outputs and cotangents are
     those with row selection."""
     from tr_projections import _compat
+    from tr_projections.projections import _kl_diag_fused
 
+    monkeypatch.setattr(_kl_diag_fused, "FUSED_CPU", "off")  # (the array-API form's rows)
     full = kind == "full"
     args = _policies(full, (40,), 4, seed=3 + full)
     eps = _bounds(method, args, 0.5)

@@ -2,7 +2,7 @@ r"""The diagonal KL projection and its VJP as two fused CUDA kernels, one thread
 
 On a GPU the array-API form of the diagonal KL projection (:mod:`.kl`) is a few hundred short
 array operations, forward and backward, each a kernel launch and its Python dispatch: about
-12 ms per forward + backward whatever the batch (an H100 ran its 469 kernels for a million 6-D
+12 ms per forward + backward whatever the batch (an H100 ran its 523 kernels for a million 6-D
 states in 5.6 ms of GPU time, within 12.4 ms of wall time). Here each state's whole projection,
 the mean part, the bound test, the safeguarded Halley solve of :func:`.kl.solve_log_tau` (the
 same start, steps, bracket and tolerances, with a state's own iteration count) and the
@@ -12,21 +12,35 @@ Used for CuPy arrays and torch CUDA tensors of float32 or float64, when CuPy is 
 sees the GPU (the kernels are compiled by CuPy's NVRTC at first use, then cached), for diagonal
 Gaussians whose scales span the batch (no covariance shared between states, which
 :func:`._core.cov_problem` computes once). torch tensors are read and written in place through
-their device pointers, on torch's current stream, under no ``torch.func`` transform, no
-``torch.compile`` tracing and no ``__torch_function__`` or dispatch mode (whose observers
-would see none of the work). :data:`FUSED` (environment variable ``TRP_FUSED``) turns it off.
+their device pointers, on torch's current stream, outside ``torch.func`` transforms and
+``torch.compile`` tracing and under no ``__torch_function__`` mode other than a default device
+and no dispatch mode (whose observers would see none of the work). A backward that the kernels
+cannot take (``torch.func.grad`` lowers its transform for the forward, so the forward may run
+fused and the backward see wrapped tensors) goes on with the array-API VJP, its residuals
+rebuilt from the kernels' (:func:`.kl._from_fused`). :data:`FUSED` (environment variable
+``TRP_FUSED``) turns the kernels off.
 
 The same source compiles as plain C++ for the host (without ``TRP_CUDA``), where each kernel
-runs its states in a loop: ``tests/test_kl_fused.py`` checks it against the array-API form on
-the CPU, and the GPU tests check the CUDA build.
+runs its states in a loop. With :data:`FUSED_CPU` on (opt-in: environment variable
+``TRP_FUSED_CPU=on``), NumPy arrays (and torch CPU tensors on the torch adapter's NumPy-view
+route) take that build, compiled by the system's C++ compiler at first use and cached on disk
+(:func:`_host_library`); the package's chunks and lanes (:mod:`..backends._common`) run it on
+every thread, as ``ctypes`` releases the GIL. ``tests/test_kl_fused.py`` checks the host build
+against the array-API form on the CPU, and the CUDA build on a GPU.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +54,17 @@ Array = Any
 #: (see the module's docstring); ``"off"``: never (the array-API form everywhere).
 FUSED = os.environ.get("TRP_FUSED", "auto").strip().lower()
 _FUSED_VALUES = ("auto", "off")
+
+#: ``"off"`` (default; environment variable ``TRP_FUSED_CPU``): NumPy arrays take the array-API
+#: form; ``"on"``: their diagonal KL projections run in the kernels' host build, compiled with
+#: the system's C++ compiler (``CXX``, else ``g++``, ``c++`` or ``clang++``) at first use and
+#: cached under ``TRP_CACHE_DIR`` (default ``~/.cache/tr_projections``). Where no compiler is
+#: found or the build fails: one ``RuntimeWarning``, and the array-API form.
+FUSED_CPU = os.environ.get("TRP_FUSED_CPU", "off").strip().lower()
+_FUSED_CPU_VALUES = ("off", "on")
+
+#: The host build's compiler flags (IEEE arithmetic: no fast-math, no contraction into FMAs).
+HOST_FLAGS = ("-O2", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 
 #: Threads per block.
 BLOCK = 256
@@ -358,11 +383,77 @@ def defines(dtype: Any) -> dict[str, str]:
 _lock = threading.Lock()
 _modules: dict[tuple[int, str], Any] = {}
 _failed: dict[str, str] = {}  # dtype name -> why its kernels could not be built here
+_host: dict[str, Any] = {}  # dtype name -> the host build (a ctypes library)
+_host_failed: dict[str, str] = {}
+
+
+def _warn_failed(what: str, dtype_name: str, reason: str) -> None:
+    warnings.warn(
+        f"tr_projections: the fused diagonal KL kernels ({what}, {dtype_name}) could not be "
+        f"built ({reason}); the array-API form is used instead",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+def compiler() -> str | None:
+    """The C++ compiler of the host build: ``CXX`` where set, else the first of ``g++``,
+    ``c++``, ``clang++`` on the ``PATH`` (``None``: none)."""
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        return cxx
+    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+def _host_library(dtype_name: str) -> Any | None:
+    """The host build for ``dtype_name``, compiled once per source, dtype, compiler and flags
+    (a shared library under ``TRP_CACHE_DIR`` or ``~/.cache/tr_projections``, written under a
+    temporary name and renamed, so concurrent processes never load half a file), or ``None``,
+    warned once, where it cannot be built."""
+    lib = _host.get(dtype_name)
+    if lib is not None or dtype_name in _host_failed:
+        return lib
+    with _lock:
+        if dtype_name in _host or dtype_name in _host_failed:
+            return _host.get(dtype_name)
+        cxx = compiler()
+        defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
+        try:
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found (set CXX)")
+            key = hashlib.sha256("\0".join((SOURCE, cxx, *HOST_FLAGS, *defs)).encode()).hexdigest()[
+                :16
+            ]
+            folder = Path(
+                os.environ.get("TRP_CACHE_DIR") or Path.home() / ".cache" / "tr_projections"
+            )
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                folder = Path(tempfile.mkdtemp(prefix="tr_projections-"))
+            path = folder / f"kl_diag_{dtype_name}_{key}.so"
+            if not path.exists():
+                with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                    src = Path(tmp) / "kl_diag.cpp"
+                    src.write_text(SOURCE)
+                    out = Path(tmp) / path.name
+                    cmd = [cxx, *HOST_FLAGS, *defs, "-o", str(out), str(src)]
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
+                    os.replace(out, path)
+            lib = ctypes.CDLL(str(path))
+        except Exception as exc:
+            _host_failed[dtype_name] = f"{type(exc).__name__}: {exc}"
+            _warn_failed("host build", dtype_name, _host_failed[dtype_name])
+            return None
+        _host[dtype_name] = lib
+        return lib
 
 
 def _kernels(dtype_name: str, device_id: int) -> tuple[Any, Any] | None:
-    """The two compiled kernels for ``dtype_name`` on CUDA device ``device_id`` (``None``,
-    warned once, where CuPy cannot build them)."""
+    """The two compiled kernels for ``dtype_name`` on CUDA device ``device_id``, built and
+    loaded once (``None``, warned once, where CuPy cannot build them)."""
     key = (device_id, dtype_name)
     module = _modules.get(key)
     if module is None:
@@ -374,49 +465,80 @@ def _kernels(dtype_name: str, device_id: int) -> tuple[Any, Any] | None:
         with _lock:
             try:
                 with cupy.cuda.Device(device_id):
-                    module = cupy.RawModule(code=SOURCE, options=options)
-                    module.get_function("kl_diag_fwd")  # (compiles now: errors are caught here)
+                    raw = cupy.RawModule(code=SOURCE, options=options)
+                    # (compiled and loaded on this device now: errors are caught here)
+                    module = (raw.get_function("kl_diag_fwd"), raw.get_function("kl_diag_vjp"))
             except Exception as exc:
                 _failed[dtype_name] = f"{type(exc).__name__}: {exc}"
-                warnings.warn(
-                    f"tr_projections: the fused diagonal KL kernels for {dtype_name} could not "
-                    f"be built ({_failed[dtype_name]}); the array-API form is used instead",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                _warn_failed("CUDA", dtype_name, _failed[dtype_name])
                 return None
             _modules[key] = module
-    return module.get_function("kl_diag_fwd"), module.get_function("kl_diag_vjp")
+    return module
+
+
+def _dtype_name(p: Any) -> str:
+    return str(p.dtype).rsplit(".", 1)[-1]
+
+
+def _check_settings() -> None:
+    for name, value, allowed in (
+        ("FUSED", FUSED, _FUSED_VALUES),
+        ("FUSED_CPU", FUSED_CPU, _FUSED_CPU_VALUES),
+    ):
+        if value not in allowed:
+            raise ValueError(
+                f"tr_projections.projections._kl_diag_fused.{name} (or TRP_{name}) must be one "
+                f"of {allowed}, got {value!r}"
+            )
+
+
+def _torch_modes_plain() -> bool:
+    """No ``__torch_function__`` mode other than a default device (``torch.device(...)`` as a
+    context, ``torch.set_default_device``: every array here is made with an explicit device)
+    and no dispatch mode."""
+    import torch
+
+    if torch._C._len_torch_dispatch_stack():
+        return False
+    if not torch._C._len_torch_function_stack():
+        return True
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+    except ImportError:  # pragma: no cover - another torch layout
+        return False
+    return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
 
 
 def applies(p: Any) -> bool:
     """Whether the diagonal KL projection of problem ``p`` (the covariance part's problem:
-    :func:`._core.cov_problem`, shared by no states) may run in the fused kernels."""
-    if FUSED not in _FUSED_VALUES:
-        raise ValueError(
-            f"tr_projections.projections._kl_diag_fused.FUSED (or TRP_FUSED) must be one of "
-            f"{_FUSED_VALUES}, got {FUSED!r}"
-        )
-    if FUSED == "off" or p.full:
+    :func:`._core.cov_problem`, shared by no states) may run in the fused kernels: CuPy arrays
+    and torch CUDA tensors where CuPy sees the GPU, NumPy arrays and torch CPU tensors with
+    :data:`FUSED_CPU` on; torch tensors outside ``torch.func`` transforms and
+    ``torch.compile`` tracing (:func:`tr_projections._compat._torch_plain`) and modes."""
+    _check_settings()
+    if FUSED == "off" or p.full or math.prod(p.batch) == 0 or p.d == 0:
         return False
-    if math.prod(p.batch) == 0 or p.d == 0:
+    name = _dtype_name(p)
+    if name not in ("float32", "float64"):
         return False
     xp = p.xp
-    arrays = (p.mean, p.scale, p.old_mean, p.old_scale)
+    on_cpu = FUSED_CPU == "on" and name not in _host_failed
+    on_gpu = name not in _failed
+    if _compat.is_numpy(xp):
+        return on_cpu
     if _compat.is_cupy(xp):
-        ok = str(p.dtype) in ("float32", "float64")
-    elif _compat.is_torch(xp):
-        import torch
-
-        ok = (
-            p.scale.device.type == "cuda"
-            and _compat._torch_plain(*arrays)
-            and torch._C._len_torch_function_stack() == 0
-            and torch._C._len_torch_dispatch_stack() == 0
-        )
-    else:
+        return on_gpu and _compat._cupy_sees_gpu()
+    if not _compat.is_torch(xp):
         return False
-    return ok and str(p.dtype).rsplit(".", 1)[-1] not in _failed and _compat._cupy_sees_gpu()
+    if not (
+        _compat._torch_plain(p.mean, p.scale, p.old_mean, p.old_scale) and _torch_modes_plain()
+    ):
+        return False
+    device = p.scale.device.type
+    if device == "cpu":
+        return on_cpu
+    return device == "cuda" and on_gpu and _compat._cupy_sees_gpu()
 
 
 def _pointer(x: Array) -> np.uint64:
@@ -446,11 +568,28 @@ def _bound(eps: Array, batch: tuple, n: int, xp: Any) -> tuple[Array, np.int32]:
     return _rows(xp.reshape(xp.broadcast_to(eps, batch), (-1,)), n, None, xp), np.int32(1)
 
 
+def _on_host(p: Any) -> bool:
+    xp = p.xp
+    return _compat.is_numpy(xp) or (_compat.is_torch(xp) and p.scale.device.type == "cpu")
+
+
 def _launch(p: Any, name: str, args: tuple) -> bool:
-    """Launch kernel ``name`` over the rows of ``p`` on the arrays' device and stream; False
-    where the kernels cannot be built."""
+    """Launch kernel ``name`` over the rows of ``p``: on the host for NumPy arrays and torch
+    CPU tensors (the host build), else on the arrays' GPU and stream; False where the kernels
+    cannot be built."""
     xp = p.xp
     n = math.prod(p.batch)
+    if _on_host(p):
+        lib = _host_library(_dtype_name(p))
+        if lib is None:
+            return False
+        fn = lib.kl_diag_fwd if name == "fwd" else lib.kl_diag_vjp
+        c_args = [ctypes.c_longlong(n), ctypes.c_int(p.d)]
+        for a in args:  # (pointers as np.uint64, the bounds' steps as np.int32)
+            is_ptr = isinstance(a, np.uint64)
+            c_args.append(ctypes.c_ulonglong(int(a)) if is_ptr else ctypes.c_int(int(a)))
+        fn(*c_args)  # (ctypes releases the GIL: chunks in lanes run at once)
+        return True
     if _compat.is_torch(xp):
         import torch
 
@@ -460,7 +599,7 @@ def _launch(p: Any, name: str, args: tuple) -> bool:
         stream = torch.cuda.current_stream(device_id).cuda_stream
     else:
         device_id, stream = p.scale.device.id, None
-    kernels = _kernels(str(p.dtype).rsplit(".", 1)[-1], device_id)
+    kernels = _kernels(_dtype_name(p), device_id)
     if kernels is None:
         return False
     kernel = kernels[0] if name == "fwd" else kernels[1]
@@ -471,12 +610,29 @@ def _launch(p: Any, name: str, args: tuple) -> bool:
         if stream is None:
             kernel(grid, (BLOCK,), (np.int64(n), np.int32(p.d), *args))
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # (CuPy 14: ExternalStream)
-                external = cupy.cuda.ExternalStream(stream)
-            with external:
+            with _external_stream(cupy, device_id, stream):
                 kernel(grid, (BLOCK,), (np.int64(n), np.int32(p.d), *args))
     return True
+
+
+_streams: dict[tuple[int, int], Any] = {}
+
+
+def _external_stream(cupy: Any, device_id: int, pointer: int) -> Any:
+    """CuPy's handle of torch's stream ``pointer`` on ``device_id``, made once per stream (and
+    CuPy 14's deprecation warning of ``ExternalStream`` silenced then, under the lock, not on
+    every launch)."""
+    key = (device_id, pointer)
+    stream = _streams.get(key)
+    if stream is None:
+        with _lock:
+            stream = _streams.get(key)
+            if stream is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    stream = cupy.cuda.ExternalStream(pointer)  # (as run on the H100)
+                _streams[key] = stream
+    return stream
 
 
 def kl_diag_fwd(p: Any, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, tuple] | None:
@@ -505,10 +661,15 @@ def kl_diag_fwd(p: Any, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, tupl
 
 def kl_diag_vjp(
     p: Any, res: Any, g_mean: Array, g_scale: Array, *, old: bool
-) -> tuple[Array, Array, Array | None, Array | None]:
+) -> tuple[Array, Array, Array | None, Array | None] | None:
     """Cotangents of ``(mean, scale, old_mean, old_scale)`` from the residuals of
-    :func:`kl_diag_fwd` (the old ones ``None`` without ``old``)."""
+    :func:`kl_diag_fwd` (the old ones ``None`` without ``old``), or ``None`` where the kernels
+    cannot take these arrays (torch tensors under a transform, say: the caller then goes on
+    with the array-API VJP)."""
     xp, d, batch = p.xp, p.d, p.batch
+    arrays = (p.mean, p.scale, p.old_mean, p.old_scale, g_mean, g_scale)
+    if _compat.is_torch(xp) and not _compat._torch_plain(*arrays):
+        return None
     n = math.prod(batch)
     ins = [_rows(x, n, d, xp) for x in (p.mean, p.scale, p.old_mean, p.old_scale)]
     gs = [_rows(g, n, d, xp) for g in (g_mean, g_scale)]
@@ -518,10 +679,20 @@ def kl_diag_vjp(
     outs = [xp.empty((n, d), **kw) for _ in range(4 if old else 2)]
     ptrs = [_pointer(x) for x in outs] + [np.uint64(0)] * (0 if old else 2)
     args = (*map(_pointer, ins), *map(_pointer, gs), *map(_pointer, flat), *ptrs)
-    if not _launch(p, "vjp", args):  # (built by the forward: cannot fail here)
-        raise RuntimeError("tr_projections: the fused diagonal KL VJP kernel is not available")
+    if not _launch(p, "vjp", args):
+        return None
     shaped = [xp.reshape(x, batch + (d,)) for x in outs]
     return (shaped[0], shaped[1], shaped[2] if old else None, shaped[3] if old else None)
 
 
-__all__ = ["FUSED", "SOURCE", "applies", "defines", "kl_diag_fwd", "kl_diag_vjp"]
+__all__ = [
+    "FUSED",
+    "FUSED_CPU",
+    "HOST_FLAGS",
+    "SOURCE",
+    "applies",
+    "compiler",
+    "defines",
+    "kl_diag_fwd",
+    "kl_diag_vjp",
+]

@@ -424,7 +424,10 @@ def kl_vjp(
     """
     xp, full = p.xp, p.full
     if not full and res.a is None:  # (the fused kernels' residuals)
-        return Cotangents(*_kl_diag_fused.kl_diag_vjp(p, res, g_mean, g_scale, old=old))
+        cots = _kl_diag_fused.kl_diag_vjp(p, res, g_mean, g_scale, old=old)
+        if cots is not None:
+            return Cotangents(*cots)
+        res = _from_fused(p, res)  # (arrays the kernels cannot take: the array-API VJP)
     m = project_mean_vjp(
         g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
         coef=0.5, scale_prec=True, full=full, xp=xp, old=old,
@@ -447,6 +450,18 @@ def kl_vjp(
         old_scale_bar, None, rows, m.old_scale, p.old_scale, event_ndim=ev, xp=xp
     )
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
+
+
+def _from_fused(p: Problem, res: KLResiduals) -> KLResiduals:
+    """The array-API form's residuals (every row) from those of the fused kernels, which keep
+    the weights only: the eigenvalues and the projected stds again from the inputs."""
+    xp = p.xp
+    eigs = kl_eigs(p.scale, p.old_scale, full=False, vectors=False, xp=xp)
+    tau, log_tau, active = (xp.reshape(x, p.batch) for x in (res.tau, res.log_tau, res.active))
+    proj = p.old_scale / xp.sqrt(_t(log_tau, eigs.lam, xp=xp))
+    return res._replace(
+        a=eigs.a, lam=eigs.lam, tau=tau, log_tau=log_tau, active=active, proj_scale=proj
+    )
 
 
 def _dg_dtau(a: Array, lam: Array, tau: Array, log_tau: Array, active: Array, *, xp: Any):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,7 +217,7 @@ def test_fused_switches(monkeypatch):
     monkeypatch.setattr(fused, "FUSED_CPU", "off")
     assert not fused.applies(p)
     monkeypatch.setattr(fused, "FUSED_CPU", "on")
-    assert fused.applies(p) == (fused.compiler() is not None or "float64" not in fused._host_failed)
+    assert fused.applies(p) == ("float64" not in fused._host_failed)
     monkeypatch.setattr(fused, "FUSED", "off")
     assert not fused.applies(p)
     for name, value in (("FUSED", "sometimes"), ("FUSED_CPU", "maybe")):
@@ -248,19 +249,92 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+def _compiles(monkeypatch) -> list:
+    """The compiler runs (not its ``--version`` queries) from now on."""
+    runs: list = []
+    run = fused.subprocess.run
+    monkeypatch.setattr(
+        fused.subprocess,
+        "run",
+        lambda cmd, **kw: (runs.append(cmd) if "-o" in cmd else None) or run(cmd, **kw),
+    )
+    return runs
+
+
 def test_host_build_is_cached(on_host, cache_dir, monkeypatch):
-    """The host build is compiled once per dtype into the cache folder and loaded from there."""
-    monkeypatch.setattr(fused, "_host", {})  # (as in a new process: nothing loaded yet)
+    """The host build is compiled once per dtype into the cache folder, and a new process
+    (nothing loaded yet) loads it from there without compiling."""
+    monkeypatch.setattr(fused, "_host", {})  # (as in a new process)
     monkeypatch.setattr(fused, "_host_failed", {})
     for old in cache_dir.glob("kl_diag_float64_*.so"):
         old.unlink()
+    runs = _compiles(monkeypatch)
     args = _policies(np.random.default_rng(10), 20, 3)
-    trp.project_kl(*args, eps_mean=0.05, eps_cov=0.01)
+    want = trp.project_kl(*args, eps_mean=0.05, eps_cov=0.01)
     built = sorted(p.name for p in cache_dir.glob("kl_diag_float64_*.so"))
-    assert len(built) == 1
-    trp.project_kl(*args, eps_mean=0.05, eps_cov=0.01)
+    assert len(built) == 1 and len(runs) == 1
+    monkeypatch.setattr(fused, "_host", {})  # (another new process)
+    got = trp.project_kl(*args, eps_mean=0.05, eps_cov=0.01)
+    assert len(runs) == 1  # (loaded, not compiled)
     assert sorted(p.name for p in cache_dir.glob("kl_diag_float64_*.so")) == built
     assert on_host == ["fwd", "fwd"]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["untrusted", "not_a_library", "unwritable", "cxx_with_args"])
+def test_host_build_elsewhere(on_host, tmp_path, monkeypatch, case):
+    """A cache file writable by others is not loaded, nor is one that does not load, and a
+    cache folder that cannot be written is not used: the build goes to a private folder, and
+    the results are the kernels'. A ``CXX`` with arguments (``"g++ -Wall"``) is split like a
+    command line."""
+    monkeypatch.setattr(fused, "_host", {})
+    monkeypatch.setattr(fused, "_host_failed", {})
+    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
+    if case == "cxx_with_args":
+        monkeypatch.setenv("CXX", f"{fused.compiler()[0]} -Wall")
+        assert fused.compiler()[1:] == ["-Wall"]
+    planted = fused.cache_path("float64", fused.compiler())
+    if case in ("untrusted", "not_a_library"):
+        planted.write_bytes(b"not a shared library")
+        planted.chmod(0o666 if case == "untrusted" else 0o644)
+    if case == "unwritable":
+        monkeypatch.setenv("TRP_CACHE_DIR", "/proc/self")  # (exists; no one can write there)
+    runs = _compiles(monkeypatch)
+    args = _policies(np.random.default_rng(14), 20, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no fallback to the array-API form)
+        got = trp.project_kl(*args, eps_mean=0.05, eps_cov=0.01)
+    assert on_host == ["fwd"] and len(runs) == 1
+    inside_cache = Path(runs[0][runs[0].index("-o") + 1]).parent.parent == tmp_path
+    assert inside_cache == (case == "cxx_with_args")
+    if case in ("untrusted", "not_a_library"):
+        assert planted.read_bytes() == b"not a shared library"  # (left alone)
+    with _array_api_form():
+        want = trp.project_kl(*args, eps_mean=0.05, eps_cov=0.01)
+    _assert_close(got, want, "float64", "outputs")
+
+
+def test_negated_views_are_read_as_their_values(on_host):
+    """torch tensors that are lazily negated views (``c.conj().imag``: memory un-negated, a
+    flag) give the same projection as plain copies, as inputs and as bounds."""
+    torch = pytest.importorskip("torch")
+
+    def neg_view(x):  # a view equal to x whose memory holds -x
+        t = torch.complex(torch.zeros_like(x), -x).conj().imag
+        assert t.is_neg() and torch.equal(t, x)
+        return t
+
+    args = [torch.tensor(a) for a in _policies(np.random.default_rng(15), 30, 3)]
+    eps_cov = torch.tensor(0.01, dtype=torch.float64)
+    want = trp.project_kl(*args, eps_mean=0.05, eps_cov=eps_cov)
+    got = trp.project_kl(
+        neg_view(args[0]), neg_view(args[1]), args[2], args[3],
+        eps_mean=0.05, eps_cov=neg_view(eps_cov),
+    )  # fmt: skip
+    assert "fwd" in on_host
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_backward_without_the_kernels(on_host, monkeypatch):
@@ -364,6 +438,13 @@ def test_torch_kernels_route_and_transforms(on_host, monkeypatch):
     with Watch():
         loss(*args[:2])
     assert on_host == []
+    leaves = [args[0].clone().requires_grad_(True), args[1].clone().requires_grad_(True)]
+    value = loss(*leaves)  # (the forward in the kernels, the backward under the mode)
+    with Watch():
+        value.backward()
+    assert on_host == ["fwd"]
+    _assert_close([leaves[0].grad.numpy(), leaves[1].grad.numpy()], want[:2], "float64",
+                  "a backward under a dispatch mode")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ GPU

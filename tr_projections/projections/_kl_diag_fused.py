@@ -22,8 +22,8 @@ rebuilt from the kernels' (:func:`.kl._from_fused`). :data:`FUSED` (environment 
 
 The same source compiles as plain C++ for the host (without ``TRP_CUDA``), where each kernel
 runs its states in a loop. With :data:`FUSED_CPU` on (opt-in: environment variable
-``TRP_FUSED_CPU=on``), NumPy arrays (and torch CPU tensors on the torch adapter's NumPy-view
-route) take that build, compiled by the system's C++ compiler at first use and cached on disk
+``TRP_FUSED_CPU=on``), NumPy arrays and torch CPU tensors (on either of the torch adapter's
+routes) take that build, compiled by the system's C++ compiler at first use and cached on disk
 (:func:`_host_library`); the package's chunks and lanes (:mod:`..backends._common`) run it on
 every thread, as ``ctypes`` releases the GIL. ``tests/test_kl_fused.py`` checks the host build
 against the array-API form on the CPU, and the CUDA build on a GPU.
@@ -31,12 +31,16 @@ against the array-API form on the CPU, and the CUDA build on a GPU.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import math
 import os
+import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -63,8 +67,17 @@ _FUSED_VALUES = ("auto", "off")
 FUSED_CPU = os.environ.get("TRP_FUSED_CPU", "off").strip().lower()
 _FUSED_CPU_VALUES = ("off", "on")
 
-#: The host build's compiler flags (IEEE arithmetic: no fast-math, no contraction into FMAs).
-HOST_FLAGS = ("-O2", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
+#: The host build's compiler flags: IEEE arithmetic (no fast-math, no contraction into FMAs;
+#: the flags are those of gcc and clang).
+HOST_FLAGS = (
+    "-O2",
+    "-std=c++17",
+    "-fno-fast-math",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-shared",
+    "-fPIC",
+)
 
 #: Threads per block.
 BLOCK = 256
@@ -396,53 +409,95 @@ def _warn_failed(what: str, dtype_name: str, reason: str) -> None:
     )
 
 
-def compiler() -> str | None:
-    """The C++ compiler of the host build: ``CXX`` where set, else the first of ``g++``,
-    ``c++``, ``clang++`` on the ``PATH`` (``None``: none)."""
+def compiler() -> list[str] | None:
+    """The command of the host build's C++ compiler: ``CXX`` where set (split like a shell
+    word list: ``"ccache g++"``), else the first of ``g++``, ``c++``, ``clang++`` on the
+    ``PATH`` (``None``: none)."""
     cxx = os.environ.get("CXX", "").strip()
     if cxx:
-        return cxx
-    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+        return shlex.split(cxx)
+    found = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    return None if found is None else [found]
+
+
+def _private_folder() -> Path:
+    """A folder of this process's own, removed at exit: where the host build goes when the
+    cache folder cannot take it or holds a file that is not to be trusted."""
+    folder = Path(tempfile.mkdtemp(prefix="tr_projections-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _trusted(path: Path) -> bool:
+    """Whether an existing cache file may be loaded: owned by this user and writable by no one
+    else (a shared or group-writable cache folder could hold anyone's library)."""
+    st = path.stat()
+    getuid = getattr(os, "getuid", None)  # (POSIX)
+    return (getuid is None or st.st_uid == getuid()) and not st.st_mode & 0o022
+
+
+def _build(cxx: list[str], defs: list[str], path: Path) -> None:
+    # Compile into a temporary folder beside ``path`` and rename: concurrent processes never
+    # load half a file.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src = Path(tmp) / "kl_diag.cpp"
+        src.write_text(SOURCE)
+        out = Path(tmp) / path.name
+        cmd = [*cxx, *HOST_FLAGS, *defs, "-o", str(out), str(src)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cxx)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(out, path)
+
+
+def cache_path(dtype_name: str, cxx: list[str]) -> Path:
+    """Where the host build for ``dtype_name`` by compiler command ``cxx`` is cached: under
+    ``TRP_CACHE_DIR`` (default ``~/.cache/tr_projections``), named by a hash of the source,
+    the dtype's constants, the compiler (its command and ``--version``), the flags and the
+    platform."""
+    try:
+        version = subprocess.run(
+            [*cxx, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
+    parts = (SOURCE, *cxx, version, *HOST_FLAGS, *defs, sys.platform, platform.machine())
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    folder = os.environ.get("TRP_CACHE_DIR") or Path.home() / ".cache" / "tr_projections"
+    return Path(folder) / f"kl_diag_{dtype_name}_{key}.so"
 
 
 def _host_library(dtype_name: str) -> Any | None:
-    """The host build for ``dtype_name``, compiled once per source, dtype, compiler and flags
-    (a shared library under ``TRP_CACHE_DIR`` or ``~/.cache/tr_projections``, written under a
-    temporary name and renamed, so concurrent processes never load half a file), or ``None``,
-    warned once, where it cannot be built."""
+    """The host build for ``dtype_name``: loaded from the cache (:func:`cache_path`) where a
+    trusted file is there, else compiled there, or in a private folder where the cache folder
+    cannot be written or its file cannot be trusted or loaded; ``None``, warned once, where it
+    cannot be built at all."""
     lib = _host.get(dtype_name)
     if lib is not None or dtype_name in _host_failed:
         return lib
     with _lock:
         if dtype_name in _host or dtype_name in _host_failed:
             return _host.get(dtype_name)
-        cxx = compiler()
-        defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
         try:
+            cxx = compiler()
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set CXX)")
-            key = hashlib.sha256("\0".join((SOURCE, cxx, *HOST_FLAGS, *defs)).encode()).hexdigest()[
-                :16
-            ]
-            folder = Path(
-                os.environ.get("TRP_CACHE_DIR") or Path.home() / ".cache" / "tr_projections"
-            )
+            defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
+            path = cache_path(dtype_name, cxx)
+            lib = None
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                folder = Path(tempfile.mkdtemp(prefix="tr_projections-"))
-            path = folder / f"kl_diag_{dtype_name}_{key}.so"
-            if not path.exists():
-                with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                    src = Path(tmp) / "kl_diag.cpp"
-                    src.write_text(SOURCE)
-                    out = Path(tmp) / path.name
-                    cmd = [cxx, *HOST_FLAGS, *defs, "-o", str(out), str(src)]
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                    if done.returncode != 0:
-                        raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
-                    os.replace(out, path)
-            lib = ctypes.CDLL(str(path))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    _build(cxx, defs, path)
+                if _trusted(path):
+                    lib = ctypes.CDLL(str(path))
+            except OSError:  # (a folder it cannot write, a file it cannot load)
+                lib = None
+            if lib is None:
+                path = _private_folder() / path.name
+                _build(cxx, defs, path)
+                lib = ctypes.CDLL(str(path))
         except Exception as exc:
             _host_failed[dtype_name] = f"{type(exc).__name__}: {exc}"
             _warn_failed("host build", dtype_name, _host_failed[dtype_name])
@@ -463,6 +518,8 @@ def _kernels(dtype_name: str, device_id: int) -> tuple[Any, Any] | None:
 
         options = ("-DTRP_CUDA",) + tuple(f"-D{k}={v}" for k, v in defines(dtype_name).items())
         with _lock:
+            if key in _modules or dtype_name in _failed:  # (another thread got here first)
+                return _modules.get(key)
             try:
                 with cupy.cuda.Device(device_id):
                     raw = cupy.RawModule(code=SOURCE, options=options)
@@ -556,7 +613,9 @@ def _rows(x: Array, n: int, d: int | None, xp: Any) -> Array:
     if tuple(x.shape) != shape:
         x = xp.reshape(x, shape)
     if _compat.is_torch(xp):
-        return x.contiguous()
+        # (a lazily negated view, e.g. `c.conj().imag`, keeps its memory un-negated: the
+        # kernels read memory)
+        return x.resolve_neg().contiguous()
     native = np if isinstance(x, np.ndarray) else __import__("cupy")
     return native.ascontiguousarray(x)
 
@@ -668,7 +727,7 @@ def kl_diag_vjp(
     with the array-API VJP)."""
     xp, d, batch = p.xp, p.d, p.batch
     arrays = (p.mean, p.scale, p.old_mean, p.old_scale, g_mean, g_scale)
-    if _compat.is_torch(xp) and not _compat._torch_plain(*arrays):
+    if _compat.is_torch(xp) and not (_compat._torch_plain(*arrays) and _torch_modes_plain()):
         return None
     n = math.prod(batch)
     ins = [_rows(x, n, d, xp) for x in (p.mean, p.scale, p.old_mean, p.old_scale)]
@@ -691,6 +750,7 @@ __all__ = [
     "HOST_FLAGS",
     "SOURCE",
     "applies",
+    "cache_path",
     "compiler",
     "defines",
     "kl_diag_fwd",

@@ -59,11 +59,11 @@ Array = Any
 FUSED = os.environ.get("TRP_FUSED", "auto").strip().lower()
 _FUSED_VALUES = ("auto", "off")
 
-#: ``"off"`` (default; environment variable ``TRP_FUSED_CPU``): NumPy arrays take the array-API
-#: form; ``"on"``: their diagonal KL projections run in the kernels' host build, compiled with
-#: the system's C++ compiler (``CXX``, else ``g++``, ``c++`` or ``clang++``) at first use and
-#: cached under ``TRP_CACHE_DIR`` (default ``~/.cache/tr_projections``). Where no compiler is
-#: found or the build fails: one ``RuntimeWarning``, and the array-API form.
+#: ``"off"`` (default; environment variable ``TRP_FUSED_CPU``): NumPy arrays and torch CPU
+#: tensors take the array-API form; ``"on"``: their diagonal KL projections run in the kernels'
+#: host build, compiled with the system's C++ compiler (:func:`compiler`) at first use and
+#: cached (:func:`cache_path`). Where no compiler is found or the build fails: one
+#: ``RuntimeWarning``, and the array-API form.
 FUSED_CPU = os.environ.get("TRP_FUSED_CPU", "off").strip().lower()
 _FUSED_CPU_VALUES = ("off", "on")
 
@@ -447,6 +447,7 @@ def _build(cxx: list[str], defs: list[str], path: Path) -> None:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cxx)} failed: {done.stderr.strip()[-500:]}")
+        out.chmod(0o755)  # (writable by no one else whatever the umask: see _trusted)
         os.replace(out, path)
 
 

@@ -322,6 +322,8 @@ def kl_fwd(p: Problem, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, KLRes
     (:func:`~tr_projections.distances.kl_may_exceed`, before any decomposition). Eager arrays
     gather those rows (:mod:`._rows`); full Gaussians under ``jax.jit`` run the stages in slots
     of the batch, the later ones only when the rows reach them (:func:`._rows.choose_slots`).
+    Diagonal Gaussians may run in the fused kernels instead (:mod:`._kl_diag_fused`), whose
+    residuals keep the weights only (``a``, ``lam``, ``proj_scale`` are ``None``).
     """
     xp = p.xp
     # (the covariance part once per distinct covariance)

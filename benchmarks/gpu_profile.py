@@ -2,10 +2,10 @@
 
     python benchmarks/gpu_profile.py ops [--kinds diag,full] [--batches 1000000,100000]
         torch CUDA (and CuPy, wall time only), KL forward + backward at d = 6: the median wall
-        time of 15-20 calls, then one call under torch's profiler: the CUDA kernels it ran,
-        their summed GPU time, the aten operations, the host synchronisations and reads, and
-        the operations that took the most host time. Also the cost of one small and one large
-        elementwise operation.
+        time of 20 calls after one (``_worker.interleaved_ms``), then one call under torch's
+        profiler: the CUDA kernels it ran, their summed GPU time, the aten operations, the
+        host synchronisations and reads, and the operations that took the most host time.
+        Also the cost of one small and one large elementwise operation.
     CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_profile.py blocking [--batch 500000]
         full KL forward + backward on CuPy and torch CUDA under cProfile with every kernel
         launch synchronous, so that each Python function's time includes its GPU work.
@@ -20,24 +20,12 @@ import argparse
 import cProfile
 import os
 import pstats
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _worker as w
-
-
-def _median_ms(prepared, n: int) -> float:
-    for _ in range(3):
-        prepared.sync(prepared.call())
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        prepared.sync(prepared.call())
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def _elementwise_costs() -> None:
@@ -78,7 +66,8 @@ def ops(kinds: list[str], batches: list[int], modes: list[str]) -> None:
                     prepared = backend.prepare(
                         data["arrays"], data["cotangents"], mode, "kl", eps_mean, eps_cov
                     )
-                    ms = _median_ms(prepared, 20)
+                    call = lambda p=prepared: p.sync(p.call())  # noqa: E731
+                    ms = w.interleaved_ms({0: call}, 20)[0]
                     print(f"{kind} B={batch} {mode} {name}: {ms:.3f} ms (outside {frac:.2f})")
                     if name != "torch_cuda":
                         continue

@@ -14,17 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "benchmarks" / "run.py"
 
 
+def _script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name> args...`` from the checkout, its output captured."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / name), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
 @pytest.mark.skipif(not RUN.exists(), reason="benchmarks/ is not shipped with this copy")
 def test_quick_benchmark_runs(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "quick.json"
-    proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--backends", "numpy,torch", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    proc = _script("run.py", "--quick", "--backends", "numpy,torch", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### Targets" in proc.stdout
 
@@ -59,17 +59,10 @@ def test_variant_environment_runs_beside_torch(tmp_path):
     table; ``--worker-env`` and the variant's environment are recorded in the results."""
     pytest.importorskip("torch")
     out = tmp_path / "variant.json"
-    proc = subprocess.run(
-        [
-            sys.executable, str(RUN), "--quick", "--backends", "torch", "--methods", "kl",
-            "--kinds", "diag", "--no-memory", "--json", str(out),
-            "--variant-env", "MALLOC_MMAP_THRESHOLD_=33554432",
-            "--worker-env", "TRP_CHECKS=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
+    proc = _script(
+        "run.py", "--quick", "--backends", "torch", "--methods", "kl", "--kinds", "diag",
+        "--no-memory", "--json", str(out), "--variant-env", "MALLOC_MMAP_THRESHOLD_=33554432",
+        "--worker-env", "TRP_CHECKS=1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### Speed-up of torch with the variant environment" in proc.stdout
@@ -87,63 +80,35 @@ def test_variant_of_other_backends(tmp_path):
     ``cupy+env`` with ``TRP_FUSED=off`` on a GPU), with a speed-up table each; a variant of a
     backend that is not run is refused."""
     out = tmp_path / "variants.json"
-    common = [sys.executable, str(RUN), "--quick", "--methods", "kl", "--kinds", "diag",
-              "--no-memory", "--variant-env", "TRP_FUSED=off"]  # fmt: skip
-    proc = subprocess.run(
-        [*common, "--backends", "numpy", "--variant-backends", "numpy", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    common = ["--quick", "--methods", "kl", "--kinds", "diag", "--no-memory",
+              "--variant-env", "TRP_FUSED=off", "--backends", "numpy"]  # fmt: skip
+    proc = _script("run.py", *common, "--variant-backends", "numpy", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### Speed-up of numpy with the variant environment" in proc.stdout
     result = json.loads(out.read_text())
     assert set(result["backends"]) == {"numpy", "numpy+env"}
-    refused = subprocess.run(
-        [*common, "--backends", "numpy", "--variant-backends", "cupy"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    refused = _script("run.py", *common, "--variant-backends", "cupy", timeout=60)
     assert refused.returncode == 2
     assert "--variant-env needs the cupy backend" in refused.stderr
-    for extra, message in (
-        (["--variant-backends", "numpy,numpy"], "names a backend twice"),
-        ([], "--variant-backends needs --variant-env"),
-    ):
-        cmd = [sys.executable, str(RUN), "--quick", "--backends", "numpy", *extra]
-        if extra:
-            cmd += ["--variant-env", "TRP_FUSED=off"]
-        else:
-            cmd += ["--variant-backends", "numpy"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
+    for args, message in (
+        (["--variant-backends", "numpy,numpy", "--variant-env", "TRP_FUSED=off"],
+         "names a backend twice"),
+        (["--variant-backends", "numpy"], "--variant-backends needs --variant-env"),
+    ):  # fmt: skip
+        proc = _script("run.py", "--quick", "--backends", "numpy", *args, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_gpu_profile_script_parses():
     """``benchmarks/gpu_profile.py`` (run on a device machine only) at least parses its
     arguments here."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_profile.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    proc = _script("gpu_profile.py", "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ops" in proc.stdout and "blocking" in proc.stdout
 
 
 def test_worker_env_must_be_key_value():
-    proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--worker-env", "NOEQUALS"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    proc = _script("run.py", "--quick", "--worker-env", "NOEQUALS", timeout=60)
     assert proc.returncode == 2
     assert "expected KEY=VALUE" in proc.stderr
 
@@ -164,10 +129,9 @@ def test_in_process_ab_runs(backend):
     _torch_and_git_or_skip()
     if backend == "jax":
         pytest.importorskip("jax")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "ab.py"), "HEAD", "--kind", "diag",
-         "--batch", "64", "--rounds", "2", "--backend", backend],
-        capture_output=True, text=True, timeout=300,
+    proc = _script(
+        "ab.py", "HEAD", "--kind", "diag", "--batch", "64", "--rounds", "2",
+        "--backend", backend, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     machine = next(line for line in proc.stdout.splitlines() if line.startswith("# machine"))
@@ -184,11 +148,19 @@ def test_fresh_process_ab_runs():
     """``benchmarks/fresh.py`` times this checkout and a git revision, each in fresh processes,
     and prints both medians, their ranges, the page faults per call and the speed-up."""
     _torch_and_git_or_skip()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "fresh.py"), "HEAD", "--kind", "full",
-         "--batch", "64", "--procs", "1", "--calls", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _script(
+        "fresh.py",
+        "HEAD",
+        "--kind",
+        "full",
+        "--batch",
+        "64",
+        "--procs",
+        "1",
+        "--calls",
+        "2",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == ["this checkout", "HEAD"]
@@ -202,10 +174,7 @@ def test_lanes_benchmark_runs():
     """``benchmarks/lanes.py --quick`` times one small cell per backend with the chunks split
     over two lanes, and both settings give the same bits."""
     pytest.importorskip("torch")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "lanes.py"), "--quick"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _script("lanes.py", "--quick", timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| numpy") or
             line.startswith("| torch")]  # fmt: skip

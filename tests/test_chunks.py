@@ -91,15 +91,14 @@ def test_what_is_not_chunked(monkeypatch):
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
     case = make_case(41, "kl", False, d=3, batch=(50,))
     mean, scale, old_mean, old_scale = case.args
-    chunkable = _plans
-    assert chunkable("kl", case.args, (0.1, 0.1))
-    assert not chunkable("kl", (mean[:16], scale[:16], old_mean[:16], old_scale[:16]), (0.1, 0.1))
-    assert not chunkable("kl", (mean, scale, old_mean[:1], old_scale), (0.1, 0.1))
-    assert not chunkable("kl", case.args, (np.full(1, 0.1), 0.1))
-    assert chunkable("kl", case.args, (np.full(50, 0.1), np.asarray(0.1)))
-    assert not chunkable("entropy", (scale,), (0.1,))
+    assert _plans("kl", case.args, (0.1, 0.1))
+    assert not _plans("kl", (mean[:16], scale[:16], old_mean[:16], old_scale[:16]), (0.1, 0.1))
+    assert not _plans("kl", (mean, scale, old_mean[:1], old_scale), (0.1, 0.1))
+    assert not _plans("kl", case.args, (np.full(1, 0.1), 0.1))
+    assert _plans("kl", case.args, (np.full(50, 0.1), np.asarray(0.1)))
+    assert not _plans("entropy", (scale,), (0.1,))
     strict = pytest.importorskip("array_api_strict")
-    assert not chunkable("kl", tuple(strict.asarray(x) for x in case.args), (0.1, 0.1))
+    assert not _plans("kl", tuple(strict.asarray(x) for x in case.args), (0.1, 0.1))
 
 
 def test_chunked_errors_name_the_callers_index(monkeypatch):
@@ -320,11 +319,10 @@ def test_chunkable_with_a_row_limit(monkeypatch):
     torch = pytest.importorskip("torch")
     case = make_case(49, "kl", False, d=3, batch=(50,))
     args = tuple(torch.tensor(a) for a in case.args)
-    chunkable = _plans
-    assert chunkable("kl", args, (0.1, torch.tensor(0.1)), 16)
-    assert chunkable("kl", args, (torch.full((50,), 0.1), 0.1), 16)
-    assert not chunkable("kl", args, (torch.full((1,), 0.1), 0.1), 16)
-    assert not chunkable("kl", args, (0.1, 0.1), 50)
-    assert not chunkable("kl", args, (0.1, 0.1), 0)
-    assert not chunkable("kl", args, (0.1, 0.1))  # (without rows: NumPy arrays only)
-    assert not chunkable("kl", args, (0.1, "0.1"), 16)
+    assert _plans("kl", args, (0.1, torch.tensor(0.1)), 16)
+    assert _plans("kl", args, (torch.full((50,), 0.1), 0.1), 16)
+    assert not _plans("kl", args, (torch.full((1,), 0.1), 0.1), 16)
+    assert not _plans("kl", args, (0.1, 0.1), 50)
+    assert not _plans("kl", args, (0.1, 0.1), 0)
+    assert not _plans("kl", args, (0.1, 0.1))  # (without rows: NumPy arrays only)
+    assert not _plans("kl", args, (0.1, "0.1"), 16)

@@ -28,6 +28,7 @@ __all__ = [
     "cond_rows",
     "copy",
     "count_true",
+    "cupy_stream",
     "device",
     "eager_any",
     "eigh",
@@ -577,11 +578,31 @@ def _cupy_sees_gpu() -> bool:
         return False
 
 
+def _torch_modes_plain(*, default_device: bool = False) -> bool:
+    """Whether this thread has no torch dispatch mode (a FLOP counter's) and no
+    ``__torch_function__`` mode, or, with ``default_device``, none other than a default device
+    (``torch.device(...)`` as a context, ``torch.set_default_device``)."""
+    import torch
+
+    if torch._C._len_torch_dispatch_stack():
+        return False
+    if not torch._C._len_torch_function_stack():
+        return True
+    if not default_device:
+        return False
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+    except ImportError:  # pragma: no cover - another torch layout
+        return False
+    return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
+
+
 def _torch_thread_state_plain() -> bool:
     """Whether this thread has none of torch's per-thread states that work on another thread
     would not see: autocast, inference mode, ``__torch_function__`` modes (a default device
-    set with ``torch.device`` or ``torch.set_default_device``), dispatch modes (a FLOP
-    counter's), the profiler. (Grad mode is carried over by :func:`in_lanes`.)"""
+    too), dispatch modes (:func:`_torch_modes_plain`), the profiler. (Grad mode is carried over
+    by :func:`in_lanes`.)"""
     import torch
 
     try:
@@ -591,8 +612,7 @@ def _torch_thread_state_plain() -> bool:
     return not (
         autocast
         or torch.is_inference_mode_enabled()
-        or torch._C._len_torch_function_stack() > 0
-        or torch._C._len_torch_dispatch_stack() > 0
+        or not _torch_modes_plain()
         or torch._C._autograd._profiler_enabled()
     )
 
@@ -637,6 +657,27 @@ def _eigh_route(a: Array, xp: Namespace) -> str:
     return "cupy" if _cupy_sees_gpu() else "native"
 
 
+_cupy_streams: dict[tuple[int | None, int], Any] = {}
+_cupy_streams_lock = threading.Lock()
+
+
+def cupy_stream(cupy: Any, device_id: int | None, pointer: int) -> Any:
+    """CuPy's handle of torch's CUDA stream ``pointer`` on ``device_id``, made once per stream
+    (CuPy 14's deprecation warning of ``ExternalStream`` silenced then, under a lock: a warnings
+    filter entered on every call is not thread-safe)."""
+    key = (device_id, pointer)
+    stream = _cupy_streams.get(key)
+    if stream is None:
+        with _cupy_streams_lock:
+            stream = _cupy_streams.get(key)
+            if stream is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    stream = cupy.cuda.ExternalStream(pointer)  # (as run on the H100)
+                _cupy_streams[key] = stream
+    return stream
+
+
 def eigh_through(a: Array, lib: Any) -> tuple[Array, Array]:
     """``eigh`` of torch tensor ``a`` computed by array library ``lib`` (``from_dlpack`` and
     ``linalg.eigh``), both ways zero-copy through DLPack; the results are torch tensors on
@@ -648,7 +689,7 @@ def eigh_through(a: Array, lib: Any) -> tuple[Array, Array]:
         if a.device.type == "cuda":
             on_device.enter_context(lib.cuda.Device(a.device.index))
             stream = torch.cuda.current_stream(a.device).cuda_stream
-            on_device.enter_context(lib.cuda.ExternalStream(stream))
+            on_device.enter_context(cupy_stream(lib, a.device.index, stream))
         w, U = lib.linalg.eigh(lib.from_dlpack(a))
         return torch.from_dlpack(w), torch.from_dlpack(U)
 

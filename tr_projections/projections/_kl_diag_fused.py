@@ -550,22 +550,11 @@ def _check_settings() -> None:
             )
 
 
-def _torch_modes_plain() -> bool:
-    """No ``__torch_function__`` mode other than a default device (``torch.device(...)`` as a
-    context, ``torch.set_default_device``: every array here is made with an explicit device)
-    and no dispatch mode."""
-    import torch
-
-    if torch._C._len_torch_dispatch_stack():
-        return False
-    if not torch._C._len_torch_function_stack():
-        return True
-    try:
-        from torch.overrides import _get_current_function_mode_stack
-        from torch.utils._device import DeviceContext
-    except ImportError:  # pragma: no cover - another torch layout
-        return False
-    return all(isinstance(m, DeviceContext) for m in _get_current_function_mode_stack())
+def _torch_takes(*ts: Array) -> bool:
+    """Whether the kernels may read and write torch tensors ``ts`` through their pointers:
+    plain tensors (:func:`tr_projections._compat._torch_plain`: no transform, no tracing) and
+    no torch mode but a default device, whose observers would see none of the work."""
+    return _compat._torch_plain(*ts) and _compat._torch_modes_plain(default_device=True)
 
 
 def applies(p: Any) -> bool:
@@ -589,9 +578,7 @@ def applies(p: Any) -> bool:
         return on_gpu and _compat._cupy_sees_gpu()
     if not _compat.is_torch(xp):
         return False
-    if not (
-        _compat._torch_plain(p.mean, p.scale, p.old_mean, p.old_scale) and _torch_modes_plain()
-    ):
+    if not _torch_takes(p.mean, p.scale, p.old_mean, p.old_scale):
         return False
     device = p.scale.device.type
     if device == "cpu":
@@ -670,29 +657,9 @@ def _launch(p: Any, name: str, args: tuple) -> bool:
         if stream is None:
             kernel(grid, (BLOCK,), (np.int64(n), np.int32(p.d), *args))
         else:
-            with _external_stream(cupy, device_id, stream):
+            with _compat.cupy_stream(cupy, device_id, stream):
                 kernel(grid, (BLOCK,), (np.int64(n), np.int32(p.d), *args))
     return True
-
-
-_streams: dict[tuple[int, int], Any] = {}
-
-
-def _external_stream(cupy: Any, device_id: int, pointer: int) -> Any:
-    """CuPy's handle of torch's stream ``pointer`` on ``device_id``, made once per stream (and
-    CuPy 14's deprecation warning of ``ExternalStream`` silenced then, under the lock, not on
-    every launch)."""
-    key = (device_id, pointer)
-    stream = _streams.get(key)
-    if stream is None:
-        with _lock:
-            stream = _streams.get(key)
-            if stream is None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    stream = cupy.cuda.ExternalStream(pointer)  # (as run on the H100)
-                _streams[key] = stream
-    return stream
 
 
 def kl_diag_fwd(p: Any, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, tuple] | None:
@@ -728,7 +695,7 @@ def kl_diag_vjp(
     with the array-API VJP)."""
     xp, d, batch = p.xp, p.d, p.batch
     arrays = (p.mean, p.scale, p.old_mean, p.old_scale, g_mean, g_scale)
-    if _compat.is_torch(xp) and not (_compat._torch_plain(*arrays) and _torch_modes_plain()):
+    if _compat.is_torch(xp) and not _torch_takes(*arrays):
         return None
     n = math.prod(batch)
     ins = [_rows(x, n, d, xp) for x in (p.mean, p.scale, p.old_mean, p.old_scale)]

@@ -8,13 +8,16 @@
 #   on the device (carry .whl):
 #     bash benchmarks/gpu_check.sh            # writes under $OUT (default ./gpu-out), <= 9.5 min
 #                                             # (stage limits 570 s in all, plus installs)
-#     bash benchmarks/gpu_check.sh targets    # <= 7 min (stage limits 390 s): the target rows
+#     bash benchmarks/gpu_check.sh targets    # <= 8 min (stage limits 450 s): the target rows
+#     bash benchmarks/gpu_check.sh small      # <= 3 min: the small-matrix kernels' GPU tests and
+#                                             # benchmarks/gpu_small.py at a million matrices
 #
 # Installs only what is missing, then, each stage under its own time limit (one that hangs
 # leaves the others' results; every benchmark cell is printed as it is timed), all output also
 # in $OUT/log.txt:
 #   1. the fused diagonal KL kernels' GPU tests (tests/test_kl_fused.py): torch CUDA and CuPy,
-#      float32 and float64, against the array-API form;
+#      float32 and float64, against the array-API form; (targets) the small-matrix kernels'
+#      (tests/test_small_kernels.py), against NumPy;
 #   2. (whole run) batched eigh routes (benchmarks/eigh.py): torch in chunks, torch->CuPy,
 #      CuPy, JAX;
 #   3. KL, diagonal, d = 6 (targets: B = 1e6), torch/CuPy/JAX, with TRP_FUSED=off (the
@@ -28,7 +31,7 @@
 #      (whole run) the "jax" backend on the GPU for its bound properties; batches above 65,535
 #      full Gaussians included.
 # Files that come back (at most 8): log.txt, eigh.json, kl-full.json, kl-diag.json,
-# other.json, tests.log.
+# other.json, tests.log (small: log.txt, tests.log, small.txt).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-gpu-out}"
@@ -95,7 +98,19 @@ gpu_tests() { # gpu_tests SECONDS BACKENDS PYTEST-ARGS...
         -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.log" | tail -40 >>"$LOG" || status=1
 }
 
+if [ "${1:-}" = small ]; then
+    gpu_tests 90 torch_cuda,cupy tests/test_small_kernels.py
+    stage "benchmarks/gpu_small.py" | tee -a "$LOG"
+    timeout 60 python3 benchmarks/gpu_small.py --batches 1000000 --rounds 11 2>&1 \
+        | tee -a "$LOG" "$OUT/small.txt" || status=1
+    stage "done, status $status" | tee -a "$LOG"
+    exit $status
+fi
+
 gpu_tests 90 torch_cuda,cupy tests/test_kl_fused.py
+if [ "${1:-}" = targets ]; then
+    gpu_tests 60 torch_cuda,cupy tests/test_small_kernels.py
+fi
 
 if [ "${1:-}" != targets ]; then
     stage eigh | tee -a "$LOG"

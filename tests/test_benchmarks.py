@@ -107,6 +107,14 @@ def test_gpu_profile_script_parses():
     assert "ops" in proc.stdout and "blocking" in proc.stdout
 
 
+def test_gpu_small_script_parses():
+    """``benchmarks/gpu_small.py`` (run on a device machine only) at least parses its
+    arguments here, without importing CuPy or torch."""
+    proc = _script("gpu_small.py", "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--batches" in proc.stdout and "--rounds" in proc.stdout
+
+
 def test_worker_env_must_be_key_value():
     proc = _script("run.py", "--quick", "--worker-env", "NOEQUALS", timeout=60)
     assert proc.returncode == 2

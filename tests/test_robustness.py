@@ -688,12 +688,14 @@ def test_switch_environment_variable_rejects_nonsense():
 
 def test_jax_jit_static_checks_raise_and_value_checks_are_skipped():
     """Under ``jax.jit`` shapes are known (static checks raise at trace time) but values are not:
-    value checks are skipped, and a non-finite value stays in its own row (NaN in, NaN out);
-    other rows are the eager result."""
+    value checks are skipped, and a non-finite value stays in its own row (NaN in, NaN out on
+    the CPU; on a GPU, cuSOLVER's decompositions may return finite garbage for a NaN factor, as
+    the H100 run of the fourteenth round showed); other rows are the eager result."""
     jax = pytest.importorskip("jax")
     from tr_projections.testing import get_backend
 
     bk = get_backend("jax")
+    on_cpu = jax.default_backend() == "cpu"
     for method in METHODS:
         fn = jax.jit(lambda *a, m=method: trp.project(*a, method=m, eps_mean=1e-2, eps_cov=1e-3))
         good = _valid(True)
@@ -705,7 +707,8 @@ def test_jax_jit_static_checks_raise_and_value_checks_are_skipped():
         bad[1][1, 2, 0] = np.nan  # scale of row 1
         bad[3][2, 0, 2] = 7.0  # row 2: old scale not triangular (silently garbage under jit)
         out = [bk.to_numpy(x) for x in fn(*_on(bk, bad))]
-        assert np.isnan(out[0][0]).any() and np.isnan(out[1][1]).any()
+        assert np.isnan(out[0][0]).any()
+        assert np.isnan(out[1][1]).any() or not on_cpu
         for i in (3, 4):
             np.testing.assert_allclose(out[0][i], ref[0][i], rtol=1e-12)
             np.testing.assert_allclose(out[1][i], ref[1][i], rtol=1e-12)

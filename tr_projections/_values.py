@@ -55,9 +55,10 @@ def at_least(x: Array, lo: float, *, xp: Any, strided: bool = False) -> Array:
 def _whole(reduce: Any, x: Array, *, xp: Any, strided: bool) -> Array:
     # ``reduce`` (min or max) over all of x. For a strided view (the diagonal of a batch of
     # factors) reducing the last axis first keeps torch on its fast kernel, 4x faster than one
-    # reduction over all axes; for a contiguous array, and for NumPy always (7x at 1,000
-    # factors, 4.6x at 1e5), the single reduction is the faster one.
-    if strided and x.ndim >= 2 and _compat.is_torch(xp):
+    # reduction over all axes, and CuPy too (benchmarks/gpu_small.py); for a contiguous
+    # array, and for NumPy always (7x at 1,000 factors, 4.6x at 1e5), the single reduction is
+    # the faster one.
+    if strided and x.ndim >= 2 and (_compat.is_torch(xp) or _compat.is_cupy(xp)):
         return reduce(reduce(x, axis=-1))
     return reduce(x)
 

@@ -373,6 +373,22 @@ def test_householder_r_is_lapacks_r(name, dtype, d):
     np.testing.assert_array_equal(back(arg), a)
 
 
+@pytest.mark.parametrize("name", ["numpy", "torch", "array_api_strict"])
+def test_householder_r_near_the_largest_float32(name):
+    """A float32 column whose norm is representable but whose ``x0 + |x|`` is not (2e38 and
+    1.5e38: norm 2.5e38, sum 4.5e38 > 3.4e38) gives LAPACK's R (float64) to float32 rounding:
+    the column is scaled before its reflector is formed (before, x0 - alpha overflowed and the
+    reflection was silently skipped)."""
+    ns, conv, back = _namespace(name)
+    a = np.array([[[2e38, 1.0, 2.0], [1.5e38, -3.0, 1.0], [0.0, 2.0, 5.0]]], dtype=np.float32)
+    R = back(_compat.householder_r(conv(a), xp=ns)).astype(np.float64)
+    want = np.linalg.qr(a.astype(np.float64), mode="r")
+    sign = np.sign(np.diagonal(R, axis1=-2, axis2=-1) * np.diagonal(want, axis1=-2, axis2=-1))
+    assert np.all(np.isfinite(R))
+    scale = np.abs(want).max(axis=-1, keepdims=True)  # (row by row: the first is 1e38)
+    assert np.all(np.abs(R * sign[..., None] - want) <= 1e-5 * scale)
+
+
 def test_cupy_batches_take_householder_r(monkeypatch):
     """``qr_r`` of a CuPy batch goes to ``householder_r`` (CuPy's batched QR loops over the
     matrices); single matrices keep the library's QR."""

@@ -131,6 +131,18 @@ def test_host_gram_cholesky_degenerate_columns(host):
     assert L[0, 1, 1] == 0.0
 
 
+def test_host_gram_cholesky_near_the_largest_float32(host):
+    """A float32 column whose norm is representable but whose ``x0 + |x|`` is not gives the
+    factor of the Gram matrix (float64) to float32 rounding: the column is scaled before its
+    reflector is formed."""
+    m = np.array([[[2e38, 1.0, 2.0], [1.5e38, -3.0, 1.0], [0.0, 2.0, 5.0]]], dtype=np.float32)
+    L = host_gram_cholesky(host, m).astype(np.float64)
+    m64 = m.astype(np.float64)
+    want = cholesky_of_gram(m64, xp=_compat.array_namespace(m64))
+    scale = np.abs(want).max(axis=-2, keepdims=True)  # (column by column: the first is 1e38)
+    assert np.all(np.isfinite(L)) and np.all(np.abs(L - want) <= 1e-5 * scale)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("lower", [True, False])
 @pytest.mark.parametrize("d, k", [(1, 1), (6, 1), (6, 6), (16, 3)])
@@ -148,13 +160,138 @@ def test_host_trsm(host, dtype, lower, d, k):
 
 
 def test_applies_only_where_it_should(monkeypatch):
-    """The kernels never take NumPy arrays, unbatched or too large matrices, or other dtypes,
-    nor anything with ``TRP_FUSED=off``; a bad setting is an error naming it."""
+    """NumPy arrays take the kernels only with the host build on (``FUSED_CPU``), batched,
+    with 1 <= d <= MAX_D, float32 or float64, and never with ``TRP_FUSED=off``; a bad setting
+    is an error naming it."""
     x = np.ones((4, 6, 6))
-    assert not sk.applies(x, xp=_compat.array_namespace(x))
+    xp = _compat.array_namespace(x)
+    monkeypatch.setattr(fused, "FUSED_CPU", "off")
+    assert not sk.may_apply(x, xp) and not sk.applies(x, xp=xp)
+    monkeypatch.setattr(fused, "FUSED_CPU", "on")
+    assert sk.may_apply(x, xp) and sk.applies(x, xp=xp)
+    for y in (np.ones((6, 6)), np.ones((4, 17, 17)), np.ones((4, 6, 6), dtype=np.float16)):
+        assert not sk.applies(y, xp=xp)
+    monkeypatch.setattr(fused, "FUSED", "off")
+    assert not sk.applies(x, xp=xp)
     monkeypatch.setattr(fused, "FUSED", "sometimes")
     with pytest.raises(ValueError, match="FUSED"):
-        sk.applies(x, xp=_compat.array_namespace(x))
+        sk.applies(x, xp=xp)
+
+
+@pytest.fixture
+def host_route(tmp_path, monkeypatch):
+    """The package's host route of the kernels on (``FUSED_CPU``), built into a test folder;
+    returns the list of kernel calls made."""
+    if fused.compiler() is None:
+        pytest.skip("no C++ compiler to build the kernels' host form")
+    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fused, "FUSED_CPU", "on")
+    monkeypatch.setattr(sk, "_host", {})
+    monkeypatch.setattr(sk, "_host_failed", {})
+    calls: list[str] = []
+    launch = sk._launch
+    monkeypatch.setattr(sk, "_launch", lambda name, *a: calls.append(name) or launch(name, *a))
+    return calls
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_host_route_in_the_package(host_route, monkeypatch, lib):
+    """With the host build on, ``cholesky_of_gram`` and ``solve_triangular`` of NumPy arrays
+    and torch CPU tensors run the kernels (both triangles, transposed and broadcast-free
+    batched input of two batch axes) and equal NumPy's float64 results."""
+    rng = np.random.default_rng(5)
+    m = _matrices(rng, 60, 5, "float64").reshape(3, 20, 5, 5)
+    a = _triangular(rng, 60, 5, "float64").reshape(3, 20, 5, 5)
+    b = rng.standard_normal((3, 20, 5, 2))
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        M, A, B = (torch.as_tensor(x) for x in (m, a, b))
+        At = A.mT
+    else:
+        M, A, B, At = m, a, b, np.swapaxes(a, -1, -2)
+    xp = _compat.array_namespace(M)
+    got = [
+        cholesky_of_gram(M, xp=xp),
+        _compat.solve_triangular(A, B, lower=True, xp=xp),
+        _compat.solve_triangular(At, B, lower=False, xp=xp),
+    ]
+    assert host_route == ["gram_cholesky", "trsm", "trsm"]
+    want = [
+        cholesky_of_gram(m, xp=_compat.array_namespace(m)),
+        np.linalg.solve(a, b),
+        np.linalg.solve(np.swapaxes(a, -1, -2), b),
+    ]
+    for g, w in zip(got, want, strict=True):
+        g = np.asarray(g)
+        assert g.shape == w.shape
+        _close(g, w, "float64", np.max(np.abs(w)))
+
+
+def test_host_route_strides_and_empty_batches(host_route):
+    """The package's glue around the host build: negative, zero (broadcast) and transposed
+    strides are read as the arrays' values, and empty batches or no right-hand sides give
+    empty results without a launch."""
+    rng = np.random.default_rng(7)
+    xp = np
+    a = _triangular(rng, 8, 3, "float64")
+    b = rng.standard_normal((8, 3, 2))
+    flipped = a[::-1]  # (negative batch stride)
+    got = _compat.solve_triangular(flipped, b, lower=True, xp=xp)
+    np.testing.assert_allclose(got, np.linalg.solve(flipped, b), rtol=1e-12, atol=1e-12)
+    shared = np.broadcast_to(rng.standard_normal((1, 3, 2)), (8, 3, 2))  # (zero stride)
+    got = _compat.solve_triangular(a, shared, lower=True, xp=xp)
+    np.testing.assert_allclose(got, np.linalg.solve(a, shared), rtol=1e-12, atol=1e-12)
+    m = _matrices(rng, 8, 3, "float64")[:, ::-1, ::-1]
+    got = cholesky_of_gram(m, xp=xp)
+    _close(got @ np.swapaxes(got, -1, -2), np.swapaxes(m, -1, -2) @ m, "float64", 1e4)
+    assert host_route == ["trsm", "trsm", "gram_cholesky"]
+    empty = _compat.solve_triangular(a[:0], b[:0], lower=True, xp=xp)
+    none = _compat.solve_triangular(a, b[..., :0], lower=True, xp=xp)
+    assert empty.shape == (0, 3, 2) and none.shape == (8, 3, 0)
+    assert cholesky_of_gram(m[:0], xp=xp).shape == (0, 3, 3)
+    assert host_route == ["trsm", "trsm", "gram_cholesky"]  # (no launch for empty ones)
+
+
+@pytest.mark.parametrize("method", ["kl", "frobenius", "wasserstein"])
+def test_host_route_projections_match(host_route, monkeypatch, method):
+    """Full projections and their VJPs with the host build on (the kernels run) equal those
+    with it off, to 1e-12 relative, NumPy and torch (``loss.backward``)."""
+    torch = pytest.importorskip("torch")
+    import tr_projections as trp
+
+    fn = {"kl": trp.project_kl, "frobenius": trp.project_frobenius}.get(
+        method, trp.project_wasserstein
+    )
+    rng = np.random.default_rng(6)
+    n, d = 400, 4
+    old_scale = _triangular(rng, n, d, "float64")
+    scale = old_scale @ (np.eye(d) + 0.3 * np.tril(rng.standard_normal((n, d, d))) / d)
+    scale = np.linalg.cholesky(scale @ np.swapaxes(scale, -1, -2))
+    old_mean = rng.standard_normal((n, d))
+    mean = old_mean + 0.3 * rng.standard_normal((n, d))
+    args = (mean, scale, old_mean, old_scale)
+    bounds = {"kl": (0.05, 0.01), "frobenius": (0.05, 0.5)}.get(method, (0.05, 0.05))
+    cots = (rng.standard_normal((n, d)), np.tril(rng.standard_normal((n, d, d))))
+
+    def run():
+        out, vjp_fn = trp.vjp(fn, *args, eps_mean=bounds[0], eps_cov=bounds[1])
+        leaves = [torch.as_tensor(x).requires_grad_(True) for x in args[:2]]
+        t_out = fn(*leaves, *map(torch.as_tensor, args[2:]), eps_mean=bounds[0],
+                   eps_cov=bounds[1])  # fmt: skip
+        loss = sum((o * torch.as_tensor(c)).sum() for o, c in zip(t_out, cots, strict=True))
+        loss.backward()
+        return [*out, *vjp_fn(trp.Gaussian(*cots)), *(x.detach().numpy() for x in t_out)] + [
+            x.grad.numpy() for x in leaves
+        ]
+
+    got = run()
+    assert "trsm" in host_route
+    monkeypatch.setattr(fused, "FUSED_CPU", "off")
+    host_route.clear()
+    want = run()
+    assert host_route == []
+    for g, w in zip(got, want, strict=True):
+        _close(np.asarray(g), np.asarray(w), "float64", max(1.0, float(np.max(np.abs(w)))))
 
 
 # ------------------------------------------------------------------------------------ GPU

@@ -41,6 +41,7 @@ __all__ = [
     "matmul",
     "nonzero_padded",
     "numpy_threads",
+    "on_device",
     "put_rows",
     "qr_r",
     "row_sum",
@@ -148,12 +149,6 @@ def _in_turn(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------- triangular solves
 
 
-def _on_gpu(a: Array, xp: Namespace) -> bool:
-    """Whether ``a`` is a CuPy array or a torch CUDA tensor (the small-matrix kernels'
-    arrays: :mod:`tr_projections._small_kernels`)."""
-    return is_cupy(xp) or (is_torch(xp) and a.device.type == "cuda")
-
-
 @_in_turn
 def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -> Array:
     r"""Solve :math:`A X = B` for triangular ``a`` of shape ``(..., d, d)`` and ``b`` of shape
@@ -164,11 +159,12 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
     standard is the fallback, which is correct for triangular matrices too. Batches of small
     systems on a GPU (CuPy, torch CUDA; d <= 16) take the package's substitution kernel
     (:mod:`tr_projections._small_kernels`: 4x faster than torch's and cuBLAS's batched trsm for
-    1e6 6x6 systems with 6 right-hand sides on an H100).
+    1e6 6x6 systems with 6 right-hand sides on an H100), and so do NumPy arrays and torch CPU
+    tensors with the kernels' host build on (``TRP_FUSED_CPU=on``).
     """
-    if a.ndim > 2 and tuple(a.shape[:-2]) == tuple(b.shape[:-2]) and _on_gpu(a, xp):
-        from . import _small_kernels
+    from . import _small_kernels
 
+    if _small_kernels.may_apply(a, xp) and tuple(a.shape[:-2]) == tuple(b.shape[:-2]):
         if _small_kernels.applies(a, b, xp=xp):
             x = _small_kernels.solve_triangular(a, b, lower=lower, xp=xp)
             if x is not None:
@@ -190,7 +186,11 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         return jsl.solve_triangular(a, b, lower=lower)
     if is_cupy(xp) and (a.ndim == 2 or tuple(a.shape[:-2]) == tuple(b.shape[:-2])):
         # cupyx's triangular solve takes batches too (cuBLAS's batched trsm: 1.9x faster than
-        # the batched LU solve of 1e6 6x6 systems on an H100, benchmarks/gpu_small.py).
+        # the batched LU solve of 1e6 6x6 systems on an H100, benchmarks/gpu_small.py), but
+        # not empty ones.
+        if math.prod(tuple(b.shape)) == 0:
+            with on_device(b, xp):
+                return xp.zeros(b.shape, dtype=b.dtype)
         try:
             import cupyx.scipy.linalg as csl
         except ImportError:  # pragma: no cover - cupy without cupyx.scipy
@@ -678,6 +678,17 @@ _cupy_streams: dict[tuple[int | None, int], Any] = {}
 _cupy_streams_lock = threading.Lock()
 
 
+def on_device(x: Array, xp: Namespace) -> Any:
+    """A context in which new arrays are made on ``x``'s device: CuPy's device context for a
+    CuPy array (array_api_compat's CuPy functions ignore ``device=`` and use the current
+    device), else nothing."""
+    if is_cupy(xp):
+        import cupy
+
+        return cupy.cuda.Device(x.device.id)
+    return contextlib.nullcontext()
+
+
 def cupy_stream(cupy: Any, device_id: int | None, pointer: int) -> Any:
     """CuPy's handle of torch's CUDA stream ``pointer`` on ``device_id``, made once per stream
     (CuPy 14's deprecation warning of ``ExternalStream`` silenced then, under a lock: a warnings
@@ -788,8 +799,10 @@ def householder_r(a: Array, *, xp: Namespace) -> Array:
     about twenty whole-batch operations each, instead of one library call per matrix. Column
     ``k`` of the trailing block is reflected onto :math:`\alpha e_1` with
     :math:`\alpha = -\operatorname{sign}(x_0)\|x\|` (no cancellation), so ``R`` is backward
-    stable as LAPACK's is; its diagonal may have either sign. Norms are taken of columns scaled
-    by their largest entry, so they neither overflow nor underflow. Standard operations only."""
+    stable as LAPACK's is; its diagonal may have either sign. Each column is scaled by its
+    largest entry before its norm and reflector are formed, so neither overflows or underflows
+    (``x0 - alpha`` of the unscaled column overflowed in float32 near its largest numbers).
+    Standard operations only."""
     d = a.shape[-1]
     T = a
     rows = []
@@ -806,11 +819,15 @@ def householder_r(a: Array, *, xp: Namespace) -> Array:
         if k == d - 1:  # a 1x1 block: nothing to reflect
             rows.append(xp.concat([lead, x], axis=-1))
             break
-        x0 = x[..., 0]
-        n = norm(x)
-        alpha = xp.where(x0 < 0, n, 0.0 - n)  # (0.0 - n: +0.0 for a zero column)
-        # v = x - alpha e1, scaled to unit length (a zero column: no reflection)
-        v = xp.concat([(x0 - alpha)[..., None], x[..., 1:]], axis=-1)
+        # The column scaled by its largest entry, so that y0 - alpha_y cannot overflow.
+        m = xp.max(xp.abs(x), axis=-1)
+        y = x / xp.where(m > 0, m, xp.ones_like(m))[..., None]
+        y0 = y[..., 0]
+        n = xp.sqrt(xp.sum(y * y, axis=-1))
+        alpha_y = xp.where(y0 < 0, n, 0.0 - n)  # (0.0 - n: +0.0 for a zero column)
+        alpha = m * alpha_y
+        # v = y - alpha_y e1, scaled to unit length (a zero column: no reflection)
+        v = xp.concat([(y0 - alpha_y)[..., None], y[..., 1:]], axis=-1)
         vn = norm(v)
         safe = xp.where(vn > 0, vn, xp.ones_like(vn))
         v = xp.where((vn > 0)[..., None], v / safe[..., None], xp.zeros_like(v))

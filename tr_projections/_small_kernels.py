@@ -23,6 +23,7 @@ compiles as plain C++ (without ``TRP_CUDA``), a loop over the matrices:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 import warnings
@@ -87,13 +88,19 @@ TRP_DEV void gram_cholesky_row(long long row, const real* M, long long sb, long 
     for (int i = 0; i < D; ++i)
         for (int j = 0; j < D; ++j) A[i][j] = m[i * sr + j * sc];
     for (int k = 0; k + 1 < D; ++k) {  // (the last 1x1 block: nothing to reflect)
-        for (int i = k; i < D; ++i) v[i] = A[i][k];
+        // The column scaled by its largest entry (x0 - alpha cannot overflow), its norm and
+        // the unit reflector v.
+        real m = R(0);
+        for (int i = k; i < D; ++i) m = fmax(m, fabs(A[i][k]));
+        real safe = m > R(0) ? m : R(1);
+        for (int i = k; i < D; ++i) v[i] = A[i][k] / safe;
         real n = scaled_norm(v, k);
-        real x0 = v[k];
-        real alpha = x0 < R(0) ? n : R(0) - n;  // (R(0) - n: +0 for a zero column)
-        v[k] = x0 - alpha;
+        real y0 = v[k];
+        real alpha = y0 < R(0) ? n : R(0) - n;  // (R(0) - n: +0 for a zero column)
+        v[k] = y0 - alpha;
         real vn = scaled_norm(v, k);
         for (int i = k; i < D; ++i) v[i] = vn > R(0) ? v[i] / vn : R(0);
+        alpha = m * alpha;
         for (int j = k + 1; j < D; ++j) {
             real w = R(0);
             for (int i = k; i < D; ++i) w += v[i] * A[i][j];
@@ -152,6 +159,8 @@ TRP_KERNEL void trsm(long long n, int k, int lower, ptr_t a_p, long long ab, lon
 _lock = threading.Lock()
 _modules: dict[tuple[int, str, int], Any] = {}
 _failed: dict[tuple[str, int], str] = {}  # (dtype name, d) -> why its kernels failed to build
+_host: dict[tuple[str, int], Any] = {}  # (dtype name, d) -> the host build (ctypes)
+_host_failed: dict[tuple[str, int], str] = {}
 
 
 def _dtype_name(x: Array) -> str:
@@ -163,11 +172,33 @@ def defines(dtype_name: str, d: int) -> dict[str, str]:
     return {"REAL": "double" if dtype_name == "float64" else "float", "TRP_D": str(d)}
 
 
+def may_apply(a: Array, xp: Any) -> bool:
+    """A cheap first test of :func:`applies` for its callers: CuPy arrays and torch CUDA
+    tensors, and with the host build on (``TRP_FUSED_CPU=on``) NumPy arrays and torch CPU
+    tensors, of at least three axes."""
+    if a.ndim < 3:
+        return False
+    if _compat.is_cupy(xp):
+        return True
+    from .projections import _kl_diag_fused as fused  # (projections import this module)
+
+    host = fused.FUSED_CPU == "on"
+    if _compat.is_torch(xp):
+        return a.device.type == "cuda" or (host and a.device.type == "cpu")
+    return host and _compat.is_numpy(xp)
+
+
+def _on_host(a: Array, xp: Any) -> bool:
+    return _compat.is_numpy(xp) or (_compat.is_torch(xp) and a.device.type == "cpu")
+
+
 def applies(*arrays: Array, xp: Any) -> bool:
     """Whether the kernels may take ``arrays`` (``(..., d, d)`` or ``(..., d, k)``, ``d`` the
-    size of the second-to-last axis of the first): CuPy arrays or plain torch CUDA tensors of
-    float32 or float64 with ``1 <= d <= MAX_D``, a batch, CuPy seeing the GPU, and the fused
-    kernels not turned off."""
+    size of the second-to-last axis of the first): float32 or float64 with
+    ``1 <= d <= MAX_D``, a batch, the fused kernels not turned off, and either CuPy arrays or
+    plain torch CUDA tensors where CuPy sees the GPU, or (the host build, with
+    ``TRP_FUSED_CPU=on``) NumPy arrays or plain torch CPU tensors. Plain torch tensors: no
+    ``torch.func`` transform, no ``torch.compile`` tracing, no mode but a default device."""
     from .projections import _kl_diag_fused as fused  # (projections import this module)
 
     fused._check_settings()
@@ -175,16 +206,51 @@ def applies(*arrays: Array, xp: Any) -> bool:
     if fused.FUSED == "off" or a.ndim < 3 or not 1 <= a.shape[-2] <= MAX_D:
         return False
     name = _dtype_name(a)
-    if name not in ("float32", "float64") or (name, a.shape[-2]) in _failed:
+    if name not in ("float32", "float64") or any(_dtype_name(x) != name for x in arrays):
         return False
-    if any(_dtype_name(x) != name for x in arrays):
+    host = _on_host(a, xp)
+    if host and (fused.FUSED_CPU != "on" or (name, a.shape[-2]) in _host_failed):
+        return False
+    if not host and (name, a.shape[-2]) in _failed:
         return False
     if _compat.is_torch(xp):
-        if any(x.device.type != "cuda" for x in arrays) or not fused._torch_takes(*arrays):
+        if any(x.device != a.device for x in arrays) or not fused._torch_takes(*arrays):
             return False
-    elif not _compat.is_cupy(xp):
+        return host or (a.device.type == "cuda" and _compat._cupy_sees_gpu())
+    if _compat.is_numpy(xp):
+        return all(isinstance(x, np.ndarray) for x in arrays)
+    if not _compat.is_cupy(xp) or any(x.device.id != a.device.id for x in arrays):
         return False
     return _compat._cupy_sees_gpu()
+
+
+def _host_library(dtype_name: str, d: int) -> Any | None:
+    """The host build for ``(dtype_name, d)``, built or loaded once (the fused KL kernels'
+    cache, :func:`tr_projections.projections._kl_diag_fused.build_host`); ``None``, warned
+    once, where it cannot be built."""
+    from .projections import _kl_diag_fused as fused
+
+    key = (dtype_name, d)
+    lib = _host.get(key)
+    if lib is not None or key in _host_failed:
+        return lib
+    with _lock:
+        if key in _host or key in _host_failed:
+            return _host.get(key)
+        try:
+            defs = [f"-D{k}={v}" for k, v in defines(dtype_name, d).items()]
+            lib = fused.build_host(f"small_{dtype_name}_{d}", SOURCE, defs)
+        except Exception as exc:
+            _host_failed[key] = reason = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"tr_projections: the small-matrix kernels (host build, {dtype_name}, d = {d}) "
+                f"could not be built ({reason}); the library routines are used instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        _host[key] = lib
+        return lib
 
 
 def _kernels(dtype_name: str, d: int, device_id: int) -> Any | None:
@@ -229,11 +295,28 @@ def _as_batch(x: Array, n: int, xp: Any) -> tuple[Array, tuple[int, int, int]]:
 
 
 def _pointer(x: Array) -> np.uint64:
+    if isinstance(x, np.ndarray):
+        return np.uint64(x.ctypes.data)
     return np.uint64(x.data_ptr() if hasattr(x, "data_ptr") else x.data.ptr)
+
+
+def _c_arg(a: Any) -> Any:
+    if isinstance(a, np.uint64):
+        return ctypes.c_ulonglong(int(a))
+    if isinstance(a, np.int64):
+        return ctypes.c_longlong(int(a))
+    return ctypes.c_int(int(a))
 
 
 def _launch(name: str, x: Array, n_threads: int, args: tuple, xp: Any) -> bool:
     d = x.shape[-2]
+    if _on_host(x, xp):
+        lib = _host_library(_dtype_name(x), d)
+        if lib is None:
+            return False
+        # (ctypes releases the GIL: chunks in lanes run at once)
+        getattr(lib, name)(ctypes.c_longlong(n_threads), *map(_c_arg, args))
+        return True
     if _compat.is_torch(xp):
         import torch
 
@@ -261,14 +344,15 @@ def gram_cholesky(m: Array, *, xp: Any) -> Array | None:
     :func:`applies`), or ``None`` where the kernels cannot be built."""
     batch, d = tuple(m.shape[:-2]), m.shape[-1]
     n = math.prod(batch)
-    if n == 0:
-        return xp.zeros(m.shape, dtype=m.dtype, device=_compat.device(m))
-    x, (sb, sr, sc) = _as_batch(m, n, xp)
-    out = xp.empty((n, d, d), dtype=m.dtype, device=_compat.device(m))
-    args = (_pointer(x), np.int64(sb), np.int64(sr), np.int64(sc), _pointer(out))
-    if not _launch("gram_cholesky", x, n, args, xp):
-        return None
-    return xp.reshape(out, m.shape)
+    with _compat.on_device(m, xp):
+        if n == 0:
+            return xp.zeros(m.shape, dtype=m.dtype, device=_compat.device(m))
+        x, (sb, sr, sc) = _as_batch(m, n, xp)
+        out = xp.empty((n, d, d), dtype=m.dtype, device=_compat.device(m))
+        args = (_pointer(x), np.int64(sb), np.int64(sr), np.int64(sc), _pointer(out))
+        if not _launch("gram_cholesky", x, n, args, xp):
+            return None
+        return xp.reshape(out, m.shape)
 
 
 def solve_triangular(a: Array, b: Array, *, lower: bool, xp: Any) -> Array | None:
@@ -276,19 +360,28 @@ def solve_triangular(a: Array, b: Array, *, lower: bool, xp: Any) -> Array | Non
     the same batch) where :func:`applies`, or ``None`` where the kernels cannot be built."""
     batch, d, k = tuple(a.shape[:-2]), a.shape[-1], b.shape[-1]
     n = math.prod(batch)
-    if n == 0 or k == 0:
-        return xp.zeros(b.shape, dtype=b.dtype, device=_compat.device(b))
-    A, (ab, ar, ac) = _as_batch(a, n, xp)
-    B, (bb, br, bc) = _as_batch(b, n, xp)
-    out = xp.empty((n, d, k), dtype=b.dtype, device=_compat.device(b))
-    args = (
-        np.int32(k), np.int32(1 if lower else 0),
-        _pointer(A), np.int64(ab), np.int64(ar), np.int64(ac),
-        _pointer(B), np.int64(bb), np.int64(br), np.int64(bc), _pointer(out),
-    )  # fmt: skip
-    if not _launch("trsm", A, n * k, args, xp):
-        return None
-    return xp.reshape(out, b.shape)
+    with _compat.on_device(a, xp):
+        if n == 0 or k == 0:
+            return xp.zeros(b.shape, dtype=b.dtype, device=_compat.device(b))
+        A, (ab, ar, ac) = _as_batch(a, n, xp)
+        B, (bb, br, bc) = _as_batch(b, n, xp)
+        out = xp.empty((n, d, k), dtype=b.dtype, device=_compat.device(b))
+        args = (
+            np.int32(k), np.int32(1 if lower else 0),
+            _pointer(A), np.int64(ab), np.int64(ar), np.int64(ac),
+            _pointer(B), np.int64(bb), np.int64(br), np.int64(bc), _pointer(out),
+        )  # fmt: skip
+        if not _launch("trsm", A, n * k, args, xp):
+            return None
+        return xp.reshape(out, b.shape)
 
 
-__all__ = ["MAX_D", "SOURCE", "applies", "defines", "gram_cholesky", "solve_triangular"]
+__all__ = [
+    "MAX_D",
+    "SOURCE",
+    "applies",
+    "defines",
+    "gram_cholesky",
+    "may_apply",
+    "solve_triangular",
+]

@@ -141,9 +141,9 @@ def cholesky_of_gram(m: Array, *, xp: Any) -> Array:
     directions of the covariance; QR is backward stable in :math:`M` itself, so they keep
     :math:`\kappa(M)\varepsilon`.
     """
-    if m.ndim > 2 and _compat._on_gpu(m, xp):
-        from . import _small_kernels
+    from . import _small_kernels
 
+    if _small_kernels.may_apply(m, xp):
         if _small_kernels.applies(m, xp=xp):
             L = _small_kernels.gram_cholesky(m, xp=xp)
             if L is not None:

@@ -436,12 +436,12 @@ def _trusted(path: Path) -> bool:
     return (getuid is None or st.st_uid == getuid()) and not st.st_mode & 0o022
 
 
-def _build(cxx: list[str], defs: list[str], path: Path) -> None:
+def _build(cxx: list[str], defs: list[str], path: Path, source: str = SOURCE) -> None:
     # Compile into a temporary folder beside ``path`` and rename: concurrent processes never
     # load half a file.
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = Path(tmp) / "kl_diag.cpp"
-        src.write_text(SOURCE)
+        src = Path(tmp) / "kernels.cpp"
+        src.write_text(source)
         out = Path(tmp) / path.name
         cmd = [*cxx, *HOST_FLAGS, *defs, "-o", str(out), str(src)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -456,24 +456,56 @@ def cache_path(dtype_name: str, cxx: list[str]) -> Path:
     ``TRP_CACHE_DIR`` (default ``~/.cache/tr_projections``), named by a hash of the source,
     the dtype's constants, the compiler (its command and ``--version``), the flags and the
     platform."""
+    defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
+    return host_cache_path(f"kl_diag_{dtype_name}", SOURCE, defs, cxx)
+
+
+def host_cache_path(tag: str, source: str, defs: list[str], cxx: list[str]) -> Path:
+    """Where the host build of ``source`` with the compiler options ``defs`` by compiler
+    command ``cxx`` is cached: ``<tag>_<hash>.so`` under ``TRP_CACHE_DIR`` (default
+    ``~/.cache/tr_projections``), the hash of the source, the options, the compiler (its
+    command and ``--version``), the flags and the platform."""
     try:
         version = subprocess.run(
             [*cxx, "--version"], capture_output=True, text=True, timeout=30
         ).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
-    parts = (SOURCE, *cxx, version, *HOST_FLAGS, *defs, sys.platform, platform.machine())
+    parts = (source, *cxx, version, *HOST_FLAGS, *defs, sys.platform, platform.machine())
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     folder = os.environ.get("TRP_CACHE_DIR") or Path.home() / ".cache" / "tr_projections"
-    return Path(folder) / f"kl_diag_{dtype_name}_{key}.so"
+    return Path(folder) / f"{tag}_{key}.so"
+
+
+def build_host(tag: str, source: str, defs: list[str]) -> Any:
+    """The host build of ``source`` with the compiler options ``defs``, as a ``ctypes``
+    library: loaded from the cache (:func:`host_cache_path`) where a trusted file is there,
+    else compiled there, or in a private folder where the cache folder cannot be written or its
+    file cannot be trusted or loaded. Raises where it cannot be built (no compiler, a failed
+    compilation); callers cache the result and warn once."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    path = host_cache_path(tag, source, defs, cxx)
+    lib = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            _build(cxx, defs, path, source)
+        if _trusted(path):
+            lib = ctypes.CDLL(str(path))
+    except OSError:  # (a folder it cannot write, a file it cannot load)
+        lib = None
+    if lib is None:
+        path = _private_folder() / path.name
+        _build(cxx, defs, path, source)
+        lib = ctypes.CDLL(str(path))
+    return lib
 
 
 def _host_library(dtype_name: str) -> Any | None:
-    """The host build for ``dtype_name``: loaded from the cache (:func:`cache_path`) where a
-    trusted file is there, else compiled there, or in a private folder where the cache folder
-    cannot be written or its file cannot be trusted or loaded; ``None``, warned once, where it
-    cannot be built at all."""
+    """The host build for ``dtype_name`` (:func:`build_host`), built or loaded once; ``None``,
+    warned once, where it cannot be built at all."""
     lib = _host.get(dtype_name)
     if lib is not None or dtype_name in _host_failed:
         return lib
@@ -481,24 +513,8 @@ def _host_library(dtype_name: str) -> Any | None:
         if dtype_name in _host or dtype_name in _host_failed:
             return _host.get(dtype_name)
         try:
-            cxx = compiler()
-            if cxx is None:
-                raise RuntimeError("no C++ compiler found (set CXX)")
             defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
-            path = cache_path(dtype_name, cxx)
-            lib = None
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if not path.exists():
-                    _build(cxx, defs, path)
-                if _trusted(path):
-                    lib = ctypes.CDLL(str(path))
-            except OSError:  # (a folder it cannot write, a file it cannot load)
-                lib = None
-            if lib is None:
-                path = _private_folder() / path.name
-                _build(cxx, defs, path)
-                lib = ctypes.CDLL(str(path))
+            lib = build_host(f"kl_diag_{dtype_name}", SOURCE, defs)
         except Exception as exc:
             _host_failed[dtype_name] = f"{type(exc).__name__}: {exc}"
             _warn_failed("host build", dtype_name, _host_failed[dtype_name])
@@ -666,6 +682,11 @@ def kl_diag_fwd(p: Any, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, tupl
     """The projection of diagonal problem ``p`` (:func:`applies`) and its residuals
     ``(tau_mean, dist_mean, active_mean, tau, log_tau, active)`` (batch-shaped, the last three
     flat), or ``None`` where the kernels cannot be built."""
+    with _compat.on_device(p.scale, p.xp):  # (CuPy: copies and outputs on the arrays' GPU)
+        return _kl_diag_fwd(p, eps_mean, eps_cov)
+
+
+def _kl_diag_fwd(p: Any, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, tuple] | None:
     xp, d, batch = p.xp, p.d, p.batch
     n = math.prod(batch)
     ins = [_rows(x, n, d, xp) for x in (p.mean, p.scale, p.old_mean, p.old_scale)]
@@ -693,10 +714,18 @@ def kl_diag_vjp(
     :func:`kl_diag_fwd` (the old ones ``None`` without ``old``), or ``None`` where the kernels
     cannot take these arrays (torch tensors under a transform, say: the caller then goes on
     with the array-API VJP)."""
-    xp, d, batch = p.xp, p.d, p.batch
+    xp = p.xp
     arrays = (p.mean, p.scale, p.old_mean, p.old_scale, g_mean, g_scale)
     if _compat.is_torch(xp) and not _torch_takes(*arrays):
         return None
+    with _compat.on_device(p.scale, xp):  # (CuPy: copies and outputs on the arrays' GPU)
+        return _kl_diag_vjp(p, res, g_mean, g_scale, old=old)
+
+
+def _kl_diag_vjp(
+    p: Any, res: Any, g_mean: Array, g_scale: Array, *, old: bool
+) -> tuple[Array, Array, Array | None, Array | None] | None:
+    xp, d, batch = p.xp, p.d, p.batch
     n = math.prod(batch)
     ins = [_rows(x, n, d, xp) for x in (p.mean, p.scale, p.old_mean, p.old_scale)]
     gs = [_rows(g, n, d, xp) for g in (g_mean, g_scale)]
@@ -718,9 +747,11 @@ __all__ = [
     "HOST_FLAGS",
     "SOURCE",
     "applies",
+    "build_host",
     "cache_path",
     "compiler",
     "defines",
+    "host_cache_path",
     "kl_diag_fwd",
     "kl_diag_vjp",
 ]

@@ -8,6 +8,7 @@ import pytest
 from _data import full_policies, spd
 
 from tr_projections import _compat
+from tr_projections.projections import _kl_diag_fused
 
 
 @pytest.mark.parametrize("lower", [True, False])
@@ -41,7 +42,9 @@ def test_batched_triangular_solve_matches_lu(d, k, lower):
 def test_triangular_solve_routes_by_batch(d, k, n, batch_last, monkeypatch):
     """Several right-hand sides take the batch-last substitution from ``BATCH_LAST_MIN_BATCH``
     systems with at most 8 unknowns and from ``BATCH_LAST_MIN_BATCH_LARGE_D`` with 9 to
-    ``BATCH_LAST_MAX_D``; one right-hand side never does; the solution is the LU solve's."""
+    ``BATCH_LAST_MAX_D``; one right-hand side never does; the solution is the LU solve's.
+    (The small-matrix kernels' host build, an option, would take these batches: off here.)"""
+    monkeypatch.setattr(_kl_diag_fused, "FUSED_CPU", "off")
     rng = np.random.default_rng(n + d)
     a = np.tril(rng.uniform(-0.5, 0.5, (n, d, d))) + np.eye(d)
     b = rng.standard_normal((n, d, k))
@@ -409,8 +412,11 @@ def test_cupy_batches_take_householder_r(monkeypatch):
 @pytest.mark.parametrize("method", ["kl", "wasserstein"])
 def test_projections_with_householder_r(method, monkeypatch):
     """KL and W2 projections of full Gaussians (their output factors come from ``qr_r``) and
-    their gradients are those of LAPACK's QR to rounding when ``householder_r`` gives R."""
+    their gradients are those of LAPACK's QR to rounding when ``householder_r`` gives R (the
+    small-matrix kernels' host build, an option that would replace it, off)."""
     import tr_projections as trp
+
+    monkeypatch.setattr(_kl_diag_fused, "FUSED_CPU", "off")
     from tr_projections import gaussian
     from tr_projections.testing.strategies import cholesky_factors
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -165,12 +166,18 @@ def test_applies_only_where_it_should(monkeypatch):
     is an error naming it."""
     x = np.ones((4, 6, 6))
     xp = _compat.array_namespace(x)
+    monkeypatch.setattr(fused, "FUSED", "auto")
     monkeypatch.setattr(fused, "FUSED_CPU", "off")
     assert not sk.may_apply(x, xp) and not sk.applies(x, xp=xp)
     monkeypatch.setattr(fused, "FUSED_CPU", "on")
     assert sk.may_apply(x, xp) and sk.applies(x, xp=xp)
     for y in (np.ones((6, 6)), np.ones((4, 17, 17)), np.ones((4, 6, 6), dtype=np.float16)):
         assert not sk.applies(y, xp=xp)
+    # square matrices, right-hand sides of d rows, one dtype
+    assert not sk.applies(np.ones((4, 6, 5)), xp=xp)
+    assert not sk.applies(x, np.ones((4, 5, 2)), xp=xp)
+    assert not sk.applies(x, np.ones((4, 6, 2), dtype=np.float32), xp=xp)
+    assert sk.applies(x, np.ones((4, 6, 2)), xp=xp)
     monkeypatch.setattr(fused, "FUSED", "off")
     assert not sk.applies(x, xp=xp)
     monkeypatch.setattr(fused, "FUSED", "sometimes")
@@ -185,6 +192,7 @@ def host_route(tmp_path, monkeypatch):
     if fused.compiler() is None:
         pytest.skip("no C++ compiler to build the kernels' host form")
     monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fused, "FUSED", "auto")
     monkeypatch.setattr(fused, "FUSED_CPU", "on")
     monkeypatch.setattr(sk, "_host", {})
     monkeypatch.setattr(sk, "_host_failed", {})
@@ -192,6 +200,55 @@ def host_route(tmp_path, monkeypatch):
     launch = sk._launch
     monkeypatch.setattr(sk, "_launch", lambda name, *a: calls.append(name) or launch(name, *a))
     return calls
+
+
+def test_host_route_reads_whole_entries_and_square_matrices(host_route):
+    """A field of a structured array (strides that are not whole entries) is read as its
+    values (copied first); a non-square matrix or right-hand sides of another height never
+    reach the kernels (the library routes answer, or raise)."""
+    rng = np.random.default_rng(8)
+    a = _triangular(rng, 5, 3, "float64")
+    rec = np.zeros((5, 3, 3), dtype=[("x", "f8"), ("pad", "f4")])
+    rec["x"] = a
+    b = rng.standard_normal((5, 3, 2))
+    got = _compat.solve_triangular(rec["x"], b, lower=True, xp=np)
+    np.testing.assert_allclose(got, np.linalg.solve(a, b), rtol=1e-12, atol=1e-12)
+    m = _matrices(rng, 5, 3, "float64")
+    rec["x"] = m
+    L = cholesky_of_gram(rec["x"], xp=np)
+    _close(L @ np.swapaxes(L, -1, -2), np.swapaxes(m, -1, -2) @ m, "float64", 1e4)
+    assert host_route == ["trsm", "gram_cholesky"]
+    tall = rng.standard_normal((4, 5, 3))
+    L = cholesky_of_gram(tall, xp=np)  # (QR of a tall matrix: the library's route)
+    _close(L @ np.swapaxes(L, -1, -2), np.swapaxes(tall, -1, -2) @ tall, "float64", 100.0)
+    with pytest.raises((ValueError, IndexError)):  # (the library route's own error)
+        _compat.solve_triangular(a, b[:, :2], lower=True, xp=np)
+    assert host_route == ["trsm", "gram_cholesky"]
+
+
+def test_torch_jit_trace_keeps_the_library_routes(host_route):
+    """Under ``torch.jit.trace`` (shapes are traced values) the kernels are not taken: no
+    compiler run for a traced size, no warning, and the traced function is right for other
+    inputs."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    a = torch.as_tensor(_triangular(rng, 6, 4, "float64"))
+    b = torch.as_tensor(rng.standard_normal((6, 4, 2)))
+    xp = _compat.array_namespace(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a failed build would warn so)
+        warnings.simplefilter("ignore", DeprecationWarning)  # (torch.jit.trace is deprecated)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(  # (check_trace=False: no untraced check run)
+            lambda x, y: _compat.solve_triangular(x, y, lower=True, xp=xp),
+            (a, b),
+            check_trace=False,
+        )
+    assert host_route == [] and sk._host_failed == {}
+    a2 = torch.as_tensor(_triangular(rng, 6, 4, "float64"))
+    np.testing.assert_allclose(
+        traced(a2, b).numpy(), np.linalg.solve(a2.numpy(), b.numpy()), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
@@ -275,20 +332,22 @@ def test_host_route_projections_match(host_route, monkeypatch, method):
 
     def run():
         out, vjp_fn = trp.vjp(fn, *args, eps_mean=bounds[0], eps_cov=bounds[1])
+        numpy_res = [*out, *vjp_fn(trp.Gaussian(*cots))]
+        numpy_calls = len(host_route)
         leaves = [torch.as_tensor(x).requires_grad_(True) for x in args[:2]]
         t_out = fn(*leaves, *map(torch.as_tensor, args[2:]), eps_mean=bounds[0],
                    eps_cov=bounds[1])  # fmt: skip
         loss = sum((o * torch.as_tensor(c)).sum() for o, c in zip(t_out, cots, strict=True))
         loss.backward()
-        return [*out, *vjp_fn(trp.Gaussian(*cots)), *(x.detach().numpy() for x in t_out)] + [
-            x.grad.numpy() for x in leaves
-        ]
+        torch_calls = len(host_route) - numpy_calls
+        res = numpy_res + [x.detach().numpy() for x in t_out] + [x.grad.numpy() for x in leaves]
+        return res, numpy_calls, torch_calls
 
-    got = run()
-    assert "trsm" in host_route
+    got, numpy_calls, torch_calls = run()
+    assert numpy_calls > 0 and torch_calls > 0  # (each library's projection took the kernels)
     monkeypatch.setattr(fused, "FUSED_CPU", "off")
     host_route.clear()
-    want = run()
+    want, _, _ = run()
     assert host_route == []
     for g, w in zip(got, want, strict=True):
         _close(np.asarray(g), np.asarray(w), "float64", max(1.0, float(np.max(np.abs(w)))))

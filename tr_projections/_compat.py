@@ -637,11 +637,16 @@ def _torch_thread_state_plain() -> bool:
 def _torch_plain(*ts: Array) -> bool:
     """Whether tensors ``ts`` may go to another library (CuPy, NumPy) and back: float tensors
     whose result torch need not differentiate (no autograd graph being recorded, no forward-mode
-    tangent), outside ``torch.compile`` tracing and ``torch.func`` transforms."""
+    tangent), outside ``torch.compile`` and ``torch.jit.trace`` tracing and ``torch.func``
+    transforms."""
     import torch
     from torch.autograd import forward_ad
 
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch.jit.is_tracing()
+    ):
         return False
     return all(
         type(t) in (torch.Tensor, torch.nn.Parameter)

@@ -1,5 +1,6 @@
-r"""Batched kernels for small matrices on the GPU, one thread per matrix (or per right-hand
-side), compiled by CuPy's NVRTC at first use and cached per device, dtype and size.
+r"""Batched kernels for small matrices, one thread per matrix (or per right-hand side): on the
+GPU compiled by CuPy's NVRTC at first use and cached per device, dtype and size; on the CPU, as
+an option (``TRP_FUSED_CPU=on``), built by the system's C++ compiler.
 
 CuPy has no batched QR of its own (``cupy.linalg.qr`` calls cuSOLVER once per matrix), and a
 batch of small triangular systems went through cuBLAS's batched LU (``getrf``/``getrs``), both
@@ -17,8 +18,11 @@ current stream) of float32 or float64 with ``d <= MAX_D``, where CuPy sees the G
 callers (:func:`tr_projections.gaussian.cholesky_of_gram`,
 :func:`tr_projections._compat.solve_triangular`) take their own routes otherwise, and where
 ``TRP_FUSED=off`` (:data:`tr_projections.projections._kl_diag_fused.FUSED`). The same source
-compiles as plain C++ (without ``TRP_CUDA``), a loop over the matrices:
-``tests/test_small_kernels.py`` checks that build against NumPy on the CPU.
+compiles as plain C++ (without ``TRP_CUDA``), a loop over the matrices: with
+``TRP_FUSED_CPU=on`` (:data:`tr_projections.projections._kl_diag_fused.FUSED_CPU`), NumPy
+arrays and plain torch CPU tensors take that build (compiled and cached by
+:func:`tr_projections.projections._kl_diag_fused.build_host`), and
+``tests/test_small_kernels.py`` checks it against NumPy.
 """
 
 from __future__ import annotations
@@ -205,6 +209,9 @@ def applies(*arrays: Array, xp: Any) -> bool:
     a = arrays[0]
     if fused.FUSED == "off" or a.ndim < 3 or not 1 <= a.shape[-2] <= MAX_D:
         return False
+    d = a.shape[-2]
+    if a.shape[-1] != d or any(x.ndim < 3 or x.shape[-2] != d for x in arrays):
+        return False  # (square matrices, and right-hand sides of d rows: what the kernels read)
     name = _dtype_name(a)
     if name not in ("float32", "float64") or any(_dtype_name(x) != name for x in arrays):
         return False
@@ -291,6 +298,10 @@ def _as_batch(x: Array, n: int, xp: Any) -> tuple[Array, tuple[int, int, int]]:
         x = x.resolve_neg().reshape(n, r, c)
         return x, tuple(x.stride())
     x = x.reshape(n, r, c)
+    if not x.flags.aligned or any(s % x.itemsize for s in x.strides):
+        # (a field of a structured array, a misaligned buffer: strides that are not whole
+        # entries; the kernels read whole, aligned entries)
+        x = (np if isinstance(x, np.ndarray) else __import__("cupy")).ascontiguousarray(x)
     return x, tuple(s // x.itemsize for s in x.strides)
 
 

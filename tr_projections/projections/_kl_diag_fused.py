@@ -54,16 +54,19 @@ from ..gaussian import Gaussian
 
 Array = Any
 
-#: ``"auto"`` (default; environment variable ``TRP_FUSED``): the fused kernels where they apply
-#: (see the module's docstring); ``"off"``: never (the array-API form everywhere).
+#: ``"auto"`` (default; environment variable ``TRP_FUSED``): the fused kernels, and the
+#: small-matrix kernels of :mod:`tr_projections._small_kernels`, where they apply (see the
+#: modules' docstrings); ``"off"``: never (the array-API form and the libraries' routines
+#: everywhere).
 FUSED = os.environ.get("TRP_FUSED", "auto").strip().lower()
 _FUSED_VALUES = ("auto", "off")
 
 #: ``"off"`` (default; environment variable ``TRP_FUSED_CPU``): NumPy arrays and torch CPU
 #: tensors take the array-API form; ``"on"``: their diagonal KL projections run in the kernels'
-#: host build, compiled with the system's C++ compiler (:func:`compiler`) at first use and
-#: cached (:func:`cache_path`). Where no compiler is found or the build fails: one
-#: ``RuntimeWarning``, and the array-API form.
+#: host build, and their small triangular solves and Gram-matrix factors (d <= 16) in that of
+#: :mod:`tr_projections._small_kernels`, compiled with the system's C++ compiler
+#: (:func:`compiler`) at first use and cached (:func:`build_host`). Where no compiler is found
+#: or the build fails: one ``RuntimeWarning``, and the array-API form.
 FUSED_CPU = os.environ.get("TRP_FUSED_CPU", "off").strip().lower()
 _FUSED_CPU_VALUES = ("off", "on")
 

@@ -233,31 +233,23 @@ def applies(*arrays: Array, xp: Any) -> bool:
 
 def _host_library(dtype_name: str, d: int) -> Any | None:
     """The host build for ``(dtype_name, d)``, built or loaded once (the fused KL kernels'
-    cache, :func:`tr_projections.projections._kl_diag_fused.build_host`); ``None``, warned
-    once, where it cannot be built."""
+    cache: :func:`tr_projections.projections._kl_diag_fused.build_host_once`); ``None``,
+    warned once, where it cannot be built."""
     from .projections import _kl_diag_fused as fused
 
+    def warn(reason: str) -> None:
+        warnings.warn(
+            f"tr_projections: the small-matrix kernels (host build, {dtype_name}, d = {d}) "
+            f"could not be built ({reason}); the library routines are used instead",
+            RuntimeWarning,
+            stacklevel=7,
+        )
+
+    defs = [f"-D{k}={v}" for k, v in defines(dtype_name, d).items()]
     key = (dtype_name, d)
-    lib = _host.get(key)
-    if lib is not None or key in _host_failed:
-        return lib
-    with _lock:
-        if key in _host or key in _host_failed:
-            return _host.get(key)
-        try:
-            defs = [f"-D{k}={v}" for k, v in defines(dtype_name, d).items()]
-            lib = fused.build_host(f"small_{dtype_name}_{d}", SOURCE, defs)
-        except Exception as exc:
-            _host_failed[key] = reason = f"{type(exc).__name__}: {exc}"
-            warnings.warn(
-                f"tr_projections: the small-matrix kernels (host build, {dtype_name}, d = {d}) "
-                f"could not be built ({reason}); the library routines are used instead",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
-        _host[key] = lib
-        return lib
+    return fused.build_host_once(
+        key, f"small_{dtype_name}_{d}", SOURCE, defs, _host, _host_failed, warn
+    )
 
 
 def _kernels(dtype_name: str, d: int, device_id: int) -> Any | None:

@@ -139,7 +139,9 @@ def cholesky_of_gram(m: Array, *, xp: Any) -> Array:
 
     Squaring first would put a relative error of :math:`\kappa(M)^2\varepsilon` into the small
     directions of the covariance; QR is backward stable in :math:`M` itself, so they keep
-    :math:`\kappa(M)\varepsilon`.
+    :math:`\kappa(M)\varepsilon`. Batches of small matrices on a GPU (and on the CPU with
+    ``TRP_FUSED_CPU=on``) take the Householder kernel of :mod:`._small_kernels`, one thread
+    per matrix.
     """
     from . import _small_kernels
 

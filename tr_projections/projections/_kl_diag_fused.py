@@ -403,12 +403,12 @@ _host: dict[str, Any] = {}  # dtype name -> the host build (a ctypes library)
 _host_failed: dict[str, str] = {}
 
 
-def _warn_failed(what: str, dtype_name: str, reason: str) -> None:
+def _warn_failed(what: str, dtype_name: str, reason: str, stacklevel: int = 5) -> None:
     warnings.warn(
         f"tr_projections: the fused diagonal KL kernels ({what}, {dtype_name}) could not be "
         f"built ({reason}); the array-API form is used instead",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=stacklevel,
     )
 
 
@@ -506,24 +506,41 @@ def build_host(tag: str, source: str, defs: list[str]) -> Any:
     return lib
 
 
-def _host_library(dtype_name: str) -> Any | None:
-    """The host build for ``dtype_name`` (:func:`build_host`), built or loaded once; ``None``,
-    warned once, where it cannot be built at all."""
-    lib = _host.get(dtype_name)
-    if lib is not None or dtype_name in _host_failed:
+def build_host_once(
+    key: Any,
+    tag: str,
+    source: str,
+    defs: list[str],
+    built: dict,
+    failed: dict,
+    warn: Any,
+) -> Any | None:
+    """The host build of ``source`` (:func:`build_host`) for ``key``, built or loaded once per
+    process and kept in ``built``; where it cannot be built, the reason is kept in ``failed``,
+    ``warn(reason)`` is called once, and ``None`` is returned from then on."""
+    lib = built.get(key)
+    if lib is not None or key in failed:
         return lib
     with _lock:
-        if dtype_name in _host or dtype_name in _host_failed:
-            return _host.get(dtype_name)
+        if key in built or key in failed:
+            return built.get(key)
         try:
-            defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
-            lib = build_host(f"kl_diag_{dtype_name}", SOURCE, defs)
+            lib = build_host(tag, source, defs)
         except Exception as exc:
-            _host_failed[dtype_name] = f"{type(exc).__name__}: {exc}"
-            _warn_failed("host build", dtype_name, _host_failed[dtype_name])
+            failed[key] = f"{type(exc).__name__}: {exc}"
+            warn(failed[key])
             return None
-        _host[dtype_name] = lib
+        built[key] = lib
         return lib
+
+
+def _host_library(dtype_name: str) -> Any | None:
+    """The host build for ``dtype_name`` (:func:`build_host_once`)."""
+    defs = [f"-D{k}={v}" for k, v in defines(dtype_name).items()]
+    return build_host_once(
+        dtype_name, f"kl_diag_{dtype_name}", SOURCE, defs, _host, _host_failed,
+        lambda reason: _warn_failed("host build", dtype_name, reason, stacklevel=7),
+    )  # fmt: skip
 
 
 def _kernels(dtype_name: str, device_id: int) -> tuple[Any, Any] | None:
@@ -751,6 +768,7 @@ __all__ = [
     "SOURCE",
     "applies",
     "build_host",
+    "build_host_once",
     "cache_path",
     "compiler",
     "defines",

@@ -254,7 +254,8 @@ def test_cpu_triangular_solves(lower, d, k, route):
 @pytest.mark.parametrize("name", ["kl", "wasserstein"])
 def test_traced_distances_in_turn(name):
     """The public distances (forward) run their decompositions one at a time too (W2 takes two
-    SVDs under tracing, inside its covariance operation; KL a triangular solve with d
+    ``eigh`` and two ``cond`` holding SVDs under tracing, inside its covariance operation; KL a
+    triangular solve with d
     right-hand sides and an eigh). (Frobenius makes no LAPACK call here: its solve has one
     right-hand side, a substitution.)"""
     import tr_projections as trp
@@ -269,3 +270,27 @@ def test_traced_distances_in_turn(name):
     got = jax.jit(fn)(*args)
     want = fn(*map(np.asarray, args))
     np.testing.assert_allclose(np.asarray(got[1]), want[1], rtol=1e-10)
+
+
+def test_traced_roots_take_eigh_unless_a_row_is_rough():
+    """Under ``jax.jit`` the symmetric roots of float64 factors come from ``eigh``, and from the
+    SVD of every row only where some row of the batch is rough (``lax.cond``): a batch of
+    well-conditioned factors gives eager's roots, and a batch with a covariance of condition
+    number 1e10 gives that row's smallest root to 1e-9 relative, as the SVD does (``eigh`` of
+    the covariance alone: about 3e-8)."""
+    from tr_projections import gaussian
+
+    rng = np.random.default_rng(11)
+    d = 6
+    L = np.linalg.cholesky(spd(rng, (5,), d))
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    rough = np.linalg.cholesky((q * np.logspace(0, -10, d)) @ q.T)  # condition number 1e10
+    root = jax.jit(lambda s: gaussian.root_from_cholesky(s, xp=jnp)[0])
+    jaxpr = jax.make_jaxpr(lambda s: gaussian.root_from_cholesky(s, xp=jnp))(L).jaxpr
+    assert any(e.primitive.name == "cond" for e in jaxpr.eqns)
+    eager = gaussian.root_from_cholesky(L, xp=_compat.array_namespace(L))[0]
+    np.testing.assert_allclose(np.asarray(root(jnp.asarray(L))), eager, rtol=1e-12, atol=1e-13)
+    batch = np.concatenate([L, rough[None]])
+    s = np.linalg.svd(rough, compute_uv=False)
+    got = np.linalg.eigvalsh(np.asarray(root(jnp.asarray(batch)))[-1])
+    assert abs(got[0] - s[-1]) <= 1e-9 * s[-1]

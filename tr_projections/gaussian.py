@@ -165,15 +165,18 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     :math:`\kappa(L)\varepsilon = \sqrt{\kappa(\Sigma)}\varepsilon`, and the ``eigh`` of
     :math:`LL^\top` (two to three times faster), whose small eigenvalues carry
     :math:`\kappa(\Sigma)\varepsilon`. Eager arrays take ``eigh`` and redo with the SVD only the
-    rows whose measured :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-12 (float32: every row);
-    under tracing, where rows cannot be chosen, every row takes the SVD.
+    rows whose measured :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-12 (float32: every row).
+    Under tracing rows cannot be chosen: jitted JAX arrays of float64 take ``eigh`` and, only
+    where some row of the batch is rough, the SVD for every row (``lax.cond``: under
+    ``jax.vmap`` both run); other traced arrays take the SVD for every row.
     """
+    eps = float(xp.finfo(scale.dtype).eps)
     if _compat._is_traced(scale, xp):
+        if _compat.is_jax(xp) and eps < 1e-12:
+            return _root_jax_traced(scale, xp=xp)
         return _root_svd(scale, xp=xp)
     w, U = _compat.eigh(matmul(scale, mT(scale, xp=xp), xp=xp), xp=xp)  # reads one triangle
-    w_min, w_max = w[..., 0], w[..., -1]
-    # kappa * eps > 1e-12, written without dividing by a possibly non-positive w_min.
-    rough = ~(w_min * 1e-12 >= w_max * float(xp.finfo(w.dtype).eps))
+    rough = _rough(w, eps, xp=xp)
     s = xp.sqrt(xp.maximum(w, xp.zeros_like(w)))
     rows = choose(rough, xp=xp)
     if rows is None:  # most rows are rough (or there are none): the SVD for all
@@ -192,6 +195,37 @@ def root_from_eig(U: Array, s: Array, *, xp: Any, inverse: bool = False) -> Arra
     rebuild roots with it from the residual eigenbases, bit for bit as the forward built them."""
     Us = U / s[..., None, :] if inverse else U * s[..., None, :]
     return sym(matmul(Us, mT(U, xp=xp), xp=xp), xp=xp)
+
+
+def _rough(w: Array, eps: float, *, xp: Any) -> Array:
+    # kappa * eps > 1e-12 from the ascending eigenvalues w, written without dividing by a
+    # possibly non-positive smallest one.
+    return ~(w[..., 0] * 1e-12 >= w[..., -1] * eps)
+
+
+def _root_jax_traced(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
+    """:func:`root_from_cholesky` of traced JAX float64 ``scale``: ``eigh`` of every row, then
+    one ``lax.cond`` on the whole batch: where some row is rough, the SVD of every row. Within
+    :func:`tr_projections._compat.serial_decompositions` the SVD waits for ``eigh`` and what
+    follows waits for the ``cond``."""
+    from jax import lax
+
+    w, U = _compat.eigh(matmul(scale, mT(scale, xp=xp), xp=xp), xp=xp)
+    rough = _rough(w, float(xp.finfo(scale.dtype).eps), xp=xp)
+
+    def by_svd(_: Any) -> tuple[Array, Array, Array]:
+        with _compat.serial_decompositions(after=w):  # (its own chain: nothing leaks out)
+            return _root_svd(scale, xp=xp)
+
+    def by_eigh(_: Any) -> tuple[Array, Array, Array]:
+        s = xp.sqrt(xp.maximum(w, xp.zeros_like(w)))
+        return root_from_eig(U, s, xp=xp), U, s
+
+    out = lax.cond(xp.any(rough), by_svd, by_eigh, None)
+    box = _compat._serial.get()
+    if box is not None:  # (the next decomposition waits for the cond)
+        box[0] = out[1]
+    return out
 
 
 def _root_svd(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:

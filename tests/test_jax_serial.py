@@ -277,7 +277,8 @@ def test_traced_roots_take_eigh_unless_a_row_is_rough():
     SVD of every row only where some row of the batch is rough (``lax.cond``): a batch of
     well-conditioned factors gives eager's roots, and a batch with a covariance of condition
     number 1e10 gives that row's smallest root to 1e-9 relative, as the SVD does (``eigh`` of
-    the covariance alone: about 3e-8)."""
+    the covariance alone: about 3e-8). The order of the returned roots tells which branch ran
+    (``eigh``: ascending; the SVD: descending)."""
     from tr_projections import gaussian
 
     rng = np.random.default_rng(11)
@@ -285,12 +286,17 @@ def test_traced_roots_take_eigh_unless_a_row_is_rough():
     L = np.linalg.cholesky(spd(rng, (5,), d))
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     rough = np.linalg.cholesky((q * np.logspace(0, -10, d)) @ q.T)  # condition number 1e10
-    root = jax.jit(lambda s: gaussian.root_from_cholesky(s, xp=jnp)[0])
+    roots = jax.jit(lambda s: gaussian.root_from_cholesky(s, xp=jnp))
     jaxpr = jax.make_jaxpr(lambda s: gaussian.root_from_cholesky(s, xp=jnp))(L).jaxpr
     assert any(e.primitive.name == "cond" for e in jaxpr.eqns)
+    S, _, s_good = roots(jnp.asarray(L))
     eager = gaussian.root_from_cholesky(L, xp=_compat.array_namespace(L))[0]
-    np.testing.assert_allclose(np.asarray(root(jnp.asarray(L))), eager, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(S), eager, rtol=1e-12, atol=1e-13)
+    # which branch ran: eigh's roots ascend, the SVD's descend (distinct values here)
+    assert np.all(np.diff(np.asarray(s_good), axis=-1) > 0)
     batch = np.concatenate([L, rough[None]])
+    S, _, s_rough = roots(jnp.asarray(batch))
+    assert np.all(np.diff(np.asarray(s_rough), axis=-1) < 0)
     s = np.linalg.svd(rough, compute_uv=False)
-    got = np.linalg.eigvalsh(np.asarray(root(jnp.asarray(batch)))[-1])
+    got = np.linalg.eigvalsh(np.asarray(S)[-1])
     assert abs(got[0] - s[-1]) <= 1e-9 * s[-1]

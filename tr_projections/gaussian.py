@@ -168,7 +168,8 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     rows whose measured :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-12 (float32: every row).
     Under tracing rows cannot be chosen: jitted JAX arrays of float64 take ``eigh`` and, only
     where some row of the batch is rough, the SVD for every row (``lax.cond``: under
-    ``jax.vmap`` both run); other traced arrays take the SVD for every row.
+    ``jax.vmap`` both run, slower than the SVD alone); other traced arrays take the SVD for
+    every row.
     """
     eps = float(xp.finfo(scale.dtype).eps)
     if _compat._is_traced(scale, xp):

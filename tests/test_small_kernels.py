@@ -1,17 +1,17 @@
 """The small-matrix kernels (``tr_projections._small_kernels``): the Cholesky factor of a Gram
 matrix by Householder reflections, and batched triangular solves, one thread per matrix.
 
-On the CPU their source is built as plain C++ (a loop over the matrices) with the compiler of
-the fused KL kernels' host build and called through ``ctypes`` on NumPy arrays; the results are
-compared with NumPy's and with the package's own routes. On a GPU
-(``TRP_BACKENDS=torch_cuda,cupy``) the CUDA build runs inside ``cholesky_of_gram`` and
-``solve_triangular`` and is compared with the library routes (``TRP_FUSED=off``).
+On the CPU their source is built as plain C++ (a loop over the matrices) by the package's host
+build and called through ``ctypes`` on NumPy arrays, directly and through the package's host
+route (``TRP_FUSED_CPU=on``); the results are compared with NumPy's and with the package's own
+routes. On a GPU (``TRP_BACKENDS=torch_cuda,cupy``) the CUDA build runs inside
+``cholesky_of_gram`` and ``solve_triangular``, and both it and the library routes
+(``TRP_FUSED=off``) are compared with NumPy's float64 results.
 """
 
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import warnings
 
 import numpy as np
@@ -31,22 +31,20 @@ RTOL = {"float64": 1e-11, "float32": 2e-3}
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """``build(dtype_name, d)``: the kernels' host build for that dtype and size, as a
-    ``ctypes`` library (built once per pair)."""
-    cxx = fused.compiler()
-    if cxx is None:
+    ``ctypes`` library (the package's ``build_host``, into a test folder; once per pair)."""
+    if fused.compiler() is None:
         pytest.skip("no C++ compiler to build the kernels' host form")
     folder = tmp_path_factory.mktemp("small_kernels")
-    (folder / "small.cpp").write_text(sk.SOURCE)
     built = {}
 
     def build(dtype_name, d):
         if (dtype_name, d) not in built:
-            out = folder / f"small_{dtype_name}_{d}.so"
             defs = [f"-D{k}={v}" for k, v in sk.defines(dtype_name, d).items()]
-            cmd = [*cxx, *fused.HOST_FLAGS, *defs, "-o", str(out), str(folder / "small.cpp")]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stderr
-            built[(dtype_name, d)] = ctypes.CDLL(str(out))
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("TRP_CACHE_DIR", str(folder))
+                built[(dtype_name, d)] = fused.build_host(
+                    f"small_{dtype_name}_{d}", sk.SOURCE, defs
+                )
         return built[(dtype_name, d)]
 
     return build
@@ -168,9 +166,9 @@ def test_applies_only_where_it_should(monkeypatch):
     xp = _compat.array_namespace(x)
     monkeypatch.setattr(fused, "FUSED", "auto")
     monkeypatch.setattr(fused, "FUSED_CPU", "off")
-    assert not sk.may_apply(x, xp) and not sk.applies(x, xp=xp)
+    assert not sk.applies(x, xp=xp)
     monkeypatch.setattr(fused, "FUSED_CPU", "on")
-    assert sk.may_apply(x, xp) and sk.applies(x, xp=xp)
+    assert sk.applies(x, xp=xp)
     for y in (np.ones((6, 6)), np.ones((4, 17, 17)), np.ones((4, 6, 6), dtype=np.float16)):
         assert not sk.applies(y, xp=xp)
     # square matrices, right-hand sides of d rows, one dtype

@@ -164,11 +164,10 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
     """
     from . import _small_kernels
 
-    if _small_kernels.may_apply(a, xp) and tuple(a.shape[:-2]) == tuple(b.shape[:-2]):
-        if _small_kernels.applies(a, b, xp=xp):
-            x = _small_kernels.solve_triangular(a, b, lower=lower, xp=xp)
-            if x is not None:
-                return x
+    if _small_kernels.applies(a, b, xp=xp):
+        x = _small_kernels.solve_triangular(a, b, lower=lower, xp=xp)
+        if x is not None:
+            return x
     if is_torch(xp):
         import torch
 
@@ -812,12 +811,6 @@ def householder_r(a: Array, *, xp: Namespace) -> Array:
     T = a
     rows = []
 
-    def norm(x: Array) -> Array:  # of the last axis, scaled
-        m = xp.max(xp.abs(x), axis=-1)
-        safe = xp.where(m > 0, m, xp.ones_like(m))
-        y = x / safe[..., None]
-        return m * xp.sqrt(xp.sum(y * y, axis=-1))
-
     for k in range(d):
         x = T[..., :, 0]  # (..., d - k)
         lead = xp.zeros_like(a[..., 0, :k])
@@ -833,7 +826,7 @@ def householder_r(a: Array, *, xp: Namespace) -> Array:
         alpha = m * alpha_y
         # v = y - alpha_y e1, scaled to unit length (a zero column: no reflection)
         v = xp.concat([(y0 - alpha_y)[..., None], y[..., 1:]], axis=-1)
-        vn = norm(v)
+        vn = xp.sqrt(xp.sum(v * v, axis=-1))  # (v is scaled: |v_0| >= 1 unless v = 0)
         safe = xp.where(vn > 0, vn, xp.ones_like(vn))
         v = xp.where((vn > 0)[..., None], v / safe[..., None], xp.zeros_like(v))
         rest = T[..., :, 1:]  # (..., d - k, d - k - 1)

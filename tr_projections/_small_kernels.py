@@ -27,7 +27,6 @@ arrays and plain torch CPU tensors take that build (compiled and cached by
 
 from __future__ import annotations
 
-import ctypes
 import math
 import threading
 import warnings
@@ -67,18 +66,12 @@ typedef unsigned long long ptr_t;
 #define D TRP_D
 #define R(x) ((real)(x))
 
-// The Euclidean norm of v[k:D], of the entries scaled by the largest (no overflow, no
-// underflow).
-TRP_DEV real scaled_norm(const real* v, int k) {
-    real m = R(0);
-    for (int i = k; i < D; ++i) m = fmax(m, fabs(v[i]));
-    real safe = m > R(0) ? m : R(1);
+// The Euclidean norm of v[k:D], a column already scaled by its largest entry (no overflow;
+// what underflows is negligible next to that entry).
+TRP_DEV real norm(const real* v, int k) {
     real ss = R(0);
-    for (int i = k; i < D; ++i) {
-        real y = v[i] / safe;
-        ss += y * y;
-    }
-    return m * sqrt(ss);
+    for (int i = k; i < D; ++i) ss += v[i] * v[i];
+    return sqrt(ss);
 }
 
 // L (row-major, contiguous) of M^T M for matrix `row` of M (strides in entries): the R of
@@ -94,17 +87,17 @@ TRP_DEV void gram_cholesky_row(long long row, const real* M, long long sb, long 
     for (int k = 0; k + 1 < D; ++k) {  // (the last 1x1 block: nothing to reflect)
         // The column scaled by its largest entry (x0 - alpha cannot overflow), its norm and
         // the unit reflector v.
-        real m = R(0);
-        for (int i = k; i < D; ++i) m = fmax(m, fabs(A[i][k]));
-        real safe = m > R(0) ? m : R(1);
+        real big = R(0);
+        for (int i = k; i < D; ++i) big = fmax(big, fabs(A[i][k]));
+        real safe = big > R(0) ? big : R(1);
         for (int i = k; i < D; ++i) v[i] = A[i][k] / safe;
-        real n = scaled_norm(v, k);
+        real n = norm(v, k);
         real y0 = v[k];
         real alpha = y0 < R(0) ? n : R(0) - n;  // (R(0) - n: +0 for a zero column)
         v[k] = y0 - alpha;
-        real vn = scaled_norm(v, k);
+        real vn = norm(v, k);
         for (int i = k; i < D; ++i) v[i] = vn > R(0) ? v[i] / vn : R(0);
-        alpha = m * alpha;
+        alpha = big * alpha;
         for (int j = k + 1; j < D; ++j) {
             real w = R(0);
             for (int i = k; i < D; ++i) w += v[i] * A[i][j];
@@ -167,68 +160,65 @@ _host: dict[tuple[str, int], Any] = {}  # (dtype name, d) -> the host build (cty
 _host_failed: dict[tuple[str, int], str] = {}
 
 
-def _dtype_name(x: Array) -> str:
-    return str(x.dtype).rsplit(".", 1)[-1]
-
-
 def defines(dtype_name: str, d: int) -> dict[str, str]:
     """The compile-time constants for dtype ``dtype_name`` and matrix size ``d``."""
     return {"REAL": "double" if dtype_name == "float64" else "float", "TRP_D": str(d)}
 
 
-def may_apply(a: Array, xp: Any) -> bool:
-    """A cheap first test of :func:`applies` for its callers: CuPy arrays and torch CUDA
-    tensors, and with the host build on (``TRP_FUSED_CPU=on``) NumPy arrays and torch CPU
-    tensors, of at least three axes."""
-    if a.ndim < 3:
-        return False
-    if _compat.is_cupy(xp):
-        return True
-    from .projections import _kl_diag_fused as fused  # (projections import this module)
-
-    host = fused.FUSED_CPU == "on"
-    if _compat.is_torch(xp):
-        return a.device.type == "cuda" or (host and a.device.type == "cpu")
-    return host and _compat.is_numpy(xp)
-
-
-def _on_host(a: Array, xp: Any) -> bool:
-    return _compat.is_numpy(xp) or (_compat.is_torch(xp) and a.device.type == "cpu")
-
-
 def applies(*arrays: Array, xp: Any) -> bool:
     """Whether the kernels may take ``arrays`` (``(..., d, d)`` or ``(..., d, k)``, ``d`` the
-    size of the second-to-last axis of the first): float32 or float64 with
-    ``1 <= d <= MAX_D``, a batch, the fused kernels not turned off, and either CuPy arrays or
-    plain torch CUDA tensors where CuPy sees the GPU, or (the host build, with
+    size of the second-to-last axis of the first, one batch shape): float32 or float64 with
+    ``1 <= d <= MAX_D``, the fused kernels not turned off, and either CuPy arrays or plain
+    torch CUDA tensors where CuPy sees the GPU, or (the host build, with
     ``TRP_FUSED_CPU=on``) NumPy arrays or plain torch CPU tensors. Plain torch tensors: no
-    ``torch.func`` transform, no ``torch.compile`` tracing, no mode but a default device."""
+    ``torch.func`` transform, no ``torch.compile`` or ``torch.jit.trace`` tracing, no mode but
+    a default device. The cheap tests come first: every triangular solve asks."""
     from .projections import _kl_diag_fused as fused  # (projections import this module)
 
-    fused._check_settings()
     a = arrays[0]
-    if fused.FUSED == "off" or a.ndim < 3 or not 1 <= a.shape[-2] <= MAX_D:
+    if a.ndim < 3:
         return False
+    host = fused.on_host(a, xp)
+    if host:
+        if fused.FUSED_CPU != "on":
+            return False
+    elif not (_compat.is_cupy(xp) or (_compat.is_torch(xp) and a.device.type == "cuda")):
+        return False
+    fused._check_settings()
     d = a.shape[-2]
-    if a.shape[-1] != d or any(x.ndim < 3 or x.shape[-2] != d for x in arrays):
-        return False  # (square matrices, and right-hand sides of d rows: what the kernels read)
-    name = _dtype_name(a)
-    if name not in ("float32", "float64") or any(_dtype_name(x) != name for x in arrays):
+    if fused.FUSED == "off" or not 1 <= d <= MAX_D or a.shape[-1] != d:
         return False
-    host = _on_host(a, xp)
-    if host and (fused.FUSED_CPU != "on" or (name, a.shape[-2]) in _host_failed):
+    batch = tuple(a.shape[:-2])
+    if any(x.ndim != a.ndim or x.shape[-2] != d or tuple(x.shape[:-2]) != batch for x in arrays):
+        return False  # (square matrices, right-hand sides of d rows, one batch: what is read)
+    name = fused._dtype_name(a)
+    if name not in ("float32", "float64") or (name, d) in (_host_failed if host else _failed):
         return False
-    if not host and (name, a.shape[-2]) in _failed:
+    if any(fused._dtype_name(x) != name for x in arrays):
         return False
     if _compat.is_torch(xp):
         if any(x.device != a.device for x in arrays) or not fused._torch_takes(*arrays):
             return False
-        return host or (a.device.type == "cuda" and _compat._cupy_sees_gpu())
+        return host or _compat._cupy_sees_gpu()
     if _compat.is_numpy(xp):
         return all(isinstance(x, np.ndarray) for x in arrays)
-    if not _compat.is_cupy(xp) or any(x.device.id != a.device.id for x in arrays):
+    if any(x.device.id != a.device.id for x in arrays):
         return False
     return _compat._cupy_sees_gpu()
+
+
+def _warn_failed(what: str, dtype_name: str, d: int) -> Any:
+    """The one warning of a build that failed (``what``: "host build" or "CUDA")."""
+
+    def warn(reason: str) -> None:
+        warnings.warn(
+            f"tr_projections: the small-matrix kernels ({what}, {dtype_name}, d = {d}) could "
+            f"not be built ({reason}); the library routines are used instead",
+            RuntimeWarning,
+            stacklevel=8,
+        )
+
+    return warn
 
 
 def _host_library(dtype_name: str, d: int) -> Any | None:
@@ -237,49 +227,24 @@ def _host_library(dtype_name: str, d: int) -> Any | None:
     warned once, where it cannot be built."""
     from .projections import _kl_diag_fused as fused
 
-    def warn(reason: str) -> None:
-        warnings.warn(
-            f"tr_projections: the small-matrix kernels (host build, {dtype_name}, d = {d}) "
-            f"could not be built ({reason}); the library routines are used instead",
-            RuntimeWarning,
-            stacklevel=7,
-        )
-
     defs = [f"-D{k}={v}" for k, v in defines(dtype_name, d).items()]
-    key = (dtype_name, d)
     return fused.build_host_once(
-        key, f"small_{dtype_name}_{d}", SOURCE, defs, _host, _host_failed, warn
-    )
+        (dtype_name, d), f"small_{dtype_name}_{d}", SOURCE, defs, _host, _host_failed,
+        _warn_failed("host build", dtype_name, d),
+    )  # fmt: skip
 
 
-def _kernels(dtype_name: str, d: int, device_id: int) -> Any | None:
-    """The compiled module for ``(dtype_name, d)`` on device ``device_id`` (``None``, warned
-    once, where it cannot be built)."""
-    key = (device_id, dtype_name, d)
-    module = _modules.get(key)
-    if module is not None or (dtype_name, d) in _failed:
-        return module
-    import cupy
+def _kernels(dtype_name: str, d: int, device_id: int) -> dict | None:
+    """The compiled kernels for ``(dtype_name, d)`` on device ``device_id`` (the fused KL
+    kernels' :func:`~tr_projections.projections._kl_diag_fused.build_cuda_once`; ``None``,
+    warned once, where they cannot be built)."""
+    from .projections import _kl_diag_fused as fused
 
     options = ("-DTRP_CUDA",) + tuple(f"-D{k}={v}" for k, v in defines(dtype_name, d).items())
-    with _lock:
-        if key in _modules or (dtype_name, d) in _failed:
-            return _modules.get(key)
-        try:
-            with cupy.cuda.Device(device_id):
-                raw = cupy.RawModule(code=SOURCE, options=options)
-                module = {name: raw.get_function(name) for name in ("gram_cholesky", "trsm")}
-        except Exception as exc:
-            _failed[(dtype_name, d)] = reason = f"{type(exc).__name__}: {exc}"
-            warnings.warn(
-                f"tr_projections: the small-matrix kernels ({dtype_name}, d = {d}) could not "
-                f"be built ({reason}); the library routines are used instead",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
-        _modules[key] = module
-    return module
+    return fused.build_cuda_once(
+        (device_id, dtype_name, d), (dtype_name, d), device_id, SOURCE, options,
+        ("gram_cholesky", "trsm"), _modules, _failed, _warn_failed("CUDA", dtype_name, d),
+    )  # fmt: skip
 
 
 def _as_batch(x: Array, n: int, xp: Any) -> tuple[Array, tuple[int, int, int]]:
@@ -298,48 +263,21 @@ def _as_batch(x: Array, n: int, xp: Any) -> tuple[Array, tuple[int, int, int]]:
 
 
 def _pointer(x: Array) -> np.uint64:
-    if isinstance(x, np.ndarray):
-        return np.uint64(x.ctypes.data)
-    return np.uint64(x.data_ptr() if hasattr(x, "data_ptr") else x.data.ptr)
+    from .projections import _kl_diag_fused as fused
 
-
-def _c_arg(a: Any) -> Any:
-    if isinstance(a, np.uint64):
-        return ctypes.c_ulonglong(int(a))
-    if isinstance(a, np.int64):
-        return ctypes.c_longlong(int(a))
-    return ctypes.c_int(int(a))
+    return fused.pointer(x)
 
 
 def _launch(name: str, x: Array, n_threads: int, args: tuple, xp: Any) -> bool:
-    d = x.shape[-2]
-    if _on_host(x, xp):
-        lib = _host_library(_dtype_name(x), d)
-        if lib is None:
-            return False
-        # (ctypes releases the GIL: chunks in lanes run at once)
-        getattr(lib, name)(ctypes.c_longlong(n_threads), *map(_c_arg, args))
-        return True
-    if _compat.is_torch(xp):
-        import torch
+    """Run kernel ``name`` over ``n_threads`` threads on ``x``'s device or in the host build
+    (the fused KL kernels' :func:`~tr_projections.projections._kl_diag_fused.run_kernel`)."""
+    from .projections import _kl_diag_fused as fused
 
-        device_id = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(device_id).cuda_stream
-    else:
-        device_id, stream = x.device.id, None
-    module = _kernels(_dtype_name(x), d, device_id)
-    if module is None:
-        return False
-    import cupy
-
-    grid = ((n_threads + BLOCK - 1) // BLOCK,)
-    with cupy.cuda.Device(device_id):
-        if stream is None:
-            module[name](grid, (BLOCK,), (np.int64(n_threads), *args))
-        else:
-            with _compat.cupy_stream(cupy, device_id, stream):
-                module[name](grid, (BLOCK,), (np.int64(n_threads), *args))
-    return True
+    name_d, d = fused._dtype_name(x), x.shape[-2]
+    return fused.run_kernel(
+        name, x, xp, n_threads, args, lambda: _host_library(name_d, d),
+        lambda device_id: _kernels(name_d, d, device_id), BLOCK,
+    )  # fmt: skip
 
 
 def gram_cholesky(m: Array, *, xp: Any) -> Array | None:
@@ -385,6 +323,5 @@ __all__ = [
     "applies",
     "defines",
     "gram_cholesky",
-    "may_apply",
     "solve_triangular",
 ]

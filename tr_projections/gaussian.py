@@ -145,11 +145,10 @@ def cholesky_of_gram(m: Array, *, xp: Any) -> Array:
     """
     from . import _small_kernels
 
-    if _small_kernels.may_apply(m, xp):
-        if _small_kernels.applies(m, xp=xp):
-            L = _small_kernels.gram_cholesky(m, xp=xp)
-            if L is not None:
-                return L
+    if _small_kernels.applies(m, xp=xp):
+        L = _small_kernels.gram_cholesky(m, xp=xp)
+        if L is not None:
+            return L
     R = qr_r(m, xp=xp)
     r = xp.linalg.diagonal(R)[..., :, None]
     sign = xp.where(r < 0.0, -xp.ones_like(r), xp.ones_like(r))

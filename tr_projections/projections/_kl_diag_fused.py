@@ -543,31 +543,51 @@ def _host_library(dtype_name: str) -> Any | None:
     )  # fmt: skip
 
 
-def _kernels(dtype_name: str, device_id: int) -> tuple[Any, Any] | None:
-    """The two compiled kernels for ``dtype_name`` on CUDA device ``device_id``, built and
-    loaded once (``None``, warned once, where CuPy cannot build them)."""
-    key = (device_id, dtype_name)
-    module = _modules.get(key)
-    if module is None:
-        if dtype_name in _failed:
-            return None
-        import cupy
+def build_cuda_once(
+    key: Any,
+    failed_key: Any,
+    device_id: int,
+    source: str,
+    options: tuple[str, ...],
+    names: tuple[str, ...],
+    built: dict,
+    failed: dict,
+    warn: Any,
+) -> dict | None:
+    """The kernels ``names`` of ``source`` compiled by CuPy's NVRTC with ``options`` and loaded
+    on CUDA device ``device_id``, once per ``key`` (kept in ``built``, as a dict by name);
+    where they cannot be built, the reason is kept in ``failed`` under ``failed_key``,
+    ``warn(reason)`` is called once, and ``None`` is returned from then on."""
+    module = built.get(key)
+    if module is not None or failed_key in failed:
+        return module
+    import cupy
 
-        options = ("-DTRP_CUDA",) + tuple(f"-D{k}={v}" for k, v in defines(dtype_name).items())
-        with _lock:
-            if key in _modules or dtype_name in _failed:  # (another thread got here first)
-                return _modules.get(key)
-            try:
-                with cupy.cuda.Device(device_id):
-                    raw = cupy.RawModule(code=SOURCE, options=options)
-                    # (compiled and loaded on this device now: errors are caught here)
-                    module = (raw.get_function("kl_diag_fwd"), raw.get_function("kl_diag_vjp"))
-            except Exception as exc:
-                _failed[dtype_name] = f"{type(exc).__name__}: {exc}"
-                _warn_failed("CUDA", dtype_name, _failed[dtype_name])
-                return None
-            _modules[key] = module
+    with _lock:
+        if key in built or failed_key in failed:  # (another thread got here first)
+            return built.get(key)
+        try:
+            with cupy.cuda.Device(device_id):
+                raw = cupy.RawModule(code=source, options=options)
+                # (compiled and loaded on this device now: errors are caught here)
+                module = {name: raw.get_function(name) for name in names}
+        except Exception as exc:
+            failed[failed_key] = f"{type(exc).__name__}: {exc}"
+            warn(failed[failed_key])
+            return None
+        built[key] = module
     return module
+
+
+def _kernels(dtype_name: str, device_id: int) -> dict | None:
+    """The two compiled kernels for ``dtype_name`` on CUDA device ``device_id``
+    (:func:`build_cuda_once`)."""
+    options = ("-DTRP_CUDA",) + tuple(f"-D{k}={v}" for k, v in defines(dtype_name).items())
+    return build_cuda_once(
+        (device_id, dtype_name), dtype_name, device_id, SOURCE, options,
+        ("kl_diag_fwd", "kl_diag_vjp"), _modules, _failed,
+        lambda reason: _warn_failed("CUDA", dtype_name, reason, stacklevel=8),
+    )  # fmt: skip
 
 
 def _dtype_name(p: Any) -> str:
@@ -622,13 +642,62 @@ def applies(p: Any) -> bool:
     return device == "cuda" and on_gpu and _compat._cupy_sees_gpu()
 
 
-def _pointer(x: Array) -> np.uint64:
-    # The address of x's first entry: torch, NumPy (the kernels' host form, in the tests), CuPy.
-    if hasattr(x, "data_ptr"):
-        return np.uint64(x.data_ptr())
+def pointer(x: Array) -> np.uint64:
+    """The address of ``x``'s first entry: torch, NumPy, CuPy."""
     if isinstance(x, np.ndarray):
         return np.uint64(x.ctypes.data)
-    return np.uint64(x.data.ptr)
+    return np.uint64(x.data_ptr() if hasattr(x, "data_ptr") else x.data.ptr)
+
+
+def _c_arg(a: Any) -> Any:
+    # A kernel argument for ctypes: pointers as np.uint64, counts and strides as np.int64,
+    # the rest (np.int32) as int.
+    if isinstance(a, np.uint64):
+        return ctypes.c_ulonglong(int(a))
+    if isinstance(a, np.int64):
+        return ctypes.c_longlong(int(a))
+    return ctypes.c_int(int(a))
+
+
+def on_host(x: Array, xp: Any) -> bool:
+    """Whether kernels on ``x`` run in the host build: NumPy arrays and torch CPU tensors."""
+    return _compat.is_numpy(xp) or (_compat.is_torch(xp) and x.device.type == "cpu")
+
+
+def run_kernel(
+    name: str, x: Array, xp: Any, n: int, args: tuple, host: Any, cuda: Any, block: int
+) -> bool:
+    """Run kernel ``name`` over ``n`` threads (rows) with ``args`` after the count: in the
+    host build ``host()`` (a ``ctypes`` library, ``None`` where it cannot be built) for NumPy
+    arrays and torch CPU tensors, else in ``cuda(device_id)`` (kernels by name) on ``x``'s GPU
+    and, for torch, torch's current stream there; False where the kernels cannot be built."""
+    if on_host(x, xp):
+        lib = host()
+        if lib is None:
+            return False
+        # (ctypes releases the GIL: chunks in lanes run at once)
+        getattr(lib, name)(ctypes.c_longlong(n), *map(_c_arg, args))
+        return True
+    if _compat.is_torch(xp):
+        import torch
+
+        device_id = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(device_id).cuda_stream
+    else:
+        device_id, stream = x.device.id, None
+    module = cuda(device_id)
+    if module is None:
+        return False
+    import cupy
+
+    grid = ((n + block - 1) // block,)
+    with cupy.cuda.Device(device_id):
+        if stream is None:
+            module[name](grid, (block,), (np.int64(n), *args))
+        else:
+            with _compat.cupy_stream(cupy, device_id, stream):
+                module[name](grid, (block,), (np.int64(n), *args))
+    return True
 
 
 def _rows(x: Array, n: int, d: int | None, xp: Any) -> Array:
@@ -651,51 +720,15 @@ def _bound(eps: Array, batch: tuple, n: int, xp: Any) -> tuple[Array, np.int32]:
     return _rows(xp.reshape(xp.broadcast_to(eps, batch), (-1,)), n, None, xp), np.int32(1)
 
 
-def _on_host(p: Any) -> bool:
-    xp = p.xp
-    return _compat.is_numpy(xp) or (_compat.is_torch(xp) and p.scale.device.type == "cpu")
-
-
 def _launch(p: Any, name: str, args: tuple) -> bool:
-    """Launch kernel ``name`` over the rows of ``p``: on the host for NumPy arrays and torch
-    CPU tensors (the host build), else on the arrays' GPU and stream; False where the kernels
-    cannot be built."""
-    xp = p.xp
-    n = math.prod(p.batch)
-    if _on_host(p):
-        lib = _host_library(_dtype_name(p))
-        if lib is None:
-            return False
-        fn = lib.kl_diag_fwd if name == "fwd" else lib.kl_diag_vjp
-        c_args = [ctypes.c_longlong(n), ctypes.c_int(p.d)]
-        for a in args:  # (pointers as np.uint64, the bounds' steps as np.int32)
-            is_ptr = isinstance(a, np.uint64)
-            c_args.append(ctypes.c_ulonglong(int(a)) if is_ptr else ctypes.c_int(int(a)))
-        fn(*c_args)  # (ctypes releases the GIL: chunks in lanes run at once)
-        return True
-    if _compat.is_torch(xp):
-        import torch
-
-        device_id = p.scale.device.index
-        if device_id is None:
-            device_id = torch.cuda.current_device()
-        stream = torch.cuda.current_stream(device_id).cuda_stream
-    else:
-        device_id, stream = p.scale.device.id, None
-    kernels = _kernels(_dtype_name(p), device_id)
-    if kernels is None:
-        return False
-    kernel = kernels[0] if name == "fwd" else kernels[1]
-    import cupy
-
-    grid = ((n + BLOCK - 1) // BLOCK,)
-    with cupy.cuda.Device(device_id):
-        if stream is None:
-            kernel(grid, (BLOCK,), (np.int64(n), np.int32(p.d), *args))
-        else:
-            with _compat.cupy_stream(cupy, device_id, stream):
-                kernel(grid, (BLOCK,), (np.int64(n), np.int32(p.d), *args))
-    return True
+    """Launch kernel ``name`` ("fwd" or "vjp") over the rows of ``p`` (:func:`run_kernel`);
+    False where the kernels cannot be built."""
+    dtype_name = _dtype_name(p)
+    return run_kernel(
+        f"kl_diag_{name}", p.scale, p.xp, math.prod(p.batch), (np.int32(p.d), *args),
+        lambda: _host_library(dtype_name), lambda device_id: _kernels(dtype_name, device_id),
+        BLOCK,
+    )  # fmt: skip
 
 
 def kl_diag_fwd(p: Any, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, tuple] | None:
@@ -717,8 +750,8 @@ def _kl_diag_fwd(p: Any, eps_mean: Array, eps_cov: Array) -> tuple[Gaussian, tup
     tau_m, dist_m, tau, log_tau = (xp.empty((n,), **kw) for _ in range(4))
     act_m, act = (xp.empty((n,), dtype=xp.bool, device=p.device) for _ in range(2))
     args = (
-        *map(_pointer, ins), _pointer(em), em_step, _pointer(ec), ec_step,
-        *map(_pointer, (out_mean, out_scale, tau_m, dist_m, act_m, tau, log_tau, act)),
+        *map(pointer, ins), pointer(em), em_step, pointer(ec), ec_step,
+        *map(pointer, (out_mean, out_scale, tau_m, dist_m, act_m, tau, log_tau, act)),
     )  # fmt: skip
     if not _launch(p, "fwd", args):
         return None
@@ -753,8 +786,8 @@ def _kl_diag_vjp(
     flat += [_rows(x, n, None, xp) for x in (res.tau, res.log_tau, res.active)]
     kw = {"dtype": p.dtype, "device": p.device}
     outs = [xp.empty((n, d), **kw) for _ in range(4 if old else 2)]
-    ptrs = [_pointer(x) for x in outs] + [np.uint64(0)] * (0 if old else 2)
-    args = (*map(_pointer, ins), *map(_pointer, gs), *map(_pointer, flat), *ptrs)
+    ptrs = [pointer(x) for x in outs] + [np.uint64(0)] * (0 if old else 2)
+    args = (*map(pointer, ins), *map(pointer, gs), *map(pointer, flat), *ptrs)
     if not _launch(p, "vjp", args):
         return None
     shaped = [xp.reshape(x, batch + (d,)) for x in outs]
@@ -767,6 +800,7 @@ __all__ = [
     "HOST_FLAGS",
     "SOURCE",
     "applies",
+    "build_cuda_once",
     "build_host",
     "build_host_once",
     "cache_path",
@@ -775,4 +809,7 @@ __all__ = [
     "host_cache_path",
     "kl_diag_fwd",
     "kl_diag_vjp",
+    "on_host",
+    "pointer",
+    "run_kernel",
 ]

@@ -191,3 +191,17 @@ def test_lanes_benchmark_runs():
         in_turn, lanes, ratio, same = (c.strip() for c in row.split("|")[7:11])
         assert float(in_turn) > 0 and float(lanes) > 0 and float(ratio.rstrip("×")) > 0
         assert same == "yes"
+
+
+def test_parallel_rows_benchmark_runs():
+    """``benchmarks/parallel_rows.py --quick`` times every piece both ways and a projection
+    with the parts off and as shipped."""
+    pytest.importorskip("torch")
+    proc = _script("parallel_rows.py", "--quick", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# machine:")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "2,000" in line]
+    assert len(rows) == 6
+    for row in rows:
+        one, parts, ratio = (c.strip() for c in row.split("|")[3:6])
+        assert float(one) > 0 and float(parts) > 0 and float(ratio.rstrip("x")) > 0

@@ -4,6 +4,7 @@ is differentiated through the call."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import threading
 
@@ -368,3 +369,97 @@ def test_projections_with_split_decompositions(method, monkeypatch):
     for got, want in zip(run(), whole, strict=True):
         np.testing.assert_array_equal(got, want)
     assert parts and set(parts) == {3}
+
+
+def _layouts(rng, shape, m, k, dtype):
+    a = rng.standard_normal((*shape, m, k)).astype(dtype)
+    yield "contiguous", a
+    yield "transposed", np.swapaxes(rng.standard_normal((*shape, k, m)).astype(dtype), -1, -2)
+    yield "every other", rng.standard_normal((2 * shape[0], *shape[1:], m, k)).astype(dtype)[::2]
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    ("shape", "m", "k", "n", "dtype"),
+    [((5,), 4, 4, 4, "float64"), ((1001,), 6, 6, 6, "float64"), ((4, 8), 5, 6, 4, "float32")],
+)
+def test_products_in_parts_equal_one_call(name, threads, shape, m, k, n, dtype, monkeypatch):
+    """Batched products in parts of the first batch axis (``_compat.MATMUL_PARALLEL_MIN_WORK``)
+    on several threads at once: the same output as one call, bit for bit, for contiguous,
+    transposed (copied in blocks of rows) and strided factors; the parts run where the work is
+    large enough."""
+    ns, to, back = _namespace(name)
+    rng = np.random.default_rng(3)
+    b = rng.standard_normal((*shape, k, n)).astype(dtype)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", threads)
+    monkeypatch.setattr(_compat, "NUMPY_MATMUL_MIN_BATCH", 1)
+    lanes = []
+    real = _compat.in_lanes
+    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    for (layout, a), copy_bytes in itertools.product(
+        _layouts(rng, shape, m, k, dtype), (1, 1 << 20)
+    ):
+        want = np.matmul(a, b)
+        # (the copies of a transposed factor: one row, or every row of a part, at a time)
+        monkeypatch.setattr(_compat, "MATMUL_COPY_BYTES", copy_bytes)
+        for least, split in ((0, False), (1, True)):
+            monkeypatch.setattr(_compat, "MATMUL_PARALLEL_MIN_WORK", least)
+            lanes.clear()
+            got = back(_compat.matmul(to(a), to(b), xp=ns))
+            np.testing.assert_array_equal(got, want, err_msg=layout)
+            assert got.dtype == want.dtype
+            assert (len(lanes) == 1 and lanes[0] >= 2) if split else not lanes, layout
+    # (a shape mismatch: NumPy's own error, not one from a part)
+    with pytest.raises(ValueError, match="matmul"):
+        _compat.matmul(np.ones((4, 3, 2)), np.ones((4, 3, 2)), xp=xpn)
+
+
+def test_products_of_numpy_arrays_in_a_lane_are_not_split_again(monkeypatch):
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    monkeypatch.setattr(_compat, "MATMUL_PARALLEL_MIN_WORK", 1)
+    a = np.random.default_rng(4).standard_normal((64, 3, 3))
+    lanes = []
+    real = _compat.in_lanes
+    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    (got,) = _compat.in_lanes([lambda: _compat.matmul(a, a, xp=xpn)])
+    np.testing.assert_array_equal(got, a @ a)
+    assert lanes == [1]  # (the outer call only)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize(("shape", "d", "k"), [((8,), 6, 6), ((1001,), 6, 1), ((4, 4), 4, 2)])
+def test_torch_triangular_solves_in_parts_equal_one_call(threads, lower, shape, d, k, monkeypatch):
+    """torch CPU triangular solves in parts (``_compat.TRSM_PARALLEL_MIN_BATCH``) on several
+    threads at once: torch's result on the whole batch, bit for bit (factors given as
+    transposed views too); batches whose result torch differentiates, and dtypes that differ,
+    take torch's one call."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    rng = np.random.default_rng(5)
+    L = torch.linalg.cholesky(torch.asarray(spd(rng, shape, d)))
+    b = torch.asarray(rng.standard_normal((*shape, d, k)))
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", threads)
+    monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
+    lanes = []
+    real = _compat.in_lanes
+    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    for a in (L, L.mT.contiguous().mT):
+        a = a if lower else a.mT
+        want = torch.linalg.solve_triangular(a, b, upper=not lower)
+        lanes.clear()
+        got = _compat.solve_triangular(a, b, lower=lower, xp=xpt)
+        assert torch.equal(got, want)
+        assert len(lanes) == 1 and lanes[0] >= 2  # (parts start 64 bytes apart: maybe fewer)
+    lanes.clear()
+    a = L.clone().requires_grad_(True)
+    x = _compat.solve_triangular(a, b, lower=True, xp=xpt)
+    assert lanes == [] and x.requires_grad
+    x.sum().backward()
+    assert torch.isfinite(a.grad).all()
+    lanes.clear()
+    got = _compat.solve_triangular(L, b.float(), lower=True, xp=xpt)  # (torch promotes)
+    assert torch.equal(got, torch.linalg.solve_triangular(L, b.float(), upper=False))
+    assert lanes == []

@@ -171,6 +171,18 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
     if is_torch(xp):
         import torch
 
+        n = a.shape[0] if a.ndim >= 3 else 0
+        if (
+            TRSM_PARALLEL_MIN_BATCH
+            and n >= 2
+            and math.prod(tuple(a.shape[:-2])) >= TRSM_PARALLEL_MIN_BATCH
+            and a.ndim == b.ndim
+            and a.shape[:-2] == b.shape[:-2]
+            and a.device.type == "cpu"
+        ):
+            threads = split_threads(xp, a) if _torch_plain(a, b) else 1
+            if threads > 1:
+                return _torch_trsm_in_parts(a, b, lower=lower, threads=threads)
         return torch.linalg.solve_triangular(a, b, upper=not lower)
     d, k = a.shape[-1], b.shape[-1]
     if is_jax(xp):
@@ -215,6 +227,38 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         if k == 1 or d <= 8:
             return _substitution(a, b, lower=lower, xp=xp)
     return xp.linalg.solve(a, b)
+
+
+#: Batches of at least this many triangular systems of plain torch CPU tensors (the same batch
+#: shape on both sides) are solved in parts of the first batch axis on :func:`split_threads`
+#: threads at once, each part writing its rows of one output: torch solves a batch on one
+#: thread. 100,000 6x6 systems, 2 threads: 6 right-hand sides 25.0 -> 12.7 ms, one 11.7 -> 5.6
+#: ms; 1.1-1.5x faster from 4,000 (``benchmarks/parallel_rows.py``). 0: never.
+TRSM_PARALLEL_MIN_BATCH = 4096
+
+
+def _torch_trsm_in_parts(a: Array, b: Array, *, lower: bool, threads: int) -> Array:
+    import torch
+
+    a, b = a.detach(), b.detach()  # (plain tensors: no graph is recorded through the parts)
+    if b.dtype != a.dtype:
+        return torch.linalg.solve_triangular(a, b, upper=not lower)  # (torch's own error)
+    out = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    size = a.element_size()
+    cuts = _cuts(
+        a.shape[0], threads, (a.stride(0) * size, b.stride(0) * size, out.stride(0) * size)
+    )
+    if len(cuts) == 1:
+        return torch.linalg.solve_triangular(a, b, upper=not lower)
+
+    def part(i: int, j: int) -> None:
+        torch.linalg.solve_triangular(a[i:j], b[i:j], upper=not lower, out=out[i:j])
+
+    try:
+        in_lanes([functools.partial(part, i, j) for i, j in cuts])
+    except Exception:
+        return torch.linalg.solve_triangular(a, b, upper=not lower)  # (the error of one call)
+    return out
 
 
 def _substitution(a: Array, b: Array, *, lower: bool, xp: Namespace) -> Array:
@@ -509,32 +553,72 @@ def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
     return outs
 
 
-def _in_parallel(
-    fn: Callable[[Array], tuple], flat: Array, parts: int, *, xp: Namespace
-) -> list[tuple]:
-    """``fn`` on at most ``parts`` consecutive slices of ``flat`` (``(n, m, k)``) at the same
-    time (:func:`in_lanes`); the outputs of each slice, in order. If any part fails, ``fn``
-    runs once more on the whole batch here, so that the caller sees the error of one call (its
-    batch indices, not a part's)."""
+class Joined:
+    """Whole arrays of ``n`` rows (first axis) that the parts of a call, run at the same time
+    on row ranges of a batch, write their outputs into, each from its own lane: no part's
+    output is then joined afterwards on one thread (a join of 100,000 6x6 float64 matrices
+    took about 3 ms on this machine kind, most of it the fresh pages of the joined array).
+    The arrays are made, empty, when the first part is done: one per output of the parts
+    (``None`` stays ``None``), with that output's trailing shape, dtype and device."""
+
+    def __init__(self, n: int, *, xp: Namespace) -> None:
+        self.n, self.xp = n, xp
+        self.arrays: tuple | None = None
+        self._lock = threading.Lock()
+
+    def put(self, start: int, stop: int, outs: tuple) -> None:
+        """Write ``outs`` (one array of ``stop - start`` rows, or ``None``, per output) into
+        rows ``start:stop``."""
+        with self._lock:
+            if self.arrays is None:
+                self.arrays = tuple(
+                    None
+                    if x is None
+                    else self.xp.empty((self.n, *x.shape[1:]), dtype=x.dtype, device=device(x))
+                    for x in outs
+                )
+        for whole, x in zip(self.arrays, outs, strict=True):
+            if x is not None:
+                whole[start:stop, ...] = x
+
+
+def _cuts(n: int, parts: int, row_bytes: tuple[int, ...]) -> list[tuple[int, int]]:
+    # At most `parts` consecutive ranges of n rows, each starting a whole number of 64 bytes
+    # into every array whose rows are `row_bytes` apart: LAPACK's vectorised kernels round
+    # differently with matrices at other alignments (seen with torch: a cut after 13 5x5
+    # float64 matrices changed eigenvalues in the last bit; even cuts did not).
+    unit = 1
+    for size in row_bytes:
+        size = abs(int(size))
+        if size:
+            unit = math.lcm(unit, 64 // math.gcd(64, size))
+    share = -(-n // parts)  # (ceiling divisions)
+    step = -(-share // unit) * unit
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _in_parallel(fn: Callable[[Array], tuple], flat: Array, parts: int, *, xp: Namespace) -> tuple:
+    """The outputs of ``fn`` on ``flat`` (``(n, m, k)``), computed on at most ``parts``
+    consecutive slices at the same time (:func:`in_lanes`), each writing its rows of the
+    outputs (:class:`Joined`). If any part fails, ``fn`` runs once more on the whole batch
+    here, so that the caller sees the error of one call (its batch indices, not a part's)."""
     n = flat.shape[0]
     if is_torch(xp):
         flat = flat.detach()  # (the slices record no graph on the pool's threads)
-    # Every part starts a whole number of 64 bytes into the batch: LAPACK's vectorised kernels
-    # round differently with matrices at other alignments (seen with torch: a cut after 13 5x5
-    # float64 matrices changed eigenvalues in the last bit; even cuts did not).
-    size = int(flat.itemsize) * math.prod(tuple(flat.shape[1:]))
-    unit = 64 // math.gcd(64, size) if size else 1
-    share = -(-n // parts)  # (ceiling divisions)
-    step = -(-share // unit) * unit
-    cuts = [(i, min(i + step, n)) for i in range(0, n, step)]
+    cuts = _cuts(n, parts, (int(flat.itemsize) * math.prod(tuple(flat.shape[1:])),))
     if len(cuts) == 1:
-        return [tuple(fn(flat))]
+        return tuple(fn(flat))
+    joined = Joined(n, xp=xp)
+
+    def part(i: int, j: int) -> None:
+        joined.put(i, j, tuple(fn(flat[i:j, ...])))
+
     try:
-        return [
-            tuple(x) for x in in_lanes([functools.partial(fn, flat[i:j, ...]) for i, j in cuts])
-        ]
+        in_lanes([functools.partial(part, i, j) for i, j in cuts])
     except Exception:
-        return [tuple(fn(flat))]  # (raises the error of one call)
+        return tuple(fn(flat))  # (raises the error of one call)
+    assert joined.arrays is not None
+    return joined.arrays
 
 
 def _chunked(
@@ -558,12 +642,13 @@ def _chunked(
         return tuple(fn(a))
     flat = xp.reshape(a, (n,) + tuple(a.shape[-2:]))
     if threads > 1:
-        parts = _in_parallel(fn, flat, threads, xp=xp)
+        joined = _in_parallel(fn, flat, threads, xp=xp)
     else:
         parts = [tuple(fn(flat[i : i + limit, ...])) for i in range(0, n, limit)]
-    joined = (
-        outs[0] if len(outs) == 1 else xp.concat(outs, axis=0) for outs in zip(*parts, strict=True)
-    )
+        joined = tuple(
+            outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
+            for outs in zip(*parts, strict=True)
+        )
     return tuple(xp.reshape(x, batch + tuple(x.shape[1:])) for x in joined)
 
 
@@ -874,9 +959,10 @@ def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
             t.device.type == "cpu" and t.layout == torch.strided and not (t.is_neg() or t.is_conj())
             for t in (a, b)
         ) and _torch_plain(a, b):
-            import numpy as np
-
-            return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+            threads = functools.partial(split_threads, xp, a)
+            return torch.from_numpy(_numpy_matmul(a.numpy(), b.numpy(), threads=threads))
+    if is_numpy(xp) and a.ndim >= 3:
+        return _numpy_matmul(a, b, threads=functools.partial(split_threads, xp))
     if (
         is_jax(xp)
         and max(a.ndim, b.ndim) >= 3
@@ -893,6 +979,70 @@ def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
             out = out + a[..., :, k, None] * b[..., None, k, :]
         return out
     return xp.matmul(a, b)
+
+
+#: NumPy's batched products (also those of torch CPU tensors, :data:`TORCH_CPU_MATMUL_VIA_NUMPY`)
+#: of at least this many multiply-adds, with both factors of the same batch shape, run in parts
+#: of the first batch axis on :func:`split_threads` threads at once, each part writing its rows
+#: of one output array (NumPy computes a batch of products on one thread). 100,000 6x6 products,
+#: 2 threads: 8.2 -> 4.4 ms; even at 8,000 and 1.4x faster from 16,000
+#: (``benchmarks/parallel_rows.py``). 0: never.
+MATMUL_PARALLEL_MIN_WORK = 1 << 21
+
+
+def _numpy_matmul(a: Any, b: Any, *, threads: Callable[[], int]) -> Any:
+    """``numpy.matmul(a, b)``, in parts on ``threads()`` threads at once where
+    :data:`MATMUL_PARALLEL_MIN_WORK` says."""
+    import numpy as np
+
+    n = a.shape[0]
+    if (
+        not MATMUL_PARALLEL_MIN_WORK
+        or a.ndim != b.ndim
+        or a.shape[:-2] != b.shape[:-2]
+        or a.shape[-1] != b.shape[-2]
+        or n < 2
+        or math.prod(a.shape) * b.shape[-1] < MATMUL_PARALLEL_MIN_WORK
+        or a.dtype != b.dtype
+        or (k := threads()) < 2
+    ):
+        return np.matmul(a, b)
+    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    cuts = _cuts(n, k, (a.strides[0], b.strides[0], out.strides[0]))
+    if len(cuts) == 1:
+        return np.matmul(a, b)
+
+    # A factor whose matrices' rows are not contiguous (e.g. a transposed view) is copied
+    # first, a block of rows at a time: NumPy computes such products without BLAS, and their
+    # parts on several threads took twice as long as one call (100,000 6x6 L @ L.mT: 30.0
+    # against 16.3 ms; with each part's factor copied first, 9.1 ms). The blocks bound the
+    # copies' memory (a whole copy is one factor's size more at the peak).
+    copy_a, copy_b = (not _rows_contiguous(x) for x in (a, b))
+    block = max(1, MATMUL_COPY_BYTES // max(1, int(b.itemsize) * math.prod(b.shape[1:])))
+
+    def part(i: int, j: int) -> None:
+        step = block if copy_a or copy_b else j - i
+        for lo in range(i, j, step):
+            hi = min(lo + step, j)
+            x, y = a[lo:hi], b[lo:hi]
+            np.matmul(
+                np.ascontiguousarray(x) if copy_a else x,
+                np.ascontiguousarray(y) if copy_b else y,
+                out=out[lo:hi],
+            )
+
+    in_lanes([functools.partial(part, i, j) for i, j in cuts])
+    return out
+
+
+#: The most bytes of a factor :func:`_numpy_matmul` copies at a time in one part.
+MATMUL_COPY_BYTES = 1 << 20
+
+
+def _rows_contiguous(x: Any) -> bool:
+    # Whether the rows of x's matrices are contiguous (what NumPy hands to BLAS).
+    size = x.itemsize
+    return x.strides[-1] == size and x.strides[-2] == size * x.shape[-1]
 
 
 #: Largest inner dimension of a batched JAX CPU product written as a sum of broadcast products

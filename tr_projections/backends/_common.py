@@ -286,15 +286,16 @@ def forward(
         bound(b, name, p)
     xp = p.xp
     del p  # (its whole-batch casts, if any, need not live through the chunks)
+    joined = _compat.Joined(arrays[0].shape[0], xp=xp)  # (each chunk writes its own rows)
+
+    def chunk(_: int, a: int, b: int) -> Any:
+        outs, res = op.forward(_rows(arrays, a, b), _rows(bounds, a, b), options)
+        joined.put(a, b, tuple(outs))
+        return res
+
     with checks(False):
-        parts = _on_spans(
-            lambda _, a, b: op.forward(_rows(arrays, a, b), _rows(bounds, a, b), options),
-            spans,
-            n_lanes,
-        )
-    outs = [o for o, _ in parts]
-    res = [r for _, r in parts]
-    return tuple(xp.concat(list(chunks), axis=0) for chunks in zip(*outs, strict=True)), res
+        res = _on_spans(chunk, spans, n_lanes)
+    return joined.arrays, res
 
 
 def backward(
@@ -322,15 +323,14 @@ def backward(
         for c, x in zip(cots, arrays[:2], strict=True)
     )
 
-    def part(i: int, a: int, b: int) -> tuple:
-        rows = tuple(c[a:b] if al else c for c, al in zip(cots, aligned, strict=True))
-        return _backward(op, _rows(arrays, a, b), res[i], rows, options, needs, xp)
+    joined = _compat.Joined(n, xp=xp)  # (each chunk writes its own rows)
 
-    parts = _on_spans(part, spans, min(lanes(kind, arrays), len(spans)))
-    return tuple(
-        xp.concat(list(gs), axis=0) if need else None
-        for gs, need in zip(zip(*parts, strict=True), needs, strict=True)
-    )
+    def part(i: int, a: int, b: int) -> None:
+        rows = tuple(c[a:b] if al else c for c, al in zip(cots, aligned, strict=True))
+        joined.put(a, b, _backward(op, _rows(arrays, a, b), res[i], rows, options, needs, xp))
+
+    _on_spans(part, spans, min(lanes(kind, arrays), len(spans)))
+    return joined.arrays
 
 
 def _backward(

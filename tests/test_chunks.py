@@ -326,3 +326,41 @@ def test_chunkable_with_a_row_limit(monkeypatch):
     assert not _plans("kl", args, (0.1, 0.1), 0)
     assert not _plans("kl", args, (0.1, 0.1))  # (without rows: NumPy arrays only)
     assert not _plans("kl", args, (0.1, "0.1"), 16)
+
+
+def test_torch_vmap_over_a_chunked_backward(monkeypatch):
+    """``torch.func.vjp`` runs the forward eagerly (in chunks), and ``vmap`` over its
+    ``vjp_fn`` (as ``jacrev`` does) runs the chunked backward on batched cotangents, into
+    which the chunks' rows cannot be written: they are joined instead. Each mapped cotangent
+    gives the gradients of one backward of a whole call."""
+    torch = pytest.importorskip("torch")
+    from tr_projections.backends import torch as adapter
+
+    case = make_case(49, "kl", True, d=3, batch=(50,))
+    kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
+    leaves = [torch.tensor(a) for a in case.args]
+    rng = np.random.default_rng(10)
+    cots = tuple(torch.tensor(rng.standard_normal((2, *leaves[i].shape))) for i in (0, 1))
+
+    def f(m, s):
+        return tuple(case.fn(m, s, *leaves[2:], **kw))
+
+    def mapped():
+        _, vjp_fn = torch.func.vjp(f, *leaves[:2])
+        return torch.func.vmap(vjp_fn)(cots)
+
+    def one_by_one():
+        _, vjp_fn = torch.func.vjp(f, *leaves[:2])
+        grads = [vjp_fn((c0, c1)) for c0, c1 in zip(*cots, strict=True)]
+        return [torch.stack(gs) for gs in zip(*grads, strict=True)]
+
+    whole = one_by_one()  # (no chunks)
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)  # (torch's kernels, in chunks)
+    monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
+    calls = _chunk_sizes(monkeypatch, "kl")
+    got = mapped()
+    assert calls and max(calls) < 50  # (the forward ran in chunks)
+    for x, y in zip(got, whole, strict=True):
+        np.testing.assert_allclose(x.detach().numpy(), y.detach().numpy(), rtol=1e-12, atol=1e-14)
+    jac = torch.func.jacrev(lambda m: f(m, leaves[1])[0][:2])(leaves[0])
+    assert jac.shape == (2, 3, 50, 3) and bool(torch.isfinite(jac).all())

@@ -329,15 +329,22 @@ def test_a_forked_child_gets_its_own_pool(split_everything, monkeypatch):
     assert q.get(timeout=5) == 64 * 4 * 2.0
 
 
-@pytest.mark.parametrize("method", ["kl", "wasserstein"])
-def test_projections_with_split_decompositions(method, monkeypatch):
+@pytest.mark.parametrize(("method", "d"), [("kl", 4), ("wasserstein", 4), ("frobenius", 17)])
+def test_projections_with_split_decompositions(method, d, monkeypatch):
     """Full-Gaussian projections and their gradients (torch and NumPy) are the same, bit for
-    bit, with the decompositions split over threads as without."""
+    bit, with the decompositions, products and triangular solves split over threads as
+    without (every product and solve split, at d = 17 too)."""
     torch = pytest.importorskip("torch")
     import tr_projections as trp
+    from tr_projections.backends import torch as adapter
 
+    monkeypatch.setattr(_compat, "MATMUL_PARALLEL_MIN_WORK", 1)
+    monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
+    # torch tensors on torch's kernels (their products on NumPy); NumPy arrays through trp.vjp
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(_compat, "NUMPY_MATMUL_MIN_BATCH", 1)
     rng = np.random.default_rng(12)
-    d, n = 4, 300
+    n = 300
     mean, scale, old_mean, old_scale = full_policies(rng, n, d)
     g = rng.standard_normal((n, d, d))
 
@@ -366,9 +373,13 @@ def test_projections_with_split_decompositions(method, monkeypatch):
         return original(fn, flat, k, xp=xp)
 
     monkeypatch.setattr(_compat, "_in_parallel", spy)
+    lanes = []
+    real = _compat.in_lanes
+    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
     for got, want in zip(run(), whole, strict=True):
         np.testing.assert_array_equal(got, want)
-    assert parts and set(parts) == {3}
+    assert (set(parts) == {3}) if method != "frobenius" else not parts  # (no decomposition)
+    assert len(lanes) > len(parts)  # (products and solves split too)
 
 
 def _layouts(rng, shape, m, k, dtype):
@@ -410,6 +421,22 @@ def test_products_in_parts_equal_one_call(name, threads, shape, m, k, n, dtype, 
             np.testing.assert_array_equal(got, want, err_msg=layout)
             assert got.dtype == want.dtype
             assert (len(lanes) == 1 and lanes[0] >= 2) if split else not lanes, layout
+    # Not split: complex factors, NumPy subclasses, and transposed factors of matrices larger
+    # than _compat.MATMUL_COPY_MAX_D (copied, they would take a BLAS kernel that rounds
+    # differently); contiguous ones up to NUMPY_MATMUL_MAX_D are.
+    monkeypatch.setattr(_compat, "MATMUL_PARALLEL_MIN_WORK", 1)
+    c = rng.standard_normal((8, 4, 4)) + 1j
+    L12 = np.tril(rng.standard_normal((8, 12, 12)))
+    for x, y, split in [
+        (c, np.swapaxes(c, -1, -2), False),
+        (np.ma.asarray(L12), L12, False),
+        (L12, np.swapaxes(L12, -1, -2), False),
+        (L12, L12, True),
+    ]:
+        lanes.clear()
+        got = _compat.matmul(x, y, xp=xpn)
+        np.testing.assert_array_equal(got, np.matmul(x, y))
+        assert type(got) is type(np.matmul(x, y)) and bool(lanes) == split
     # (a shape mismatch: NumPy's own error, not one from a part)
     with pytest.raises(ValueError, match="matmul"):
         _compat.matmul(np.ones((4, 3, 2)), np.ones((4, 3, 2)), xp=xpn)
@@ -429,12 +456,15 @@ def test_products_of_numpy_arrays_in_a_lane_are_not_split_again(monkeypatch):
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("lower", [True, False])
-@pytest.mark.parametrize(("shape", "d", "k"), [((8,), 6, 6), ((1001,), 6, 1), ((4, 4), 4, 2)])
+@pytest.mark.parametrize(
+    ("shape", "d", "k"), [((8,), 6, 6), ((1001,), 6, 1), ((4, 4), 4, 2), ((64,), 17, 6)]
+)
 def test_torch_triangular_solves_in_parts_equal_one_call(threads, lower, shape, d, k, monkeypatch):
     """torch CPU triangular solves in parts (``_compat.TRSM_PARALLEL_MIN_BATCH``) on several
-    threads at once: torch's result on the whole batch, bit for bit (factors given as
-    transposed views too); batches whose result torch differentiates, and dtypes that differ,
-    take torch's one call."""
+    threads at once: torch's result on the whole batch, bit for bit and in its layout (factors
+    given as transposed views too; d = 17 with 6 right-hand sides, where torch's ``out=``
+    variant would round differently); batches whose result torch differentiates, and dtypes
+    that differ, take torch's one call."""
     torch = pytest.importorskip("torch")
     import array_api_compat.torch as xpt
 
@@ -452,6 +482,10 @@ def test_torch_triangular_solves_in_parts_equal_one_call(threads, lower, shape, 
         lanes.clear()
         got = _compat.solve_triangular(a, b, lower=lower, xp=xpt)
         assert torch.equal(got, want)
+        layout = [  # (torch's layout: the strides of axes longer than 1)
+            [st for st, m in zip(x.stride(), x.shape, strict=True) if m > 1] for x in (got, want)
+        ]
+        assert layout[0] == layout[1]
         assert len(lanes) == 1 and lanes[0] >= 2  # (parts start 64 bytes apart: maybe fewer)
     lanes.clear()
     a = L.clone().requires_grad_(True)
@@ -463,3 +497,21 @@ def test_torch_triangular_solves_in_parts_equal_one_call(threads, lower, shape, 
     got = _compat.solve_triangular(L, b.float(), lower=True, xp=xpt)  # (torch promotes)
     assert torch.equal(got, torch.linalg.solve_triangular(L, b.float(), upper=False))
     assert lanes == []
+
+
+def test_torch_triangular_solves_in_parts_for_every_size(monkeypatch):
+    """Bit for bit with torch's whole call for d up to 32, 1 to d right-hand sides, both
+    triangles and both float dtypes (the parts write into torch's own column-major layout)."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
+    g = torch.Generator().manual_seed(6)
+    for d, dtype in itertools.product((1, 5, 8, 16, 17, 32), (torch.float32, torch.float64)):
+        A = torch.randn(203, d, d, dtype=dtype, generator=g).tril() + 3 * torch.eye(d, dtype=dtype)
+        for k, lower in itertools.product(sorted({1, 2, 6, d}), (True, False)):
+            a = A if lower else A.mT
+            b = torch.randn(203, d, k, dtype=dtype, generator=g)
+            got = _compat.solve_triangular(a, b, lower=lower, xp=xpt)
+            assert torch.equal(got, torch.linalg.solve_triangular(a, b, upper=not lower)), (d, k)

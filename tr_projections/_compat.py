@@ -178,6 +178,7 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
             and math.prod(tuple(a.shape[:-2])) >= TRSM_PARALLEL_MIN_BATCH
             and a.ndim == b.ndim
             and a.shape[:-2] == b.shape[:-2]
+            and a.dtype == b.dtype
             and a.device.type == "cpu"
         ):
             threads = split_threads(xp, a) if _torch_plain(a, b) else 1
@@ -230,10 +231,13 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
 
 
 #: Batches of at least this many triangular systems of plain torch CPU tensors (the same batch
-#: shape on both sides) are solved in parts of the first batch axis on :func:`split_threads`
-#: threads at once, each part writing its rows of one output: torch solves a batch on one
-#: thread. 100,000 6x6 systems, 2 threads: 6 right-hand sides 25.0 -> 12.7 ms, one 11.7 -> 5.6
-#: ms; 1.1-1.5x faster from 4,000 (``benchmarks/parallel_rows.py``). 0: never.
+#: shape and dtype on both sides) are solved in parts of the first batch axis on
+#: :func:`split_threads` threads at once, each part writing its rows of one output: torch
+#: solves a batch on one thread. The output has torch's own layout (column-major matrices):
+#: into it the parts give torch's whole call bit for bit (tested up to d = 32; into a row-major
+#: output torch rounds differently for d >= 16 with several right-hand sides). 100,000 6x6
+#: systems, 2 threads: 6 right-hand sides 1.53x, one 1.58x; 1.14-1.36x at 10,000; slower at
+#: 1,000 (``benchmarks/parallel_rows.py``). 0: never.
 TRSM_PARALLEL_MIN_BATCH = 4096
 
 
@@ -241,13 +245,10 @@ def _torch_trsm_in_parts(a: Array, b: Array, *, lower: bool, threads: int) -> Ar
     import torch
 
     a, b = a.detach(), b.detach()  # (plain tensors: no graph is recorded through the parts)
-    if b.dtype != a.dtype:
-        return torch.linalg.solve_triangular(a, b, upper=not lower)  # (torch's own error)
-    out = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    n, d, k = a.shape[0], b.shape[-2], b.shape[-1]
+    out = torch.empty((*b.shape[:-2], k, d), dtype=b.dtype, device=b.device).mT
     size = a.element_size()
-    cuts = _cuts(
-        a.shape[0], threads, (a.stride(0) * size, b.stride(0) * size, out.stride(0) * size)
-    )
+    cuts = _cuts(n, threads, (a.stride(0) * size, b.stride(0) * size, out.stride(0) * size))
     if len(cuts) == 1:
         return torch.linalg.solve_triangular(a, b, upper=not lower)
 
@@ -554,32 +555,72 @@ def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
 
 
 class Joined:
-    """Whole arrays of ``n`` rows (first axis) that the parts of a call, run at the same time
-    on row ranges of a batch, write their outputs into, each from its own lane: no part's
-    output is then joined afterwards on one thread (a join of 100,000 6x6 float64 matrices
-    took about 3 ms on this machine kind, most of it the fresh pages of the joined array).
-    The arrays are made, empty, when the first part is done: one per output of the parts
-    (``None`` stays ``None``), with that output's trailing shape, dtype and device."""
+    """Whole arrays of ``n`` rows (first axis) joined from the outputs of the parts of a call
+    that run at the same time on row ranges of a batch. Where the parts' outputs are NumPy
+    arrays or plain torch tensors (:func:`_torch_plain`), each part writes its rows into whole
+    arrays from its own lane: no part's output is then joined afterwards on one thread (two
+    lanes' halves of 100,000 6x6 float64 matrices: 3.85 ms joined afterwards, 2.75 ms written
+    from the lanes, ``benchmarks/parallel_rows.py``). The whole arrays are made, empty, when
+    the first part is done: one per output (``None`` stays ``None``), with that output's
+    trailing shape, dtype, device and, for a batch of column-major matrices, that layout.
+    Other outputs (e.g. tensors under ``torch.func.vmap``, into which nothing can be written)
+    are kept and joined in :meth:`result`."""
 
     def __init__(self, n: int, *, xp: Namespace) -> None:
         self.n, self.xp = n, xp
-        self.arrays: tuple | None = None
+        self._whole: tuple | None = None
+        self._kept: list[tuple[int, tuple]] | None = None
         self._lock = threading.Lock()
 
     def put(self, start: int, stop: int, outs: tuple) -> None:
-        """Write ``outs`` (one array of ``stop - start`` rows, or ``None``, per output) into
-        rows ``start:stop``."""
+        """Rows ``start:stop`` of the outputs: ``outs`` holds one array of ``stop - start`` rows,
+        or ``None``, per output."""
         with self._lock:
-            if self.arrays is None:
-                self.arrays = tuple(
-                    None
-                    if x is None
-                    else self.xp.empty((self.n, *x.shape[1:]), dtype=x.dtype, device=device(x))
-                    for x in outs
-                )
-        for whole, x in zip(self.arrays, outs, strict=True):
+            if self._whole is None and self._kept is None:
+                if all(x is None or _writable_rows(x, self.xp) for x in outs):
+                    self._whole = tuple(
+                        None if x is None else _empty_rows(x, self.n, self.xp) for x in outs
+                    )
+                else:
+                    self._kept = []
+            if self._kept is not None:
+                self._kept.append((start, outs))
+                return
+        assert self._whole is not None
+        for whole, x in zip(self._whole, outs, strict=True):
             if x is not None:
                 whole[start:stop, ...] = x
+
+    def result(self) -> tuple:
+        """The whole outputs, once every part is done."""
+        if self._whole is not None:
+            return self._whole
+        parts = [outs for _, outs in sorted(self._kept or [], key=lambda k: k[0])]
+        return tuple(
+            None if xs[0] is None else xs[0] if len(xs) == 1 else self.xp.concat(list(xs), axis=0)
+            for xs in zip(*parts, strict=True)
+        )
+
+
+def _writable_rows(x: Array, xp: Namespace) -> bool:
+    # Whether Joined may write x into a whole array of its own making.
+    if is_numpy(xp):
+        import numpy as np
+
+        return type(x) is np.ndarray
+    return is_torch(xp) and _torch_plain(x)
+
+
+def _empty_rows(x: Array, n: int, xp: Namespace) -> Array:
+    # An empty array of n rows like x (C order, or a batch of column-major matrices like x).
+    shape = (n, *x.shape[1:])
+    if x.ndim >= 3:
+        swapped = shape[:-2] + (shape[-1], shape[-2])
+        if is_torch(xp) and not x.is_contiguous() and x.mT.is_contiguous():
+            return xp.empty(swapped, dtype=x.dtype, device=device(x)).mT
+        if is_numpy(xp) and not x.flags.c_contiguous and x.swapaxes(-1, -2).flags.c_contiguous:
+            return xp.empty(swapped, dtype=x.dtype).swapaxes(-1, -2)
+    return xp.empty(shape, dtype=x.dtype, device=device(x))
 
 
 def _cuts(n: int, parts: int, row_bytes: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -617,8 +658,7 @@ def _in_parallel(fn: Callable[[Array], tuple], flat: Array, parts: int, *, xp: N
         in_lanes([functools.partial(part, i, j) for i, j in cuts])
     except Exception:
         return tuple(fn(flat))  # (raises the error of one call)
-    assert joined.arrays is not None
-    return joined.arrays
+    return joined.result()
 
 
 def _chunked(
@@ -982,12 +1022,22 @@ def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
 
 
 #: NumPy's batched products (also those of torch CPU tensors, :data:`TORCH_CPU_MATMUL_VIA_NUMPY`)
-#: of at least this many multiply-adds, with both factors of the same batch shape, run in parts
-#: of the first batch axis on :func:`split_threads` threads at once, each part writing its rows
-#: of one output array (NumPy computes a batch of products on one thread). 100,000 6x6 products,
-#: 2 threads: 8.2 -> 4.4 ms; even at 8,000 and 1.4x faster from 16,000
-#: (``benchmarks/parallel_rows.py``). 0: never.
-MATMUL_PARALLEL_MIN_WORK = 1 << 21
+#: of small float32/float64 matrices (every dimension at most :data:`NUMPY_MATMUL_MAX_D`), at
+#: least this many multiply-adds, both factors of the same batch shape, run in parts of the first
+#: batch axis on :func:`split_threads` threads at once, each part writing its rows of one output
+#: (NumPy computes a batch of products on one thread). A factor whose matrices' rows are not
+#: contiguous (e.g. a transposed view) is one NumPy multiplies without BLAS, whose parts took
+#: longer than one call: each part copies it first, a block of rows
+#: (:data:`MATMUL_COPY_BYTES`) at a time, up to :data:`MATMUL_COPY_MAX_D` (copied, larger
+#: matrices go to a BLAS kernel that rounds differently from NumPy's own call from d = 12;
+#: such products run whole). The result is NumPy's whole call, bit for bit. 100,000 6x6
+#: products, 2 threads: contiguous factors 1.55x, ``L @ L.mT`` 2.21x; at 10,000 the
+#: contiguous ones lost (0.90x) and ``L @ L.mT`` gained 1.84x (``benchmarks/parallel_rows.py``).
+#: 0: never.
+MATMUL_PARALLEL_MIN_WORK = 1 << 22
+MATMUL_COPY_MAX_D = 8
+#: The most bytes of a factor that one part of :func:`_numpy_matmul` copies at a time.
+MATMUL_COPY_BYTES = 1 << 20
 
 
 def _numpy_matmul(a: Any, b: Any, *, threads: Callable[[], int]) -> Any:
@@ -998,30 +1048,33 @@ def _numpy_matmul(a: Any, b: Any, *, threads: Callable[[], int]) -> Any:
     n = a.shape[0]
     if (
         not MATMUL_PARALLEL_MIN_WORK
+        or type(a) is not np.ndarray
+        or type(b) is not np.ndarray
         or a.ndim != b.ndim
         or a.shape[:-2] != b.shape[:-2]
         or a.shape[-1] != b.shape[-2]
         or n < 2
-        or math.prod(a.shape) * b.shape[-1] < MATMUL_PARALLEL_MIN_WORK
         or a.dtype != b.dtype
-        or (k := threads()) < 2
+        or a.dtype not in (np.float32, np.float64)
+        or max(*a.shape[-2:], b.shape[-1]) > NUMPY_MATMUL_MAX_D
+        or math.prod(a.shape) * b.shape[-1] < MATMUL_PARALLEL_MIN_WORK
     ):
         return np.matmul(a, b)
-    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    copy_a, copy_b = (not _rows_contiguous(x) for x in (a, b))
+    if (copy_a or copy_b) and max(*a.shape[-2:], b.shape[-1]) > MATMUL_COPY_MAX_D:
+        return np.matmul(a, b)
+    k = threads()
+    if k < 2:
+        return np.matmul(a, b)
+    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=a.dtype)
     cuts = _cuts(n, k, (a.strides[0], b.strides[0], out.strides[0]))
     if len(cuts) == 1:
         return np.matmul(a, b)
-
-    # A factor whose matrices' rows are not contiguous (e.g. a transposed view) is copied
-    # first, a block of rows at a time: NumPy computes such products without BLAS, and their
-    # parts on several threads took twice as long as one call (100,000 6x6 L @ L.mT: 30.0
-    # against 16.3 ms; with each part's factor copied first, 9.1 ms). The blocks bound the
-    # copies' memory (a whole copy is one factor's size more at the peak).
-    copy_a, copy_b = (not _rows_contiguous(x) for x in (a, b))
-    block = max(1, MATMUL_COPY_BYTES // max(1, int(b.itemsize) * math.prod(b.shape[1:])))
+    copied = [x for x, c in ((a, copy_a), (b, copy_b)) if c]
+    row = max((int(x.itemsize) * math.prod(x.shape[1:]) for x in copied), default=1)
+    step = max(1, MATMUL_COPY_BYTES // max(1, row)) if copied else n
 
     def part(i: int, j: int) -> None:
-        step = block if copy_a or copy_b else j - i
         for lo in range(i, j, step):
             hi = min(lo + step, j)
             x, y = a[lo:hi], b[lo:hi]
@@ -1033,10 +1086,6 @@ def _numpy_matmul(a: Any, b: Any, *, threads: Callable[[], int]) -> Any:
 
     in_lanes([functools.partial(part, i, j) for i, j in cuts])
     return out
-
-
-#: The most bytes of a factor :func:`_numpy_matmul` copies at a time in one part.
-MATMUL_COPY_BYTES = 1 << 20
 
 
 def _rows_contiguous(x: Any) -> bool:

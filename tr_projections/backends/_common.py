@@ -295,7 +295,7 @@ def forward(
 
     with checks(False):
         res = _on_spans(chunk, spans, n_lanes)
-    return joined.arrays, res
+    return joined.result(), res
 
 
 def backward(
@@ -330,7 +330,7 @@ def backward(
         joined.put(a, b, _backward(op, _rows(arrays, a, b), res[i], rows, options, needs, xp))
 
     _on_spans(part, spans, min(lanes(kind, arrays), len(spans)))
-    return joined.arrays
+    return joined.result()
 
 
 def _backward(

@@ -590,8 +590,17 @@ def _kernels(dtype_name: str, device_id: int) -> dict | None:
     )  # fmt: skip
 
 
+_dtype_names: dict[Any, str] = {}
+
+
 def _dtype_name(p: Any) -> str:
-    return str(p.dtype).rsplit(".", 1)[-1]
+    # "float32" for NumPy's, CuPy's and torch's float32 alike (str() of a dtype took about a
+    # microsecond, asked a few times per kernel call: the names are kept per dtype).
+    dtype = p.dtype
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = _dtype_names.setdefault(dtype, str(dtype).rsplit(".", 1)[-1])
+    return name
 
 
 def _check_settings() -> None:

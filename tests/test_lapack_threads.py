@@ -515,3 +515,59 @@ def test_torch_triangular_solves_in_parts_for_every_size(monkeypatch):
             b = torch.randn(203, d, k, dtype=dtype, generator=g)
             got = _compat.solve_triangular(a, b, lower=lower, xp=xpt)
             assert torch.equal(got, torch.linalg.solve_triangular(a, b, upper=not lower)), (d, k)
+
+
+def test_torch_triangular_solves_of_broadcast_or_stepped_factors_run_whole(monkeypatch):
+    """Factors that are neither row- nor column-major (a broadcast or stepped batch) are not
+    split: torch copies them whole, but not a part that happens to be contiguous (a one-row
+    part of a broadcast factor), whose bits would differ."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
+    lanes = []
+    real = _compat.in_lanes
+    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(18, 6, 6, dtype=torch.float64, generator=g).tril() + 3 * torch.eye(6)
+    b = torch.randn(9, 6, 1, dtype=torch.float64, generator=g)
+    for a in (A[0].expand(9, 6, 6), A[::2]):
+        got = _compat.solve_triangular(a, b, lower=True, xp=xpt)
+        assert torch.equal(got, torch.linalg.solve_triangular(a, b, upper=False))
+    assert not lanes
+
+
+def test_joined_keeps_parts_unlike_the_first():
+    """A part unlike the first one written (another dtype, an array where it had None, one
+    that cannot be written into) is joined as concatenation would join it, in row order."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    x = np.arange(12.0).reshape(6, 2)
+    joined = _compat.Joined(6, xp=xpn)
+    joined.put(2, 4, (x[2:4], None))
+    joined.put(4, 6, (x[4:6].astype(np.float32), None))
+    joined.put(0, 2, (x[0:2], None))
+    got, none = joined.result()
+    assert none is None and got.dtype == np.float64
+    np.testing.assert_array_equal(got, x)
+    later = np.ma.masked_array(x[2:4], mask=[[True, False], [False, False]])
+    masked = _compat.Joined(4, xp=xpn)
+    masked.put(0, 2, (x[0:2],))
+    masked.put(2, 4, (later,))
+    (m,) = masked.result()
+    want = np.concatenate([x[0:2], later])
+    assert type(m) is type(want)
+    np.testing.assert_array_equal(np.ma.getmaskarray(m), np.ma.getmaskarray(want))
+    t = torch.arange(8.0).reshape(4, 2)
+    grad = _compat.Joined(4, xp=xpt)
+    grad.put(0, 2, (t[0:2],))
+    grad.put(2, 4, (t[2:4].clone().requires_grad_(True),))
+    (r,) = grad.result()
+    assert r.requires_grad and torch.equal(r.detach(), t)
+    mixed = _compat.Joined(4, xp=xpn)
+    mixed.put(0, 2, (None,))
+    mixed.put(2, 4, (x[2:4],))
+    with pytest.raises((TypeError, ValueError)):
+        mixed.result()

@@ -180,6 +180,7 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
             and a.shape[:-2] == b.shape[:-2]
             and a.dtype == b.dtype
             and a.device.type == "cpu"
+            and (a.is_contiguous() or a.mT.is_contiguous())
         ):
             threads = split_threads(xp, a) if _torch_plain(a, b) else 1
             if threads > 1:
@@ -231,13 +232,15 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
 
 
 #: Batches of at least this many triangular systems of plain torch CPU tensors (the same batch
-#: shape and dtype on both sides) are solved in parts of the first batch axis on
-#: :func:`split_threads` threads at once, each part writing its rows of one output: torch
-#: solves a batch on one thread. The output has torch's own layout (column-major matrices):
-#: into it the parts give torch's whole call bit for bit (tested up to d = 32; into a row-major
-#: output torch rounds differently for d >= 16 with several right-hand sides). 100,000 6x6
-#: systems, 2 threads: 6 right-hand sides 1.53x, one 1.58x; 1.14-1.36x at 10,000; slower at
-#: 1,000 (``benchmarks/parallel_rows.py``). 0: never.
+#: shape and dtype on both sides, the factors row- or column-major) are solved in parts of the
+#: first batch axis on :func:`split_threads` threads at once, each part writing its rows of one
+#: output: torch solves a batch on one thread. The output has torch's own layout (column-major
+#: matrices): into it the parts give torch's whole call bit for bit (tested up to d = 32; into
+#: a row-major output torch rounds differently for d >= 16 with several right-hand sides).
+#: Factors of other layouts (a broadcast or stepped batch) run whole: torch copies them, but
+#: not a part that happens to be contiguous, whose bits then differ. 100,000 6x6 systems,
+#: 2 threads: 6 right-hand sides 1.53x, one 1.58x; 1.14-1.36x at 10,000; slower at 1,000
+#: (``benchmarks/parallel_rows.py``). 0: never.
 TRSM_PARALLEL_MIN_BATCH = 4096
 
 
@@ -569,37 +572,54 @@ class Joined:
     def __init__(self, n: int, *, xp: Namespace) -> None:
         self.n, self.xp = n, xp
         self._whole: tuple | None = None
-        self._kept: list[tuple[int, tuple]] | None = None
+        self._written: list[tuple[int, int]] = []  # the row ranges written into _whole
+        self._kept: list[tuple[int, tuple]] = []  # the parts kept as they are, by first row
         self._lock = threading.Lock()
 
     def put(self, start: int, stop: int, outs: tuple) -> None:
         """Rows ``start:stop`` of the outputs: ``outs`` holds one array of ``stop - start`` rows,
-        or ``None``, per output."""
+        or ``None``, per output. A part unlike the first written one (another dtype, an array
+        where it had ``None``, one that cannot be written) is kept and joined in
+        :meth:`result`, as concatenation would join it."""
         with self._lock:
-            if self._whole is None and self._kept is None:
+            if self._whole is None and not self._kept:
                 if all(x is None or _writable_rows(x, self.xp) for x in outs):
                     self._whole = tuple(
                         None if x is None else _empty_rows(x, self.n, self.xp) for x in outs
                     )
-                else:
-                    self._kept = []
-            if self._kept is not None:
+            if self._whole is None or not all(
+                (x is None) == (w is None)
+                and (x is None or (x.dtype == w.dtype and _writable_rows(x, self.xp)))
+                for x, w in zip(outs, self._whole, strict=True)
+            ):
                 self._kept.append((start, outs))
                 return
-        assert self._whole is not None
+            self._written.append((start, stop))
         for whole, x in zip(self._whole, outs, strict=True):
             if x is not None:
                 whole[start:stop, ...] = x
 
     def result(self) -> tuple:
         """The whole outputs, once every part is done."""
-        if self._whole is not None:
+        if not self._kept:
+            assert self._whole is not None
             return self._whole
-        parts = [outs for _, outs in sorted(self._kept or [], key=lambda k: k[0])]
-        return tuple(
-            None if xs[0] is None else xs[0] if len(xs) == 1 else self.xp.concat(list(xs), axis=0)
-            for xs in zip(*parts, strict=True)
-        )
+        whole = self._whole
+        parts = [(i, outs) for i, outs in self._kept] + [
+            (i, tuple(None if w is None else w[i:j, ...] for w in whole))
+            for i, j in self._written
+            if whole is not None
+        ]
+        parts.sort(key=lambda part: part[0])
+        joined = []
+        for xs in zip(*(outs for _, outs in parts), strict=True):
+            if all(x is None for x in xs):
+                joined.append(None)
+            elif len(xs) == 1:
+                joined.append(xs[0])
+            else:
+                joined.append(self.xp.concat(list(xs), axis=0))  # (its error: None beside arrays)
+        return tuple(joined)
 
 
 def _writable_rows(x: Array, xp: Namespace) -> bool:

@@ -33,32 +33,39 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # (the checkout; this folder is on the path already)
 
-from _worker import bounds_for, interleaved_ms, machine_line, make_data  # noqa: E402
+from _worker import (  # noqa: E402
+    bounds_for,
+    interleaved_ms,
+    machine_line,
+    make_backend,
+    make_data,
+)
 
 
 def _row(piece: str, batch: int, one: float, parts: float) -> str:
     return f"| {piece} | {batch:,} | {one:.3f} | {parts:.3f} | {one / parts:.2f}x |"
 
 
-def _product(a, b, on: bool, least: int):
+def _product(a, b, least: int):
+    # (least: the threshold, 0 for one call, 1 for parts)
     import array_api_compat.numpy as xpn
 
     from tr_projections import _compat
 
     def call():
-        _compat.MATMUL_PARALLEL_MIN_WORK = least if on else 0
+        _compat.MATMUL_PARALLEL_MIN_WORK = least
         _compat.matmul(a, b, xp=xpn)
 
     return call
 
 
-def _solve(L, b, on: bool, least: int):
+def _solve(L, b, least: int):
     import array_api_compat.torch as xpt
 
     from tr_projections import _compat
 
     def call():
-        _compat.TRSM_PARALLEL_MIN_BATCH = least if on else 0
+        _compat.TRSM_PARALLEL_MIN_BATCH = least
         _compat.solve_triangular(L, b, lower=True, xp=xpt)
 
     return call
@@ -92,71 +99,58 @@ def _join(A, on: bool):
 def pieces(batches: list[int], rounds: int) -> list[str]:
     import torch
 
-    from tr_projections import _compat
-
     rng = np.random.default_rng(0)
     lines = [
         "| piece | B | one call [ms] | in parts [ms] | speed-up |",
         "|---|---:|---:|---:|---:|",
     ]
-    work, least = _compat.MATMUL_PARALLEL_MIN_WORK, _compat.TRSM_PARALLEL_MIN_BATCH
     for n in batches:
         A = rng.standard_normal((n, 6, 6))
         L = np.linalg.cholesky(A @ np.swapaxes(A, -1, -2) + 6.0 * np.eye(6))
         LT = np.swapaxes(L, -1, -2)
         tL, tA, t1 = (torch.from_numpy(x) for x in (L, A, A[..., :1].copy()))
         cases = {
-            "matmul A @ A": [_product(A, A, on, 1) for on in (False, True)],
-            "matmul L @ L.mT": [_product(L, LT, on, 1) for on in (False, True)],
-            "trsm, 6 right-hand sides": [_solve(tL, tA, on, 1) for on in (False, True)],
-            "trsm, 1 right-hand side": [_solve(tL, t1, on, 1) for on in (False, True)],
+            "matmul A @ A": [_product(A, A, least) for least in (0, 1)],
+            "matmul L @ L.mT": [_product(L, LT, least) for least in (0, 1)],
+            "trsm, 6 right-hand sides": [_solve(tL, tA, least) for least in (0, 1)],
+            "trsm, 1 right-hand side": [_solve(tL, t1, least) for least in (0, 1)],
             "join of 2 chunks": [_join(A, on) for on in (False, True)],
         }
         for piece, (one, parts) in cases.items():
             got = interleaved_ms({"one": one, "parts": parts}, rounds)
             lines.append(_row(piece, n, got["one"], got["parts"]))
-    _compat.MATMUL_PARALLEL_MIN_WORK, _compat.TRSM_PARALLEL_MIN_BATCH = work, least
     return lines
 
 
-def _projection(fn, arrays, cots, eps_mean, eps_cov, thresholds):
+def _projection(call, thresholds):
     from tr_projections import _compat
 
     def run():
         _compat.MATMUL_PARALLEL_MIN_WORK, _compat.TRSM_PARALLEL_MIN_BATCH = thresholds
-        m = arrays[0].clone().requires_grad_(True)
-        s = arrays[1].clone().requires_grad_(True)
-        out = fn(m, s, arrays[2], arrays[3], eps_mean=eps_mean, eps_cov=eps_cov)
-        ((out.mean * cots[0]).sum() + (out.scale * cots[1]).sum()).backward()
+        call()
 
     return run
 
 
-def projections(batches: list[int], rounds: int, methods: list[str]) -> list[str]:
-    import torch
-
-    import tr_projections as trp
+def projections(batches: list[int], rounds: int, methods: list[str], threads: int) -> list[str]:
     from tr_projections import _compat
 
+    backend = make_backend("torch", threads)  # (run.py's torch worker: forward + backward)
     shipped = (_compat.MATMUL_PARALLEL_MIN_WORK, _compat.TRSM_PARALLEL_MIN_BATCH)
     lines = [
         "| projection (torch, full, fwd+bwd) | B | parts off [ms] | shipped [ms] | speed-up |",
         "|---|---:|---:|---:|---:|",
     ]
     for method in methods:
-        fn = getattr(trp, f"project_{method}")
         for n in batches:
             data = make_data("full", 6, n, 20210503)
             eps_mean, eps_cov, _ = bounds_for(data, method)
-            arrays = [torch.as_tensor(a) for a in data["arrays"]]
-            cots = [torch.as_tensor(c) for c in data["cotangents"]]
-            fns = {
-                key: _projection(fn, arrays, cots, eps_mean, eps_cov, thresholds)
-                for key, thresholds in (("off", (0, 0)), ("on", shipped))
-            }
+            call = backend.prepare(
+                data["arrays"], data["cotangents"], "backward", method, eps_mean, eps_cov
+            ).call
+            fns = {key: _projection(call, t) for key, t in (("off", (0, 0)), ("on", shipped))}
             got = interleaved_ms(fns, rounds)
             lines.append(_row(method, n, got["off"], got["on"]))
-    _compat.MATMUL_PARALLEL_MIN_WORK, _compat.TRSM_PARALLEL_MIN_BATCH = shipped
     return lines
 
 
@@ -180,10 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"# medians of {args.rounds} interleaved rounds")
-    print()
-    print("\n".join(pieces(batches, args.rounds)))
-    print()
-    print("\n".join(projections(batches, args.rounds, args.methods.split(","))))
+    from tr_projections import _compat
+
+    shipped = (_compat.MATMUL_PARALLEL_MIN_WORK, _compat.TRSM_PARALLEL_MIN_BATCH)
+    try:
+        print()
+        print("\n".join(pieces(batches, args.rounds)))
+        print()
+        print("\n".join(projections(batches, args.rounds, args.methods.split(","), args.threads)))
+    finally:
+        _compat.MATMUL_PARALLEL_MIN_WORK, _compat.TRSM_PARALLEL_MIN_BATCH = shipped
     return 0
 
 

@@ -11,6 +11,11 @@ def spd(rng: np.random.Generator, shape: tuple[int, ...], d: int) -> np.ndarray:
     return m @ np.swapaxes(m, -1, -2) + d * np.eye(d)
 
 
+#: A float32 matrix whose first column's norm (2.5e38) is representable but whose
+#: ``x0 + |x|`` (4.5e38) is not: a Householder reflector of the unscaled column overflows.
+NEAR_FLOAT32_MAX = np.array([[[2e38, 1.0, 2.0], [1.5e38, -3.0, 1.0], [0.0, 2.0, 5.0]]], np.float32)
+
+
 def full_policies(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, ...]:
     """``(mean, scale, old_mean, old_scale)`` of ``n`` full ``d``-dimensional Gaussians, the new
     covariances scaled by factors in [0.3, 3] so that some states are outside their bounds."""

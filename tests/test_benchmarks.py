@@ -99,20 +99,15 @@ def test_variant_of_other_backends(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
-def test_gpu_profile_script_parses():
-    """``benchmarks/gpu_profile.py`` (run on a device machine only) at least parses its
-    arguments here."""
-    proc = _script("gpu_profile.py", "--help", timeout=60)
+@pytest.mark.parametrize(
+    ("script", "words"),
+    [("gpu_profile.py", ("ops", "blocking")), ("gpu_small.py", ("--batches", "--rounds"))],
+)
+def test_gpu_scripts_parse(script, words):
+    """The GPU scripts (run on a device machine only) at least parse their arguments here."""
+    proc = _script(script, "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ops" in proc.stdout and "blocking" in proc.stdout
-
-
-def test_gpu_small_script_parses():
-    """``benchmarks/gpu_small.py`` (run on a device machine only) at least parses its
-    arguments here, without importing CuPy or torch."""
-    proc = _script("gpu_small.py", "--help", timeout=60)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--batches" in proc.stdout and "--rounds" in proc.stdout
+    assert all(w in proc.stdout for w in words)
 
 
 def test_worker_env_must_be_key_value():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_gradients import METHODS, make_case
+from test_gradients import METHODS, make_case, median_bounds
 
 import tr_projections as trp
 from tr_projections.backends import _common
@@ -69,7 +69,7 @@ def test_chunks_equal_one_call(monkeypatch, method, kind, bounds):
     case = make_case(40, method, kind == "full", d=3, batch=(50,))
     kwargs = dict(case.kwargs)  # (make_case's bounds are per state)
     if bounds == "numbers":
-        kwargs = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in kwargs.items()}
+        kwargs = median_bounds(kwargs)
     fn, op = case.fn, method.split("_")[0]  # (variants: frobenius_euclid, ...)
     rng = np.random.default_rng(1)
     out = fn(*case.args, **kwargs)
@@ -211,7 +211,7 @@ def test_torch_kernels_in_chunks(monkeypatch, method, kind, bounds):
     case = make_case(46, method, kind == "full", d=3, batch=(50,))
     kw = dict(case.kwargs)
     if bounds == "numbers":
-        kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in kw.items()}
+        kw = median_bounds(kw)
     kw = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
     rng = np.random.default_rng(7)
     g = [torch.tensor(rng.standard_normal(np.shape(x))) for x in case.args[:2]]
@@ -246,7 +246,7 @@ def test_torch_kernels_chunk_kl_and_w2_only(monkeypatch):
         ("wasserstein", [13] * 3 + [11]),
     ]:
         case = make_case(50, method, True, d=3, batch=(50,))
-        kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
+        kw = median_bounds(case.kwargs)
         calls = _chunk_sizes(monkeypatch, method)
         case.fn(*(torch.tensor(a) for a in case.args), **kw)
         assert calls == want, method
@@ -267,7 +267,7 @@ def test_torch_kernels_whole_under_transforms(monkeypatch):
     monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
     case = make_case(47, "kl", False, d=3, batch=(50,))
     leaves = [torch.tensor(a) for a in case.args]
-    kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
+    kw = median_bounds(case.kwargs)
     direct = case.fn(*leaves, **kw)
     calls = _chunk_sizes(monkeypatch, "kl")
     mapped = torch.func.vmap(lambda *a: tuple(case.fn(*a, **kw)))(*(t[None] for t in leaves))
@@ -337,7 +337,7 @@ def test_torch_vmap_over_a_chunked_backward(monkeypatch):
     from tr_projections.backends import torch as adapter
 
     case = make_case(49, "kl", True, d=3, batch=(50,))
-    kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
+    kw = median_bounds(case.kwargs)
     leaves = [torch.tensor(a) for a in case.args]
     rng = np.random.default_rng(10)
     cots = tuple(torch.tensor(rng.standard_normal((2, *leaves[i].shape))) for i in (0, 1))
@@ -354,8 +354,7 @@ def test_torch_vmap_over_a_chunked_backward(monkeypatch):
         grads = [vjp_fn((c0, c1)) for c0, c1 in zip(*cots, strict=True)]
         return [torch.stack(gs) for gs in zip(*grads, strict=True)]
 
-    whole = one_by_one()  # (no chunks)
-    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)  # (torch's kernels, in chunks)
+    whole = one_by_one()  # (no chunks; torch's kernels: conftest's _torch_kernels)
     monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
     calls = _chunk_sizes(monkeypatch, "kl")
     got = mapped()

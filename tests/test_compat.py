@@ -5,7 +5,7 @@ from __future__ import annotations
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
-from _data import full_policies, spd
+from _data import NEAR_FLOAT32_MAX, full_policies, spd
 
 from tr_projections import _compat
 from tr_projections.projections import _kl_diag_fused
@@ -383,7 +383,7 @@ def test_householder_r_near_the_largest_float32(name):
     the column is scaled before its reflector is formed (before, x0 - alpha overflowed and the
     reflection was silently skipped)."""
     ns, conv, back = _namespace(name)
-    a = np.array([[[2e38, 1.0, 2.0], [1.5e38, -3.0, 1.0], [0.0, 2.0, 5.0]]], dtype=np.float32)
+    a = NEAR_FLOAT32_MAX
     R = back(_compat.householder_r(conv(a), xp=ns)).astype(np.float64)
     want = np.linalg.qr(a.astype(np.float64), mode="r")
     sign = np.sign(np.diagonal(R, axis1=-2, axis2=-1) * np.diagonal(want, axis1=-2, axis2=-1))

@@ -112,6 +112,11 @@ def make_case(
     return Case(method, full, args, kwargs)
 
 
+def median_bounds(kwargs: dict) -> dict:
+    """``kwargs`` with each per-state bound (``eps_*``) replaced by its median, a number."""
+    return {k: float(np.median(v)) if k.startswith("eps") else v for k, v in kwargs.items()}
+
+
 def random_cotangent(out: Any, full: bool, seed: int) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed + 7919)
     outs = (out.mean, out.scale) if isinstance(out, tuple) else (out,)

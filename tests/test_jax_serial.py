@@ -286,8 +286,12 @@ def test_traced_roots_take_eigh_unless_a_row_is_rough():
     L = np.linalg.cholesky(spd(rng, (5,), d))
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     rough = np.linalg.cholesky((q * np.logspace(0, -10, d)) @ q.T)  # condition number 1e10
-    roots = jax.jit(lambda s: gaussian.root_from_cholesky(s, xp=jnp))
-    jaxpr = jax.make_jaxpr(lambda s: gaussian.root_from_cholesky(s, xp=jnp))(L).jaxpr
+
+    def root(s):
+        return gaussian.root_from_cholesky(s, xp=jnp)
+
+    roots = jax.jit(root)
+    jaxpr = jax.make_jaxpr(root)(L).jaxpr
     assert any(e.primitive.name == "cond" for e in jaxpr.eqns)
     S, _, s_good = roots(jnp.asarray(L))
     eager = gaussian.root_from_cholesky(L, xp=_compat.array_namespace(L))[0]

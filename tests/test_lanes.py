@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from test_gradients import METHODS, make_case
+from test_gradients import METHODS, make_case, median_bounds
 
 import tr_projections as trp
 from tr_projections import _compat
@@ -332,7 +332,7 @@ def test_torch_thread_states_keep_one_thread(two_lanes, monkeypatch):
             assert _compat.split_threads(xpt, a) == 1, state
     case = make_case(66, "kl", True, d=3, batch=(50,))
     args = [torch.tensor(x, dtype=torch.float32) for x in case.args]
-    kw = {k: float(np.median(v)) if k.startswith("eps") else v for k, v in case.kwargs.items()}
+    kw = median_bounds(case.kwargs)
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
     monkeypatch.setattr(adapter, "CHUNK_ROWS", 16)
     calls = _spy(monkeypatch, "kl", meet=False)

@@ -34,6 +34,14 @@ def _decompose(a, ns, *, lazy=False):
     return ops if lazy else {op: fn(a) for op, fn in ops.items()}
 
 
+def _lanes(monkeypatch) -> list:
+    """The number of tasks of every ``_compat.in_lanes`` call from now on."""
+    calls: list = []
+    real = _compat.in_lanes
+    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: calls.append(len(tasks)) or real(tasks))
+    return calls
+
+
 @pytest.fixture
 def split_everything(monkeypatch):
     """Every batch of two or more matrices is split (the thresholds are for speed only)."""
@@ -336,12 +344,11 @@ def test_projections_with_split_decompositions(method, d, monkeypatch):
     without (every product and solve split, at d = 17 too)."""
     torch = pytest.importorskip("torch")
     import tr_projections as trp
-    from tr_projections.backends import torch as adapter
 
     monkeypatch.setattr(_compat, "MATMUL_PARALLEL_MIN_WORK", 1)
     monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
-    # torch tensors on torch's kernels (their products on NumPy); NumPy arrays through trp.vjp
-    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    # torch tensors on torch's kernels (conftest's _torch_kernels), their products on NumPy;
+    # NumPy arrays through trp.vjp
     monkeypatch.setattr(_compat, "NUMPY_MATMUL_MIN_BATCH", 1)
     rng = np.random.default_rng(12)
     n = 300
@@ -373,9 +380,7 @@ def test_projections_with_split_decompositions(method, d, monkeypatch):
         return original(fn, flat, k, xp=xp)
 
     monkeypatch.setattr(_compat, "_in_parallel", spy)
-    lanes = []
-    real = _compat.in_lanes
-    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    lanes = _lanes(monkeypatch)
     for got, want in zip(run(), whole, strict=True):
         np.testing.assert_array_equal(got, want)
     assert (set(parts) == {3}) if method != "frobenius" else not parts  # (no decomposition)
@@ -405,9 +410,7 @@ def test_products_in_parts_equal_one_call(name, threads, shape, m, k, n, dtype, 
     b = rng.standard_normal((*shape, k, n)).astype(dtype)
     monkeypatch.setattr(_compat, "LAPACK_THREADS", threads)
     monkeypatch.setattr(_compat, "NUMPY_MATMUL_MIN_BATCH", 1)
-    lanes = []
-    real = _compat.in_lanes
-    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    lanes = _lanes(monkeypatch)
     for (layout, a), copy_bytes in itertools.product(
         _layouts(rng, shape, m, k, dtype), (1, 1 << 20)
     ):
@@ -446,9 +449,7 @@ def test_products_of_numpy_arrays_in_a_lane_are_not_split_again(monkeypatch):
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
     monkeypatch.setattr(_compat, "MATMUL_PARALLEL_MIN_WORK", 1)
     a = np.random.default_rng(4).standard_normal((64, 3, 3))
-    lanes = []
-    real = _compat.in_lanes
-    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    lanes = _lanes(monkeypatch)
     (got,) = _compat.in_lanes([lambda: _compat.matmul(a, a, xp=xpn)])
     np.testing.assert_array_equal(got, a @ a)
     assert lanes == [1]  # (the outer call only)
@@ -473,9 +474,7 @@ def test_torch_triangular_solves_in_parts_equal_one_call(threads, lower, shape, 
     b = torch.asarray(rng.standard_normal((*shape, d, k)))
     monkeypatch.setattr(_compat, "LAPACK_THREADS", threads)
     monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
-    lanes = []
-    real = _compat.in_lanes
-    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    lanes = _lanes(monkeypatch)
     for a in (L, L.mT.contiguous().mT):
         a = a if lower else a.mT
         want = torch.linalg.solve_triangular(a, b, upper=not lower)
@@ -507,14 +506,17 @@ def test_torch_triangular_solves_in_parts_for_every_size(monkeypatch):
 
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
     monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
+    lanes = _lanes(monkeypatch)
     g = torch.Generator().manual_seed(6)
     for d, dtype in itertools.product((1, 5, 8, 16, 17, 32), (torch.float32, torch.float64)):
         A = torch.randn(203, d, d, dtype=dtype, generator=g).tril() + 3 * torch.eye(d, dtype=dtype)
         for k, lower in itertools.product(sorted({1, 2, 6, d}), (True, False)):
             a = A if lower else A.mT
             b = torch.randn(203, d, k, dtype=dtype, generator=g)
+            lanes.clear()
             got = _compat.solve_triangular(a, b, lower=lower, xp=xpt)
             assert torch.equal(got, torch.linalg.solve_triangular(a, b, upper=not lower)), (d, k)
+            assert lanes == [2], (d, k)  # (the solve split in two)
 
 
 def test_torch_triangular_solves_of_broadcast_or_stepped_factors_run_whole(monkeypatch):
@@ -526,9 +528,7 @@ def test_torch_triangular_solves_of_broadcast_or_stepped_factors_run_whole(monke
 
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
     monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
-    lanes = []
-    real = _compat.in_lanes
-    monkeypatch.setattr(_compat, "in_lanes", lambda tasks: lanes.append(len(tasks)) or real(tasks))
+    lanes = _lanes(monkeypatch)
     g = torch.Generator().manual_seed(7)
     A = torch.randn(18, 6, 6, dtype=torch.float64, generator=g).tril() + 3 * torch.eye(6)
     b = torch.randn(9, 6, 1, dtype=torch.float64, generator=g)

@@ -708,7 +708,8 @@ def test_jax_jit_static_checks_raise_and_value_checks_are_skipped():
         bad[3][2, 0, 2] = 7.0  # row 2: old scale not triangular (silently garbage under jit)
         out = [bk.to_numpy(x) for x in fn(*_on(bk, bad))]
         assert np.isnan(out[0][0]).any()
-        assert np.isnan(out[1][1]).any() or not on_cpu
+        if on_cpu:  # (a GPU's decompositions may give finite garbage: see the docstring)
+            assert np.isnan(out[1][1]).any()
         for i in (3, 4):
             np.testing.assert_allclose(out[0][i], ref[0][i], rtol=1e-12)
             np.testing.assert_allclose(out[1][i], ref[1][i], rtol=1e-12)

@@ -2,20 +2,21 @@
 matrix by Householder reflections, and batched triangular solves, one thread per matrix.
 
 On the CPU their source is built as plain C++ (a loop over the matrices) by the package's host
-build and called through ``ctypes`` on NumPy arrays, directly and through the package's host
-route (``TRP_FUSED_CPU=on``); the results are compared with NumPy's and with the package's own
-routes. On a GPU (``TRP_BACKENDS=torch_cuda,cupy``) the CUDA build runs inside
-``cholesky_of_gram`` and ``solve_triangular``, and both it and the library routes
-(``TRP_FUSED=off``) are compared with NumPy's float64 results.
+build and called on NumPy arrays, directly (the module's ``gram_cholesky`` and
+``solve_triangular``) and through the package's host route (``TRP_FUSED_CPU=on``); the results
+are compared with NumPy's and with the package's own routes (the host build off). On a GPU
+(``TRP_BACKENDS=torch_cuda,cupy``) the CUDA build runs inside ``cholesky_of_gram`` and
+``solve_triangular``, and both it and the library routes (``TRP_FUSED=off``) are compared with
+NumPy's float64 results.
 """
 
 from __future__ import annotations
 
-import ctypes
 import warnings
 
 import numpy as np
 import pytest
+from _data import NEAR_FLOAT32_MAX
 
 from tr_projections import _compat
 from tr_projections import _small_kernels as sk
@@ -29,50 +30,32 @@ RTOL = {"float64": 1e-11, "float32": 2e-3}
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    """``build(dtype_name, d)``: the kernels' host build for that dtype and size, as a
-    ``ctypes`` library (the package's ``build_host``, into a test folder; once per pair)."""
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("small_kernels")
+
+
+@pytest.fixture
+def host_route(cache_dir, monkeypatch):
+    """The package's host route of the kernels on (``FUSED_CPU``), built into a test folder
+    (once per dtype and size for the module); returns the list of kernel calls made."""
     if fused.compiler() is None:
         pytest.skip("no C++ compiler to build the kernels' host form")
-    folder = tmp_path_factory.mktemp("small_kernels")
-    built = {}
-
-    def build(dtype_name, d):
-        if (dtype_name, d) not in built:
-            defs = [f"-D{k}={v}" for k, v in sk.defines(dtype_name, d).items()]
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("TRP_CACHE_DIR", str(folder))
-                built[(dtype_name, d)] = fused.build_host(
-                    f"small_{dtype_name}_{d}", sk.SOURCE, defs
-                )
-        return built[(dtype_name, d)]
-
-    return build
+    monkeypatch.setenv("TRP_CACHE_DIR", str(cache_dir))
+    monkeypatch.setattr(fused, "FUSED", "auto")
+    monkeypatch.setattr(fused, "FUSED_CPU", "on")
+    monkeypatch.setattr(sk, "_host", {})
+    monkeypatch.setattr(sk, "_host_failed", {})
+    calls: list[str] = []
+    launch = sk._launch
+    monkeypatch.setattr(sk, "_launch", lambda name, *a: calls.append(name) or launch(name, *a))
+    return calls
 
 
-def _strides(x):
-    return [ctypes.c_longlong(s // x.itemsize) for s in x.strides]
-
-
-def _ptr(x):
-    return ctypes.c_ulonglong(x.ctypes.data)
-
-
-def host_gram_cholesky(build, m):
-    n, d, _ = m.shape
-    out = np.empty((n, d, d), dtype=m.dtype)
-    build(m.dtype.name, d).gram_cholesky(ctypes.c_longlong(n), _ptr(m), *_strides(m), _ptr(out))
-    return out
-
-
-def host_trsm(build, a, b, lower):
-    n, d, k = b.shape
-    out = np.empty((n, d, k), dtype=b.dtype)
-    build(a.dtype.name, d).trsm(
-        ctypes.c_longlong(n * k), ctypes.c_int(k), ctypes.c_int(int(lower)),
-        _ptr(a), *_strides(a), _ptr(b), *_strides(b), _ptr(out),
-    )  # fmt: skip
-    return out
+def _library(fn, *args, **kwargs):
+    """``fn`` with the kernels' host build off: the library's own routes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "FUSED_CPU", "off")
+        return fn(*args, **kwargs)
 
 
 def _matrices(rng, n, d, dtype):
@@ -100,22 +83,22 @@ def _close(got, want, dtype, scale):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("d", [1, 2, 6, 16])
-def test_host_gram_cholesky(host, dtype, d):
+def test_host_gram_cholesky(host_route, dtype, d):
     """L L^T = M^T M, L lower triangular with a non-negative diagonal, equal to the package's
     QR route (NumPy), for contiguous and transposed input."""
     rng = np.random.default_rng(d)
     m = _matrices(rng, 300, d, dtype)
     for x in (m, np.swapaxes(m, -1, -2)):
-        L = host_gram_cholesky(host, x)
+        L = sk.gram_cholesky(x, xp=np)
         x64 = x.astype(np.float64)
         scale = np.max(np.abs(x64)) ** 2
         assert np.all(np.triu(L, 1) == 0) and np.all(np.diagonal(L, 0, -2, -1) >= 0)
         _close(L @ np.swapaxes(L, -1, -2), np.swapaxes(x64, -1, -2) @ x64, dtype, scale)
-        want = cholesky_of_gram(x64, xp=_compat.array_namespace(x64))
+        want = _library(cholesky_of_gram, x64, xp=_compat.array_namespace(x64))
         _close(L, want, dtype, np.sqrt(scale))
 
 
-def test_host_gram_cholesky_degenerate_columns(host):
+def test_host_gram_cholesky_degenerate_columns(host_route):
     """A zero column (nothing to reflect: no NaN) and a column already along e1 give the
     factor of the Gram matrix all the same."""
     d = 4
@@ -124,20 +107,20 @@ def test_host_gram_cholesky_degenerate_columns(host):
     m[1, 1:, 0] = 0.0  # the first column along e1, positive lead
     m[2, 1:, 0] = 0.0
     m[2, 0, 0] = -2.0  # negative lead
-    L = host_gram_cholesky(host, m)
+    L = sk.gram_cholesky(m, xp=np)
     assert np.all(np.isfinite(L))
     _close(L @ np.swapaxes(L, -1, -2), np.swapaxes(m, -1, -2) @ m, "float64", 10.0)
     assert L[0, 1, 1] == 0.0
 
 
-def test_host_gram_cholesky_near_the_largest_float32(host):
+def test_host_gram_cholesky_near_the_largest_float32(host_route):
     """A float32 column whose norm is representable but whose ``x0 + |x|`` is not gives the
     factor of the Gram matrix (float64) to float32 rounding: the column is scaled before its
     reflector is formed."""
-    m = np.array([[[2e38, 1.0, 2.0], [1.5e38, -3.0, 1.0], [0.0, 2.0, 5.0]]], dtype=np.float32)
-    L = host_gram_cholesky(host, m).astype(np.float64)
+    m = NEAR_FLOAT32_MAX
+    L = sk.gram_cholesky(m, xp=np).astype(np.float64)
     m64 = m.astype(np.float64)
-    want = cholesky_of_gram(m64, xp=_compat.array_namespace(m64))
+    want = _library(cholesky_of_gram, m64, xp=_compat.array_namespace(m64))
     scale = np.abs(want).max(axis=-2, keepdims=True)  # (column by column: the first is 1e38)
     assert np.all(np.isfinite(L)) and np.all(np.abs(L - want) <= 1e-5 * scale)
 
@@ -145,7 +128,7 @@ def test_host_gram_cholesky_near_the_largest_float32(host):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("lower", [True, False])
 @pytest.mark.parametrize("d, k", [(1, 1), (6, 1), (6, 6), (16, 3)])
-def test_host_trsm(host, dtype, lower, d, k):
+def test_host_trsm(host_route, dtype, lower, d, k):
     """A X = B for lower and upper triangular A, contiguous and transposed A and B, equal to
     NumPy's solve."""
     rng = np.random.default_rng(10 * d + k)
@@ -155,7 +138,8 @@ def test_host_trsm(host, dtype, lower, d, k):
     want = np.linalg.solve(a.astype(np.float64), b.astype(np.float64))
     for aa in (a, np.swapaxes(np.swapaxes(a, -1, -2).copy(), -1, -2)):
         for bb in (b, np.swapaxes(np.swapaxes(b, -1, -2).copy(), -1, -2)):
-            _close(host_trsm(host, aa, bb, lower), want, dtype, np.max(np.abs(want)))
+            got = sk.solve_triangular(aa, bb, lower=lower, xp=np)
+            _close(got, want, dtype, np.max(np.abs(want)))
 
 
 def test_applies_only_where_it_should(monkeypatch):
@@ -181,23 +165,6 @@ def test_applies_only_where_it_should(monkeypatch):
     monkeypatch.setattr(fused, "FUSED", "sometimes")
     with pytest.raises(ValueError, match="FUSED"):
         sk.applies(x, xp=xp)
-
-
-@pytest.fixture
-def host_route(tmp_path, monkeypatch):
-    """The package's host route of the kernels on (``FUSED_CPU``), built into a test folder;
-    returns the list of kernel calls made."""
-    if fused.compiler() is None:
-        pytest.skip("no C++ compiler to build the kernels' host form")
-    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(fused, "FUSED", "auto")
-    monkeypatch.setattr(fused, "FUSED_CPU", "on")
-    monkeypatch.setattr(sk, "_host", {})
-    monkeypatch.setattr(sk, "_host_failed", {})
-    calls: list[str] = []
-    launch = sk._launch
-    monkeypatch.setattr(sk, "_launch", lambda name, *a: calls.append(name) or launch(name, *a))
-    return calls
 
 
 def test_host_route_reads_whole_entries_and_square_matrices(host_route):
@@ -272,7 +239,7 @@ def test_host_route_in_the_package(host_route, monkeypatch, lib):
     ]
     assert host_route == ["gram_cholesky", "trsm", "trsm"]
     want = [
-        cholesky_of_gram(m, xp=_compat.array_namespace(m)),
+        _library(cholesky_of_gram, m, xp=_compat.array_namespace(m)),
         np.linalg.solve(a, b),
         np.linalg.solve(np.swapaxes(a, -1, -2), b),
     ]

@@ -248,21 +248,19 @@ def _torch_trsm_in_parts(a: Array, b: Array, *, lower: bool, threads: int) -> Ar
     import torch
 
     a, b = a.detach(), b.detach()  # (plain tensors: no graph is recorded through the parts)
-    n, d, k = a.shape[0], b.shape[-2], b.shape[-1]
+    d, k = b.shape[-2], b.shape[-1]
     out = torch.empty((*b.shape[:-2], k, d), dtype=b.dtype, device=b.device).mT
-    size = a.element_size()
-    cuts = _cuts(n, threads, (a.stride(0) * size, b.stride(0) * size, out.stride(0) * size))
-    if len(cuts) == 1:
-        return torch.linalg.solve_triangular(a, b, upper=not lower)
 
     def part(i: int, j: int) -> None:
         torch.linalg.solve_triangular(a[i:j], b[i:j], upper=not lower, out=out[i:j])
 
+    size = a.element_size()
     try:
-        in_lanes([functools.partial(part, i, j) for i, j in cuts])
+        if _in_parts(part, a.shape[0], threads, tuple(x.stride(0) * size for x in (a, b, out))):
+            return out
     except Exception:
-        return torch.linalg.solve_triangular(a, b, upper=not lower)  # (the error of one call)
-    return out
+        pass  # (torch's one call below raises the error of one call)
+    return torch.linalg.solve_triangular(a, b, upper=not lower)
 
 
 def _substitution(a: Array, b: Array, *, lower: bool, xp: Namespace) -> Array:
@@ -658,6 +656,17 @@ def _cuts(n: int, parts: int, row_bytes: tuple[int, ...]) -> list[tuple[int, int
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _in_parts(part: Callable[[int, int], Any], n: int, parts: int, row_bytes: tuple) -> bool:
+    """``part(start, stop)`` on the row ranges of :func:`_cuts` at the same time
+    (:func:`in_lanes`), each writing its own rows of the caller's outputs; False, with nothing
+    run, where the batch is one range."""
+    cuts = _cuts(n, parts, row_bytes)
+    if len(cuts) == 1:
+        return False
+    in_lanes([functools.partial(part, i, j) for i, j in cuts])
+    return True
+
+
 def _in_parallel(fn: Callable[[Array], tuple], flat: Array, parts: int, *, xp: Namespace) -> tuple:
     """The outputs of ``fn`` on ``flat`` (``(n, m, k)``), computed on at most ``parts``
     consecutive slices at the same time (:func:`in_lanes`), each writing its rows of the
@@ -666,16 +675,15 @@ def _in_parallel(fn: Callable[[Array], tuple], flat: Array, parts: int, *, xp: N
     n = flat.shape[0]
     if is_torch(xp):
         flat = flat.detach()  # (the slices record no graph on the pool's threads)
-    cuts = _cuts(n, parts, (int(flat.itemsize) * math.prod(tuple(flat.shape[1:])),))
-    if len(cuts) == 1:
-        return tuple(fn(flat))
     joined = Joined(n, xp=xp)
 
     def part(i: int, j: int) -> None:
         joined.put(i, j, tuple(fn(flat[i:j, ...])))
 
+    row = int(flat.itemsize) * math.prod(tuple(flat.shape[1:]))
     try:
-        in_lanes([functools.partial(part, i, j) for i, j in cuts])
+        if not _in_parts(part, n, parts, (row,)):
+            return tuple(fn(flat))
     except Exception:
         return tuple(fn(flat))  # (raises the error of one call)
     return joined.result()
@@ -1087,9 +1095,6 @@ def _numpy_matmul(a: Any, b: Any, *, threads: Callable[[], int]) -> Any:
     if k < 2:
         return np.matmul(a, b)
     out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=a.dtype)
-    cuts = _cuts(n, k, (a.strides[0], b.strides[0], out.strides[0]))
-    if len(cuts) == 1:
-        return np.matmul(a, b)
     copied = [x for x, c in ((a, copy_a), (b, copy_b)) if c]
     row = max((int(x.itemsize) * math.prod(x.shape[1:]) for x in copied), default=1)
     step = max(1, MATMUL_COPY_BYTES // max(1, row)) if copied else n
@@ -1104,7 +1109,8 @@ def _numpy_matmul(a: Any, b: Any, *, threads: Callable[[], int]) -> Any:
                 out=out[lo:hi],
             )
 
-    in_lanes([functools.partial(part, i, j) for i, j in cuts])
+    if not _in_parts(part, n, k, (a.strides[0], b.strides[0], out.strides[0])):
+        return np.matmul(a, b)
     return out
 
 

@@ -28,7 +28,6 @@ arrays and plain torch CPU tensors take that build (compiled and cached by
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from typing import Any
 
@@ -153,7 +152,6 @@ TRP_KERNEL void trsm(long long n, int k, int lower, ptr_t a_p, long long ab, lon
 }
 """
 
-_lock = threading.Lock()
 _modules: dict[tuple[int, str, int], Any] = {}
 _failed: dict[tuple[str, int], str] = {}  # (dtype name, d) -> why its kernels failed to build
 _host: dict[tuple[str, int], Any] = {}  # (dtype name, d) -> the host build (ctypes)
@@ -262,12 +260,6 @@ def _as_batch(x: Array, n: int, xp: Any) -> tuple[Array, tuple[int, int, int]]:
     return x, tuple(s // x.itemsize for s in x.strides)
 
 
-def _pointer(x: Array) -> np.uint64:
-    from .projections import _kl_diag_fused as fused
-
-    return fused.pointer(x)
-
-
 def _launch(name: str, x: Array, n_threads: int, args: tuple, xp: Any) -> bool:
     """Run kernel ``name`` over ``n_threads`` threads on ``x``'s device or in the host build
     (the fused KL kernels' :func:`~tr_projections.projections._kl_diag_fused.run_kernel`)."""
@@ -283,6 +275,8 @@ def _launch(name: str, x: Array, n_threads: int, args: tuple, xp: Any) -> bool:
 def gram_cholesky(m: Array, *, xp: Any) -> Array | None:
     """The Cholesky factor of :math:`M^\\top M` for a batch ``m`` of square matrices (where
     :func:`applies`), or ``None`` where the kernels cannot be built."""
+    from .projections._kl_diag_fused import pointer
+
     batch, d = tuple(m.shape[:-2]), m.shape[-1]
     n = math.prod(batch)
     with _compat.on_device(m, xp):
@@ -290,7 +284,7 @@ def gram_cholesky(m: Array, *, xp: Any) -> Array | None:
             return xp.zeros(m.shape, dtype=m.dtype, device=_compat.device(m))
         x, (sb, sr, sc) = _as_batch(m, n, xp)
         out = xp.empty((n, d, d), dtype=m.dtype, device=_compat.device(m))
-        args = (_pointer(x), np.int64(sb), np.int64(sr), np.int64(sc), _pointer(out))
+        args = (pointer(x), np.int64(sb), np.int64(sr), np.int64(sc), pointer(out))
         if not _launch("gram_cholesky", x, n, args, xp):
             return None
         return xp.reshape(out, m.shape)
@@ -299,6 +293,8 @@ def gram_cholesky(m: Array, *, xp: Any) -> Array | None:
 def solve_triangular(a: Array, b: Array, *, lower: bool, xp: Any) -> Array | None:
     """``A^-1 B`` for batches ``a`` (``(..., d, d)``, triangular) and ``b`` (``(..., d, k)``,
     the same batch) where :func:`applies`, or ``None`` where the kernels cannot be built."""
+    from .projections._kl_diag_fused import pointer
+
     batch, d, k = tuple(a.shape[:-2]), a.shape[-1], b.shape[-1]
     n = math.prod(batch)
     with _compat.on_device(a, xp):
@@ -309,8 +305,8 @@ def solve_triangular(a: Array, b: Array, *, lower: bool, xp: Any) -> Array | Non
         out = xp.empty((n, d, k), dtype=b.dtype, device=_compat.device(b))
         args = (
             np.int32(k), np.int32(1 if lower else 0),
-            _pointer(A), np.int64(ab), np.int64(ar), np.int64(ac),
-            _pointer(B), np.int64(bb), np.int64(br), np.int64(bc), _pointer(out),
+            pointer(A), np.int64(ab), np.int64(ar), np.int64(ac),
+            pointer(B), np.int64(bb), np.int64(br), np.int64(bc), pointer(out),
         )  # fmt: skip
         if not _launch("trsm", A, n * k, args, xp):
             return None

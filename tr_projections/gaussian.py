@@ -173,7 +173,7 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     eps = float(xp.finfo(scale.dtype).eps)
     if _compat._is_traced(scale, xp):
         if _compat.is_jax(xp) and eps < 1e-12:
-            return _root_jax_traced(scale, xp=xp)
+            return _root_jax_traced(scale, eps, xp=xp)
         return _root_svd(scale, xp=xp)
     w, U = _compat.eigh(matmul(scale, mT(scale, xp=xp), xp=xp), xp=xp)  # reads one triangle
     rough = _rough(w, eps, xp=xp)
@@ -203,15 +203,15 @@ def _rough(w: Array, eps: float, *, xp: Any) -> Array:
     return ~(w[..., 0] * 1e-12 >= w[..., -1] * eps)
 
 
-def _root_jax_traced(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
-    """:func:`root_from_cholesky` of traced JAX float64 ``scale``: ``eigh`` of every row, then
-    one ``lax.cond`` on the whole batch: where some row is rough, the SVD of every row. Within
-    :func:`tr_projections._compat.serial_decompositions` the SVD waits for ``eigh`` and what
-    follows waits for the ``cond``."""
+def _root_jax_traced(scale: Array, eps: float, *, xp: Any) -> tuple[Array, Array, Array]:
+    """:func:`root_from_cholesky` of traced JAX float64 ``scale`` (machine epsilon ``eps``):
+    ``eigh`` of every row, then one ``lax.cond`` on the whole batch: where some row is rough,
+    the SVD of every row. Within :func:`tr_projections._compat.serial_decompositions` the SVD
+    waits for ``eigh`` and what follows waits for the ``cond``."""
     from jax import lax
 
     w, U = _compat.eigh(matmul(scale, mT(scale, xp=xp), xp=xp), xp=xp)
-    rough = _rough(w, float(xp.finfo(scale.dtype).eps), xp=xp)
+    rough = _rough(w, eps, xp=xp)
 
     def by_svd(_: Any) -> tuple[Array, Array, Array]:
         with _compat.serial_decompositions(after=w):  # (its own chain: nothing leaks out)

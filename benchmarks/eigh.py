@@ -14,19 +14,30 @@ call; torch CUDA tensors can be handed to CuPy zero-copy through DLPack
 - ``cupy chunked``: ``_compat.eigh`` of CuPy arrays (chunks of ``CUPY_MAX_BATCH``),
 - ``jax``: ``jax.numpy.linalg.eigh``, jitted (compilation excluded).
 
-On the CPU (``--device cpu``) the torch routes are one and the same, and CuPy is absent.
+On the CPU (``--device cpu``) the torch routes are one and the same and CuPy is absent; there
+the package's host build of its small-matrix kernels (``TRP_FUSED_CPU=on``) adds
+
+- ``numpy (_compat)``: ``_compat.eigh`` of NumPy arrays, LAPACK's routine split over the
+  threads (the package's default),
+- ``kernel (_compat)``: the same call with the host build on: its Jacobi kernel
+  (``_small_kernels.eigh``), split over the threads from ``EIGH_PARALLEL_MIN_BATCH``,
+- ``kernel, 1 thread``: ``_small_kernels.eigh`` in one call.
 
     python benchmarks/eigh.py --device cuda                 # d = 6, B up to 1e6
     python benchmarks/eigh.py --device cpu --batches 1000   # a few seconds
+    python benchmarks/eigh.py --device cpu --d 2,6,16 --batches 1000,100000
 
-Medians of repeated synchronised runs after a warm-up; the table, the machine and library
-versions go to stdout, everything to ``--json``.
+Medians of repeated synchronised runs after a warm-up, the routes of one batch in turn in every
+round (on a shared machine, slow phases then hit every route alike); the table, the machine,
+thread counts and library versions go to stdout, everything to ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -46,19 +57,55 @@ def spd(batch: int, d: int, seed: int) -> np.ndarray:
     return m @ np.swapaxes(m, -1, -2) + d * np.eye(d)
 
 
-def timed(fn, sync, *, warmup: int, repeat: int, budget: float) -> dict[str, Any]:
+def timed(calls: dict, *, warmup: int, repeat: int, budget: float) -> dict[str, dict]:
+    """``name -> (call, sync)`` timed in turn, one call of each per round, after ``warmup``
+    calls each: at most ``repeat`` rounds, at least 3, until ``budget`` seconds per route. A
+    route that fails is reported, not fatal."""
+    cells: dict[str, dict] = {}
+    times: dict[str, list[float]] = {}
+    for name, (fn, sync) in calls.items():
+        try:
+            for _ in range(warmup):
+                sync(fn())
+            times[name] = []
+        except Exception as exc:
+            cells[name] = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    start = time.perf_counter()
+    rounds = 0
+    while (
+        times
+        and rounds < repeat
+        and (rounds < 3 or time.perf_counter() - start < budget * len(times))
+    ):
+        for name in list(times):
+            fn, sync = calls[name]
+            try:
+                t0 = time.perf_counter()
+                sync(fn())
+                times[name].append(time.perf_counter() - t0)
+            except Exception as exc:
+                cells[name] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:200]}
+                del times[name]
+        rounds += 1
+    for name, ts in times.items():
+        if ts:
+            cells[name] = {"status": "ok", "median_s": statistics.median(ts), "n": len(ts)}
+        else:
+            cells[name] = {"status": "error", "error": "no timed run (--repeat 0)"}
+    return cells
+
+
+@contextlib.contextmanager
+def host_build(on: bool):
+    """The package's host build of its kernels on (``TRP_FUSED_CPU=on``) or off, within."""
+    from tr_projections.projections import _kl_diag_fused as fused
+
+    old = fused.FUSED_CPU
+    fused.FUSED_CPU = "on" if on else "off"
     try:
-        for _ in range(warmup):
-            sync(fn())
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < repeat and (len(times) < 3 or time.perf_counter() - start < budget):
-            t0 = time.perf_counter()
-            sync(fn())
-            times.append(time.perf_counter() - t0)
-    except Exception as exc:  # a route that fails is reported, not fatal
-        return {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    return {"status": "ok", "median_s": statistics.median(times), "n": len(times)}
+        yield
+    finally:
+        fused.FUSED_CPU = old
 
 
 def routes(device: str) -> dict[str, tuple]:
@@ -97,7 +144,20 @@ def routes(device: str) -> dict[str, tuple]:
             if _compat._cupy_sees_gpu():
                 out["torch→cupy"] = (via("cupy"), tsync)
         else:
-            out["torch (_compat)"] = (via("auto"), tsync)
+
+            def plain(prepare):  # (the library's route: the host build off)
+                def wrapped(a):
+                    call = prepare(a)
+
+                    def run():
+                        with host_build(False):
+                            return call()
+
+                    return run
+
+                return wrapped
+
+            out["torch (_compat)"] = (plain(via("auto")), tsync)
         out["torch"] = (
             lambda a: (lambda x: lambda: torch.linalg.eigh(x))(torch.asarray(a, device=dev)),
             tsync,
@@ -125,7 +185,43 @@ def routes(device: str) -> dict[str, tuple]:
         except ImportError:
             pass
     else:
-        out["numpy"] = (lambda a: lambda: np.linalg.eigh(a), lambda _r: None)
+        import array_api_compat.numpy as nns
+
+        from tr_projections import _compat, _small_kernels
+        from tr_projections.projections import _kl_diag_fused as fused
+
+        nsync = lambda _r: None  # noqa: E731
+        out["numpy"] = (lambda a: lambda: np.linalg.eigh(a), nsync)
+
+        def compat(on: bool):
+            def prepare(a: np.ndarray):
+                def call():
+                    with host_build(on):
+                        if on and not _small_kernels.eigh_applies(a, xp=nns):
+                            raise RuntimeError("the host build's kernel does not take this")
+                        return _compat.eigh(a, xp=nns)
+
+                return call
+
+            return prepare
+
+        out["numpy (_compat)"] = (compat(False), nsync)
+        if fused.compiler() is not None:
+            out["kernel (_compat)"] = (compat(True), nsync)
+
+            def single(a: np.ndarray):
+                def call():
+                    with host_build(True):
+                        if not _small_kernels.eigh_applies(a, xp=nns):
+                            raise RuntimeError("the host build's kernel does not take this")
+                        got = _small_kernels.eigh(a, xp=nns)
+                    if got is None:
+                        raise RuntimeError("the host build failed")
+                    return got
+
+                return call
+
+            out["kernel, 1 thread"] = (single, nsync)
     try:
         import jax
 
@@ -169,7 +265,7 @@ def gpu_name() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
-    p.add_argument("--d", type=int, default=6)
+    p.add_argument("--d", default="6", help="matrix size, or a comma list (default 6)")
     p.add_argument(
         "--batches",
         default="1000,10000,32768,100000,1000000",
@@ -181,44 +277,63 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batches = [int(float(b)) for b in args.batches.split(",") if b.strip()]
 
+    dims = [int(d) for d in str(args.d).split(",") if d.strip()]
+
     available = routes(args.device)
     machine = {
         "platform": platform.platform(),
+        "processor": platform.processor() or None,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "python": platform.python_version(),
         "gpu": gpu_name() if args.device == "cuda" else None,
         "packages": versions(),
     }
+    try:
+        from tr_projections import _compat
+
+        machine["split_threads"] = _compat.split_threads(_compat.array_namespace(np.ones(1)))
+        import torch
+
+        machine["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
     print(f"# {machine}")
     rows = []
-    for batch in batches:
-        a = spd(batch, args.d, seed=batch)
-        want = np.linalg.eigvalsh(a[:64])
-        for name, (prepare, sync) in available.items():
-            call = None
-            try:
-                call = prepare(a)
-                w = call()[0]
-                w = w[:64]
-                got = w.cpu() if hasattr(w, "cpu") else w.get() if hasattr(w, "get") else w
-                got = np.asarray(got)
-                err = float(np.max(np.abs(got - want) / np.abs(want)))
-                cell = timed(call, sync, warmup=1, repeat=args.repeat, budget=args.budget)
-                cell["max_rel_err"] = err
-            except Exception as exc:  # reported in the table
-                cell = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            cell.update(route=name, batch=batch, d=args.d)
-            rows.append(cell)
-            del call
+    for d in dims:
+        for batch in batches:
+            a = spd(batch, d, seed=batch)
+            want = np.linalg.eigvalsh(a[:64])
+            calls, errors = {}, {}
+            for name, (prepare, sync) in available.items():
+                try:
+                    call = prepare(a)
+                    w = call()[0]
+                    w = w[:64]
+                    got = w.cpu() if hasattr(w, "cpu") else w.get() if hasattr(w, "get") else w
+                    got = np.asarray(got)
+                    errors[name] = float(np.max(np.abs(got - want) / np.abs(want)))
+                    calls[name] = (call, sync)
+                except Exception as exc:  # reported in the table
+                    rows.append({
+                        "status": "error", "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                        "route": name, "batch": batch, "d": d,
+                    })  # fmt: skip
+            cells = timed(calls, warmup=1, repeat=args.repeat, budget=args.budget)
+            for name, cell in cells.items():
+                cell.update(route=name, batch=batch, d=d, max_rel_err=errors[name])
+                rows.append(cell)
+            del calls
     names = list(available)
-    print(f"\n### eigh of B float64 {args.d}x{args.d} SPD matrices, median ms ({args.device})\n")
-    print("| B | " + " | ".join(names) + " |")
-    print("|---:|" + "---:|" * len(names))
-    for batch in batches:
-        cells = []
-        for name in names:
-            c = next(r for r in rows if r["batch"] == batch and r["route"] == name)
-            cells.append(f"{c['median_s'] * 1e3:.3g}" if c["status"] == "ok" else "fails")
-        print(f"| {batch:,} | " + " | ".join(cells) + " |")
+    for d in dims:
+        print(f"\n### eigh of B float64 {d}x{d} SPD matrices, median ms ({args.device})\n")
+        print("| B | " + " | ".join(names) + " |")
+        print("|---:|" + "---:|" * len(names))
+        for batch in batches:
+            cells = []
+            for name in names:
+                c = next(r for r in rows if (r["batch"], r["d"], r["route"]) == (batch, d, name))
+                cells.append(f"{c['median_s'] * 1e3:.3g}" if c["status"] == "ok" else "fails")
+            print(f"| {batch:,} | " + " | ".join(cells) + " |")
     for r in rows:
         if r["status"] != "ok":
             print(f"# {r['route']} B={r['batch']:,}: {r['error']}")

@@ -252,6 +252,9 @@ def test_no_second_split_inside_a_lane(two_lanes, monkeypatch):
     """The decompositions of a chunk in a lane run whole (the call's threads are taken by its
     lanes); with the lanes off, the same chunks split them."""
     case = make_case(64, "wasserstein", True, d=3, batch=(50,))
+    from tr_projections.projections import _kl_diag_fused
+
+    monkeypatch.setattr(_kl_diag_fused, "FUSED_CPU", "off")  # (LAPACK's eigh: its threshold)
     monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH", 2)
     monkeypatch.setattr(_common, "CHUNK_ROWS", 16)
     splits = []

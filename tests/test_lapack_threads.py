@@ -42,6 +42,16 @@ def _lanes(monkeypatch) -> list:
     return calls
 
 
+@pytest.fixture(autouse=True)
+def library_routes(monkeypatch):
+    """These tests pin the library routes (LAPACK's ``eigh``, SVD and QR, torch's and NumPy's
+    triangular solves and products): the kernels' host build off, whatever
+    ``TRP_FUSED_CPU`` says (its kernels split and round otherwise: ``test_small_kernels``)."""
+    from tr_projections.projections import _kl_diag_fused
+
+    monkeypatch.setattr(_kl_diag_fused, "FUSED_CPU", "off")
+
+
 @pytest.fixture
 def split_everything(monkeypatch):
     """Every batch of two or more matrices is split (the thresholds are for speed only)."""

@@ -1,5 +1,6 @@
 """The small-matrix kernels (``tr_projections._small_kernels``): the Cholesky factor of a Gram
-matrix by Householder reflections, and batched triangular solves, one thread per matrix.
+matrix by Householder reflections, and batched triangular solves, one thread per matrix; and,
+in the host build only, ``eigh`` by the cyclic Jacobi method in vector lanes.
 
 On the CPU their source is built as plain C++ (a loop over the matrices) by the package's host
 build and called on NumPy arrays, directly (the module's ``gram_cholesky`` and
@@ -27,6 +28,11 @@ from tr_projections.testing import available_backends, get_backend
 # Relative tolerance by dtype: both routes are backward stable, so they agree to a small
 # multiple of eps times the condition number (the test matrices' is below 1e3).
 RTOL = {"float64": 1e-11, "float32": 2e-3}
+
+# The Jacobi eigendecompositions' tolerance by dtype, times d, relative to the largest
+# eigenvalue's magnitude: eigenvalues against NumPy's float64 ones, the residual A U - U diag(w)
+# and U's orthonormality (measured: at most 3d eps for d <= 16).
+EIGH_TOL = {dt: 8 * float(np.finfo(dt).eps) for dt in ("float64", "float32")}
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +146,195 @@ def test_host_trsm(host_route, dtype, lower, d, k):
         for bb in (b, np.swapaxes(np.swapaxes(b, -1, -2).copy(), -1, -2)):
             got = sk.solve_triangular(aa, bb, lower=lower, xp=np)
             _close(got, want, dtype, np.max(np.abs(want)))
+
+
+def _symmetric(rng, n, d, dtype):
+    """Symmetric matrices with eigenvalues of both signs and magnitudes from 1e-3 to 1e3
+    (every third with a double eigenvalue, every fifth with a zero one), in random bases."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, d, d)))
+    w = rng.choice([-1.0, 1.0], (n, d)) * np.exp(rng.uniform(np.log(1e-3), np.log(1e3), (n, d)))
+    if d > 1:
+        w[::3, 1] = w[::3, 0]
+        w[::5, -1] = 0.0
+    a = (q * w[:, None, :]) @ np.swapaxes(q, -1, -2)
+    return ((a + np.swapaxes(a, -1, -2)) / 2).astype(dtype)
+
+
+def _check_eigh(a, w, U, dtype):
+    """Ascending eigenvalues equal to NumPy's float64 ones, A U = U diag(w), U orthonormal,
+    to :data:`EIGH_TOL` times d relative to the largest eigenvalue of each matrix."""
+    a64, w64, U64 = (np.asarray(x, dtype=np.float64) for x in (a, w, U))
+    d = a64.shape[-1]
+    want = np.linalg.eigvalsh(a64)
+    scale = np.maximum(np.max(np.abs(want), axis=-1), np.finfo(np.float64).tiny)
+    tol = EIGH_TOL[dtype] * d
+    assert np.all(np.diff(w64, axis=-1) >= 0)
+    assert np.max(np.abs(w64 - want).max(axis=-1) / scale) <= tol
+    resid = np.abs(a64 @ U64 - U64 * w64[..., None, :]).max(axis=(-2, -1)) / scale
+    assert np.max(resid) <= tol
+    assert np.max(np.abs(np.swapaxes(U64, -1, -2) @ U64 - np.eye(d))) <= tol
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("d", [1, 2, 3, 6, 16])
+def test_host_eigh(host_route, dtype, d):
+    """The Jacobi kernel's eigenvalues and eigenvectors (:func:`_check_eigh`) for symmetric
+    matrices with eigenvalues of both signs over six decades, repeated and zero ones; only the
+    lower triangle is read (NaN above it changes no bit)."""
+    rng = np.random.default_rng(40 + d)
+    a = _symmetric(rng, 301, d, dtype)
+    w, U = sk.eigh(a, xp=np)
+    assert w.dtype == U.dtype == np.dtype(dtype) and w.shape == (301, d) and U.shape == a.shape
+    _check_eigh(a, w, U, dtype)
+    lower = np.where(np.tril(np.ones((d, d), dtype=bool)), a, np.nan)
+    w2, U2 = sk.eigh(lower, xp=np)
+    assert np.array_equal(w, w2) and np.array_equal(U, U2)
+    assert host_route == ["sym_eigh", "sym_eigh"]
+
+
+def test_host_eigh_hard_matrices(host_route):
+    """Zero, identity, diagonal with repeated entries, rank one, entries near the float64
+    limits (scaled by a power of two inside: no overflow, no underflow), off-diagonal entries
+    far below the diagonal ones. Matrices with an entry that is not finite come out as
+    NumPy's ``eigh`` gives them (NaN off the diagonal: NaN results; NaN on it: its error),
+    and the others in their batch as they would alone."""
+    rng = np.random.default_rng(3)
+    d = 5
+    v = rng.standard_normal(d)
+    base = _symmetric(rng, 1, d, "float64")[0]
+    tiny_off = np.diag(np.arange(1.0, d + 1)) + 1e-200 * (np.ones((d, d)) - np.eye(d))
+    cases = [
+        np.zeros((d, d)),
+        np.eye(d),
+        np.diag([2.0, 1.0, 2.0, -3.0, 1.0]),
+        np.outer(v, v),
+        base * 1e300,
+        base * 1e-300,
+        base * 2.0**-1070,  # (subnormal entries)
+        tiny_off,
+    ]
+    a = np.stack(cases)
+    w, U = sk.eigh(a, xp=np)
+    assert np.all(np.isfinite(w)) and np.all(np.isfinite(U))
+    for i, x in enumerate(cases):
+        if i == 6:  # subnormal: the eigenvalues to the absolute resolution left there
+            want = np.linalg.eigvalsh(base) * 2.0**-1070
+            assert np.max(np.abs(w[i] - want)) <= 2.0**-1070 * 1e-12 + 2 * 2.0**-1074 * d
+            continue
+        _check_eigh(x, w[i], U[i], "float64")
+    assert np.array_equal(w[1], np.ones(d)) and np.array_equal(U[1], np.eye(d))
+    assert np.array_equal(w[0], np.zeros(d))
+    # Not finite: 2x2 matrices with NaN or +-inf off the diagonal, whose eigh NumPy gives as
+    # NaN, beside finite ones; a NaN on the diagonal of a 5x5 one, for which it raises.
+    pair = _symmetric(rng, 4, 2, "float64")
+    for value in (np.nan, np.inf, -np.inf):
+        batch = pair.copy()
+        batch[1, 0, 1] = batch[1, 1, 0] = value
+        want_w, want_U = np.linalg.eigh(batch)
+        assert np.all(np.isnan(want_w[1])) and not np.any(np.isnan(want_w[[0, 2, 3]]))
+        got_w, got_U = sk.eigh(batch, xp=np)
+        assert np.array_equal(got_w[1], want_w[1], equal_nan=True)
+        assert np.array_equal(got_U[1], want_U[1], equal_nan=True)
+        alone_w, alone_U = sk.eigh(pair[[0, 2, 3]], xp=np)
+        assert np.array_equal(got_w[[0, 2, 3]], alone_w)
+        assert np.array_equal(got_U[[0, 2, 3]], alone_U)
+    on_diagonal = np.concatenate([a[:2], np.full((1, d, d), np.nan)])
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.eigh(on_diagonal)
+    with pytest.raises(np.linalg.LinAlgError):
+        sk.eigh(on_diagonal, xp=np)
+
+
+def test_host_eigh_is_per_matrix(host_route, monkeypatch):
+    """Each matrix's result depends on that matrix alone (a converged one is rotated no more
+    while others in its vector lanes go on): the same bits in a batch, alone, in strided,
+    flipped and broadcast views, and with ``_compat.eigh`` split over threads; float32 (16
+    lanes) too, and a zero matrix beside others keeps +0 everywhere."""
+    rng = np.random.default_rng(11)
+    for dtype in ("float32", "float64"):
+        b = _symmetric(rng, 40, 5, dtype)
+        b[7] = -0.0
+        wb, Ub = sk.eigh(b, xp=np)
+        for i in (0, 7, 17, 39):
+            wi, Ui = sk.eigh(b[i : i + 1], xp=np)
+            assert np.array_equal(wi[0], wb[i]) and np.array_equal(Ui[0], Ub[i])
+        assert not np.any(np.signbit(wb[7])) and not np.any(np.signbit(Ub[7]))
+    a = _symmetric(rng, 37, 6, "float64")
+    w, U = sk.eigh(a, xp=np)
+    for i in (0, 5, 36):
+        wi, Ui = sk.eigh(a[i : i + 1], xp=np)
+        assert np.array_equal(wi[0], w[i]) and np.array_equal(Ui[0], U[i])
+    wf, Uf = sk.eigh(a[::-1], xp=np)
+    assert np.array_equal(wf, w[::-1]) and np.array_equal(Uf, U[::-1])
+    wt, Ut = sk.eigh(np.swapaxes(a, -1, -2), xp=np)  # (symmetric: the same matrices)
+    assert np.array_equal(wt, w) and np.array_equal(Ut, U)
+    wb, Ub = sk.eigh(np.broadcast_to(a[2], (3, 4, 6, 6)), xp=np)
+    assert wb.shape == (3, 4, 6) and np.array_equal(wb, np.broadcast_to(w[2], (3, 4, 6)))
+    assert np.array_equal(Ub, np.broadcast_to(U[2], (3, 4, 6, 6)))
+    monkeypatch.setattr(sk, "EIGH_PARALLEL_MIN_BATCH", 2)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)
+    host_route.clear()
+    ws, Us = _compat.eigh(a, xp=np)
+    assert host_route == ["sym_eigh"] * 3
+    assert np.array_equal(ws, w) and np.array_equal(Us, U)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_host_eigh_in_the_package(host_route, monkeypatch, lib):
+    """With the host build on, ``_compat.eigh`` of NumPy arrays and torch CPU tensors takes the
+    kernel (d <= 16), and LAPACK's routine with ``EIGH`` off, for d = 17 and without the
+    host build; a bad setting is an error naming it."""
+    rng = np.random.default_rng(12)
+    a = _symmetric(rng, 40, 4, "float64").reshape(2, 20, 4, 4)
+    big = _symmetric(rng, 3, 17, "float64")
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        a, big = torch.as_tensor(a), torch.as_tensor(big)
+    xp = _compat.array_namespace(a)
+    w, U = _compat.eigh(a, xp=xp)
+    assert type(w) is type(a) and tuple(w.shape) == (2, 20, 4)
+    assert host_route == ["sym_eigh"]
+    _check_eigh(np.asarray(a), np.asarray(w), np.asarray(U), "float64")
+    monkeypatch.setattr(sk, "EIGH", "off")
+    w_lib, _ = _compat.eigh(a, xp=xp)
+    _compat.eigh(big, xp=xp)
+    monkeypatch.setattr(sk, "EIGH", "on")
+    _compat.eigh(big, xp=xp)
+    _library(_compat.eigh, a, xp=xp)
+    assert host_route == ["sym_eigh"]
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w_lib), rtol=0, atol=1e-13 * 1e3)
+    monkeypatch.setattr(fused, "FUSED", "off")
+    assert not sk.eigh_applies(a, xp=xp)
+    monkeypatch.setattr(fused, "FUSED", "auto")
+    monkeypatch.setattr(sk, "EIGH", "sometimes")
+    with pytest.raises(ValueError, match="TRP_FUSED_EIGH"):
+        _compat.eigh(a, xp=xp)
+    with pytest.MonkeyPatch.context() as mp:  # (not asked where it cannot apply)
+        mp.setattr(fused, "FUSED_CPU", "off")
+        _compat.eigh(a, xp=xp)
+
+
+def test_host_eigh_torch_views(host_route):
+    """torch CPU tensors, float32 and float64, transposed, expanded and sliced (strided views):
+    the kernel's results equal those of the same values as a contiguous NumPy array, bit for
+    bit; a tensor that requires grad keeps torch's differentiable routine."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as tns
+
+    rng = np.random.default_rng(13)
+    for dtype in ("float32", "float64"):
+        a = _symmetric(rng, 30, 4, dtype)
+        want_w, want_U = sk.eigh(a[::2], xp=np)
+        t = torch.as_tensor(a)
+        for view in (t[::2], t.mT[::2], t.expand(2, -1, -1, -1)[1][::2]):
+            w, U = _compat.eigh(view, xp=tns)
+            assert w.dtype == t.dtype
+            assert np.array_equal(w.numpy(), want_w) and np.array_equal(U.numpy(), want_U)
+    host_route.clear()
+    x = torch.as_tensor(_symmetric(rng, 5, 3, "float64")).requires_grad_(True)
+    w, _ = _compat.eigh(x, xp=tns)
+    w.sum().backward()
+    assert host_route == [] and x.grad is not None
 
 
 def test_applies_only_where_it_should(monkeypatch):
@@ -310,6 +505,7 @@ def test_host_route_projections_match(host_route, monkeypatch, method):
 
     got, numpy_calls, torch_calls = run()
     assert numpy_calls > 0 and torch_calls > 0  # (each library's projection took the kernels)
+    assert ("sym_eigh" in host_route) == (method != "frobenius")  # (KL and W2 decompose)
     monkeypatch.setattr(fused, "FUSED_CPU", "off")
     host_route.clear()
     want, _, _ = run()

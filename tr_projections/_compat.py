@@ -884,10 +884,21 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     """``(eigenvalues, eigenvectors)`` of symmetric ``a`` (``(..., d, d)``, one triangle read),
     as ``xp.linalg.eigh``; torch CUDA tensors may go to CuPy (:data:`TORCH_CUDA_EIGH`); batches
     too large for the library's batched routine go in chunks (:data:`TORCH_CUDA_MAX_BATCH`,
-    :data:`CUPY_MAX_BATCH`)."""
+    :data:`CUPY_MAX_BATCH`). With the kernels' host build on (``TRP_FUSED_CPU=on``), batches
+    of NumPy arrays and plain torch CPU tensors (no autograd graph being recorded, no
+    ``torch.func`` transform) with d <= 16 take its Jacobi kernel
+    (:func:`tr_projections._small_kernels.eigh`, :data:`~tr_projections._small_kernels.EIGH`)."""
     global _cupy_failed
+    from . import _small_kernels
+
     failure = None
-    if _eigh_route(a, xp) == "cupy" and not (_cupy_failed and TORCH_CUDA_EIGH == "auto"):
+    route = _eigh_route(a, xp)
+    if route == "native" and _small_kernels.eigh_applies(a, xp=xp):  # (the host build's)
+        return _chunked(
+            functools.partial(_kernel_eigh, xp=xp), a, xp=xp,
+            parallel_from=_small_kernels.EIGH_PARALLEL_MIN_BATCH,
+        )  # fmt: skip
+    if route == "cupy" and not (_cupy_failed and TORCH_CUDA_EIGH == "auto"):
         try:
             import cupy
 
@@ -909,6 +920,13 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
             stacklevel=2,
         )
     return w, U
+
+
+def _kernel_eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
+    from . import _small_kernels
+
+    out = _small_kernels.eigh(a, xp=xp)
+    return out if out is not None else xp.linalg.eigh(a)
 
 
 @_in_turn

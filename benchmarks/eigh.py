@@ -20,7 +20,7 @@ the package's host build of its small-matrix kernels (``TRP_FUSED_CPU=on``) adds
 - ``numpy (_compat)``: ``_compat.eigh`` of NumPy arrays, LAPACK's routine split over the
   threads (the package's default),
 - ``kernel (_compat)``: the same call with the host build on: its Jacobi kernel
-  (``_small_kernels.eigh``), split over the threads from ``EIGH_PARALLEL_MIN_BATCH``,
+  (``_small_kernels.eigh``), split over the threads from ``EIGH_PARALLEL_MIN_WORK``,
 - ``kernel, 1 thread``: ``_small_kernels.eigh`` in one call.
 
     python benchmarks/eigh.py --device cuda                 # d = 6, B up to 1e6

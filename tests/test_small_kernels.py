@@ -271,7 +271,7 @@ def test_host_eigh_is_per_matrix(host_route, monkeypatch):
     wb, Ub = sk.eigh(np.broadcast_to(a[2], (3, 4, 6, 6)), xp=np)
     assert wb.shape == (3, 4, 6) and np.array_equal(wb, np.broadcast_to(w[2], (3, 4, 6)))
     assert np.array_equal(Ub, np.broadcast_to(U[2], (3, 4, 6, 6)))
-    monkeypatch.setattr(sk, "EIGH_PARALLEL_MIN_BATCH", 2)
+    monkeypatch.setattr(sk, "EIGH_PARALLEL_MIN_WORK", 2)
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)
     host_route.clear()
     ws, Us = _compat.eigh(a, xp=np)

@@ -896,7 +896,7 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     if route == "native" and _small_kernels.eigh_applies(a, xp=xp):  # (the host build's)
         return _chunked(
             functools.partial(_kernel_eigh, xp=xp), a, xp=xp,
-            parallel_from=_small_kernels.EIGH_PARALLEL_MIN_BATCH,
+            parallel_from=_small_kernels.eigh_parallel_from(a.shape[-1]),
         )  # fmt: skip
     if route == "cupy" and not (_cupy_failed and TORCH_CUDA_EIGH == "auto"):
         try:

@@ -497,11 +497,17 @@ def solve_triangular(a: Array, b: Array, *, lower: bool, xp: Any) -> Array | Non
 EIGH = os.environ.get("TRP_FUSED_EIGH", "on").strip().lower()
 _EIGH_VALUES = ("on", "off")
 
-#: The kernel's batches of at least this many matrices are split over the CPU threads
-#: (:func:`tr_projections._compat.split_threads`), each part in a thread of its own. 6x6
-#: float64 matrices on 2 threads against one call: 0.70x at 256, 0.98x at 520, 1.24x at
-#: 1,000, 1.82x at 30,000 (LAPACK's routine splits from 256).
-EIGH_PARALLEL_MIN_BATCH = 1024
+#: The kernel's batches of d x d matrices are split over the CPU threads
+#: (:func:`tr_projections._compat.split_threads`), each part in a thread of its own, from
+#: this many times 1/d^3 matrices (its work grows as d^3): 1,024 6x6 ones. 6x6 float64
+#: matrices on 2 threads against one call: 0.70x at 256, 0.98x at 520, 1.24x at 1,000, 1.82x
+#: at 30,000; 2x2 ones 0.66x at 10,000 (LAPACK's routine splits from 256 whatever d).
+EIGH_PARALLEL_MIN_WORK = 1024 * 6**3
+
+
+def eigh_parallel_from(d: int) -> int:
+    """The least batch of d x d matrices that :data:`EIGH_PARALLEL_MIN_WORK` splits."""
+    return max(2, -(-EIGH_PARALLEL_MIN_WORK // max(1, d) ** 3))
 
 
 def eigh_applies(a: Array, *, xp: Any) -> bool:
@@ -557,6 +563,7 @@ __all__ = [
     "defines",
     "eigh",
     "eigh_applies",
+    "eigh_parallel_from",
     "gram_cholesky",
     "solve_triangular",
 ]

@@ -21,7 +21,9 @@ the package's host build of its small-matrix kernels (``TRP_FUSED_CPU=on``) adds
   threads (the package's default),
 - ``kernel (_compat)``: the same call with the host build on: its Jacobi kernel
   (``_small_kernels.eigh``), split over the threads from ``EIGH_PARALLEL_MIN_WORK``,
-- ``kernel, 1 thread``: ``_small_kernels.eigh`` in one call.
+- ``kernel, 1 thread``: ``_small_kernels.eigh`` in one call,
+- ``kernel, split``: the kernel split over the threads whatever the batch (what
+  ``EIGH_PARALLEL_MIN_WORK`` decides from).
 
     python benchmarks/eigh.py --device cuda                 # d = 6, B up to 1e6
     python benchmarks/eigh.py --device cpu --batches 1000   # a few seconds
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -222,6 +225,19 @@ def routes(device: str) -> dict[str, tuple]:
                 return call
 
             out["kernel, 1 thread"] = (single, nsync)
+
+            def split(a: np.ndarray):
+                part = functools.partial(_compat._kernel_eigh, xp=nns)
+
+                def call():
+                    with host_build(True):
+                        if not _small_kernels.eigh_applies(a, xp=nns):
+                            raise RuntimeError("the host build's kernel does not take this")
+                        return _compat._chunked(part, a, xp=nns, parallel_from=2)
+
+                return call
+
+            out["kernel, split"] = (split, nsync)
     try:
         import jax
 

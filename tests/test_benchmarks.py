@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,29 @@ def test_parallel_rows_benchmark_runs():
     for row in rows:
         one, parts, ratio = (c.strip() for c in row.split("|")[3:6])
         assert float(one) > 0 and float(parts) > 0 and float(ratio.rstrip("x")) > 0
+
+
+def test_eigh_benchmark_on_the_cpu(tmp_path):
+    """``benchmarks/eigh.py --device cpu`` times every CPU route of a few small batches for
+    several sizes, the host build's kernel among them where a compiler is found, each with
+    its eigenvalues checked against NumPy's, and writes them as JSON."""
+    from tr_projections.projections import _kl_diag_fused
+
+    out = tmp_path / "eigh.json"
+    env_cache = {"TRP_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "eigh.py"), "--device", "cpu", "--d", "2,6",
+         "--batches", "10,300", "--repeat", "3", "--budget", "0.01", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **env_cache},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# {")
+    rows = json.loads(out.read_text())["rows"]
+    routes = {r["route"] for r in rows}
+    assert {"numpy", "numpy (_compat)"} <= routes
+    if _kl_diag_fused.compiler() is not None:
+        assert {"kernel (_compat)", "kernel, 1 thread", "kernel, split"} <= routes
+    assert {(r["d"], r["batch"]) for r in rows} == {(2, 10), (2, 300), (6, 10), (6, 300)}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_s"] > 0 and r["max_rel_err"] < 1e-12

@@ -197,6 +197,35 @@ def test_torch_thread_count_holds_on_the_numpy_route(split_everything, monkeypat
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(
+    ("d", "whole", "split"),
+    [(2, 2303, 2304), (3, 1023, 1024), (5, 368, 369), (6, 255, 256), (12, 255, 256)],
+)
+def test_eigh_splits_small_matrices_from_larger_batches(d, whole, split, monkeypatch):
+    """LAPACK's ``eigh`` is split from ``PARALLEL_MIN_BATCH`` matrices of 6x6 and larger, and
+    from (6/d)^2 times as many smaller ones (cheap for LAPACK, the hand-off weighs more); the
+    SVD keeps ``PARALLEL_MIN_BATCH`` whatever d; "split everything" stays that."""
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    splits = []
+    real = _compat._in_parallel
+    monkeypatch.setattr(
+        _compat,
+        "_in_parallel",
+        lambda fn, flat, *a, **k: splits.append(flat.shape[0]) or real(fn, flat, *a, **k),
+    )
+    rng = np.random.default_rng(d)
+    for n in (whole, split):
+        _compat.eigh(spd(rng, (n,), d), xp=xpn)
+    assert splits == [split]
+    splits.clear()
+    _compat.svd(spd(rng, (256,), d), xp=xpn)
+    assert splits == [256]
+    splits.clear()
+    monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH", 2)
+    _compat.eigh(spd(rng, (2,), d), xp=xpn)
+    assert splits == [2]
+
+
 def test_torch_autograd_is_not_split(split_everything, monkeypatch):
     """A torch tensor whose decomposition autograd records stays one call (the thread pool's
     threads would record nothing), and its gradient is torch's own; under ``no_grad`` the parts
@@ -292,7 +321,7 @@ def test_many_callers_at_once(split_everything, monkeypatch):
 
 def test_thread_count_setting_is_checked(monkeypatch):
     """A bad ``LAPACK_THREADS`` (``TRP_LAPACK_THREADS``) is an error that names it."""
-    a = np.broadcast_to(np.eye(3), (300, 3, 3))
+    a = np.broadcast_to(np.eye(3), (1100, 3, 3))  # (3x3: split from 1,024)
     for bad in ("auto", "-1", 2.5):
         monkeypatch.setattr(_compat, "LAPACK_THREADS", bad)
         with pytest.raises(ValueError, match=r"TRP_LAPACK_THREADS.*non-negative integer"):
@@ -357,6 +386,7 @@ def test_projections_with_split_decompositions(method, d, monkeypatch):
 
     monkeypatch.setattr(_compat, "MATMUL_PARALLEL_MIN_WORK", 1)
     monkeypatch.setattr(_compat, "TRSM_PARALLEL_MIN_BATCH", 1)
+    monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH", 2)  # (d = 4: from 576 otherwise)
     # torch tensors on torch's kernels (conftest's _torch_kernels), their products on NumPy;
     # NumPy arrays through trp.vjp
     monkeypatch.setattr(_compat, "NUMPY_MATMUL_MIN_BATCH", 1)

@@ -282,11 +282,11 @@ def test_host_eigh_is_per_matrix(host_route, monkeypatch):
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_host_eigh_in_the_package(host_route, monkeypatch, lib):
     """With the host build on, ``_compat.eigh`` of NumPy arrays and torch CPU tensors takes the
-    kernel (d <= 16), and LAPACK's routine with ``EIGH`` off, for d = 17 and without the
-    host build; a bad setting is an error naming it."""
+    kernel (d <= ``EIGH_MAX_D``), and LAPACK's routine with ``EIGH`` off, for d = 13 and
+    without the host build; a bad setting is an error naming it."""
     rng = np.random.default_rng(12)
     a = _symmetric(rng, 40, 4, "float64").reshape(2, 20, 4, 4)
-    big = _symmetric(rng, 3, 17, "float64")
+    big = _symmetric(rng, 3, sk.EIGH_MAX_D + 1, "float64")
     if lib == "torch":
         torch = pytest.importorskip("torch")
         a, big = torch.as_tensor(a), torch.as_tensor(big)

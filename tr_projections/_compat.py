@@ -362,7 +362,8 @@ def _max_batch(a: Array, xp: Namespace) -> int | None:
 #: batches of at least :data:`PARALLEL_MIN_BATCH` matrices (:data:`PARALLEL_MIN_BATCH_QR` for QR)
 #: of at most :data:`PARALLEL_MAX_D` rows and columns (larger ones LAPACK may thread itself),
 #: these go in one part per thread, decomposed at the same time on a thread pool (LAPACK runs
-#: without the GIL). Every matrix gets the same LAPACK call as in one batched call, and the parts
+#: without the GIL; ``eigh`` of matrices smaller than 6x6 from more: :func:`_eigh_parallel_from`).
+#: Every matrix gets the same LAPACK call as in one batched call, and the parts
 #: start at multiples of 64 bytes into the batch, so the results were the same bit for bit with
 #: the LAPACK builds of torch 2.13 and NumPy 2.4 (a cut at another alignment changed torch's
 #: eigenvalues in the last bit). Measured on 2 cores (float64, 6x6, ``OMP_WAIT_POLICY=PASSIVE``,
@@ -379,6 +380,20 @@ PARALLEL_MIN_BATCH = 256
 PARALLEL_MIN_BATCH_QR = 4096
 PARALLEL_MAX_D = 64
 PARALLEL_MAX_PARTS = 32
+
+
+def _eigh_parallel_from(d: int) -> int:
+    """The least batch of ``d x d`` matrices whose LAPACK ``eigh`` is split over threads:
+    :data:`PARALLEL_MIN_BATCH` from 6x6 up, and (6/d)^2 times as many below, where one matrix
+    costs LAPACK little and the hand-off to a thread weighs more. NumPy on 2 threads, one call
+    against the split call at the old threshold (256 whatever d;
+    ``benchmarks/results/cpu-2core-r16-eigh-2026-11-27``): 2x2 0.151 against 0.801 ms at 256
+    matrices and 0.392 against 0.762 at 1,000, the split 1.33x faster at 10,000; 3x3 0.300
+    against 0.617 at 256, 1.09 against 1.21 at 1,000, the split 1.25x faster at 10,000."""
+    if d >= 6 or PARALLEL_MIN_BATCH <= 2:
+        return PARALLEL_MIN_BATCH
+    return math.ceil(PARALLEL_MIN_BATCH * 36 / max(1, d) ** 2)
+
 
 _pool: Any = None  # the ThreadPoolExecutor: made on first use (its threads start on demand)
 _pool_lock = threading.Lock()
@@ -886,7 +901,7 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     too large for the library's batched routine go in chunks (:data:`TORCH_CUDA_MAX_BATCH`,
     :data:`CUPY_MAX_BATCH`). With the kernels' host build on (``TRP_FUSED_CPU=on``), batches
     of NumPy arrays and plain torch CPU tensors (no autograd graph being recorded, no
-    ``torch.func`` transform) with d <= 16 take its Jacobi kernel
+    ``torch.func`` transform) with d <= 12 take its Jacobi kernel
     (:func:`tr_projections._small_kernels.eigh`, :data:`~tr_projections._small_kernels.EIGH`)."""
     global _cupy_failed
     from . import _small_kernels
@@ -907,7 +922,8 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
             if TORCH_CUDA_EIGH != "auto":
                 raise
             failure = exc
-    w, U = _chunked(xp.linalg.eigh, a, xp=xp)  # (torch's error, if it fails too)
+    # (torch's error, if it fails too)
+    w, U = _chunked(xp.linalg.eigh, a, xp=xp, parallel_from=_eigh_parallel_from(a.shape[-1]))
     if failure is not None and not isinstance(failure, MemoryError):  # (OOM: this call only)
         # A CuPy that imports and sees the GPU but cannot run this (e.g. built for another
         # CUDA) while torch can: torch's own routine from now on, said once.

@@ -492,10 +492,17 @@ def solve_triangular(a: Array, b: Array, *, lower: bool, xp: Any) -> Array | Non
 #: Whether batched ``eigh`` of NumPy arrays and torch CPU tensors takes the host build's
 #: Jacobi kernel (``sym_eigh``) where the host build is on (``TRP_FUSED_CPU=on``): ``"on"``
 #: (default) or ``"off"`` (LAPACK's ``syevd`` through the library); environment variable
-#: ``TRP_FUSED_EIGH``. 2.3x faster than NumPy's ``eigh`` for 6x6 float64 matrices on this
-#: project's 2-core machines, 1.2x for 16x16 (``benchmarks/eigh.py --device cpu``).
+#: ``TRP_FUSED_EIGH``. 2.8x faster than the package's LAPACK routes for 100,000 6x6 float64
+#: matrices on this project's 2-core machines, 1.7x for 12x12 (``benchmarks/eigh.py --device
+#: cpu``).
 EIGH = os.environ.get("TRP_FUSED_EIGH", "on").strip().lower()
 _EIGH_VALUES = ("on", "off")
+
+#: The largest matrices :func:`eigh_applies` gives the kernel (it is built for any d up to
+#: :data:`MAX_D`). 16x16 float64 at 100,000 matrices on 2 threads, the package's calls: the
+#: kernel 1,033 ms, torch's LAPACK route 924, NumPy's 1,369 (12x12: 364, 613 and 834;
+#: ``benchmarks/results/cpu-2core-r16-eigh-2026-11-27``).
+EIGH_MAX_D = 12
 
 #: The kernel's batches of d x d matrices are split over the CPU threads
 #: (:func:`tr_projections._compat.split_threads`), each part in a thread of its own, from
@@ -512,12 +519,15 @@ def eigh_parallel_from(d: int) -> int:
 
 def eigh_applies(a: Array, *, xp: Any) -> bool:
     """Whether :func:`eigh` takes the batch ``a`` (``(..., d, d)``): where :func:`applies` in
-    the host build (NumPy arrays and plain torch CPU tensors with ``TRP_FUSED_CPU=on``), with
-    :data:`EIGH` on and the host build built (it is built here at first use)."""
+    the host build (NumPy arrays and plain torch CPU tensors with ``TRP_FUSED_CPU=on``) with
+    d <= :data:`EIGH_MAX_D`, with :data:`EIGH` on and the host build built (it is built here
+    at first use)."""
     from .projections import _kl_diag_fused as fused
 
-    if a.ndim < 3 or not fused.on_host(a, xp) or not applies(a, xp=xp):
+    if a.ndim < 3 or a.shape[-1] > EIGH_MAX_D or not fused.on_host(a, xp):
         return False  # (the cheap tests first: every eigh asks)
+    if not applies(a, xp=xp):
+        return False
     if EIGH not in _EIGH_VALUES:
         raise ValueError(
             f"tr_projections._small_kernels.EIGH (or TRP_FUSED_EIGH) must be one of "
@@ -556,6 +566,7 @@ def eigh(a: Array, *, xp: Any) -> tuple[Array, Array] | None:
 
 __all__ = [
     "EIGH",
+    "EIGH_MAX_D",
     "EIGH_SOURCE",
     "MAX_D",
     "SOURCE",

@@ -21,9 +21,12 @@ the package's host build of its small-matrix kernels (``TRP_FUSED_CPU=on``) adds
   threads (the package's default),
 - ``kernel (_compat)``: the same call with the host build on: its Jacobi kernel
   (``_small_kernels.eigh``), split over the threads from ``EIGH_PARALLEL_MIN_WORK``,
-- ``kernel, 1 thread``: ``_small_kernels.eigh`` in one call,
+- ``kernel, 1 thread``: ``_small_kernels.eigh`` in one call, for every size it is built for
+  (up to ``MAX_D``, beyond the ``EIGH_MAX_D`` the package gives it),
 - ``kernel, split``: the kernel split over the threads whatever the batch (what
   ``EIGH_PARALLEL_MIN_WORK`` decides from).
+
+A route that does not take a batch (the package keeps LAPACK's routine for it) reads "n/a".
 
     python benchmarks/eigh.py --device cuda                 # d = 6, B up to 1e6
     python benchmarks/eigh.py --device cpu --batches 1000   # a few seconds
@@ -96,6 +99,10 @@ def timed(calls: dict, *, warmup: int, repeat: int, budget: float) -> dict[str, 
         else:
             cells[name] = {"status": "error", "error": "no timed run (--repeat 0)"}
     return cells
+
+
+class NotTaken(Exception):
+    """A route that does not take this batch (the package keeps another route for it)."""
 
 
 @contextlib.contextmanager
@@ -201,7 +208,7 @@ def routes(device: str) -> dict[str, tuple]:
                 def call():
                     with host_build(on):
                         if on and not _small_kernels.eigh_applies(a, xp=nns):
-                            raise RuntimeError("the host build's kernel does not take this")
+                            raise NotTaken("the package keeps LAPACK's routine for these")
                         return _compat.eigh(a, xp=nns)
 
                 return call
@@ -212,28 +219,23 @@ def routes(device: str) -> dict[str, tuple]:
         if fused.compiler() is not None:
             out["kernel (_compat)"] = (compat(True), nsync)
 
-            def single(a: np.ndarray):
-                def call():
-                    with host_build(True):
-                        if not _small_kernels.eigh_applies(a, xp=nns):
-                            raise RuntimeError("the host build's kernel does not take this")
-                        got = _small_kernels.eigh(a, xp=nns)
-                    if got is None:
-                        raise RuntimeError("the host build failed")
-                    return got
+            def kernel(a: np.ndarray):
+                # The kernel itself, for every size it is built for (up to MAX_D, beyond the
+                # package's EIGH_MAX_D): None where it cannot take a or cannot be built.
+                with host_build(True):
+                    if not _small_kernels.applies(a, xp=nns):
+                        raise NotTaken("the kernel is not built for these")
+                    got = _small_kernels.eigh(a, xp=nns)
+                if got is None:
+                    raise RuntimeError("the host build failed")
+                return got
 
-                return call
-
-            out["kernel, 1 thread"] = (single, nsync)
+            out["kernel, 1 thread"] = (lambda a: functools.partial(kernel, a), nsync)
 
             def split(a: np.ndarray):
-                part = functools.partial(_compat._kernel_eigh, xp=nns)
-
                 def call():
-                    with host_build(True):
-                        if not _small_kernels.eigh_applies(a, xp=nns):
-                            raise RuntimeError("the host build's kernel does not take this")
-                        return _compat._chunked(part, a, xp=nns, parallel_from=2)
+                    kernel(a[:1])  # (built, and taking these)
+                    return _compat._chunked(kernel, a, xp=nns, parallel_from=2)
 
                 return call
 
@@ -331,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                     calls[name] = (call, sync)
                 except Exception as exc:  # reported in the table
                     rows.append({
-                        "status": "error", "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                        "status": "n/a" if isinstance(exc, NotTaken) else "error",
+                        "error": f"{type(exc).__name__}: {str(exc)[:200]}",
                         "route": name, "batch": batch, "d": d,
                     })  # fmt: skip
             cells = timed(calls, warmup=1, repeat=args.repeat, budget=args.budget)
@@ -348,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = []
             for name in names:
                 c = next(r for r in rows if (r["batch"], r["d"], r["route"]) == (batch, d, name))
-                cells.append(f"{c['median_s'] * 1e3:.3g}" if c["status"] == "ok" else "fails")
+                text = {"ok": None, "n/a": "n/a"}.get(c["status"], "fails")
+                cells.append(text or f"{c['median_s'] * 1e3:.3g}")
             print(f"| {batch:,} | " + " | ".join(cells) + " |")
     for r in rows:
         if r["status"] != "ok":

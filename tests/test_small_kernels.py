@@ -314,6 +314,43 @@ def test_host_eigh_in_the_package(host_route, monkeypatch, lib):
         _compat.eigh(a, xp=xp)
 
 
+def test_host_eigh_redone_matrices_in_torch_batches(host_route, monkeypatch):
+    """torch tensors of several batch axes, whole and split over threads: the matrices the
+    kernel gives back (an entry that is not finite) come out as torch's own ``eigh`` gives them,
+    results or error. A 2x2 with a NaN off its diagonal: NaN there, the others as the kernel
+    gives them; a 4x4 with a NaN on its diagonal: torch's error, naming the caller's batch
+    index (flat 5), not the matrix's index among those redone (0)."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as tns
+
+    rng = np.random.default_rng(14)
+    pairs = _symmetric(rng, 6, 2, "float64").reshape(2, 3, 2, 2)
+    want_w, want_U = sk.eigh(pairs, xp=np)
+    off = pairs.copy()
+    off[1, 1, 1, 0] = off[1, 1, 0, 1] = np.nan  # (flat 4)
+    lib_w, lib_U = torch.linalg.eigh(torch.as_tensor(off))
+    on = _symmetric(rng, 6, 4, "float64").reshape(2, 3, 4, 4)
+    on[1, 2, 3, 3] = np.nan  # (flat 5)
+    with pytest.raises(Exception, match=r"\b5\b") as lib_error:
+        torch.linalg.eigh(torch.as_tensor(on))
+    keep = np.ones((2, 3), dtype=bool)
+    keep[1, 1] = False
+    for split in (False, True):
+        if split:
+            monkeypatch.setattr(sk, "EIGH_PARALLEL_MIN_WORK", 2)
+            monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+        host_route.clear()
+        w, U = _compat.eigh(torch.as_tensor(off), xp=tns)
+        assert host_route == ["sym_eigh"] * (2 if split else 1)
+        assert torch.isnan(lib_w[1, 1]).all() and torch.isnan(lib_U[1, 1]).all()
+        assert np.array_equal(w.numpy()[1, 1], lib_w.numpy()[1, 1], equal_nan=True)
+        assert np.array_equal(U.numpy()[1, 1], lib_U.numpy()[1, 1], equal_nan=True)
+        assert np.array_equal(w.numpy()[keep], want_w[keep])
+        assert np.array_equal(U.numpy()[keep], want_U[keep])
+        with pytest.raises(type(lib_error.value), match=r"\b5\b"):
+            _compat.eigh(torch.as_tensor(on), xp=tns)
+
+
 def test_host_eigh_torch_views(host_route):
     """torch CPU tensors, float32 and float64, transposed, expanded and sliced (strided views):
     the kernel's results equal those of the same values as a contiguous NumPy array, bit for

@@ -390,7 +390,7 @@ def _eigh_parallel_from(d: int) -> int:
     ``benchmarks/results/cpu-2core-r16-eigh-2026-11-27``): 2x2 0.151 against 0.801 ms at 256
     matrices and 0.392 against 0.762 at 1,000, the split 1.33x faster at 10,000; 3x3 0.300
     against 0.617 at 256, 1.09 against 1.21 at 1,000, the split 1.25x faster at 10,000."""
-    if d >= 6 or PARALLEL_MIN_BATCH <= 2:
+    if d >= 6 or PARALLEL_MIN_BATCH <= 2:  # (2: "split every batch", the tests' setting)
         return PARALLEL_MIN_BATCH
     return math.ceil(PARALLEL_MIN_BATCH * 36 / max(1, d) ** 2)
 
@@ -908,7 +908,7 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
 
     failure = None
     route = _eigh_route(a, xp)
-    if route == "native" and _small_kernels.eigh_applies(a, xp=xp):  # (the host build's)
+    if route == "native" and _small_kernels.eigh_applies(a, xp=xp):  # (an option: the kernel)
         return _chunked(
             functools.partial(_kernel_eigh, xp=xp), a, xp=xp,
             parallel_from=_small_kernels.eigh_parallel_from(a.shape[-1]),

@@ -13,7 +13,8 @@ several library calls or several whole-batch passes per step. Here:
 - :func:`eigh` (the host build only, for now) is the eigendecomposition of symmetric matrices
   by the cyclic Jacobi method, eight float64 (sixteen float32) matrices at a time in vector
   lanes: LAPACK's ``syevd`` through NumPy took about 3 us per 6x6 float64 matrix on this
-  project's 2-core machines, the kernel 1.4 us on one thread.
+  project's 2-core machines, the kernel about 1.2 us on one thread
+  (``benchmarks/results/cpu-2core-r16-eigh-2026-11-27``).
 
 They read their inputs through strides (a transposed view costs no copy) and write new,
 contiguous arrays. The first two run for CuPy arrays and plain torch CUDA tensors
@@ -169,10 +170,11 @@ EIGH_SOURCE = r"""
 // times that of all its entries (every eigenvalue is then within a few eps of the largest
 // one's magnitude), and its eigenvalues are scaled back and sorted ascending with the
 // eigenvectors as columns, as LAPACK's syevd returns them. A matrix with an entry that is not
-// finite, or one that has not converged after SWEEPS sweeps (none measured needs more than
-// about ten), comes out as NaN: the caller redoes those with the library's routine.
+// finite, or one that has not converged after SWEEPS sweeps (a cap, not a measured need),
+// comes out as NaN: the caller redoes those with the library's routine.
 #include <cmath>
 #include <limits>
+using std::fabs; using std::sqrt;  // (the float overloads for float32)
 typedef REAL real;
 #define D TRP_D
 #define R(x) ((real)(x))
@@ -506,9 +508,10 @@ EIGH_MAX_D = 12
 
 #: The kernel's batches of d x d matrices are split over the CPU threads
 #: (:func:`tr_projections._compat.split_threads`), each part in a thread of its own, from
-#: this many times 1/d^3 matrices (its work grows as d^3): 1,024 6x6 ones. 6x6 float64
-#: matrices on 2 threads against one call: 0.70x at 256, 0.98x at 520, 1.24x at 1,000, 1.82x
-#: at 30,000; 2x2 ones 0.66x at 10,000 (LAPACK's routine splits from 256 whatever d).
+#: this many times 1/d^3 matrices (its work grows as d^3): 1,024 6x6 ones. Split on 2 threads
+#: against one call (``benchmarks/results/cpu-2core-r16-eigh-2026-11-27``, "kernel, split"
+#: and "kernel, 1 thread"): 6x6 float64 0.45x at 256 matrices, 1.00x at 1,000, 1.57x at
+#: 10,000; 2x2 0.62x at 10,000, 1.37x at 100,000.
 EIGH_PARALLEL_MIN_WORK = 1024 * 6**3
 
 
@@ -540,10 +543,15 @@ def eigh(a: Array, *, xp: Any) -> tuple[Array, Array] | None:
     """``(eigenvalues, eigenvectors)`` of the symmetric batch ``a`` (its lower triangle read)
     where :func:`eigh_applies`, as ``linalg.eigh`` returns them (ascending eigenvalues, the
     eigenvectors as columns), by the host build's Jacobi kernel; ``None`` where the kernels
-    cannot be built. The matrices the kernel gives back as NaN (an entry that is not finite,
-    or no convergence) are redone by ``xp.linalg.eigh``: what the library gives for them."""
+    cannot be built or ``a`` is not a host array. The matrices the kernel gives back as NaN
+    (an entry that is not finite, or no convergence) are redone by ``xp.linalg.eigh``: what
+    the library gives for them (its results, or its error for the whole batch)."""
     from .projections._kl_diag_fused import pointer
 
+    from .projections import _kl_diag_fused as fused
+
+    if not fused.on_host(a, xp):
+        return None  # (the host build only: there is no CUDA build of this kernel)
     batch, d = tuple(a.shape[:-2]), a.shape[-1]
     n = math.prod(batch)
     dev = _compat.device(a)
@@ -560,7 +568,13 @@ def eigh(a: Array, *, xp: Any) -> tuple[Array, Array] | None:
         return None
     redo = xp.nonzero(xp.isnan(w[:, 0]))[0]  # (the kernel's NaN rows are NaN throughout)
     if redo.shape[0]:
-        w[redo, ...], v[redo, ...] = xp.linalg.eigh(_compat.take_rows(x, redo, xp=xp))
+        try:
+            w[redo, ...], v[redo, ...] = xp.linalg.eigh(_compat.take_rows(x, redo, xp=xp))
+        except Exception:
+            # The library's error for the whole batch, naming the caller's batch index (torch
+            # does), not the index among the rows redone.
+            xp.linalg.eigh(xp.reshape(x, a.shape))
+            raise
     return xp.reshape(w, batch + (d,)), xp.reshape(v, a.shape)
 
 

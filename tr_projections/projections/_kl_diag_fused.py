@@ -63,8 +63,9 @@ _FUSED_VALUES = ("auto", "off")
 
 #: ``"off"`` (default; environment variable ``TRP_FUSED_CPU``): NumPy arrays and torch CPU
 #: tensors take the array-API form; ``"on"``: their diagonal KL projections run in the kernels'
-#: host build, and their small triangular solves, Gram-matrix factors and ``eigh`` (d <= 16)
-#: in those of :mod:`tr_projections._small_kernels`, compiled with the system's C++ compiler
+#: host build, and their small triangular solves and Gram-matrix factors (d <= 16) and
+#: ``eigh`` (d <= 12) in those of :mod:`tr_projections._small_kernels`, compiled with the
+#: system's C++ compiler
 #: (:func:`compiler`) at first use and cached (:func:`build_host`). Where no compiler is found
 #: or the build fails: one ``RuntimeWarning``, and the array-API form.
 FUSED_CPU = os.environ.get("TRP_FUSED_CPU", "off").strip().lower()

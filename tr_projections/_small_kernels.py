@@ -546,9 +546,8 @@ def eigh(a: Array, *, xp: Any) -> tuple[Array, Array] | None:
     cannot be built or ``a`` is not a host array. The matrices the kernel gives back as NaN
     (an entry that is not finite, or no convergence) are redone by ``xp.linalg.eigh``: what
     the library gives for them (its results, or its error for the whole batch)."""
-    from .projections._kl_diag_fused import pointer
-
     from .projections import _kl_diag_fused as fused
+    from .projections._kl_diag_fused import pointer
 
     if not fused.on_host(a, xp):
         return None  # (the host build only: there is no CUDA build of this kernel)

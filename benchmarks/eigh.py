@@ -205,10 +205,12 @@ def routes(device: str) -> dict[str, tuple]:
 
         def compat(on: bool):
             def prepare(a: np.ndarray):
+                with host_build(on):  # (asked once here, not in the timed calls)
+                    if on and not _small_kernels.eigh_applies(a, xp=nns):
+                        raise NotTaken("the package keeps LAPACK's routine for these")
+
                 def call():
                     with host_build(on):
-                        if on and not _small_kernels.eigh_applies(a, xp=nns):
-                            raise NotTaken("the package keeps LAPACK's routine for these")
                         return _compat.eigh(a, xp=nns)
 
                 return call
@@ -219,25 +221,27 @@ def routes(device: str) -> dict[str, tuple]:
         if fused.compiler() is not None:
             out["kernel (_compat)"] = (compat(True), nsync)
 
-            def kernel(a: np.ndarray):
+            def takes(a: np.ndarray) -> None:
                 # The kernel itself, for every size it is built for (up to MAX_D, beyond the
-                # package's EIGH_MAX_D): None where it cannot take a or cannot be built.
+                # package's EIGH_MAX_D); asked once, not in the timed calls.
                 with host_build(True):
                     if not _small_kernels.applies(a, xp=nns):
                         raise NotTaken("the kernel is not built for these")
-                    got = _small_kernels.eigh(a, xp=nns)
-                if got is None:
-                    raise RuntimeError("the host build failed")
-                return got
+                    if _small_kernels.eigh(a[:1], xp=nns) is None:
+                        raise RuntimeError("the host build failed")
 
-            out["kernel, 1 thread"] = (lambda a: functools.partial(kernel, a), nsync)
+            def kernel(a: np.ndarray):
+                return _small_kernels.eigh(a, xp=nns)
+
+            def single(a: np.ndarray):
+                takes(a)
+                return functools.partial(kernel, a)
+
+            out["kernel, 1 thread"] = (single, nsync)
 
             def split(a: np.ndarray):
-                def call():
-                    kernel(a[:1])  # (built, and taking these)
-                    return _compat._chunked(kernel, a, xp=nns, parallel_from=2)
-
-                return call
+                takes(a)
+                return lambda: _compat._chunked(kernel, a, xp=nns, parallel_from=2)
 
             out["kernel, split"] = (split, nsync)
     try:

@@ -383,30 +383,22 @@ def _warn_failed(what: str, dtype_name: str, d: int, stacklevel: int = 8) -> Any
     return warn
 
 
-def _host_library(dtype_name: str, d: int) -> Any | None:
-    """The host build for ``(dtype_name, d)``, built or loaded once (the fused KL kernels'
-    cache: :func:`tr_projections.projections._kl_diag_fused.build_host_once`); ``None``,
-    warned once, where it cannot be built."""
+def _host_library(dtype_name: str, d: int, *, eigh: bool = False) -> Any | None:
+    """The host build for ``(dtype_name, d)`` of :data:`SOURCE`, or with ``eigh`` of
+    :data:`EIGH_SOURCE` (a library of its own: a compiler that cannot build it keeps the other
+    kernels), built or loaded once (the fused KL kernels' cache:
+    :func:`tr_projections.projections._kl_diag_fused.build_host_once`); ``None``, warned once,
+    where it cannot be built."""
     from .projections import _kl_diag_fused as fused
 
     defs = [f"-D{k}={v}" for k, v in defines(dtype_name, d).items()]
-    return fused.build_host_once(
-        (dtype_name, d), f"small_{dtype_name}_{d}", SOURCE, defs, _host, _host_failed,
-        _warn_failed("host build", dtype_name, d),
-    )  # fmt: skip
-
-
-def _eigh_library(dtype_name: str, d: int) -> Any | None:
-    """The host build of :data:`EIGH_SOURCE` for ``(dtype_name, d)``, its own library (a
-    compiler that cannot build it keeps the other kernels), built or loaded once; ``None``,
-    warned once, where it cannot be built."""
-    from .projections import _kl_diag_fused as fused
-
-    defs = [f"-D{k}={v}" for k, v in defines(dtype_name, d).items()]
-    return fused.build_host_once(
-        ("eigh", dtype_name, d), f"eigh_{dtype_name}_{d}", EIGH_SOURCE, defs, _host,
-        _host_failed, _warn_failed("host build of the eigh kernel", dtype_name, d, 5),
-    )  # fmt: skip
+    if eigh:  # (its warning points at _compat.eigh, which builds it through eigh_applies)
+        key, tag, source = ("eigh", dtype_name, d), f"eigh_{dtype_name}_{d}", EIGH_SOURCE
+        warn = _warn_failed("host build of the eigh kernel", dtype_name, d, 5)
+    else:
+        key, tag, source = (dtype_name, d), f"small_{dtype_name}_{d}", SOURCE
+        warn = _warn_failed("host build", dtype_name, d)
+    return fused.build_host_once(key, tag, source, defs, _host, _host_failed, warn)
 
 
 def _kernels(dtype_name: str, d: int, device_id: int) -> dict | None:
@@ -443,9 +435,9 @@ def _launch(name: str, x: Array, n_threads: int, args: tuple, xp: Any) -> bool:
     from .projections import _kl_diag_fused as fused
 
     name_d, d = fused._dtype_name(x), x.shape[-2]
-    library = _eigh_library if name == "sym_eigh" else _host_library  # (eigh: the host only)
+    eigh = name == "sym_eigh"  # (its own library; the host build only)
     return fused.run_kernel(
-        name, x, xp, n_threads, args, lambda: library(name_d, d),
+        name, x, xp, n_threads, args, lambda: _host_library(name_d, d, eigh=eigh),
         lambda device_id: _kernels(name_d, d, device_id), BLOCK,
     )  # fmt: skip
 
@@ -536,7 +528,7 @@ def eigh_applies(a: Array, *, xp: Any) -> bool:
             f"tr_projections._small_kernels.EIGH (or TRP_FUSED_EIGH) must be one of "
             f"{_EIGH_VALUES}, got {EIGH!r}"
         )
-    return EIGH == "on" and _eigh_library(fused._dtype_name(a), a.shape[-1]) is not None
+    return EIGH == "on" and _host_library(fused._dtype_name(a), a.shape[-1], eigh=True) is not None
 
 
 def eigh(a: Array, *, xp: Any) -> tuple[Array, Array] | None:
@@ -547,7 +539,6 @@ def eigh(a: Array, *, xp: Any) -> tuple[Array, Array] | None:
     (an entry that is not finite, or no convergence) are redone by ``xp.linalg.eigh``: what
     the library gives for them (its results, or its error for the whole batch)."""
     from .projections import _kl_diag_fused as fused
-    from .projections._kl_diag_fused import pointer
 
     if not fused.on_host(a, xp):
         return None  # (the host build only: there is no CUDA build of this kernel)
@@ -562,7 +553,8 @@ def eigh(a: Array, *, xp: Any) -> tuple[Array, Array] | None:
     x, (sb, sr, sc) = _as_batch(a, n, xp)
     w = xp.empty((n, d), dtype=a.dtype, device=dev)
     v = xp.empty((n, d, d), dtype=a.dtype, device=dev)
-    args = (pointer(x), np.int64(sb), np.int64(sr), np.int64(sc), pointer(w), pointer(v))
+    ptr = fused.pointer
+    args = (ptr(x), np.int64(sb), np.int64(sr), np.int64(sc), ptr(w), ptr(v))
     if not _launch("sym_eigh", x, n, args, xp):
         return None
     redo = xp.nonzero(xp.isnan(w[:, 0]))[0]  # (the kernel's NaN rows are NaN throughout)

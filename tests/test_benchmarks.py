@@ -233,3 +233,18 @@ def test_eigh_benchmark_on_the_cpu(tmp_path):
         assert r["status"] == "ok", r
         assert r["median_s"] > 0 and r["max_rel_err"] < 1e-12
     assert "| n/a |" in proc.stdout or _kl_diag_fused.compiler() is None
+
+
+def test_value_checks_benchmark_runs():
+    """``benchmarks/value_checks.py --quick`` times both forms of the full factors' checks and
+    a whole call's checks on each library, and the two forms agree on valid and bad batches."""
+    pytest.importorskip("torch")
+    proc = _script("value_checks.py", "--quick", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# machine:")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| numpy", "| torch"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[4:9]]
+        assert float(cells[0]) > 0 and float(cells[1]) > 0 and float(cells[4]) > 0
+        assert cells[3] == "yes"

@@ -24,6 +24,7 @@ from _report import count, record
 from _robust_refs import kl_cov_reference, reference_parts
 
 import tr_projections as trp
+from tr_projections import _values
 from tr_projections._inputs import prepare
 from tr_projections.testing.invariants import tolerance
 from tr_projections.testing.strategies import cholesky_factors, random_orthogonal
@@ -377,11 +378,14 @@ def test_static_checks_are_counted():
 
 
 def _set(i, index, value):
-    def edit(args, dtype):
+    def edit(args, dtype, at=None):
+        # ``at``: another batch index for the entry (the same entry of another factor)
+        where = index if at is None else tuple(at) + tuple(index[1:])
         args = [a.copy() for a in args]
-        args[i][index] = value if not callable(value) else value(args[i][index], dtype)
+        args[i][where] = value if not callable(value) else value(args[i][where], dtype)
         return args
 
+    edit.index = index
     return edit
 
 
@@ -575,6 +579,87 @@ def test_min_entropy_array_value_check(backend, value):
         trp.project_entropy(scale, beta)
     with trp.checks(False):
         _quiet(lambda: trp.project_entropy(scale, beta))
+
+
+_FULL_CASES = [c for c in VALUE if c.full]
+_LONG = 2 * _values.EXTREMES_ROW_FACTORS + 5
+
+
+@pytest.mark.parametrize(
+    "batch, at",
+    [((_LONG,), (3,)), ((_LONG,), (_LONG - 2,)), ((5, 27), (4, 26)), ((5, 27), (0, 1))],
+    ids=["head", "tail", "2-axes-last", "2-axes-first"],
+)
+@pytest.mark.parametrize("case", _FULL_CASES, ids=lambda c: c.id)
+def test_full_value_checks_in_long_batches(backend, case, batch, at, monkeypatch):
+    """Full factors in batches long enough for the checks' rows of factors
+    (:func:`tr_projections._values.entry_extremes`, here from any size on the host), the bad
+    entry in the first rows or in the factors left over, of one or two batch axes: the same
+    error as in a short batch (checked the other way), naming the entry's own index; the
+    batch without the bad entry passes."""
+    short = case.edit(_valid(True), np.float64)
+    with pytest.raises(ValueError) as info:
+        trp.kl(*_on(backend, short))
+    condition = str(info.value).split("; got")[0]
+    monkeypatch.setattr(_values, "EXTREMES_MIN_NUMBERS", 0)
+    valid = _valid(True, batch=batch)
+    trp.kl(*_on(backend, valid))
+    args = _on(backend, case.edit(valid, np.float64, at=at))
+    with pytest.raises(ValueError) as info:
+        trp.kl(*args)
+    message = str(info.value)
+    assert message.split("; got")[0] == condition
+    entry = tuple(case.edit.index[1:])
+    if "positive diagonal" in condition:  # (that condition names the entry's place on the diagonal)
+        entry = entry[:1]
+    assert f"at index {tuple(at) + entry}" in message
+    count("malformed calls (full kinds x long batches x backends)")
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_entry_extremes_match_the_batch_reduction(library, dtype):
+    """:func:`tr_projections._values.entry_extremes` (the host route of the full factors'
+    checks) gives each entry's minimum and maximum over the batch, bit for bit, for batches
+    shorter and longer than a row of factors, of several axes, of strided, transposed and
+    broadcast views, and NaN where an entry is NaN anywhere."""
+    import array_api_compat
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        to = torch.from_numpy
+    else:
+        to = np.asarray
+    m = _values.EXTREMES_ROW_FACTORS
+    rng = np.random.default_rng(3)
+    cases = {}
+    for n in (1, 5, m - 1, m, m + 1, 3 * m, 3 * m + 7):
+        cases[f"n={n}"] = rng.normal(size=(n, 4, 4)).astype(dtype)
+    cases["two axes"] = rng.normal(size=(7, 2 * m + 3, 3, 3)).astype(dtype)
+    cases["one matrix"] = rng.normal(size=(5, 5)).astype(dtype)
+    base = rng.normal(size=(4 * m + 6, 3, 3)).astype(dtype)
+    cases["every other"] = base[::2]
+    cases["transposed"] = np.swapaxes(base, -1, -2)
+    cases["broadcast"] = np.broadcast_to(base[0], (2 * m + 1, 3, 3))
+    nan = rng.normal(size=(2 * m + 3, 3, 3)).astype(dtype)
+    nan[m + 1, 2, 0] = np.nan
+    nan[2 * m + 1, 0, 1] = np.nan
+    cases["nan"] = nan
+    for name, a in cases.items():
+        x = to(np.ascontiguousarray(a)) if name not in ("every other", "transposed") else to(a)
+        if name == "broadcast":
+            x = to(base[0]).expand(a.shape) if library == "torch" else a
+        xp = array_api_compat.array_namespace(x)
+        low, high = _values.entry_extremes(x, xp=xp)
+        axes = tuple(range(a.ndim - 2))
+        want_low = np.min(a, axis=axes) if axes else a
+        want_high = np.max(a, axis=axes) if axes else a
+        np.testing.assert_array_equal(np.asarray(low), want_low, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(high), want_high, err_msg=name)
+        assert tuple(low.shape) == tuple(high.shape) == a.shape[-2:], name
+    x = to(nan)
+    low, high = _values.entry_extremes(x, xp=array_api_compat.array_namespace(x))
+    assert np.isnan(np.asarray(low)).sum() == np.isnan(np.asarray(high)).sum() == 2
 
 
 def test_value_checks_are_counted():

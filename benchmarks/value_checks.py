@@ -5,20 +5,24 @@ means; full factors finite, bounded, lower triangular, with a positive diagonal;
 ``tr_projections._values``). For full factors on the host (NumPy arrays, torch CPU tensors) the
 package reduces each entry's minimum and maximum over the batch, in rows of
 ``_values.EXTREMES_ROW_FACTORS`` factors (``_values.entry_extremes``), and compares two
-``(d, d)`` arrays with the limits, from ``_values.EXTREMES_MIN_NUMBERS`` entries. This script
-times that against the elementwise form the package uses for fewer entries and for other arrays
-(``all(|L| <= limit)``, a temporary as large as the batch, and the diagonal's minimum, a strided
-reduction), for one batch of factors whatever its size, and
-the package's checks of a whole call's four arrays (``check_gaussian_values``), interleaved
-round by round in one process; it prints the medians, their ratio and the machine:
+``(d, d)`` arrays with the limits, from ``_values.EXTREMES_MIN_NUMBERS`` entries of an
+argument. This script times the package's conditions of one batch of factors
+(``_values._conditions``) with that form forced on ("extremes") and off ("elementwise":
+``all(|L| <= limit)``, a temporary as large as the batch, and the diagonal's minimum, a strided
+reduction; the form of smaller arguments and of other arrays), whatever the batch's size, and
+the package's checks of a whole call's four arrays (``check_gaussian_values``, as shipped),
+interleaved round by round in one process; it prints the medians, their ratio and the machine:
 
     python benchmarks/value_checks.py                     # d = 2, 6, 17; B = 1e3, 1e4, 1e5
+    python benchmarks/value_checks.py --batches 300,1e3,1e4,1e5
     python benchmarks/value_checks.py --quick             # one small cell per library (CI)
 
-Both forms must agree: the "agree" column says whether they gave the same answer for the valid
-batch and for the same batch with one bad entry of each kind (NaN, a huge entry, a nonzero
-above the diagonal, a diagonal entry below the limit), each in the first row of factors and in
-the factors left over.
+Both forms must agree: the "agree" column says whether the conditions held under both for the
+valid batch, and failed under both for the same batch with one bad entry of each kind (NaN;
+twice the bound and -inf below the diagonal, and minus twice the bound; a nonzero of either
+sign above the diagonal; a diagonal entry below the limit, and a negative one), each in the
+first factor, one in the middle and the last (the factors left over where the batch is not a
+whole number of rows).
 """
 
 from __future__ import annotations
@@ -37,32 +41,21 @@ sys.path.insert(0, str(REPO))  # (the checkout; this folder is on the path alrea
 from _worker import interleaved_ms, machine_line  # noqa: E402
 
 
-def elementwise(x, *, lo: float, hi: float, xp) -> bool:
-    """The elementwise form: ``|L| <= limit`` (``hi`` on and below the diagonal, 0 above it)
-    in one pass with a batch-sized temporary, and the diagonal's minimum."""
+def holds(x, *, lo: float, hi: float, xp, extremes: bool) -> bool:
+    """Whether the package's conditions of a full factor hold for ``x``, with the extremes form
+    forced on or off (``_values.EXTREMES_MIN_NUMBERS`` 0 or larger than any batch)."""
     from tr_projections import _values
 
-    limit, _ = _values._triangle_limits(x.shape[-1], hi, x.dtype, _device(x), xp)
-    entries = xp.all(xp.abs(x) <= limit)
-    diagonal = _values.at_least(xp.linalg.diagonal(x), lo, xp=xp, strided=True)
-    return bool(entries & diagonal)
-
-
-def extremes(x, *, lo: float, hi: float, xp) -> bool:
-    """The package's host form: :func:`tr_projections._values.entry_extremes`, then ``(d, d)``
-    comparisons."""
-    from tr_projections import _values
-
-    limit, _ = _values._triangle_limits(x.shape[-1], hi, x.dtype, _device(x), xp)
-    low, high = _values.entry_extremes(x, xp=xp)
-    ok = xp.all(high <= limit) & xp.all(low >= -limit)
-    return bool(ok & xp.all(xp.linalg.diagonal(low) >= lo))
-
-
-def _device(x):
-    from tr_projections import _compat
-
-    return _compat.device(x)
+    shipped = _values.EXTREMES_MIN_NUMBERS
+    _values.EXTREMES_MIN_NUMBERS = 0 if extremes else 1 << 62
+    try:
+        found = _values._conditions("scale", x, kind="full", lo=lo, hi=hi, xp=xp)
+    finally:
+        _values.EXTREMES_MIN_NUMBERS = shipped
+    ok = found[0].holds
+    for c in found[1:]:
+        ok = ok & c.holds
+    return bool(ok)
 
 
 def factors(batch: int, d: int, seed: int) -> np.ndarray:
@@ -74,15 +67,22 @@ def factors(batch: int, d: int, seed: int) -> np.ndarray:
 
 
 def bad_copies(x: np.ndarray, lo: float, hi: float):
-    """The batch with one bad entry of each kind, in the first factor and in the last."""
+    """The batch with one bad entry of each kind (not finite, out of range either way, not
+    lower triangular either way, a diagonal too small or negative), in the first factor, one
+    in the middle and the last."""
     d = x.shape[-1]
-    for row in (0, x.shape[0] - 1):
-        for where, value in (
-            ((d - 1, 0), np.nan),
-            ((d - 1, 0), 2.0 * hi),
-            ((0, d - 1), 0.5) if d > 1 else ((0, 0), -1.0),
+    below = (d - 1, 0) if d > 1 else (0, 0)
+    above = [((0, d - 1), 0.5), ((0, d - 1), -0.5)] if d > 1 else []
+    for row in (0, x.shape[0] // 2, x.shape[0] - 1):
+        for where, value in [
+            (below, np.nan),
+            (below, 2.0 * hi),
+            (below, -2.0 * hi),
+            (below, -np.inf),
+            *above,
             ((0, 0), 0.5 * lo),
-        ):
+            ((d - 1, d - 1), -1.0),
+        ]:
             y = x.copy()
             y[(row, *where)] = value
             yield y
@@ -136,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                 x = convert(base)
                 xp = array_api_compat.array_namespace(x)
                 lo, hi = scale_limits(x.dtype, xp=xp)
-                forms = {"elementwise": elementwise, "extremes": extremes}
-                agree = all(f(x, lo=lo, hi=hi, xp=xp) for f in forms.values())
+                forms = {"elementwise": False, "extremes": True}
+                agree = all(holds(x, lo=lo, hi=hi, xp=xp, extremes=e) for e in forms.values())
                 for y in bad_copies(base, lo, hi):
                     y = convert(y)
-                    answers = {f(y, lo=lo, hi=hi, xp=xp) for f in forms.values()}
+                    answers = {holds(y, lo=lo, hi=hi, xp=xp, extremes=e) for e in forms.values()}
                     agree = agree and answers == {False}
                 arrays = {
                     "mean": convert(means),
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                     "old_scale": convert(base[::-1].copy()),
                 }
                 limits = {"lo": lo, "hi": hi, "xp": xp}
-                calls = {k: functools.partial(f, x, **limits) for k, f in forms.items()}
+                calls = {
+                    k: functools.partial(holds, x, **limits, extremes=e) for k, e in forms.items()
+                }
                 calls["whole"] = functools.partial(
                     check_gaussian_values, arrays, full=True, dtype=x.dtype, xp=xp
                 )

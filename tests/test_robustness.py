@@ -581,7 +581,21 @@ def test_min_entropy_array_value_check(backend, value):
         _quiet(lambda: trp.project_entropy(scale, beta))
 
 
-_FULL_CASES = [c for c in VALUE if c.full]
+_FULL_CASES = [c for c in VALUE if c.full] + [
+    # (the negative side below the diagonal, which the catalogue's positive values leave out)
+    BadValue(
+        "full-minus-inf-entry",
+        True,
+        _set(3, (1, 2, 1), -np.inf),
+        r"`old_scale` \(a Cholesky factor\) must be finite",
+    ),
+    BadValue(
+        "full-minus-huge-entry",
+        True,
+        _set(1, (2, 1, 0), lambda v, dtype: -_huge(v, dtype)),
+        r"`scale` \(a Cholesky factor\) must be finite",
+    ),
+]
 _LONG = 2 * _values.EXTREMES_ROW_FACTORS + 5
 
 
@@ -614,6 +628,27 @@ def test_full_value_checks_in_long_batches(backend, case, batch, at, monkeypatch
         entry = entry[:1]
     assert f"at index {tuple(at) + entry}" in message
     count("malformed calls (full kinds x long batches x backends)")
+
+
+def test_full_value_checks_take_the_extremes_from_the_threshold(backend, monkeypatch):
+    """With the shipped threshold, NumPy arrays and torch CPU tensors take
+    :func:`tr_projections._values.entry_extremes` for a factor argument of at least
+    ``EXTREMES_MIN_NUMBERS`` entries and not below; other libraries never do."""
+    seen = []
+    real = _values.entry_extremes
+
+    def spy(x, *, xp):
+        seen.append(tuple(x.shape))
+        return real(x, xp=xp)
+
+    monkeypatch.setattr(_values, "entry_extremes", spy)
+    d = 4
+    n = -(-_values.EXTREMES_MIN_NUMBERS // d**2)
+    trp.kl(*_on(backend, _valid(True, batch=(n - 1,), d=d)))
+    assert seen == []
+    trp.kl(*_on(backend, _valid(True, batch=(n,), d=d)))
+    host = backend.name in ("numpy", "torch")
+    assert seen == ([(n, d, d)] * 2 if host else []), backend.name
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])

@@ -89,9 +89,13 @@ def _numpy_triangle_limits(d: int, hi: float, dtype: Any) -> tuple[Array, Array]
 #: Factors per row of :func:`entry_extremes`' first reduction (see there).
 EXTREMES_ROW_FACTORS = 64
 
-#: Full factors on the host with at least this many entries in all are checked through
-#: :func:`entry_extremes`; fewer, through ``|L| <= limit``, which costs fewer operations (the
-#: two forms crossed over at 36,000-87,000 entries, ``benchmarks/value_checks.py``).
+#: A full factor argument on the host with at least this many entries is checked through
+#: :func:`entry_extremes`; a smaller one through ``|L| <= limit``, which costs fewer
+#: operations. Where the two forms cross over depends on d and the library
+#: (``benchmarks/value_checks.py``, ``benchmarks/results/cpu-2core-r17-value-checks-*``):
+#: the extremes' speed-up at 36,000 entries of 6x6 factors was 0.70x (NumPy) and 1.09x
+#: (torch); at 40,000 of 2x2 ones 1.41x and 1.06x; at 86,700 of 17x17 ones 1.03x and 1.07x;
+#: from 10,000 6x6 factors (360,000 entries) 1.44-2.81x.
 EXTREMES_MIN_NUMBERS = 1 << 16
 
 
@@ -110,8 +114,8 @@ def entry_extremes(x: Array, *, xp: Any) -> tuple[Array, Array]:
     read as rows of :data:`EXTREMES_ROW_FACTORS` factors (a view of a contiguous ``x``), reduced
     over the rows first and then over the factors of one row: a reduction over a long inner axis
     of ``64 d^2`` entries instead of ``d^2``. The three conditions of 100,000 6x6 factors,
-    float64, 2 threads: NumPy 3.9 against 10.7 ms, torch 5.0 against 8.9 ms; 1.5-2.7x from
-    10,000 (``benchmarks/value_checks.py``, ``benchmarks/results/cpu-2core-r17-value-checks-*``).
+    float64, 2 threads: NumPy 3.6 against 10.1 ms, torch 3.8 against 7.9 ms
+    (``benchmarks/value_checks.py``, ``benchmarks/results/cpu-2core-r17-value-checks-*``).
     """
     d = x.shape[-1]
     n = math.prod(tuple(x.shape[:-2]))

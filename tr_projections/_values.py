@@ -95,7 +95,7 @@ EXTREMES_ROW_FACTORS = 64
 #: (``benchmarks/value_checks.py``, ``benchmarks/results/cpu-2core-r17-value-checks-*``):
 #: the extremes' speed-up at 36,000 entries of 6x6 factors was 0.70x (NumPy) and 1.09x
 #: (torch); at 40,000 of 2x2 ones 1.41x and 1.06x; at 86,700 of 17x17 ones 1.03x and 1.07x;
-#: from 10,000 6x6 factors (360,000 entries) 1.44-2.81x.
+#: for 6x6 ones from 10,000 factors 1.44-2.81x.
 EXTREMES_MIN_NUMBERS = 1 << 16
 
 

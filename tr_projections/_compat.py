@@ -42,6 +42,7 @@ __all__ = [
     "nonzero_padded",
     "numpy_threads",
     "on_device",
+    "on_host",
     "put_rows",
     "qr_r",
     "row_sum",
@@ -82,6 +83,12 @@ def is_numpy(xp: Namespace) -> bool:
 
 def is_cupy(xp: Namespace) -> bool:
     return _aac.is_cupy_namespace(xp)
+
+
+def on_host(x: Array, xp: Namespace) -> bool:
+    """Whether ``x`` is host memory the package reads directly: NumPy arrays and torch CPU
+    tensors (the kernels' host build, the value checks' reductions over the batch)."""
+    return is_numpy(xp) or (is_torch(xp) and x.device.type == "cpu")
 
 
 # ------------------------------------------------------- one decomposition at a time (JAX)

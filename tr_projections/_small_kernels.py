@@ -339,7 +339,7 @@ def applies(*arrays: Array, xp: Any) -> bool:
     a = arrays[0]
     if a.ndim < 3:
         return False
-    host = fused.on_host(a, xp)
+    host = _compat.on_host(a, xp)
     if host:
         if fused.FUSED_CPU != "on":
             return False
@@ -519,7 +519,7 @@ def eigh_applies(a: Array, *, xp: Any) -> bool:
     at first use)."""
     from .projections import _kl_diag_fused as fused
 
-    if a.ndim < 3 or a.shape[-1] > EIGH_MAX_D or not fused.on_host(a, xp):
+    if a.ndim < 3 or a.shape[-1] > EIGH_MAX_D or not _compat.on_host(a, xp):
         return False  # (the cheap tests first: every eigh asks)
     if not applies(a, xp=xp):
         return False
@@ -540,7 +540,7 @@ def eigh(a: Array, *, xp: Any) -> tuple[Array, Array] | None:
     the library gives for them (its results, or its error for the whole batch)."""
     from .projections import _kl_diag_fused as fused
 
-    if not fused.on_host(a, xp):
+    if not _compat.on_host(a, xp):
         return None  # (the host build only: there is no CUDA build of this kernel)
     batch, d = tuple(a.shape[:-2]), a.shape[-1]
     n = math.prod(batch)

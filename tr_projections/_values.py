@@ -100,8 +100,7 @@ EXTREMES_MIN_NUMBERS = 1 << 16
 
 
 def _by_extremes(x: Array, xp: Any) -> bool:
-    host = _compat.is_numpy(xp) or (_compat.is_torch(xp) and x.device.type == "cpu")
-    return host and math.prod(tuple(x.shape)) >= EXTREMES_MIN_NUMBERS
+    return _compat.on_host(x, xp) and math.prod(tuple(x.shape)) >= EXTREMES_MIN_NUMBERS
 
 
 def entry_extremes(x: Array, *, xp: Any) -> tuple[Array, Array]:

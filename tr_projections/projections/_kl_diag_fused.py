@@ -669,9 +669,8 @@ def _c_arg(a: Any) -> Any:
     return ctypes.c_int(int(a))
 
 
-def on_host(x: Array, xp: Any) -> bool:
-    """Whether kernels on ``x`` run in the host build: NumPy arrays and torch CPU tensors."""
-    return _compat.is_numpy(xp) or (_compat.is_torch(xp) and x.device.type == "cpu")
+#: Whether kernels on ``x`` run in the host build: NumPy arrays and torch CPU tensors.
+on_host = _compat.on_host
 
 
 def run_kernel(

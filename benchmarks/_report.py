@@ -371,11 +371,15 @@ def render(result: dict[str, Any]) -> str:
         grad = "gradients yes" if b.get("backward") else "gradients n/a"
         if not b.get("ready", True):
             grad = f"not available: {b.get('error')}"
-        lines.append(f"- backend {name}: device {b.get('device', '?')}, {grad}")
+        own = f", in {b['dtype']} (TRP_BENCH_DTYPE)" if b.get("dtype") else ""
+        lines.append(f"- backend {name}: device {b.get('device', '?')}, {grad}{own}")
+    dtype = s.get("dtype", "float64")
+    if dtype != "float64":
+        dtype += " (rounded from the float64 data; the issue's targets are stated for float64)"
     fracs = [c["frac_projected"] for c in cells if c.get("frac_projected") is not None]
     frac = f"{min(fracs):.0%}–{max(fracs):.0%}" if fracs else "?"
     lines += [
-        f"- float64; bounds at the {s['bound_quantile']:g} quantile of each distance part "
+        f"- {dtype}; bounds at the {s['bound_quantile']:g} quantile of each distance part "
         f"({frac} of the states outside at least one bound); "
         f"median (IQR) of {s['min_repeat']}–{s['max_repeat']} timed runs after "
         f"{s['warmup']} warm-up, about {s['budget_s']:g} s per cell; times in ms; "

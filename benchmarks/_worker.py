@@ -83,7 +83,8 @@ def interleaved_ms(
 
 
 def make_data(kind: str, d: int, batch: int, seed: int) -> dict[str, Any]:
-    """Seeded float64 NumPy data of one cell: new and old Gaussians and fixed cotangents.
+    """Seeded float64 NumPy data of one cell: new and old Gaussians and fixed cotangents
+    (:func:`run_cell` rounds them to the cell's dtype).
 
     Old covariances have a random orthogonal eigenbasis and eigenvalues log-uniform in [0.1, 10]
     (condition number at most 100); the new Gaussian is the old one perturbed in the old
@@ -516,6 +517,19 @@ def time_cell(prepared: Prepared, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: The dtypes a cell may be projected in.
+DTYPES = ("float64", "float32")
+
+
+def cell_dtype(req: dict[str, Any]) -> str:
+    """The dtype this worker projects a cell in: ``TRP_BENCH_DTYPE`` where set (a variant
+    worker's), else the request's (``run.py --dtype``), else float64."""
+    dtype = os.environ.get("TRP_BENCH_DTYPE") or req.get("dtype") or "float64"
+    if dtype not in DTYPES:
+        raise ValueError(f"TRP_BENCH_DTYPE / --dtype must be one of {DTYPES}, got {dtype!r}")
+    return dtype
+
+
 def run_cell(
     backend: Backend, req: dict[str, Any], cache: dict[str, Any], backward_error: str | None
 ) -> dict[str, Any]:
@@ -530,8 +544,15 @@ def run_cell(
     eps_mean, eps_cov, frac = bounds_for(
         data, req["method"], req.get("bound_quantile", BOUND_QUANTILE)
     )
-    input_bytes = sum(a.nbytes for a in data["arrays"])
+    dtype = cell_dtype(req)
+    if dtype not in cache:  # (the data rounded once per dtype, the bounds the float64 data's)
+        cache[dtype] = tuple(
+            tuple(a.astype(dtype, copy=False) for a in data[k]) for k in ("arrays", "cotangents")
+        )
+    arrays, cotangents = cache[dtype]
+    input_bytes = sum(a.nbytes for a in arrays)
     out: dict[str, Any] = {
+        "dtype": dtype,
         "eps_mean": eps_mean,
         "eps_cov": eps_cov,
         "frac_projected": frac,
@@ -541,7 +562,7 @@ def run_cell(
         return {**out, "status": "n/a", "note": "no gradients: " + backward_error}
     try:
         prepared = backend.prepare(
-            data["arrays"], data["cotangents"], req["mode"], req["method"], eps_mean, eps_cov
+            arrays, cotangents, req["mode"], req["method"], eps_mean, eps_cov
         )
         out.update(time_cell(prepared, req))
         if prepared.compile_s is not None:
@@ -576,6 +597,7 @@ def main(argv: list[str]) -> int:
         proto.flush()
 
     try:
+        cell_dtype({})  # (a TRP_BENCH_DTYPE that names no dtype: this backend is not available)
         backend = make_backend(name.split("@")[0].split("+")[0], threads)
         import tr_projections as trp
 
@@ -593,6 +615,7 @@ def main(argv: list[str]) -> int:
             "backward": backward_error is None,
             "backward_error": backward_error,
             "affinity": pinned,
+            "dtype": os.environ.get("TRP_BENCH_DTYPE") or None,
         }
     )
     cache: dict[str, Any] = {}

@@ -9,7 +9,10 @@ One command::
 The grid is method (kl, frobenius, wasserstein) × kind (diag, full) × d × batch size × mode
 (forward; forward + backward) × backend. Each backend runs in its own worker process
 (``_worker.py``); cells are interleaved across backends, so variants are compared in the same run
-and under the same load. Every backend gets the same seeded float64 data.
+and under the same load. Every backend gets the same seeded data, made in float64 and projected
+in float64 or, with ``--dtype float32``, rounded to float32 (the bounds stay those of the float64
+data). A worker with ``TRP_BENCH_DTYPE`` in its environment projects in that dtype instead, so
+``--variant-env TRP_BENCH_DTYPE=float32`` times float32 against float64 in the same run.
 
 Threads: ``--threads N`` (default 2) is applied *before* any array library is imported: the
 workers start with ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
@@ -22,7 +25,8 @@ Timing: ``time.perf_counter`` around each call, with synchronisation (``torch.cu
 JAX functions are jitted and compiled ahead of time; compilation is reported separately.
 Forward + backward: torch ``loss.backward()`` and ``jax.value_and_grad`` of
 ``sum(mean·g_mean) + sum(scale·g_scale)`` into the new ``(mean, scale)``, with fixed random
-cotangents; NumPy and CuPy ``trp.vjp`` (all four cotangents). Where gradients are not available
+cotangents; NumPy and CuPy ``trp.vjp`` with ``wrt=("mean", "scale")``, the same two cotangents
+(a baseline whose ``vjp`` has no ``wrt`` computes all four). Where gradients are not available
 the backward cells say "n/a".
 
 Results: a markdown report on stdout and JSON (machine, settings, every cell) in
@@ -58,6 +62,7 @@ WORKER = HERE / "_worker.py"
 
 METHODS = ("kl", "frobenius", "wasserstein")
 KINDS = ("diag", "full")
+DTYPES = ("float64", "float32")
 MODES = ("forward", "backward")
 CPU_BACKENDS = ("numpy", "torch", "jax")
 GPU_BACKENDS = ("torch_cuda", "cupy", "jax_cuda")
@@ -235,6 +240,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--verbose", action="store_true", help="print every cell's median as it is timed"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float64",
+        help="dtype the backends project in (the data are made in float64 and rounded); a "
+        "worker's TRP_BENCH_DTYPE overrides it, e.g. through --variant-env",
     )
     p.add_argument("--seed", type=int, default=20210503)
     p.add_argument("--label", help="name of the results file (default: the hostname)")
@@ -564,6 +576,7 @@ def run_grid(args: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str,
             info[name] = {"ready": False, "error": str(exc)}
             print(f"# {name}: not available ({exc})", file=sys.stderr)
     req_common = {
+        "dtype": args.dtype,
         "seed": args.seed,
         "warmup": args.warmup,
         "budget_s": args.budget,
@@ -682,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             "xla_flags": args.xla_flags or None,
             "worker_env": dict(args.worker_env) or None,
             "variant_env": dict(args.variant_env) or None,
-            "dtype": "float64",
+            "dtype": args.dtype,
             "methods": args.methods,
             "kinds": args.kinds,
             "dims": args.dims,

@@ -100,6 +100,40 @@ def test_variant_of_other_backends(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
+def test_float32_cells_and_a_dtype_variant(tmp_path):
+    """``--dtype float32`` projects the float64 data rounded to float32, with the float64
+    data's bounds; a worker's ``TRP_BENCH_DTYPE`` (here through ``--variant-env``) projects in
+    its own dtype in the same run; a dtype that is not one refuses that backend only."""
+    out = tmp_path / "float32.json"
+    common = ["--quick", "--backends", "numpy", "--methods", "wasserstein", "--kinds", "full",
+              "--no-memory"]  # fmt: skip
+    proc = _script(
+        "run.py", *common, "--dtype", "float32", "--variant-env", "TRP_BENCH_DTYPE=float64",
+        "--variant-backends", "numpy", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "- float32 (rounded from the float64 data" in proc.stdout
+    assert "backend numpy+env: device cpu, gradients yes, in float64 (TRP_BENCH_DTYPE)" in (
+        proc.stdout
+    )
+    result = json.loads(out.read_text())
+    assert result["settings"]["dtype"] == "float32"
+    cells = {(c["backend"], c["d"], c["batch"], c["mode"]): c for c in result["cells"]}
+    assert {c["status"] for c in cells.values()} == {"ok"}
+    for (backend, d, batch, mode), c in cells.items():
+        assert c["dtype"] == ("float64" if backend == "numpy+env" else "float32"), c
+        twin = cells[("numpy" if backend == "numpy+env" else "numpy+env", d, batch, mode)]
+        assert (c["eps_mean"], c["eps_cov"]) == (twin["eps_mean"], twin["eps_cov"])
+        assert c["input_bytes"] * (2 if c["dtype"] == "float32" else 1) == (
+            twin["input_bytes"] * (2 if twin["dtype"] == "float32" else 1)
+        )
+    bad = _script("run.py", *common, "--variant-env", "TRP_BENCH_DTYPE=float16",
+                  "--variant-backends", "numpy", "--json", str(tmp_path / "bad.json"))  # fmt: skip
+    assert "numpy+env: not available" in bad.stderr and "float16" in bad.stderr, bad.stderr
+    assert {c["backend"] for c in json.loads((tmp_path / "bad.json").read_text())["cells"]
+            if c["status"] == "ok"} == {"numpy"}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("script", "words"),
     [("gpu_profile.py", ("ops", "blocking")), ("gpu_small.py", ("--batches", "--rounds"))],
@@ -117,7 +151,6 @@ def test_worker_env_must_be_key_value():
     assert "expected KEY=VALUE" in proc.stderr
 
 
-@pytest.mark.skipif(not RUN.exists(), reason="benchmarks/ is not shipped with this copy")
 def _torch_and_git_or_skip() -> None:
     pytest.importorskip("torch")
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True)

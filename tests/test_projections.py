@@ -228,3 +228,49 @@ def test_large_gpu_batches(name, eigh_route, method, monkeypatch):
     )
     m, c = inv.reference_distances(method, (mean, scale), old, full=True)
     assert np.min(c) > eps_cov and np.min(m) > eps_mean  # every state was projected
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("kappa", [1e1, 1e3, 1e5, 1e7])
+def test_float32_roots_on_host_take_the_float64_route(lib, kappa, monkeypatch):
+    """The symmetric roots of float32 factors in host memory (NumPy, torch CPU): through the
+    float64 route (``eigh``, the SVD only on rows rough in float64) on an exact float64 copy,
+    then rounded. Every row of a float32 batch counted as rough before, so the SVD ran on every
+    row after the ``eigh``; now no float32 SVD runs, and the roots are as accurate as that
+    SVD's: eigenvalues within one float32 rounding of the exact root of the float32 factor,
+    the root within four, where the float32 ``eigh`` alone is 60-500 roundings off at
+    kappa(Sigma) = 1e5-1e7. The root is rebuilt from the rounded basis as the VJP rebuilds
+    it, bit for bit."""
+    from tr_projections import _compat, gaussian
+
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(int(np.log10(kappa)))
+    n, d = 300, 6
+    q, _ = np.linalg.qr(rng.standard_normal((n, d, d)))
+    ev = np.exp(rng.uniform(0.0, np.log(kappa), (n, d)))
+    ev[:, 0], ev[:, 1] = 1.0, kappa
+    cov = (q * ev[:, None, :]) @ np.swapaxes(q, -1, -2)
+    L = np.linalg.cholesky(0.5 * (cov + np.swapaxes(cov, -1, -2))).astype(np.float32)
+    # The exact root of the float32 factor (to float64's accuracy: the SVD of L itself).
+    u, sv, _ = np.linalg.svd(L.astype(np.float64))
+    S_ref, s_ref = (u * sv[..., None, :]) @ np.swapaxes(u, -1, -2), np.sort(sv, axis=-1)
+
+    calls = []
+    svd = _compat.svd
+    monkeypatch.setattr(_compat, "svd", lambda a, **k: calls.append(str(a.dtype)) or svd(a, **k))
+    x = torch.from_numpy(L) if lib == "torch" else L
+    xp = _compat.array_namespace(x)
+    S, U, s = gaussian.root_from_cholesky(x, xp=xp)
+    assert all("float32" not in c for c in calls)  # (float64 SVDs on rough rows only)
+    assert len(calls) == (kappa * np.finfo(np.float64).eps > 1e-12)
+    for out in (S, U, s):
+        assert str(out.dtype).endswith("float32")
+    rebuilt = gaussian.root_from_eig(U, s, xp=xp)
+    S, U, s, rebuilt = (np.asarray(v) for v in (S, U, s, rebuilt))
+    np.testing.assert_array_equal(S, rebuilt)
+    e32 = float(np.finfo(np.float32).eps)
+    s_err = np.abs(np.sort(s.astype(np.float64), axis=-1) - s_ref) / s_ref
+    assert s_err.max() <= e32
+    S_err = np.linalg.norm(S.astype(np.float64) - S_ref, axis=(-2, -1))
+    assert (S_err <= 4.0 * e32 * np.linalg.norm(S_ref, axis=(-2, -1))).all()

@@ -164,29 +164,46 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     :math:`\kappa(L)\varepsilon = \sqrt{\kappa(\Sigma)}\varepsilon`, and the ``eigh`` of
     :math:`LL^\top` (two to three times faster), whose small eigenvalues carry
     :math:`\kappa(\Sigma)\varepsilon`. Eager arrays take ``eigh`` and redo with the SVD only the
-    rows whose measured :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-12 (float32: every row).
-    Under tracing rows cannot be chosen: jitted JAX arrays of float64 take ``eigh`` and, only
-    where some row of the batch is rough, the SVD for every row (``lax.cond``: under
-    ``jax.vmap`` both run, slower than the SVD alone); other traced arrays take the SVD for
-    every row.
+    rows whose measured :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-12. Float32 factors in
+    host memory (NumPy arrays, torch CPU tensors) take that float64 route on an exact float64
+    copy, and their basis is rounded to float32: in float32 every row counts as rough, and the
+    SVD of every row after the ``eigh`` took about twice the time of the float64 route
+    (``benchmarks/results/cpu-2core-r18-float32-2026-11-28``), for roots as accurate (within
+    four float32 roundings of the exact root of the float32 factor, ``tests/test_projections.py``).
+    Other float32 arrays take the SVD for every row. Under tracing rows cannot be chosen: jitted
+    JAX arrays of float64 take ``eigh`` and, only where some row of the batch is rough, the SVD
+    for every row (``lax.cond``: under ``jax.vmap`` both run, slower than the SVD alone); other
+    traced arrays take the SVD for every row.
     """
     eps = float(xp.finfo(scale.dtype).eps)
     if _compat._is_traced(scale, xp):
         if _compat.is_jax(xp) and eps < 1e-12:
             return _root_jax_traced(scale, eps, xp=xp)
         return _root_svd(scale, xp=xp)
+    if eps > 1e-12 and _compat.on_host(scale, xp):
+        # (the products of float32 numbers are exact in float64)
+        U, s = _basis(xp.astype(scale, xp.float64), float(xp.finfo(xp.float64).eps), xp=xp)
+        U, s = xp.astype(U, scale.dtype), xp.astype(s, scale.dtype)
+    else:
+        U, s = _basis(scale, eps, xp=xp)
+    return root_from_eig(U, s, xp=xp), U, s
+
+
+def _basis(scale: Array, eps: float, *, xp: Any) -> tuple[Array, Array]:
+    # The eigenbasis and roots of the eigenvalues of L L^T (eager arrays, machine epsilon
+    # eps): eigh, then the SVD on the rows that are rough (all of them where most are).
     w, U = _compat.eigh(matmul(scale, mT(scale, xp=xp), xp=xp), xp=xp)  # reads one triangle
     rough = _rough(w, eps, xp=xp)
     s = xp.sqrt(xp.maximum(w, xp.zeros_like(w)))
     rows = choose(rough, xp=xp)
     if rows is None:  # most rows are rough (or there are none): the SVD for all
-        return _root_svd(scale, xp=xp)
-    n = rows.index.shape[0]
-    if n > 0:
-        _, U_r, s_r = _root_svd(take(scale, rows, event_ndim=2, xp=xp), xp=xp)
+        U, s, _ = _compat.svd(scale, xp=xp)
+        return U, s
+    if rows.index.shape[0] > 0:
+        U_r, s_r, _ = _compat.svd(take(scale, rows, event_ndim=2, xp=xp), xp=xp)
         U = put(U_r, rows, U, event_ndim=2, xp=xp)
         s = put(s_r, rows, s, event_ndim=1, xp=xp)
-    return root_from_eig(U, s, xp=xp), U, s
+    return U, s
 
 
 def root_from_eig(U: Array, s: Array, *, xp: Any, inverse: bool = False) -> Array:

@@ -274,3 +274,26 @@ def test_float32_roots_on_host_take_the_float64_route(lib, kappa, monkeypatch):
     assert s_err.max() <= e32
     S_err = np.linalg.norm(S.astype(np.float64) - S_ref, axis=(-2, -1))
     assert (S_err <= 4.0 * e32 * np.linalg.norm(S_ref, axis=(-2, -1))).all()
+
+
+@pytest.mark.parametrize("name", [b for b in available_backends() if b not in ("numpy", "torch")])
+def test_float32_roots_elsewhere_take_the_svd_alone(name, monkeypatch):
+    """Float32 factors outside host memory (eager JAX, array-api-strict; CuPy and torch CUDA
+    alike) take the SVD of every row and no ``eigh`` before it: every float32 row counted as
+    rough, so the ``eigh`` was discarded. The result is the SVD route's, bit for bit."""
+    from tr_projections import _compat, gaussian
+
+    backend = get_backend(name)
+    rng = np.random.default_rng(5)
+    L = np.tril(rng.standard_normal((40, 4, 4))) + 4.0 * np.eye(4)
+    x = _to(backend, L, "float32")
+    xp = _compat.array_namespace(x)
+    whole = gaussian._root_svd(x, xp=xp)
+
+    def no_eigh(*args, **kwargs):
+        raise AssertionError("eigh ran for a float32 factor outside host memory")
+
+    monkeypatch.setattr(_compat, "eigh", no_eigh)
+    out = gaussian.root_from_cholesky(x, xp=xp)
+    for got, want in zip(out, whole, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -170,7 +170,8 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     SVD of every row after the ``eigh`` took about twice the time of the float64 route
     (``benchmarks/results/cpu-2core-r18-float32-2026-11-28``), for roots as accurate (within
     four float32 roundings of the exact root of the float32 factor, ``tests/test_projections.py``).
-    Other float32 arrays take the SVD for every row. Under tracing rows cannot be chosen: jitted
+    Other float32 arrays take the SVD for every row, without the ``eigh`` first (every float32
+    row is rough: :math:`\kappa \ge 1`). Under tracing rows cannot be chosen: jitted
     JAX arrays of float64 take ``eigh`` and, only where some row of the batch is rough, the SVD
     for every row (``lax.cond``: under ``jax.vmap`` both run, slower than the SVD alone); other
     traced arrays take the SVD for every row.
@@ -180,7 +181,9 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
         if _compat.is_jax(xp) and eps < 1e-12:
             return _root_jax_traced(scale, eps, xp=xp)
         return _root_svd(scale, xp=xp)
-    if eps > 1e-12 and _compat.on_host(scale, xp):
+    if eps > 1e-12 and not _compat.on_host(scale, xp):
+        return _root_svd(scale, xp=xp)  # (kappa * eps >= eps > 1e-12: every row is rough)
+    if eps > 1e-12:
         # (the products of float32 numbers are exact in float64)
         U, s = _basis(xp.astype(scale, xp.float64), float(xp.finfo(xp.float64).eps), xp=xp)
         U, s = xp.astype(U, scale.dtype), xp.astype(s, scale.dtype)

@@ -489,16 +489,33 @@ def summarize(times: list[float]) -> dict[str, Any]:
     }
 
 
+def dtype_name(result: Any) -> str | None:
+    """The dtype of the first array in a call's result (tuples and named tuples searched in
+    order), as ``"float32"`` whatever the library; ``None`` where there is none."""
+    if isinstance(result, (tuple, list)):
+        for x in result:
+            name = dtype_name(x)
+            if name is not None:
+                return name
+        return None
+    dtype = getattr(result, "dtype", None)
+    return None if dtype is None else str(dtype).rsplit(".", 1)[-1]
+
+
 def time_cell(prepared: Prepared, cfg: dict[str, Any]) -> dict[str, Any]:
     """Warm up, then time repeated calls; the repeat count adapts to the cost of one call."""
     call, sync = prepared.call, prepared.sync
     t_warm = math.inf
+    out_dtype = None
     for i in range(max(1, cfg["warmup"]) + 1):
         if i == max(1, cfg["warmup"]) and t_warm < 0.5:
             break  # (one more warm-up only after a slow one: a compilation, e.g. CuPy's kernels)
         t0 = time.perf_counter()
-        sync(call())
+        result = call()
+        sync(result)
         t_warm = min(t_warm, time.perf_counter() - t0)
+        out_dtype = out_dtype or dtype_name(result)
+        del result
     n = math.ceil(cfg["budget_s"] / max(t_warm, 1e-9))
     n = max(cfg["min_repeat"], min(cfg["max_repeat"], n))
     note = None
@@ -512,6 +529,7 @@ def time_cell(prepared: Prepared, cfg: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     out = summarize(times)
     out["warmup_s"] = t_warm
+    out["out_dtype"] = out_dtype
     if note:
         out["note"] = note
     return out

@@ -11,8 +11,9 @@ The grid is method (kl, frobenius, wasserstein) × kind (diag, full) × d × bat
 (``_worker.py``); cells are interleaved across backends, so variants are compared in the same run
 and under the same load. Every backend gets the same seeded data, made in float64 and projected
 in float64 or, with ``--dtype float32``, rounded to float32 (the bounds stay those of the float64
-data). A worker with ``TRP_BENCH_DTYPE`` in its environment projects in that dtype instead, so
-``--variant-env TRP_BENCH_DTYPE=float32`` times float32 against float64 in the same run.
+data). A variant worker with ``TRP_BENCH_DTYPE`` in its environment projects in that dtype
+instead, so ``--variant-env TRP_BENCH_DTYPE=float32`` times float32 against float64 in the same
+run (the variable is not inherited from run.py's own environment).
 
 Threads: ``--threads N`` (default 2) is applied *before* any array library is imported: the
 workers start with ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
@@ -63,6 +64,8 @@ WORKER = HERE / "_worker.py"
 METHODS = ("kl", "frobenius", "wasserstein")
 KINDS = ("diag", "full")
 DTYPES = ("float64", "float32")
+#: A worker's own dtype (``_worker.cell_dtype``): set through --variant-env only.
+DTYPE_ENV = "TRP_BENCH_DTYPE"
 MODES = ("forward", "backward")
 CPU_BACKENDS = ("numpy", "torch", "jax")
 GPU_BACKENDS = ("torch_cuda", "cupy", "jax_cuda")
@@ -288,6 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.explicit_backends = True
     if not 0.0 <= args.bound_quantile < 1.0:
         p.error("--bound-quantile must be in [0, 1)")
+    if DTYPE_ENV in dict(args.worker_env):
+        p.error(f"--worker-env {DTYPE_ENV}: use --dtype for every worker")
     args.baseline_src = None
     if args.baseline:
         missing = sorted(set(args.baseline_backends) - set(args.backends))
@@ -427,6 +432,7 @@ class Worker:
 
     def start(self, timeout: float = 300.0) -> dict[str, Any]:
         env = dict(os.environ)
+        env.pop(DTYPE_ENV, None)  # (a variant's own only: the others project in --dtype)
         if self.threads > 0:
             env.update({k: str(self.threads) for k in THREAD_ENV})
         if self.omp_wait_policy:

@@ -122,6 +122,7 @@ def test_float32_cells_and_a_dtype_variant(tmp_path):
     assert {c["status"] for c in cells.values()} == {"ok"}
     for (backend, d, batch, mode), c in cells.items():
         assert c["dtype"] == ("float64" if backend == "numpy+env" else "float32"), c
+        assert c["out_dtype"] == c["dtype"], c  # (what the projection, or its VJP, returned)
         twin = cells[("numpy" if backend == "numpy+env" else "numpy+env", d, batch, mode)]
         assert (c["eps_mean"], c["eps_cov"]) == (twin["eps_mean"], twin["eps_cov"])
         assert c["input_bytes"] * (2 if c["dtype"] == "float32" else 1) == (
@@ -132,6 +133,16 @@ def test_float32_cells_and_a_dtype_variant(tmp_path):
     assert "numpy+env: not available" in bad.stderr and "float16" in bad.stderr, bad.stderr
     assert {c["backend"] for c in json.loads((tmp_path / "bad.json").read_text())["cells"]
             if c["status"] == "ok"} == {"numpy"}  # fmt: skip
+    # Every worker projects in --dtype: run.py's own TRP_BENCH_DTYPE is not inherited, and
+    # --worker-env may not set it.
+    env = {**os.environ, "TRP_BENCH_DTYPE": "float32"}
+    cmd = [sys.executable, str(RUN), *common, "--json", str(tmp_path / "env.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = json.loads((tmp_path / "env.json").read_text())["cells"]
+    assert {(c["dtype"], c["out_dtype"]) for c in cells} == {("float64", "float64")}
+    refused = _script("run.py", *common, "--worker-env", "TRP_BENCH_DTYPE=float32", timeout=60)
+    assert refused.returncode == 2 and "use --dtype" in refused.stderr, refused.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -230,50 +230,87 @@ def test_large_gpu_batches(name, eigh_route, method, monkeypatch):
     assert np.min(c) > eps_cov and np.min(m) > eps_mean  # every state was projected
 
 
+def _factors(rng, kappas, d: int = 6) -> np.ndarray:
+    # Float32 Cholesky factors of covariances with condition numbers `kappas` (one per row):
+    # random eigenbases, eigenvalues 1, kappa and log-uniform between.
+    kappas = np.asarray(kappas, dtype=np.float64)
+    n = kappas.shape[0]
+    q, _ = np.linalg.qr(rng.standard_normal((n, d, d)))
+    ev = np.exp(rng.uniform(0.0, 1.0, (n, d)) * np.log(kappas)[:, None])
+    ev[:, 0], ev[:, 1] = 1.0, kappas
+    cov = (q * ev[:, None, :]) @ np.swapaxes(q, -1, -2)
+    return np.linalg.cholesky(0.5 * (cov + np.swapaxes(cov, -1, -2))).astype(np.float32)
+
+
+def _root_errors(L: np.ndarray, S, s) -> tuple[np.ndarray, np.ndarray]:
+    # Per row, in float32 roundings: the largest relative error of the sorted eigenvalues s and
+    # the relative Frobenius error of the root S, against the exact root of the float32 factor
+    # L (to float64's accuracy: the SVD of L itself).
+    u, sv, _ = np.linalg.svd(L.astype(np.float64))
+    S_ref, s_ref = (u * sv[..., None, :]) @ np.swapaxes(u, -1, -2), np.sort(sv, axis=-1)
+    e32 = float(np.finfo(np.float32).eps)
+    s_err = np.max(np.abs(np.sort(np.asarray(s, np.float64), axis=-1) - s_ref) / s_ref, axis=-1)
+    S_err = np.linalg.norm(np.asarray(S, np.float64) - S_ref, axis=(-2, -1))
+    return s_err / e32, S_err / (e32 * np.linalg.norm(S_ref, axis=(-2, -1)))
+
+
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
-@pytest.mark.parametrize("kappa", [1e1, 1e3, 1e5, 1e7])
+@pytest.mark.parametrize("kappa", [1e1, 1e3, 1e5, 1e6, 1e7])
 def test_float32_roots_on_host_take_the_float64_route(lib, kappa, monkeypatch):
     """The symmetric roots of float32 factors in host memory (NumPy, torch CPU): through the
-    float64 route (``eigh``, the SVD only on rows rough in float64) on an exact float64 copy,
-    then rounded. Every row of a float32 batch counted as rough before, so the SVD ran on every
-    row after the ``eigh``; now no float32 SVD runs, and the roots are as accurate as that
-    SVD's: eigenvalues within one float32 rounding of the exact root of the float32 factor,
-    the root within four, where the float32 ``eigh`` alone is 60-500 roundings off at
-    kappa(Sigma) = 1e5-1e7. The root is rebuilt from the rounded basis as the VJP rebuilds
-    it, bit for bit."""
+    float64 route (``eigh``; the SVD only on rows where kappa(Sigma) eps64 exceeds
+    ``ROUGH_FOR_FLOAT32``, here kappa = 1e7) on an exact float64 copy, then rounded. Every row
+    of a float32 batch counted as rough before, so the SVD ran on every row after the
+    ``eigh``; now no float32 decomposition runs, and the roots are as accurate as that SVD's:
+    eigenvalues within one float32 rounding of the exact root of the float32 factor, the root
+    within four, where NumPy's float32 ``eigh`` alone is more than 16 roundings off from
+    kappa(Sigma) = 1e5. The root is rebuilt from the rounded basis as the VJP rebuilds it, bit
+    for bit."""
     from tr_projections import _compat, gaussian
 
     if lib == "torch":
         torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(int(np.log10(kappa)))
-    n, d = 300, 6
-    q, _ = np.linalg.qr(rng.standard_normal((n, d, d)))
-    ev = np.exp(rng.uniform(0.0, np.log(kappa), (n, d)))
-    ev[:, 0], ev[:, 1] = 1.0, kappa
-    cov = (q * ev[:, None, :]) @ np.swapaxes(q, -1, -2)
-    L = np.linalg.cholesky(0.5 * (cov + np.swapaxes(cov, -1, -2))).astype(np.float32)
-    # The exact root of the float32 factor (to float64's accuracy: the SVD of L itself).
-    u, sv, _ = np.linalg.svd(L.astype(np.float64))
-    S_ref, s_ref = (u * sv[..., None, :]) @ np.swapaxes(u, -1, -2), np.sort(sv, axis=-1)
-
-    calls = []
-    svd = _compat.svd
+    L = _factors(np.random.default_rng(int(np.log10(kappa))), np.full(300, kappa))
+    calls, eighs = [], []
+    svd, eigh = _compat.svd, _compat.eigh
     monkeypatch.setattr(_compat, "svd", lambda a, **k: calls.append(str(a.dtype)) or svd(a, **k))
+    monkeypatch.setattr(_compat, "eigh", lambda a, **k: eighs.append(str(a.dtype)) or eigh(a, **k))
     x = torch.from_numpy(L) if lib == "torch" else L
     xp = _compat.array_namespace(x)
     S, U, s = gaussian.root_from_cholesky(x, xp=xp)
-    assert all("float32" not in c for c in calls)  # (float64 SVDs on rough rows only)
-    assert len(calls) == (kappa * np.finfo(np.float64).eps > 1e-12)
+    assert len(eighs) == 1 and "float64" in eighs[0]
+    rough = kappa * np.finfo(np.float64).eps > gaussian.ROUGH_FOR_FLOAT32
+    assert len(calls) == rough and all("float64" in c for c in calls)
     for out in (S, U, s):
         assert str(out.dtype).endswith("float32")
     rebuilt = gaussian.root_from_eig(U, s, xp=xp)
-    S, U, s, rebuilt = (np.asarray(v) for v in (S, U, s, rebuilt))
-    np.testing.assert_array_equal(S, rebuilt)
-    e32 = float(np.finfo(np.float32).eps)
-    s_err = np.abs(np.sort(s.astype(np.float64), axis=-1) - s_ref) / s_ref
-    assert s_err.max() <= e32
-    S_err = np.linalg.norm(S.astype(np.float64) - S_ref, axis=(-2, -1))
-    assert (S_err <= 4.0 * e32 * np.linalg.norm(S_ref, axis=(-2, -1))).all()
+    np.testing.assert_array_equal(np.asarray(S), np.asarray(rebuilt))
+    s_err, S_err = _root_errors(L, S, s)
+    assert s_err.max() <= 1.0 and S_err.max() <= 4.0, (s_err.max(), S_err.max())
+    # What the float64 route is for: a float32 eigh of L L^T alone loses the small roots.
+    w, V = np.linalg.eigh(L @ np.swapaxes(L, -1, -2))
+    sw = np.sqrt(np.maximum(w, 0.0))
+    S32 = gaussian.root_from_eig(V, sw, xp=_compat.array_namespace(V))
+    if kappa >= 1e5:
+        assert _root_errors(L, S32, sw)[1].max() > 16.0
+
+
+def test_float32_roots_on_host_of_a_mixed_batch(monkeypatch):
+    """A float32 batch whose rows are rough in float64 only in part (kappa(Sigma) = 10 and, on
+    30 of 300 rows, 1e12): the SVD runs on those rows alone, in float64, and their roots are put
+    back among the others'; every root as accurate as in the test above."""
+    from tr_projections import _compat, gaussian
+
+    kappas = np.full(300, 10.0)
+    kappas[::10] = 1e12
+    L = _factors(np.random.default_rng(8), kappas)
+    shapes = []
+    svd = _compat.svd
+    monkeypatch.setattr(_compat, "svd", lambda a, **k: shapes.append(a.shape) or svd(a, **k))
+    S, _, s = gaussian.root_from_cholesky(L, xp=np)
+    assert shapes == [(30, 6, 6)]
+    s_err, S_err = _root_errors(L, S, s)
+    assert s_err.max() <= 1.0 and S_err.max() <= 4.0, (s_err.max(), S_err.max())
 
 
 @pytest.mark.parametrize("name", [b for b in available_backends() if b not in ("numpy", "torch")])

@@ -164,9 +164,11 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     :math:`\kappa(L)\varepsilon = \sqrt{\kappa(\Sigma)}\varepsilon`, and the ``eigh`` of
     :math:`LL^\top` (two to three times faster), whose small eigenvalues carry
     :math:`\kappa(\Sigma)\varepsilon`. Eager arrays take ``eigh`` and redo with the SVD only the
-    rows whose measured :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-12. Float32 factors in
-    host memory (NumPy arrays, torch CPU tensors) take that float64 route on an exact float64
-    copy, and their basis is rounded to float32: in float32 every row counts as rough, and the
+    rows whose measured :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-12 (:data:`ROUGH`). Float32
+    factors in host memory (NumPy arrays, torch CPU tensors) take that float64 route on an exact
+    float64 copy, with the SVD where :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-9
+    (:data:`ROUGH_FOR_FLOAT32`), and their basis is rounded to float32: in float32 every row
+    counts as rough, and the
     SVD of every row after the ``eigh`` took about twice the time of the float64 route
     (``benchmarks/results/cpu-2core-r18-float32-2026-11-28``), for roots as accurate (within
     four float32 roundings of the exact root of the float32 factor, ``tests/test_projections.py``).
@@ -185,18 +187,28 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
         return _root_svd(scale, xp=xp)  # (kappa * eps >= eps > 1e-12: every row is rough)
     if eps > 1e-12:
         # (the products of float32 numbers are exact in float64)
-        U, s = _basis(xp.astype(scale, xp.float64), float(xp.finfo(xp.float64).eps), xp=xp)
+        x64 = xp.astype(scale, xp.float64)
+        U, s = _basis(x64, float(xp.finfo(xp.float64).eps), ROUGH_FOR_FLOAT32, xp=xp)
         U, s = xp.astype(U, scale.dtype), xp.astype(s, scale.dtype)
     else:
-        U, s = _basis(scale, eps, xp=xp)
+        U, s = _basis(scale, eps, ROUGH, xp=xp)
     return root_from_eig(U, s, xp=xp), U, s
 
 
-def _basis(scale: Array, eps: float, *, xp: Any) -> tuple[Array, Array]:
+#: A row of :func:`root_from_cholesky` is rough, and takes the SVD, where the measured
+#: :math:`\kappa(\Sigma)\varepsilon` exceeds this (the relative error of ``eigh``'s smallest
+#: eigenvalue of :math:`LL^\top`); float32 factors on the host, decomposed in float64 for a
+#: float32 result, where it exceeds :data:`ROUGH_FOR_FLOAT32` (below a hundredth of a float32
+#: rounding: :math:`\kappa(\Sigma)` above about 4.5e6 instead of 4,500).
+ROUGH = 1e-12
+ROUGH_FOR_FLOAT32 = 1e-9
+
+
+def _basis(scale: Array, eps: float, limit: float, *, xp: Any) -> tuple[Array, Array]:
     # The eigenbasis and roots of the eigenvalues of L L^T (eager arrays, machine epsilon
-    # eps): eigh, then the SVD on the rows that are rough (all of them where most are).
+    # eps): eigh, then the SVD on the rows rough beyond `limit` (all of them where most are).
     w, U = _compat.eigh(matmul(scale, mT(scale, xp=xp), xp=xp), xp=xp)  # reads one triangle
-    rough = _rough(w, eps, xp=xp)
+    rough = _rough(w, eps, xp=xp, limit=limit)
     s = xp.sqrt(xp.maximum(w, xp.zeros_like(w)))
     rows = choose(rough, xp=xp)
     if rows is None:  # most rows are rough (or there are none): the SVD for all
@@ -217,10 +229,10 @@ def root_from_eig(U: Array, s: Array, *, xp: Any, inverse: bool = False) -> Arra
     return sym(matmul(Us, mT(U, xp=xp), xp=xp), xp=xp)
 
 
-def _rough(w: Array, eps: float, *, xp: Any) -> Array:
-    # kappa * eps > 1e-12 from the ascending eigenvalues w, written without dividing by a
+def _rough(w: Array, eps: float, *, xp: Any, limit: float = ROUGH) -> Array:
+    # kappa * eps > limit from the ascending eigenvalues w, written without dividing by a
     # possibly non-positive smallest one.
-    return ~(w[..., 0] * 1e-12 >= w[..., -1] * eps)
+    return ~(w[..., 0] * limit >= w[..., -1] * eps)
 
 
 def _root_jax_traced(scale: Array, eps: float, *, xp: Any) -> tuple[Array, Array, Array]:

@@ -6,7 +6,9 @@ the calling thread. ``tr_projections._compat`` splits batches of at least
 decomposes the parts at the same time (``_compat.LAPACK_THREADS``, see docs/backends.md). This
 script times the wrappers (``_compat.eigh``, ``_compat.svd``, ``_compat.qr_r``) with the split
 off (``LAPACK_THREADS = 1``) and on (the automatic thread count), on the same seeded float64
-data, interleaved round by round, and prints the medians and their ratio with the machine:
+data, interleaved round by round, and prints the medians and their ratio with the machine. The
+split is forced for every batch and size asked for (the package splits NumPy's ``eigh`` and SVD
+only up to ``NUMPY_EIGH_PARALLEL_MAX_D`` and ``NUMPY_SVD_PARALLEL_MAX_D``, as measured here):
 
     python benchmarks/lapack_threads.py                         # d = 6, B = 128 ... 1e5
     python benchmarks/lapack_threads.py --dims 6,17 --batches 1e3,1e4 --backends torch
@@ -72,10 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         fn(a, xp)
 
     rng = np.random.default_rng(0)
-    saved = _compat.LAPACK_THREADS, _compat.PARALLEL_MIN_BATCH, _compat.PARALLEL_MIN_BATCH_QR
+    names = ("LAPACK_THREADS", "PARALLEL_MIN_BATCH", "PARALLEL_MIN_BATCH_QR")
+    names += ("NUMPY_EIGH_PARALLEL_MAX_D", "NUMPY_SVD_PARALLEL_MAX_D")
+    saved = {k: getattr(_compat, k) for k in names if hasattr(_compat, k)}
     try:
-        # (thresholds at 2: every batch size below is split when "split" is asked for)
+        # (thresholds at 2, and NumPy's sizes at the package's largest: every batch below is
+        # split when "split" is asked for, whatever the package itself would do)
         _compat.PARALLEL_MIN_BATCH = _compat.PARALLEL_MIN_BATCH_QR = 2
+        for k in names[3:]:
+            if k in saved:
+                setattr(_compat, k, _compat.PARALLEL_MAX_D)
         for d in [int(x) for x in args.dims.split(",")]:
             for B in [int(float(x)) for x in args.batches.split(",")]:
                 q, _ = np.linalg.qr(rng.standard_normal((B, d, d)))
@@ -98,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                             flush=True,
                         )
     finally:
-        _compat.LAPACK_THREADS, _compat.PARALLEL_MIN_BATCH, _compat.PARALLEL_MIN_BATCH_QR = saved
+        for k, v in saved.items():
+            setattr(_compat, k, v)
     return 0
 
 

@@ -183,7 +183,7 @@ def test_torch_thread_count_holds_on_the_numpy_route(split_everything, monkeypat
     seen = []
     original = _compat._lapack_threads
     monkeypatch.setattr(
-        _compat, "_lapack_threads", lambda a, xp: seen.append(original(a, xp)) or seen[-1]
+        _compat, "_lapack_threads", lambda a, xp, *m: seen.append(original(a, xp, *m)) or seen[-1]
     )
     before = torch.get_num_threads()
     try:
@@ -224,6 +224,75 @@ def test_eigh_splits_small_matrices_from_larger_batches(d, whole, split, monkeyp
     monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH", 2)
     _compat.eigh(spd(rng, (2,), d), xp=xpn)
     assert splits == [2]
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_numpy_splits_eigh_and_svd_only_up_to_their_sizes(name, monkeypatch):
+    """NumPy's ``eigh`` is split up to ``NUMPY_EIGH_PARALLEL_MAX_D`` (24) and its SVD up to
+    ``NUMPY_SVD_PARALLEL_MAX_D`` (40): larger, two parts at once took longer than one call
+    with NumPy's LAPACK. torch's own routines are split up to ``PARALLEL_MAX_D`` (64), as are
+    the QR factors of both."""
+    ns, conv, _ = _namespace(name)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    splits = []
+    real = _compat._in_parallel
+    monkeypatch.setattr(
+        _compat,
+        "_in_parallel",
+        lambda fn, flat, *a, **k: splits.append(flat.shape[-1]) or real(fn, flat, *a, **k),
+    )
+    rng = np.random.default_rng(3)
+    sizes = (24, 25, 40, 41, 64, 65)
+    for d in sizes:
+        _compat.eigh(conv(spd(rng, (300,), d)), xp=ns)
+    eigh_max = _compat.NUMPY_EIGH_PARALLEL_MAX_D if name == "numpy" else _compat.PARALLEL_MAX_D
+    assert splits == [d for d in sizes if d <= eigh_max]
+    splits.clear()
+    for d in sizes:
+        _compat.svd(conv(spd(rng, (300,), d)), xp=ns)
+    svd_max = _compat.NUMPY_SVD_PARALLEL_MAX_D if name == "numpy" else _compat.PARALLEL_MAX_D
+    assert splits == [d for d in sizes if d <= svd_max]
+    splits.clear()
+    monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH_QR", 2)
+    for d in sizes:
+        _compat.qr_r(conv(spd(rng, (300,), d)), xp=ns)
+    assert splits == [d for d in sizes if d <= _compat.PARALLEL_MAX_D]
+
+
+@pytest.mark.parametrize(("op", "d"), [("eigh", 24), ("eigh", 25), ("svd", 40), ("svd", 41)])
+def test_large_numpy_decompositions_in_lanes_take_turns(op, d, monkeypatch):
+    """In lanes (the chunks of a large call on every thread), NumPy's ``eigh`` of matrices
+    larger than ``NUMPY_EIGH_PARALLEL_MAX_D`` and its SVD of ones larger than
+    ``NUMPY_SVD_PARALLEL_MAX_D`` run one at a time (two at once took longer than one after the
+    other); smaller ones overlap, and so do calls outside lanes."""
+    limit = {"eigh": _compat.NUMPY_EIGH_PARALLEL_MAX_D, "svd": _compat.NUMPY_SVD_PARALLEL_MAX_D}
+    running, overlaps = [0], []
+    lock = threading.Lock()
+    real = getattr(xpn.linalg, op)
+    both_in = threading.Barrier(2, timeout=0.5)
+
+    def spy(a, *args, **kwargs):
+        with lock:
+            running[0] += 1
+        try:
+            both_in.wait()  # (two at once: both get here; one at a time: the first times out)
+            overlaps.append(True)
+        except threading.BrokenBarrierError:
+            overlaps.append(False)
+        try:
+            return real(a, *args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(xpn.linalg, op, spy)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 1)  # (no split inside a call)
+    rng = np.random.default_rng(d)
+    a = spd(rng, (4,), d)
+    fn = _compat.eigh if op == "eigh" else _compat.svd
+    _compat.in_lanes([lambda: fn(a, xp=xpn), lambda: fn(a, xp=xpn)])
+    assert overlaps == ([True, True] if d <= limit[op] else [False, False])
+    assert running[0] == 0
 
 
 def test_torch_autograd_is_not_split(split_everything, monkeypatch):

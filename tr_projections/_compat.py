@@ -367,7 +367,8 @@ def _max_batch(a: Array, xp: Namespace) -> int | None:
 #: torch's CPU and NumPy's batched ``eigh``, SVD and QR call LAPACK for one matrix after another
 #: on the calling thread (torch 2.13 and NumPy 2.4 alike: torch's intra-op threads sit idle). For
 #: batches of at least :data:`PARALLEL_MIN_BATCH` matrices (:data:`PARALLEL_MIN_BATCH_QR` for QR)
-#: of at most :data:`PARALLEL_MAX_D` rows and columns (larger ones LAPACK may thread itself),
+#: of at most :data:`PARALLEL_MAX_D` rows and columns (larger ones LAPACK may thread itself;
+#: NumPy's ``eigh`` and SVD: :data:`NUMPY_EIGH_PARALLEL_MAX_D`, :data:`NUMPY_SVD_PARALLEL_MAX_D`),
 #: these go in one part per thread, decomposed at the same time on a thread pool (LAPACK runs
 #: without the GIL; ``eigh`` of matrices smaller than 6x6 from more: :func:`_eigh_parallel_from`).
 #: Every matrix gets the same LAPACK call as in one batched call, and the parts
@@ -387,6 +388,32 @@ PARALLEL_MIN_BATCH = 256
 PARALLEL_MIN_BATCH_QR = 4096
 PARALLEL_MAX_D = 64
 PARALLEL_MAX_PARTS = 32
+
+#: NumPy's ``eigh`` and SVD are split only up to these sizes: from about 26x26 (``eigh``) and
+#: 44x44 (SVD) two parts decomposed at the same time with NumPy's LAPACK (OpenBLAS, NumPy 2.4's
+#: wheels, two BLAS threads) took longer than one call, where torch's LAPACK kept gaining. 2
+#: cores, float64, ``benchmarks/lapack_threads.py``
+#: (``benchmarks/results/cpu-2core-r18-lapack-threads-2026-11-28.md``, 256 to 10,000
+#: matrices): NumPy's ``eigh`` split 1.22-1.73x faster at 12x12 to 24x24 and 0.37-0.98x from
+#: 26x26 to 48x48 (0.50x for 1,000 and for 10,000 32x32 matrices); its SVD 1.58-2.08x faster
+#: from 12x12 to 40x40, 0.61x at 44x44 and 0.54-1.00x at 48x48; torch's ``eigh`` and SVD
+#: split 1.33-4.10x faster from 12x12 to 48x48.
+NUMPY_EIGH_PARALLEL_MAX_D = 24
+NUMPY_SVD_PARALLEL_MAX_D = 40
+
+# Larger NumPy ``eigh`` and SVD calls made in lanes (:func:`in_lanes`, the chunks of a large
+# call on every thread) take turns through this lock, for the same reason: two at once took
+# longer than one after the other (W2 full, 1,000 32x32 states, 2 lanes: 0.59-0.76x against the
+# chunks in turn, ``benchmarks/lanes.py``), while the rest of each lane's work still overlaps.
+_numpy_lapack_lock = threading.Lock()
+
+
+def _numpy_lapack_in_turn(xp: Namespace, d: int, max_d: int) -> contextlib.AbstractContextManager:
+    # The lock above for a NumPy decomposition of d x d matrices beyond max_d in a lane; else
+    # nothing.
+    if is_numpy(xp) and d > max_d and _lane.get():
+        return _numpy_lapack_lock
+    return contextlib.nullcontext()
 
 
 def _eigh_parallel_from(d: int) -> int:
@@ -413,8 +440,8 @@ _lane: contextvars.ContextVar[bool] = contextvars.ContextVar("tr_projections_lan
 
 
 def _reset_after_fork() -> None:  # (the child has none of the parent's pool threads)
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
+    global _pool, _pool_lock, _numpy_lapack_lock
+    _pool, _pool_lock, _numpy_lapack_lock = None, threading.Lock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -477,9 +504,9 @@ def split_threads(xp: Namespace, a: Array | None = None) -> int:
     return max(1, min(n, PARALLEL_MAX_PARTS))
 
 
-def _lapack_threads(a: Array, xp: Namespace) -> int:
+def _lapack_threads(a: Array, xp: Namespace, max_d: int = PARALLEL_MAX_D) -> int:
     """How many parts a batched decomposition of ``a`` is split into (1: not split)."""
-    if a.ndim < 3 or max(a.shape[-2:]) > PARALLEL_MAX_D:
+    if a.ndim < 3 or max(a.shape[-2:]) > min(max_d, PARALLEL_MAX_D):
         return 1
     return split_threads(xp, a)
 
@@ -718,16 +745,18 @@ def _chunked(
     xp: Namespace,
     limit: int | None = None,
     parallel_from: int | None = None,
+    max_d: int = PARALLEL_MAX_D,
 ) -> tuple:
     # fn on a (..., m, n) batch, in chunks of the flattened batch where the library needs it,
-    # or split over threads where the library decomposes one matrix at a time (LAPACK_THREADS).
+    # or split over threads where the library decomposes one matrix at a time (LAPACK_THREADS)
+    # and the matrices are at most max_d x max_d.
     limit = _max_batch(a, xp) if limit is None else limit
     batch = tuple(a.shape[:-2])
     n = math.prod(batch)
     parallel_from = PARALLEL_MIN_BATCH if parallel_from is None else parallel_from
     threads = 1
     if limit is None and n >= max(parallel_from, 2):
-        threads = min(_lapack_threads(a, xp), n)
+        threads = min(_lapack_threads(a, xp, max_d), n)
     if threads < 2 and (limit is None or n <= limit):
         return tuple(fn(a))
     flat = xp.reshape(a, (n,) + tuple(a.shape[-2:]))
@@ -930,7 +959,11 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
                 raise
             failure = exc
     # (torch's error, if it fails too)
-    w, U = _chunked(xp.linalg.eigh, a, xp=xp, parallel_from=_eigh_parallel_from(a.shape[-1]))
+    with _numpy_lapack_in_turn(xp, a.shape[-1], NUMPY_EIGH_PARALLEL_MAX_D):
+        w, U = _chunked(
+            xp.linalg.eigh, a, xp=xp, parallel_from=_eigh_parallel_from(a.shape[-1]),
+            max_d=NUMPY_EIGH_PARALLEL_MAX_D if is_numpy(xp) else PARALLEL_MAX_D,
+        )  # fmt: skip
     if failure is not None and not isinstance(failure, MemoryError):  # (OOM: this call only)
         # A CuPy that imports and sees the GPU but cannot run this (e.g. built for another
         # CUDA) while torch can: torch's own routine from now on, said once.
@@ -956,7 +989,11 @@ def _kernel_eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
 def svd(a: Array, *, xp: Namespace) -> tuple[Array, Array, Array]:
     """The reduced SVD ``(U, s, Vh)`` of ``a`` (``(..., m, n)``), as
     ``xp.linalg.svd(a, full_matrices=False)``, in chunks where :func:`eigh` takes them."""
-    U, s, Vh = _chunked(lambda x: xp.linalg.svd(x, full_matrices=False), a, xp=xp)
+    with _numpy_lapack_in_turn(xp, max(a.shape[-2:]), NUMPY_SVD_PARALLEL_MAX_D):
+        U, s, Vh = _chunked(
+            lambda x: xp.linalg.svd(x, full_matrices=False), a, xp=xp,
+            max_d=NUMPY_SVD_PARALLEL_MAX_D if is_numpy(xp) else PARALLEL_MAX_D,
+        )  # fmt: skip
     return U, s, Vh
 
 

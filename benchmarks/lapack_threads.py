@@ -7,8 +7,9 @@ decomposes the parts at the same time (``_compat.LAPACK_THREADS``, see docs/back
 script times the wrappers (``_compat.eigh``, ``_compat.svd``, ``_compat.qr_r``) with the split
 off (``LAPACK_THREADS = 1``) and on (the automatic thread count), on the same seeded float64
 data, interleaved round by round, and prints the medians and their ratio with the machine. The
-split is forced for every batch and size asked for (the package splits NumPy's ``eigh`` and SVD
-only up to ``NUMPY_EIGH_PARALLEL_MAX_D`` and ``NUMPY_SVD_PARALLEL_MAX_D``, as measured here):
+split is forced for every batch and size asked for up to ``PARALLEL_MAX_D`` (the package splits
+NumPy's ``eigh`` and SVD only up to ``NUMPY_EIGH_PARALLEL_MAX_D`` and
+``NUMPY_SVD_PARALLEL_MAX_D``, as measured here):
 
     python benchmarks/lapack_threads.py                         # d = 6, B = 128 ... 1e5
     python benchmarks/lapack_threads.py --dims 6,17 --batches 1e3,1e4 --backends torch

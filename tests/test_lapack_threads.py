@@ -259,40 +259,69 @@ def test_numpy_splits_eigh_and_svd_only_up_to_their_sizes(name, monkeypatch):
     assert splits == [d for d in sizes if d <= _compat.PARALLEL_MAX_D]
 
 
-@pytest.mark.parametrize(("op", "d"), [("eigh", 24), ("eigh", 25), ("svd", 40), ("svd", 41)])
-def test_large_numpy_decompositions_in_lanes_take_turns(op, d, monkeypatch):
-    """In lanes (the chunks of a large call on every thread), NumPy's ``eigh`` of matrices
-    larger than ``NUMPY_EIGH_PARALLEL_MAX_D`` and its SVD of ones larger than
-    ``NUMPY_SVD_PARALLEL_MAX_D`` run one at a time (two at once took longer than one after the
-    other); smaller ones overlap, and so do calls outside lanes."""
-    limit = {"eigh": _compat.NUMPY_EIGH_PARALLEL_MAX_D, "svd": _compat.NUMPY_SVD_PARALLEL_MAX_D}
-    running, overlaps = [0], []
-    lock = threading.Lock()
+def _overlaps(op: str, calls: list, monkeypatch, *, expect_overlap: bool) -> list:
+    # Run calls[0], which makes two calls of NumPy's `op` (at once, or in turn), with `op`
+    # spied on: whether each call found the other inside `op` at the same time. (A call that
+    # should overlap waits up to 30 s for the other; one that should not, 0.5 s.)
     real = getattr(xpn.linalg, op)
-    both_in = threading.Barrier(2, timeout=0.5)
+    both_in = threading.Barrier(2, timeout=30.0 if expect_overlap else 0.5)
+    overlaps = []
 
     def spy(a, *args, **kwargs):
-        with lock:
-            running[0] += 1
         try:
             both_in.wait()  # (two at once: both get here; one at a time: the first times out)
             overlaps.append(True)
         except threading.BrokenBarrierError:
             overlaps.append(False)
-        try:
-            return real(a, *args, **kwargs)
-        finally:
-            with lock:
-                running[0] -= 1
+        return real(a, *args, **kwargs)
 
     monkeypatch.setattr(xpn.linalg, op, spy)
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 1)  # (no split inside a call)
-    rng = np.random.default_rng(d)
-    a = spd(rng, (4,), d)
+    calls[0]()
+    return overlaps
+
+
+@pytest.mark.parametrize(("op", "d"), [("eigh", 24), ("eigh", 25), ("svd", 40), ("svd", 41)])
+def test_large_numpy_decompositions_in_lanes_take_turns(op, d, monkeypatch):
+    """In lanes (the chunks of a large call on every thread), NumPy's ``eigh`` of matrices
+    larger than ``NUMPY_EIGH_PARALLEL_MAX_D`` and its SVD of ones larger than
+    ``NUMPY_SVD_PARALLEL_MAX_D`` run one at a time (two at once took longer than one after the
+    other); smaller ones overlap."""
+    limit = {"eigh": _compat.NUMPY_EIGH_PARALLEL_MAX_D, "svd": _compat.NUMPY_SVD_PARALLEL_MAX_D}
+    a = spd(np.random.default_rng(d), (4,), d)
     fn = _compat.eigh if op == "eigh" else _compat.svd
-    _compat.in_lanes([lambda: fn(a, xp=xpn), lambda: fn(a, xp=xpn)])
-    assert overlaps == ([True, True] if d <= limit[op] else [False, False])
-    assert running[0] == 0
+    lanes = [lambda: _compat.in_lanes([lambda: fn(a, xp=xpn), lambda: fn(a, xp=xpn)])]
+    overlap = d <= limit[op]
+    assert _overlaps(op, lanes, monkeypatch, expect_overlap=overlap) == [overlap, overlap]
+    assert not _compat._numpy_lapack_lock.locked()
+
+
+def test_large_decompositions_outside_lanes_or_of_torch_overlap(monkeypatch):
+    """The turns are for NumPy's calls within lanes only: two threads of the caller's own
+    decompose 25x25 NumPy matrices at once, and lanes of torch tensors (torch's LAPACK) too."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xpt
+
+    a = spd(np.random.default_rng(25), (4,), 25)
+
+    def two_threads():
+        t = threading.Thread(target=lambda: _compat.eigh(a, xp=xpn))
+        t.start()
+        _compat.eigh(a, xp=xpn)
+        t.join()
+
+    assert _overlaps("eigh", [two_threads], monkeypatch, expect_overlap=True) == [True, True]
+    seen = []
+    real = xpt.linalg.eigh
+
+    def spy(x, *args, **kwargs):
+        seen.append(_compat._numpy_lapack_lock.locked())
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(xpt.linalg, "eigh", spy)
+    t = torch.asarray(a)
+    _compat.in_lanes([lambda: _compat.eigh(t, xp=xpt), lambda: _compat.eigh(t, xp=xpt)])
+    assert seen == [False, False]
 
 
 def test_torch_autograd_is_not_split(split_everything, monkeypatch):

@@ -397,7 +397,8 @@ PARALLEL_MAX_PARTS = 32
 #: matrices): NumPy's ``eigh`` split 1.22-1.73x faster at 12x12 to 24x24 and 0.37-0.98x from
 #: 26x26 to 48x48 (0.50x for 1,000 and for 10,000 32x32 matrices); its SVD 1.58-2.08x faster
 #: from 12x12 to 40x40, 0.61x at 44x44 and 0.54-1.00x at 48x48; torch's ``eigh`` and SVD
-#: split 1.33-4.10x faster from 12x12 to 48x48.
+#: split 1.33-4.10x faster from 12x12 to 48x48. Not measured with one BLAS thread or on more
+#: cores: setting both to :data:`PARALLEL_MAX_D` restores the split, and lanes that overlap.
 NUMPY_EIGH_PARALLEL_MAX_D = 24
 NUMPY_SVD_PARALLEL_MAX_D = 40
 
@@ -504,9 +505,11 @@ def split_threads(xp: Namespace, a: Array | None = None) -> int:
     return max(1, min(n, PARALLEL_MAX_PARTS))
 
 
-def _lapack_threads(a: Array, xp: Namespace, max_d: int = PARALLEL_MAX_D) -> int:
-    """How many parts a batched decomposition of ``a`` is split into (1: not split)."""
-    if a.ndim < 3 or max(a.shape[-2:]) > min(max_d, PARALLEL_MAX_D):
+def _lapack_threads(a: Array, xp: Namespace, max_d: int | None = None) -> int:
+    """How many parts a batched decomposition of ``a`` is split into (1: not split), for
+    matrices of at most ``max_d`` (and :data:`PARALLEL_MAX_D`) rows and columns."""
+    limit = PARALLEL_MAX_D if max_d is None else min(max_d, PARALLEL_MAX_D)
+    if a.ndim < 3 or max(a.shape[-2:]) > limit:
         return 1
     return split_threads(xp, a)
 
@@ -745,7 +748,7 @@ def _chunked(
     xp: Namespace,
     limit: int | None = None,
     parallel_from: int | None = None,
-    max_d: int = PARALLEL_MAX_D,
+    max_d: int | None = None,
 ) -> tuple:
     # fn on a (..., m, n) batch, in chunks of the flattened batch where the library needs it,
     # or split over threads where the library decomposes one matrix at a time (LAPACK_THREADS)
@@ -962,7 +965,7 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
     with _numpy_lapack_in_turn(xp, a.shape[-1], NUMPY_EIGH_PARALLEL_MAX_D):
         w, U = _chunked(
             xp.linalg.eigh, a, xp=xp, parallel_from=_eigh_parallel_from(a.shape[-1]),
-            max_d=NUMPY_EIGH_PARALLEL_MAX_D if is_numpy(xp) else PARALLEL_MAX_D,
+            max_d=NUMPY_EIGH_PARALLEL_MAX_D if is_numpy(xp) else None,
         )  # fmt: skip
     if failure is not None and not isinstance(failure, MemoryError):  # (OOM: this call only)
         # A CuPy that imports and sees the GPU but cannot run this (e.g. built for another
@@ -992,7 +995,7 @@ def svd(a: Array, *, xp: Namespace) -> tuple[Array, Array, Array]:
     with _numpy_lapack_in_turn(xp, max(a.shape[-2:]), NUMPY_SVD_PARALLEL_MAX_D):
         U, s, Vh = _chunked(
             lambda x: xp.linalg.svd(x, full_matrices=False), a, xp=xp,
-            max_d=NUMPY_SVD_PARALLEL_MAX_D if is_numpy(xp) else PARALLEL_MAX_D,
+            max_d=NUMPY_SVD_PARALLEL_MAX_D if is_numpy(xp) else None,
         )  # fmt: skip
     return U, s, Vh
 

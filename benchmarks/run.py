@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import _report
-from _worker import BOUND_QUANTILE
+from _worker import BOUND_QUANTILE, DTYPES
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -63,7 +63,6 @@ WORKER = HERE / "_worker.py"
 
 METHODS = ("kl", "frobenius", "wasserstein")
 KINDS = ("diag", "full")
-DTYPES = ("float64", "float32")
 #: A worker's own dtype (``_worker.cell_dtype``): set through --variant-env only.
 DTYPE_ENV = "TRP_BENCH_DTYPE"
 MODES = ("forward", "backward")
@@ -249,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=DTYPES,
         default="float64",
         help="dtype the backends project in (the data are made in float64 and rounded); a "
-        "worker's TRP_BENCH_DTYPE overrides it, e.g. through --variant-env",
+        "variant worker's TRP_BENCH_DTYPE (--variant-env) overrides it",
     )
     p.add_argument("--seed", type=int, default=20210503)
     p.add_argument("--label", help="name of the results file (default: the hostname)")

@@ -197,6 +197,18 @@ def test_torch_thread_count_holds_on_the_numpy_route(split_everything, monkeypat
         torch.set_num_threads(before)
 
 
+def _splits(monkeypatch, key) -> list:
+    # What `key` says of each batch that _compat._in_parallel splits from now on, in order.
+    splits = []
+    real = _compat._in_parallel
+    monkeypatch.setattr(
+        _compat,
+        "_in_parallel",
+        lambda fn, flat, *a, **k: splits.append(key(flat)) or real(fn, flat, *a, **k),
+    )
+    return splits
+
+
 @pytest.mark.parametrize(
     ("d", "whole", "split"),
     [(2, 2303, 2304), (3, 1023, 1024), (5, 368, 369), (6, 255, 256), (12, 255, 256)],
@@ -206,13 +218,7 @@ def test_eigh_splits_small_matrices_from_larger_batches(d, whole, split, monkeyp
     from (6/d)^2 times as many smaller ones (cheap for LAPACK, the hand-off weighs more); the
     SVD keeps ``PARALLEL_MIN_BATCH`` whatever d; "split everything" stays that."""
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
-    splits = []
-    real = _compat._in_parallel
-    monkeypatch.setattr(
-        _compat,
-        "_in_parallel",
-        lambda fn, flat, *a, **k: splits.append(flat.shape[0]) or real(fn, flat, *a, **k),
-    )
+    splits = _splits(monkeypatch, lambda flat: flat.shape[0])
     rng = np.random.default_rng(d)
     for n in (whole, split):
         _compat.eigh(spd(rng, (n,), d), xp=xpn)
@@ -234,13 +240,7 @@ def test_numpy_splits_eigh_and_svd_only_up_to_their_sizes(name, monkeypatch):
     the QR factors of both."""
     ns, conv, _ = _namespace(name)
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
-    splits = []
-    real = _compat._in_parallel
-    monkeypatch.setattr(
-        _compat,
-        "_in_parallel",
-        lambda fn, flat, *a, **k: splits.append(flat.shape[-1]) or real(fn, flat, *a, **k),
-    )
+    splits = _splits(monkeypatch, lambda flat: flat.shape[-1])
     rng = np.random.default_rng(3)
     sizes = (24, 25, 40, 41, 64, 65)
     for d in sizes:

@@ -168,15 +168,14 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
     factors in host memory (NumPy arrays, torch CPU tensors) take that float64 route on an exact
     float64 copy, with the SVD where :math:`\kappa(\Sigma)\varepsilon` exceeds 1e-9
     (:data:`ROUGH_FOR_FLOAT32`), and their basis is rounded to float32: in float32 every row
-    counts as rough, and the
-    SVD of every row after the ``eigh`` took about twice the time of the float64 route
-    (``benchmarks/results/cpu-2core-r18-float32-2026-11-28``), for roots as accurate (within
-    four float32 roundings of the exact root of the float32 factor, ``tests/test_projections.py``).
-    Other float32 arrays take the SVD for every row, without the ``eigh`` first (every float32
-    row is rough: :math:`\kappa \ge 1`). Under tracing rows cannot be chosen: jitted
-    JAX arrays of float64 take ``eigh`` and, only where some row of the batch is rough, the SVD
-    for every row (``lax.cond``: under ``jax.vmap`` both run, slower than the SVD alone); other
-    traced arrays take the SVD for every row.
+    counts as rough, and the SVD of every row after the ``eigh`` took about twice the time of
+    the float64 route (``benchmarks/results/cpu-2core-r18-float32-2026-11-28``), for roots as
+    accurate (within four float32 roundings of the exact root of the float32 factor,
+    ``tests/test_projections.py``). Other float32 arrays take the SVD for every row, without the
+    ``eigh`` first (every float32 row is rough: :math:`\kappa \ge 1`). Under tracing rows
+    cannot be chosen: jitted JAX arrays of float64 take ``eigh`` and, only where some row of
+    the batch is rough, the SVD for every row (``lax.cond``: under ``jax.vmap`` both run, slower
+    than the SVD alone); other traced arrays take the SVD for every row.
     """
     eps = float(xp.finfo(scale.dtype).eps)
     if _compat._is_traced(scale, xp):

@@ -535,14 +535,16 @@ def time_cell(prepared: Prepared, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-#: The dtypes a cell may be projected in.
+#: The dtypes a cell may be projected in, and the environment variable that gives a worker its
+#: own (``run.py --variant-env``).
 DTYPES = ("float64", "float32")
+DTYPE_ENV = "TRP_BENCH_DTYPE"
 
 
 def cell_dtype(req: dict[str, Any]) -> str:
     """The dtype this worker projects a cell in: ``TRP_BENCH_DTYPE`` where set (a variant
     worker's), else the request's (``run.py --dtype``), else float64."""
-    dtype = os.environ.get("TRP_BENCH_DTYPE") or req.get("dtype") or "float64"
+    dtype = os.environ.get(DTYPE_ENV) or req.get("dtype") or "float64"
     if dtype not in DTYPES:
         raise ValueError(f"TRP_BENCH_DTYPE / --dtype must be one of {DTYPES}, got {dtype!r}")
     return dtype
@@ -633,7 +635,7 @@ def main(argv: list[str]) -> int:
             "backward": backward_error is None,
             "backward_error": backward_error,
             "affinity": pinned,
-            "dtype": os.environ.get("TRP_BENCH_DTYPE") or None,
+            "dtype": os.environ.get(DTYPE_ENV) or None,
         }
     )
     cache: dict[str, Any] = {}

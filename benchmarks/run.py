@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import _report
-from _worker import BOUND_QUANTILE, DTYPES
+from _worker import BOUND_QUANTILE, DTYPE_ENV, DTYPES
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -63,8 +63,6 @@ WORKER = HERE / "_worker.py"
 
 METHODS = ("kl", "frobenius", "wasserstein")
 KINDS = ("diag", "full")
-#: A worker's own dtype (``_worker.cell_dtype``): set through --variant-env only.
-DTYPE_ENV = "TRP_BENCH_DTYPE"
 MODES = ("forward", "backward")
 CPU_BACKENDS = ("numpy", "torch", "jax")
 GPU_BACKENDS = ("torch_cuda", "cupy", "jax_cuda")

@@ -403,18 +403,11 @@ NUMPY_EIGH_PARALLEL_MAX_D = 24
 NUMPY_SVD_PARALLEL_MAX_D = 40
 
 # Larger NumPy ``eigh`` and SVD calls made in lanes (:func:`in_lanes`, the chunks of a large
-# call on every thread) take turns through this lock, for the same reason: two at once took
-# longer than one after the other (W2 full, 1,000 32x32 states, 2 lanes: 0.59-0.76x against the
-# chunks in turn, ``benchmarks/lanes.py``), while the rest of each lane's work still overlaps.
+# call on every thread) take turns through this lock (:func:`_chunked`), for the same reason:
+# two at once took longer than one after the other (W2 full, 1,000 32x32 states, 2 lanes:
+# 0.59-0.76x against the chunks in turn, ``benchmarks/lanes.py``), while the rest of each lane's
+# work still overlaps.
 _numpy_lapack_lock = threading.Lock()
-
-
-def _numpy_lapack_in_turn(xp: Namespace, d: int, max_d: int) -> contextlib.AbstractContextManager:
-    # The lock above for a NumPy decomposition of d x d matrices beyond max_d in a lane; else
-    # nothing.
-    if is_numpy(xp) and d > max_d and _lane.get():
-        return _numpy_lapack_lock
-    return contextlib.nullcontext()
 
 
 def _eigh_parallel_from(d: int) -> int:
@@ -505,11 +498,9 @@ def split_threads(xp: Namespace, a: Array | None = None) -> int:
     return max(1, min(n, PARALLEL_MAX_PARTS))
 
 
-def _lapack_threads(a: Array, xp: Namespace, max_d: int | None = None) -> int:
-    """How many parts a batched decomposition of ``a`` is split into (1: not split), for
-    matrices of at most ``max_d`` (and :data:`PARALLEL_MAX_D`) rows and columns."""
-    limit = PARALLEL_MAX_D if max_d is None else min(max_d, PARALLEL_MAX_D)
-    if a.ndim < 3 or max(a.shape[-2:]) > limit:
+def _lapack_threads(a: Array, xp: Namespace) -> int:
+    """How many parts a batched decomposition of ``a`` is split into (1: not split)."""
+    if a.ndim < 3 or max(a.shape[-2:]) > PARALLEL_MAX_D:
         return 1
     return split_threads(xp, a)
 
@@ -748,20 +739,23 @@ def _chunked(
     xp: Namespace,
     limit: int | None = None,
     parallel_from: int | None = None,
-    max_d: int | None = None,
+    numpy_max_d: int | None = None,
 ) -> tuple:
     # fn on a (..., m, n) batch, in chunks of the flattened batch where the library needs it,
-    # or split over threads where the library decomposes one matrix at a time (LAPACK_THREADS)
-    # and the matrices are at most max_d x max_d.
+    # or split over threads where the library decomposes one matrix at a time (LAPACK_THREADS).
+    # NumPy's matrices larger than numpy_max_d are not split, and in lanes they take turns
+    # (_numpy_lapack_lock): two such calls at once are slower than one after the other.
     limit = _max_batch(a, xp) if limit is None else limit
     batch = tuple(a.shape[:-2])
     n = math.prod(batch)
     parallel_from = PARALLEL_MIN_BATCH if parallel_from is None else parallel_from
+    large = numpy_max_d is not None and is_numpy(xp) and max(a.shape[-2:]) > numpy_max_d
     threads = 1
-    if limit is None and n >= max(parallel_from, 2):
-        threads = min(_lapack_threads(a, xp, max_d), n)
+    if limit is None and n >= max(parallel_from, 2) and not large:
+        threads = min(_lapack_threads(a, xp), n)
     if threads < 2 and (limit is None or n <= limit):
-        return tuple(fn(a))
+        with _numpy_lapack_lock if large and _lane.get() else contextlib.nullcontext():
+            return tuple(fn(a))
     flat = xp.reshape(a, (n,) + tuple(a.shape[-2:]))
     if threads > 1:
         joined = _in_parallel(fn, flat, threads, xp=xp)
@@ -962,11 +956,10 @@ def eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
                 raise
             failure = exc
     # (torch's error, if it fails too)
-    with _numpy_lapack_in_turn(xp, a.shape[-1], NUMPY_EIGH_PARALLEL_MAX_D):
-        w, U = _chunked(
-            xp.linalg.eigh, a, xp=xp, parallel_from=_eigh_parallel_from(a.shape[-1]),
-            max_d=NUMPY_EIGH_PARALLEL_MAX_D if is_numpy(xp) else None,
-        )  # fmt: skip
+    w, U = _chunked(
+        xp.linalg.eigh, a, xp=xp, parallel_from=_eigh_parallel_from(a.shape[-1]),
+        numpy_max_d=NUMPY_EIGH_PARALLEL_MAX_D,
+    )  # fmt: skip
     if failure is not None and not isinstance(failure, MemoryError):  # (OOM: this call only)
         # A CuPy that imports and sees the GPU but cannot run this (e.g. built for another
         # CUDA) while torch can: torch's own routine from now on, said once.
@@ -992,11 +985,10 @@ def _kernel_eigh(a: Array, *, xp: Namespace) -> tuple[Array, Array]:
 def svd(a: Array, *, xp: Namespace) -> tuple[Array, Array, Array]:
     """The reduced SVD ``(U, s, Vh)`` of ``a`` (``(..., m, n)``), as
     ``xp.linalg.svd(a, full_matrices=False)``, in chunks where :func:`eigh` takes them."""
-    with _numpy_lapack_in_turn(xp, max(a.shape[-2:]), NUMPY_SVD_PARALLEL_MAX_D):
-        U, s, Vh = _chunked(
-            lambda x: xp.linalg.svd(x, full_matrices=False), a, xp=xp,
-            max_d=NUMPY_SVD_PARALLEL_MAX_D if is_numpy(xp) else None,
-        )  # fmt: skip
+    U, s, Vh = _chunked(
+        lambda x: xp.linalg.svd(x, full_matrices=False), a, xp=xp,
+        numpy_max_d=NUMPY_SVD_PARALLEL_MAX_D,
+    )  # fmt: skip
     return U, s, Vh
 
 

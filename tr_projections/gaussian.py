@@ -182,15 +182,14 @@ def root_from_cholesky(scale: Array, *, xp: Any) -> tuple[Array, Array, Array]:
         if _compat.is_jax(xp) and eps < 1e-12:
             return _root_jax_traced(scale, eps, xp=xp)
         return _root_svd(scale, xp=xp)
-    if eps > 1e-12 and not _compat.on_host(scale, xp):
-        return _root_svd(scale, xp=xp)  # (kappa * eps >= eps > 1e-12: every row is rough)
-    if eps > 1e-12:
-        # (the products of float32 numbers are exact in float64)
+    if eps < 1e-12:
+        U, s = _basis(scale, eps, ROUGH, xp=xp)
+    elif _compat.on_host(scale, xp):  # (the products of float32 numbers are exact in float64)
         x64 = xp.astype(scale, xp.float64)
         U, s = _basis(x64, float(xp.finfo(xp.float64).eps), ROUGH_FOR_FLOAT32, xp=xp)
         U, s = xp.astype(U, scale.dtype), xp.astype(s, scale.dtype)
     else:
-        U, s = _basis(scale, eps, ROUGH, xp=xp)
+        return _root_svd(scale, xp=xp)  # (kappa * eps >= eps > 1e-12: every row is rough)
     return root_from_eig(U, s, xp=xp), U, s
 
 

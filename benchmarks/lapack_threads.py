@@ -7,12 +7,16 @@ decomposes the parts at the same time (``_compat.LAPACK_THREADS``, see docs/back
 script times the wrappers (``_compat.eigh``, ``_compat.svd``, ``_compat.qr_r``) with the split
 off (``LAPACK_THREADS = 1``) and on (the automatic thread count), on the same seeded float64
 data, interleaved round by round, and prints the medians and their ratio with the machine. The
-split is forced for every batch and size asked for up to ``PARALLEL_MAX_D`` (the package splits
-NumPy's ``eigh`` and SVD only up to ``NUMPY_EIGH_PARALLEL_MAX_D`` and
-``NUMPY_SVD_PARALLEL_MAX_D``, as measured here):
+split is forced for every batch and size asked for up to ``PARALLEL_MAX_D`` (where NumPy's
+OpenBLAS is left alone in lanes, the package splits NumPy's ``eigh`` and SVD only up to
+``NUMPY_EIGH_PARALLEL_MAX_D`` and ``NUMPY_SVD_PARALLEL_MAX_D``, as measured here). The parts
+run as the package runs them: with OpenBLAS on one thread while they do
+(``ONE_BLAS_THREAD_IN_LANES``); ``--blas-alone`` adds a column of the split with OpenBLAS left
+alone (its own thread count in every part), timed in the same rounds:
 
     python benchmarks/lapack_threads.py                         # d = 6, B = 128 ... 1e5
     python benchmarks/lapack_threads.py --dims 6,17 --batches 1e3,1e4 --backends torch
+    python benchmarks/lapack_threads.py --dims 24,32,48 --backends numpy --blas-alone
 
 The matrices are random symmetric positive definite with eigenvalues log-uniform in [0.1, 10]
 (SVD: their Cholesky factors), like the covariances of ``run.py``.
@@ -40,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="torch,numpy")
     ap.add_argument("--ops", default="eigh,svd,qr")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument(
+        "--blas-alone", action="store_true",
+        help="also time the split with OpenBLAS's own thread count in every part",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     from tr_projections import _compat
@@ -62,27 +70,37 @@ def main(argv: list[str] | None = None) -> int:
             namespaces.items()}  # fmt: skip
     print(machine_line(versions))
     print(f"# parts when split: {auto}; float64, median ms of {args.rounds} interleaved rounds")
-    print("| backend | op | d | B | one call | split | speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    counts = [get() for get, _ in _compat._openblas_controls()]
+    print(f"# OpenBLAS loaded with a settable thread count: {counts or 'none'} thread(s)")
+    if args.blas_alone:
+        print(
+            "| backend | op | d | B | one call | split, BLAS alone | split | speed-up "
+            "| speed-up, BLAS alone |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| backend | op | d | B | one call | split | speed-up |")
+        print("|---|---|---:|---:|---:|---:|---:|")
     ops = {
         "eigh": lambda a, xp: _compat.eigh(a, xp=xp),
         "svd": lambda a, xp: _compat.svd(a, xp=xp),
         "qr": lambda a, xp: _compat.qr_r(a, xp=xp),
     }
 
-    def decompose(threads, fn, a, xp):  # (1: one call; 0: split as configured)
+    def decompose(threads, one_blas, fn, a, xp):  # (1: one call; 0: split as configured)
         _compat.LAPACK_THREADS = threads
+        _compat.ONE_BLAS_THREAD_IN_LANES = one_blas
         fn(a, xp)
 
     rng = np.random.default_rng(0)
     names = ("LAPACK_THREADS", "PARALLEL_MIN_BATCH", "PARALLEL_MIN_BATCH_QR")
-    names += ("NUMPY_EIGH_PARALLEL_MAX_D", "NUMPY_SVD_PARALLEL_MAX_D")
+    names += ("NUMPY_EIGH_PARALLEL_MAX_D", "NUMPY_SVD_PARALLEL_MAX_D", "ONE_BLAS_THREAD_IN_LANES")
     saved = {k: getattr(_compat, k) for k in names if hasattr(_compat, k)}
     try:
         # (thresholds at 2, and NumPy's sizes at the package's largest: every batch below is
         # split when "split" is asked for, whatever the package itself would do)
         _compat.PARALLEL_MIN_BATCH = _compat.PARALLEL_MIN_BATCH_QR = 2
-        for k in names[3:]:
+        for k in names[3:5]:
             if k in saved:
                 setattr(_compat, k, _compat.PARALLEL_MAX_D)
         for d in [int(x) for x in args.dims.split(",")]:
@@ -95,17 +113,20 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (xp, conv) in namespaces.items():
                     for op in args.ops.split(","):
                         a = conv(chol if op == "svd" else spd)
+                        variants = [(1, True), (0, True)] + [(0, False)] * args.blas_alone
                         calls = {
-                            threads: functools.partial(decompose, threads, ops[op], a, xp)
-                            for threads in (1, 0)
+                            v: functools.partial(decompose, *v, ops[op], a, xp) for v in variants
                         }
                         t = interleaved_ms(calls, args.rounds)
-                        one, split = t[1], t[0]
-                        print(
-                            f"| {name} | {op} | {d} | {B:,} | {one:.3f} | {split:.3f} | "
-                            f"{one / split:.2f}× |",
-                            flush=True,
-                        )
+                        one, split = t[(1, True)], t[(0, True)]
+                        row = f"| {name} | {op} | {d} | {B:,} | {one:.3f} | "
+                        if args.blas_alone:
+                            alone = t[(0, False)]
+                            row += f"{alone:.3f} | {split:.3f} | {one / split:.2f}× | "
+                            row += f"{one / alone:.2f}× |"
+                        else:
+                            row += f"{split:.3f} | {one / split:.2f}× |"
+                        print(row, flush=True)
     finally:
         for k, v in saved.items():
             setattr(_compat, k, v)

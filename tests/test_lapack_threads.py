@@ -232,25 +232,38 @@ def test_eigh_splits_small_matrices_from_larger_batches(d, whole, split, monkeyp
     assert splits == [2]
 
 
+def _blas(monkeypatch, controlled: bool) -> None:
+    # Lanes with NumPy's OpenBLAS on one thread (where this process can set its count), or
+    # OpenBLAS left alone, whatever the default.
+    if controlled and not _compat._openblas_controls():
+        pytest.skip("no OpenBLAS whose thread count can be set is loaded")
+    monkeypatch.setattr(_compat, "ONE_BLAS_THREAD_IN_LANES", controlled)
+
+
+@pytest.mark.parametrize("controlled", [True, False], ids=["one-blas-thread", "blas-alone"])
 @pytest.mark.parametrize("name", ["numpy", "torch"])
-def test_numpy_splits_eigh_and_svd_only_up_to_their_sizes(name, monkeypatch):
-    """NumPy's ``eigh`` is split up to ``NUMPY_EIGH_PARALLEL_MAX_D`` (24) and its SVD up to
-    ``NUMPY_SVD_PARALLEL_MAX_D`` (40): larger, two parts at once took longer than one call
-    with NumPy's LAPACK. torch's own routines are split up to ``PARALLEL_MAX_D`` (64), as are
-    the QR factors of both."""
+def test_numpy_splits_eigh_and_svd_up_to_their_sizes(name, controlled, monkeypatch):
+    """With NumPy's OpenBLAS on one thread in lanes, NumPy's ``eigh`` and SVD are split up to
+    ``PARALLEL_MAX_D`` (64), as torch's are. With OpenBLAS left alone (not found, or
+    ``ONE_BLAS_THREAD_IN_LANES`` off), NumPy's ``eigh`` is split up to
+    ``NUMPY_EIGH_PARALLEL_MAX_D`` (24) and its SVD up to ``NUMPY_SVD_PARALLEL_MAX_D`` (40):
+    larger, two parts at once took longer than one call. QR factors: up to ``PARALLEL_MAX_D``
+    throughout."""
     ns, conv, _ = _namespace(name)
+    _blas(monkeypatch, controlled)
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
     splits = _splits(monkeypatch, lambda flat: flat.shape[-1])
     rng = np.random.default_rng(3)
     sizes = (24, 25, 40, 41, 64, 65)
+    limited = name == "numpy" and not controlled
     for d in sizes:
         _compat.eigh(conv(spd(rng, (300,), d)), xp=ns)
-    eigh_max = _compat.NUMPY_EIGH_PARALLEL_MAX_D if name == "numpy" else _compat.PARALLEL_MAX_D
+    eigh_max = _compat.NUMPY_EIGH_PARALLEL_MAX_D if limited else _compat.PARALLEL_MAX_D
     assert splits == [d for d in sizes if d <= eigh_max]
     splits.clear()
     for d in sizes:
         _compat.svd(conv(spd(rng, (300,), d)), xp=ns)
-    svd_max = _compat.NUMPY_SVD_PARALLEL_MAX_D if name == "numpy" else _compat.PARALLEL_MAX_D
+    svd_max = _compat.NUMPY_SVD_PARALLEL_MAX_D if limited else _compat.PARALLEL_MAX_D
     assert splits == [d for d in sizes if d <= svd_max]
     splits.clear()
     monkeypatch.setattr(_compat, "PARALLEL_MIN_BATCH_QR", 2)
@@ -281,19 +294,100 @@ def _overlaps(op: str, calls: list, monkeypatch, *, expect_overlap: bool) -> lis
     return overlaps
 
 
+@pytest.mark.parametrize("controlled", [True, False], ids=["one-blas-thread", "blas-alone"])
 @pytest.mark.parametrize(("op", "d"), [("eigh", 24), ("eigh", 25), ("svd", 40), ("svd", 41)])
-def test_large_numpy_decompositions_in_lanes_take_turns(op, d, monkeypatch):
-    """In lanes (the chunks of a large call on every thread), NumPy's ``eigh`` of matrices
-    larger than ``NUMPY_EIGH_PARALLEL_MAX_D`` and its SVD of ones larger than
-    ``NUMPY_SVD_PARALLEL_MAX_D`` run one at a time (two at once took longer than one after the
-    other); smaller ones overlap."""
+def test_large_numpy_decompositions_in_lanes_take_turns(op, d, controlled, monkeypatch):
+    """In lanes (the chunks of a large call on every thread) with OpenBLAS left alone, NumPy's
+    ``eigh`` of matrices larger than ``NUMPY_EIGH_PARALLEL_MAX_D`` and its SVD of ones larger
+    than ``NUMPY_SVD_PARALLEL_MAX_D`` run one at a time (two at once took longer than one
+    after the other); smaller ones overlap. With OpenBLAS on one thread in lanes, every size
+    overlaps."""
+    _blas(monkeypatch, controlled)
     limit = {"eigh": _compat.NUMPY_EIGH_PARALLEL_MAX_D, "svd": _compat.NUMPY_SVD_PARALLEL_MAX_D}
     a = spd(np.random.default_rng(d), (4,), d)
     fn = _compat.eigh if op == "eigh" else _compat.svd
     lanes = [lambda: _compat.in_lanes([lambda: fn(a, xp=xpn), lambda: fn(a, xp=xpn)])]
-    overlap = d <= limit[op]
+    overlap = controlled or d <= limit[op]
     assert _overlaps(op, lanes, monkeypatch, expect_overlap=overlap) == [overlap, overlap]
     assert not _compat._numpy_lapack_lock.locked()
+
+
+def _blas_threads() -> list[int]:
+    return [get() for get, _ in _compat._openblas_controls()]
+
+
+def test_lanes_run_openblas_on_one_thread(monkeypatch):
+    """While lanes run (two tasks or more), every OpenBLAS loaded has one thread; its own count
+    is given back when the lanes end, also when a task fails; a single task changes nothing,
+    and neither do lanes with ``ONE_BLAS_THREAD_IN_LANES`` off."""
+    _blas(monkeypatch, True)
+    controls = _compat._openblas_controls()
+    saved = _blas_threads()
+    try:
+        for _, put in controls:
+            put(3)  # (a count other than one, whatever this machine's default)
+        seen = _compat.in_lanes([_blas_threads, _blas_threads, _blas_threads])
+        assert seen == [[1] * len(controls)] * 3
+        assert _blas_threads() == [3] * len(controls)
+
+        def fail():
+            raise ValueError("a lane's error")
+
+        with pytest.raises(ValueError, match="a lane's error"):
+            _compat.in_lanes([_blas_threads, fail])
+        assert _blas_threads() == [3] * len(controls)
+        assert _compat.in_lanes([_blas_threads]) == [[3] * len(controls)]
+        monkeypatch.setattr(_compat, "ONE_BLAS_THREAD_IN_LANES", False)
+        assert _compat.in_lanes([_blas_threads, _blas_threads]) == [[3] * len(controls)] * 2
+    finally:
+        for (_, put), n in zip(controls, saved, strict=True):
+            put(n)
+    assert _compat._blas_lanes == 0
+
+
+def test_lanes_at_once_share_the_one_thread(monkeypatch):
+    """Lanes started on several threads at once keep OpenBLAS on one thread until the last of
+    them ends (the first to end does not give the count back under the others)."""
+    _blas(monkeypatch, True)
+    controls = _compat._openblas_controls()
+    saved = _blas_threads()
+    first_in, others_done = threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        first_in.set()
+        assert others_done.wait(30)
+        return _blas_threads()  # (after the other lanes have ended)
+
+    try:
+        for _, put in controls:
+            put(2)
+        t = threading.Thread(target=lambda: seen.update(a=_compat.in_lanes([first, lambda: None])))
+        t.start()
+        assert first_in.wait(30)
+        seen["b"] = _compat.in_lanes([_blas_threads, lambda: None])  # (within the first's)
+        others_done.set()
+        t.join(30)
+        assert seen["b"][0] == [1] * len(controls)
+        assert seen["a"][0] == [1] * len(controls)
+        assert _blas_threads() == [2] * len(controls)
+    finally:
+        for (_, put), n in zip(controls, saved, strict=True):
+            put(n)
+
+
+def test_without_openblas_lanes_leave_blas_alone(monkeypatch):
+    """Where no OpenBLAS whose count can be set is loaded (MKL, Accelerate, another library),
+    lanes change nothing, and NumPy's split limits and turns stay."""
+    monkeypatch.setattr(_compat, "_openblas_controls", lambda: ())
+    assert not _compat._blas_controlled()
+    with _compat._one_blas_thread():
+        pass
+    assert _compat._blas_lanes == 0
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
+    splits = _splits(monkeypatch, lambda flat: flat.shape[-1])
+    _compat.eigh(spd(np.random.default_rng(0), (300,), 25), xp=xpn)
+    assert splits == []
 
 
 def test_large_decompositions_outside_lanes_or_of_torch_overlap(monkeypatch):

@@ -409,6 +409,104 @@ NUMPY_SVD_PARALLEL_MAX_D = 40
 # work still overlaps.
 _numpy_lapack_lock = threading.Lock()
 
+#: While :func:`in_lanes` runs tasks at the same time, the OpenBLAS libraries loaded in the
+#: process (NumPy's wheels bundle one) use one thread each (:func:`_one_blas_thread`), and are
+#: given back their own count once no lanes run. Each lane already has a core of its own; with
+#: OpenBLAS's threads on top, NumPy's ``eigh`` of matrices from about 26x26 took far longer two
+#: at a time than one after the other (``benchmarks/lapack_threads.py``, the figures above),
+#: and with one BLAS thread each it no longer did, so where the libraries' thread count can be
+#: set (:func:`_openblas_controls`) NumPy's ``eigh`` and SVD are split up to
+#: :data:`PARALLEL_MAX_D` like torch's and nothing takes turns. False: leave OpenBLAS alone
+#: (and keep :data:`NUMPY_EIGH_PARALLEL_MAX_D`, :data:`NUMPY_SVD_PARALLEL_MAX_D` and the turns).
+ONE_BLAS_THREAD_IN_LANES = True
+
+_blas_lock = threading.Lock()
+_blas_lanes = 0  # how many in_lanes calls hold OpenBLAS at one thread now
+_blas_saved: list[int] = []  # the libraries' own thread counts, given back by the last of them
+
+
+@functools.cache
+def _openblas_controls() -> tuple[tuple[Callable[[], int], Callable[[int], Any]], ...]:
+    """``(get, set)`` of the thread count of every OpenBLAS library loaded in this process that
+    exports them: NumPy's (its wheels' ``numpy.libs`` or ``.dylibs`` folder) and, on Linux,
+    any other mapped into the process (a distribution's NumPy, SciPy's). Libraries are looked
+    up without being loaded (``RTLD_NOLOAD``), and NumPy is imported only where the caller
+    already did. Empty where there is none, or it exports neither name."""
+    import ctypes
+    import glob
+
+    paths: list[str] = []
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and getattr(numpy, "__file__", None):
+        root = os.path.dirname(os.path.abspath(numpy.__file__))
+        for folder in (root + ".libs", os.path.join(root, ".dylibs")):
+            paths += sorted(glob.glob(os.path.join(folder, "*openblas*")))
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(None, 5)[-1].strip() if line.count(" ") >= 5 else ""
+                if "openblas" in os.path.basename(path).lower() and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass  # (not Linux)
+    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LOCAL", 0)
+    controls, seen = [], set()
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            lib = ctypes.CDLL(path, mode=mode)
+        except OSError:
+            continue  # (not loaded, or not a library)
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", "_64", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype, get.argtypes = ctypes.c_int, []
+                    put.restype, put.argtypes = None, [ctypes.c_int]
+                    controls.append((get, put))
+                    break
+            else:
+                continue
+            break
+    return tuple(controls)
+
+
+def _blas_controlled() -> bool:
+    """Whether lanes run NumPy's OpenBLAS on one thread (:data:`ONE_BLAS_THREAD_IN_LANES`)."""
+    return bool(ONE_BLAS_THREAD_IN_LANES) and "numpy" in sys.modules and bool(_openblas_controls())
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """OpenBLAS on one thread within this block, the libraries' own counts given back when the
+    last such block in the process ends (blocks on several threads at once share one setting).
+    A count changed by someone else meanwhile is overwritten by the given-back one."""
+    global _blas_lanes, _blas_saved
+    controls = _openblas_controls() if _blas_controlled() else ()
+    if not controls:
+        yield
+        return
+    with _blas_lock:
+        if _blas_lanes == 0:
+            _blas_saved = [get() for get, _ in controls]
+            for (_, put), n in zip(controls, _blas_saved, strict=True):
+                if n != 1:
+                    put(1)
+        _blas_lanes += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_lanes -= 1
+            if _blas_lanes == 0:
+                for (_, put), n in zip(controls, _blas_saved, strict=True):
+                    if n != 1:
+                        put(n)
+
 
 def _eigh_parallel_from(d: int) -> int:
     """The least batch of ``d x d`` matrices whose LAPACK ``eigh`` is split over threads:
@@ -434,8 +532,13 @@ _lane: contextvars.ContextVar[bool] = contextvars.ContextVar("tr_projections_lan
 
 
 def _reset_after_fork() -> None:  # (the child has none of the parent's pool threads)
-    global _pool, _pool_lock, _numpy_lapack_lock
+    global _pool, _pool_lock, _numpy_lapack_lock, _blas_lock, _blas_lanes
     _pool, _pool_lock, _numpy_lapack_lock = None, threading.Lock(), threading.Lock()
+    with contextlib.suppress(Exception):  # (lanes forked mid-call: the child's own count back)
+        if _blas_lanes:
+            for (_, put), n in zip(_openblas_controls(), _blas_saved, strict=True):
+                put(n)
+    _blas_lock, _blas_lanes = threading.Lock(), 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -563,28 +666,30 @@ def in_lanes(tasks: list[Callable[[], Any]]) -> list[Any]:
     outs: list = [None] * len(tasks)
     errors: list = [None] * len(tasks)
     pool = _executor() if len(tasks) > 1 else None
-    try:
-        for task in tasks[:-1]:
-            try:
-                futures.append(pool.submit(contextvars.copy_context().run, lane, task))
-            except RuntimeError as e:
-                if "shutdown" not in str(e):
-                    raise  # (e.g. no thread could be started: the call fails)
-                futures.append(None)  # (a pool shut down at interpreter exit: run it here)
-        futures.append(None)
-        for k, task in enumerate(tasks):
-            if futures[k] is None:
+    # (the lanes have the CPUs: OpenBLAS on one thread in each, _one_blas_thread)
+    with _one_blas_thread() if pool is not None else contextlib.nullcontext():
+        try:
+            for task in tasks[:-1]:
                 try:
-                    outs[k] = contextvars.copy_context().run(lane, task)
-                except Exception as e:  # (raised below, once every task has finished)
-                    errors[k] = e
-        wait([f for f in futures if f is not None])
-    except BaseException:  # (an interrupt, here or while waiting: stop what has not started)
-        pending = [f for f in futures if f is not None]
-        for f in pending:
-            f.cancel()
-        wait(pending)
-        raise
+                    futures.append(pool.submit(contextvars.copy_context().run, lane, task))
+                except RuntimeError as e:
+                    if "shutdown" not in str(e):
+                        raise  # (e.g. no thread could be started: the call fails)
+                    futures.append(None)  # (a pool shut down at interpreter exit: run it here)
+            futures.append(None)
+            for k, task in enumerate(tasks):
+                if futures[k] is None:
+                    try:
+                        outs[k] = contextvars.copy_context().run(lane, task)
+                    except Exception as e:  # (raised below, once every task has finished)
+                        errors[k] = e
+            wait([f for f in futures if f is not None])
+        except BaseException:  # (an interrupt, here or while waiting: stop what has not started)
+            pending = [f for f in futures if f is not None]
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            raise
     for k, f in enumerate(futures):
         if f is not None:
             errors[k] = f.exception()
@@ -749,7 +854,12 @@ def _chunked(
     batch = tuple(a.shape[:-2])
     n = math.prod(batch)
     parallel_from = PARALLEL_MIN_BATCH if parallel_from is None else parallel_from
-    large = numpy_max_d is not None and is_numpy(xp) and max(a.shape[-2:]) > numpy_max_d
+    large = (
+        numpy_max_d is not None
+        and is_numpy(xp)
+        and max(a.shape[-2:]) > numpy_max_d
+        and not _blas_controlled()
+    )
     threads = 1
     if limit is None and n >= max(parallel_from, 2) and not large:
         threads = min(_lapack_threads(a, xp), n)

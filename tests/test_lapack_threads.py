@@ -376,6 +376,17 @@ def test_lanes_at_once_share_the_one_thread(monkeypatch):
             put(n)
 
 
+def test_one_blas_thread_setting_is_checked(monkeypatch):
+    """The setting takes bools and the environment's 1/0 (true/false, on/off, yes/no); anything
+    else is an error that names it, raised by the first call that splits."""
+    for value, on in ((True, True), (False, False), ("1", True), (" Off ", False), ("yes", True)):
+        monkeypatch.setattr(_compat, "ONE_BLAS_THREAD_IN_LANES", value)
+        assert _compat._one_blas_thread_in_lanes() is on
+    monkeypatch.setattr(_compat, "ONE_BLAS_THREAD_IN_LANES", "sometimes")
+    with pytest.raises(ValueError, match=r"TRP_ONE_BLAS_THREAD_IN_LANES.*'sometimes'"):
+        _compat.in_lanes([lambda: None, lambda: None])
+
+
 def test_without_openblas_lanes_leave_blas_alone(monkeypatch):
     """Where no OpenBLAS whose count can be set is loaded (MKL, Accelerate, another library),
     lanes change nothing, and NumPy's split limits and turns stay."""

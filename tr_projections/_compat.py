@@ -416,9 +416,10 @@ _numpy_lapack_lock = threading.Lock()
 #: at a time than one after the other (``benchmarks/lapack_threads.py``, the figures above),
 #: and with one BLAS thread each it no longer did, so where the libraries' thread count can be
 #: set (:func:`_openblas_controls`) NumPy's ``eigh`` and SVD are split up to
-#: :data:`PARALLEL_MAX_D` like torch's and nothing takes turns. False: leave OpenBLAS alone
-#: (and keep :data:`NUMPY_EIGH_PARALLEL_MAX_D`, :data:`NUMPY_SVD_PARALLEL_MAX_D` and the turns).
-ONE_BLAS_THREAD_IN_LANES = True
+#: :data:`PARALLEL_MAX_D` like torch's and nothing takes turns. False (environment variable
+#: ``TRP_ONE_BLAS_THREAD_IN_LANES=0``; ``1``, the default, for on): leave OpenBLAS alone (and
+#: keep :data:`NUMPY_EIGH_PARALLEL_MAX_D`, :data:`NUMPY_SVD_PARALLEL_MAX_D` and the turns).
+ONE_BLAS_THREAD_IN_LANES: bool | str = os.environ.get("TRP_ONE_BLAS_THREAD_IN_LANES", "1")
 
 _blas_lock = threading.Lock()
 _blas_lanes = 0  # how many in_lanes calls hold OpenBLAS at one thread now
@@ -475,9 +476,25 @@ def _openblas_controls() -> tuple[tuple[Callable[[], int], Callable[[int], Any]]
     return tuple(controls)
 
 
+def _one_blas_thread_in_lanes() -> bool:
+    """:data:`ONE_BLAS_THREAD_IN_LANES` as a bool, or an error that names it."""
+    value = ONE_BLAS_THREAD_IN_LANES
+    if isinstance(value, bool):
+        return value
+    raw = str(value).strip().lower()
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(
+        f"tr_projections._compat.ONE_BLAS_THREAD_IN_LANES (or TRP_ONE_BLAS_THREAD_IN_LANES) "
+        f"must be 1 or 0 (True or False), got {value!r}"
+    )
+
+
 def _blas_controlled() -> bool:
     """Whether lanes run NumPy's OpenBLAS on one thread (:data:`ONE_BLAS_THREAD_IN_LANES`)."""
-    return bool(ONE_BLAS_THREAD_IN_LANES) and "numpy" in sys.modules and bool(_openblas_controls())
+    return _one_blas_thread_in_lanes() and "numpy" in sys.modules and bool(_openblas_controls())
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
-"""In-process A/B of this checkout against a git revision, torch (or jitted JAX) on the CPU.
+"""In-process A/B of this checkout against a git revision, torch (or jitted JAX, or NumPy) on
+the CPU.
 
     python benchmarks/ab.py REF --kind full --method kl --batch 1000 [--rounds 30] [--quantile 0.7]
     python benchmarks/ab.py REF --backend jax ...   # jitted JAX on the CPU, compilation excluded
+    python benchmarks/ab.py REF --backend numpy ... # NumPy: trp.project, and trp.vjp after it
 
 Both versions of the package are imported into one process (REF extracted with ``git archive``
 under a temporary name) and their calls are alternated round by round on the same tensors, so
@@ -54,7 +56,7 @@ def cell_arguments(doc: str, *, kind: str, batch: int) -> argparse.ArgumentParse
 def main(argv: list[str] | None = None) -> int:
     ap = cell_arguments(__doc__, kind="full", batch=1000)
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--backend", choices=("torch", "jax"), default="torch")
+    ap.add_argument("--backend", choices=("torch", "jax", "numpy"), default="torch")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     eps_mean, eps_cov, frac = bounds_for(data, args.method, args.quantile)
     if args.backend == "jax":
         calls, library = jax_calls(data, args.method, eps_mean, eps_cov)
+    elif args.backend == "numpy":
+        calls, library = numpy_calls(data, args.method, eps_mean, eps_cov)
     else:
         calls, library = torch_calls(data, args.method, eps_mean, eps_cov, args.threads)
     fns = {"new": calls(new), "base": calls(base)}
@@ -121,6 +125,26 @@ def torch_calls(data: dict, method: str, eps_mean: float, eps_cov: float, thread
         return {"fwd": fwd, "fwd+bwd": both}
 
     return calls, f"torch {torch.__version__}"
+
+
+def numpy_calls(data: dict, method: str, eps_mean: float, eps_cov: float):
+    """``(calls, library)`` as :func:`torch_calls`, for NumPy arrays: each module's forward,
+    and its ``vjp`` with the new policy's cotangents (``run.py``'s NumPy cells)."""
+    import numpy as np
+
+    x = [np.array(a, copy=True) for a in data["arrays"]]
+    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+
+    def calls(mod):
+        ct = mod.Gaussian(*(np.array(a, copy=True) for a in data["cotangents"]))
+
+        def both():
+            _, vjp_fn = mod.vjp(mod.project, *x, **kw)
+            return vjp_fn(ct, wrt=("mean", "scale"))
+
+        return {"fwd": lambda: mod.project(*x, **kw), "fwd+bwd": both}
+
+    return calls, f"numpy {np.__version__}"
 
 
 def jax_calls(data: dict, method: str, eps_mean: float, eps_cov: float):

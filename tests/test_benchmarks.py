@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,11 +170,11 @@ def _torch_and_git_or_skip() -> None:
         pytest.skip("not a git checkout")
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", "jax", "numpy"])
 def test_in_process_ab_runs(backend):
     """``benchmarks/ab.py`` imports this checkout and a git revision side by side and prints
-    both medians and their ratio for forward and forward + backward, with torch tensors or
-    jitted JAX arrays."""
+    both medians and their ratio for forward and forward + backward, with torch tensors,
+    jitted JAX arrays or NumPy arrays."""
     _torch_and_git_or_skip()
     if backend == "jax":
         pytest.importorskip("jax")
@@ -190,6 +191,32 @@ def test_in_process_ab_runs(backend):
         new_ms, base_ms, ratio = row.split("|")[2:5]
         assert float(new_ms) > 0 and float(base_ms) > 0
         assert float(ratio.strip().rstrip("×")) > 0
+
+
+def test_setting_ab_runs():
+    """``benchmarks/setting_ab.py`` times run.py's cells with a package setting as it is and
+    changed, in one process, prints both medians and their ratio per backend and mode, and puts
+    the setting back; a setting it cannot find is an error that names it."""
+    pytest.importorskip("torch")
+    proc = _script(
+        "setting_ab.py", "_compat.LAPACK_THREADS=1", "--kind", "full", "--batch", "64",
+        "--rounds", "2", "--backends", "numpy,torch", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"_compat\.LAPACK_THREADS: \S+ \(as is\) against 1 \(set\)", proc.stdout)
+    rows = [line.split("|")[1:6] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
+        (b, m) for b in ("numpy", "torch") for m in ("fwd", "fwd+bwd")
+    ]
+    for row in rows[1:]:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[4].strip().rstrip("×")) > 0
+    for bad, message in (
+        ("_compat.NO_SUCH=1", "has no attribute 'NO_SUCH'"),
+        ("no_such_module.X=1", "no module 'tr_projections.no_such_module'"),
+        ("LAPACK_THREADS", "expected MODULE.NAME=VALUE"),
+    ):
+        proc = _script("setting_ab.py", bad, timeout=60)
+        assert proc.returncode != 0 and message in proc.stderr
 
 
 def test_fresh_process_ab_runs():

@@ -389,21 +389,25 @@ PARALLEL_MIN_BATCH_QR = 4096
 PARALLEL_MAX_D = 64
 PARALLEL_MAX_PARTS = 32
 
-#: NumPy's ``eigh`` and SVD are split only up to these sizes: from about 26x26 (``eigh``) and
-#: 44x44 (SVD) two parts decomposed at the same time with NumPy's LAPACK (OpenBLAS, NumPy 2.4's
-#: wheels, two BLAS threads) took longer than one call, where torch's LAPACK kept gaining. 2
+#: Where lanes leave OpenBLAS alone (:data:`ONE_BLAS_THREAD_IN_LANES` off, or no OpenBLAS whose
+#: thread count can be set), NumPy's ``eigh`` and SVD are split only up to these sizes: from
+#: about 26x26 (``eigh``) and 44x44 (SVD) two parts decomposed at the same time with NumPy's
+#: LAPACK (OpenBLAS, NumPy 2.4's wheels, two BLAS threads) took longer than one call, where
+#: torch's LAPACK kept gaining. 2
 #: cores, float64, ``benchmarks/lapack_threads.py``
 #: (``benchmarks/results/cpu-2core-r18-lapack-threads-2026-11-28.md``, 256 to 10,000
 #: matrices): NumPy's ``eigh`` split 1.22-1.73x faster at 12x12 to 24x24 and 0.37-0.98x from
 #: 26x26 to 48x48 (0.50x for 1,000 and for 10,000 32x32 matrices); its SVD 1.58-2.08x faster
 #: from 12x12 to 40x40, 0.61x at 44x44 and 0.54-1.00x at 48x48; torch's ``eigh`` and SVD
-#: split 1.33-4.10x faster from 12x12 to 48x48. Not measured with one BLAS thread or on more
-#: cores: setting both to :data:`PARALLEL_MAX_D` restores the split, and lanes that overlap.
+#: split 1.33-4.10x faster from 12x12 to 48x48. With one BLAS thread in each part they gain at
+#: every size (``cpu-2core-r19-lapack-threads-2026-11-28.md``), so these limits apply only where
+#: OpenBLAS is left alone.
 NUMPY_EIGH_PARALLEL_MAX_D = 24
 NUMPY_SVD_PARALLEL_MAX_D = 40
 
-# Larger NumPy ``eigh`` and SVD calls made in lanes (:func:`in_lanes`, the chunks of a large
-# call on every thread) take turns through this lock (:func:`_chunked`), for the same reason:
+# Where OpenBLAS is left alone, larger NumPy ``eigh`` and SVD calls made in lanes
+# (:func:`in_lanes`, the chunks of a large call on every thread) take turns through this lock
+# (:func:`_chunked`), for the same reason:
 # two at once took longer than one after the other (W2 full, 1,000 32x32 states, 2 lanes:
 # 0.59-0.76x against the chunks in turn, ``benchmarks/lanes.py``), while the rest of each lane's
 # work still overlaps.
@@ -412,11 +416,16 @@ _numpy_lapack_lock = threading.Lock()
 #: While :func:`in_lanes` runs tasks at the same time, the OpenBLAS libraries loaded in the
 #: process (NumPy's wheels bundle one) use one thread each (:func:`_one_blas_thread`), and are
 #: given back their own count once no lanes run. Each lane already has a core of its own; with
-#: OpenBLAS's threads on top, NumPy's ``eigh`` of matrices from about 26x26 took far longer two
-#: at a time than one after the other (``benchmarks/lapack_threads.py``, the figures above),
-#: and with one BLAS thread each it no longer did, so where the libraries' thread count can be
-#: set (:func:`_openblas_controls`) NumPy's ``eigh`` and SVD are split up to
-#: :data:`PARALLEL_MAX_D` like torch's and nothing takes turns. False (environment variable
+#: OpenBLAS's threads on top, NumPy's ``eigh`` of matrices from about 26x26 took longer two at
+#: a time than one after the other (the figures above), and with one BLAS thread each it no
+#: longer did (1,000 32x32 matrices split: 0.80x with OpenBLAS left alone, 1.00x with one
+#: thread, 1.70x where no OpenBLAS thread was left spinning from the call timed before it;
+#: ``benchmarks/results/cpu-2core-r19-lapack-threads-2026-11-28.md``). So where the libraries'
+#: thread count can be set (:func:`_openblas_controls`) NumPy's ``eigh`` and SVD are split up
+#: to :data:`PARALLEL_MAX_D` like torch's and nothing takes turns: full KL and W2 projections
+#: of 1,000 32x32 states 1.70-1.88x faster, torch and NumPy (``cpu-2core-r19-blas``, against
+#: ac09dd6). OpenBLAS's count is process-wide: the caller's other threads get one BLAS thread
+#: too while lanes run. False (environment variable
 #: ``TRP_ONE_BLAS_THREAD_IN_LANES=0``; ``1``, the default, for on): leave OpenBLAS alone (and
 #: keep :data:`NUMPY_EIGH_PARALLEL_MAX_D`, :data:`NUMPY_SVD_PARALLEL_MAX_D` and the turns).
 ONE_BLAS_THREAD_IN_LANES: bool | str = os.environ.get("TRP_ONE_BLAS_THREAD_IN_LANES", "1")

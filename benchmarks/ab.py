@@ -17,6 +17,7 @@ new policy requires grad, as in ``run.py``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import subprocess
@@ -140,7 +141,10 @@ def numpy_calls(data: dict, method: str, eps_mean: float, eps_cov: float):
 
         def both():
             _, vjp_fn = mod.vjp(mod.project, *x, **kw)
-            return vjp_fn(ct, wrt=("mean", "scale"))
+            # (revisions before `wrt` compute all four cotangents, as run.py's workers do)
+            if "wrt" in inspect.signature(vjp_fn).parameters:
+                return vjp_fn(ct, wrt=("mean", "scale"))
+            return vjp_fn(ct)
 
         return {"fwd": lambda: mod.project(*x, **kw), "fwd+bwd": both}
 

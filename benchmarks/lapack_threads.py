@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# parts when split: {auto}; float64, median ms of {args.rounds} interleaved rounds")
     counts = [get() for get, _ in _compat._openblas_controls()]
     print(f"# OpenBLAS loaded with a settable thread count: {counts or 'none'} thread(s)")
+    if args.blas_alone and not _compat._blas_controlled():
+        print("# (lanes leave OpenBLAS alone here: both split columns run the same way)")
     if args.blas_alone:
         print(
             "| backend | op | d | B | one call | split, BLAS alone | split | speed-up "

@@ -4,9 +4,13 @@ is differentiated through the call."""
 
 from __future__ import annotations
 
+import glob
 import itertools
 import multiprocessing
+import os
+import sys
 import threading
+import types
 
 import array_api_compat.numpy as xpn
 import numpy as np
@@ -325,20 +329,23 @@ def test_lanes_run_openblas_on_one_thread(monkeypatch):
     saved = _blas_threads()
     try:
         for _, put in controls:
-            put(3)  # (a count other than one, whatever this machine's default)
+            put(2)  # (a count other than one, whatever this machine's default)
+        own = _blas_threads()
+        if 1 in own:
+            pytest.skip("an OpenBLAS here cannot run on two threads")
         seen = _compat.in_lanes([_blas_threads, _blas_threads, _blas_threads])
         assert seen == [[1] * len(controls)] * 3
-        assert _blas_threads() == [3] * len(controls)
+        assert _blas_threads() == own
 
         def fail():
             raise ValueError("a lane's error")
 
         with pytest.raises(ValueError, match="a lane's error"):
             _compat.in_lanes([_blas_threads, fail])
-        assert _blas_threads() == [3] * len(controls)
-        assert _compat.in_lanes([_blas_threads]) == [[3] * len(controls)]
+        assert _blas_threads() == own
+        assert _compat.in_lanes([_blas_threads]) == [own]
         monkeypatch.setattr(_compat, "ONE_BLAS_THREAD_IN_LANES", False)
-        assert _compat.in_lanes([_blas_threads, _blas_threads]) == [[3] * len(controls)] * 2
+        assert _compat.in_lanes([_blas_threads, _blas_threads]) == [own] * 2
     finally:
         for (_, put), n in zip(controls, saved, strict=True):
             put(n)
@@ -387,18 +394,59 @@ def test_one_blas_thread_setting_is_checked(monkeypatch):
         _compat.in_lanes([lambda: None, lambda: None])
 
 
-def test_without_openblas_lanes_leave_blas_alone(monkeypatch):
-    """Where no OpenBLAS whose count can be set is loaded (MKL, Accelerate, another library),
+@pytest.mark.parametrize("missing", ["openblas", "numpy-on-openblas"])
+def test_without_openblas_lanes_leave_blas_alone(missing, monkeypatch):
+    """Where no OpenBLAS whose count can be set is loaded (MKL, Accelerate, an OpenMP build of
+    OpenBLAS), or NumPy's own BLAS is not OpenBLAS (another library's OpenBLAS does not count),
     lanes change nothing, and NumPy's split limits and turns stay."""
-    monkeypatch.setattr(_compat, "_openblas_controls", lambda: ())
+    if missing == "openblas":
+        monkeypatch.setattr(_compat, "_openblas_controls", lambda: ())
+    else:
+        monkeypatch.setattr(_compat, "_numpy_blas_is_openblas", lambda: False)
+    controls = _compat._openblas_controls()
     assert not _compat._blas_controlled()
-    with _compat._one_blas_thread():
-        pass
+    before = [get() for get, _ in controls]
+    inside = _compat.in_lanes([lambda: [get() for get, _ in controls]] * 2)
+    assert inside == [before, before]
     assert _compat._blas_lanes == 0
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 2)
     splits = _splits(monkeypatch, lambda flat: flat.shape[-1])
     _compat.eigh(spd(np.random.default_rng(0), (300,), 25), xp=xpn)
     assert splits == []
+
+
+def test_openblas_is_looked_up_again_after_imports(monkeypatch):
+    """The loaded OpenBLAS libraries are looked up again once modules were imported since the
+    last look (a library loaded later, e.g. SciPy's, is then set too), not on every call."""
+    looks = []
+    monkeypatch.setattr(_compat, "_openblas_libraries", lambda: looks.append(1) or [])
+    _compat._openblas_controls_for.cache_clear()
+    try:
+        _compat._openblas_controls()
+        _compat._openblas_controls()
+        assert len(looks) == 1
+        monkeypatch.setitem(sys.modules, "tr_projections_test_new_module", types.ModuleType("m"))
+        _compat._openblas_controls()
+        assert len(looks) == 2
+    finally:
+        _compat._openblas_controls_for.cache_clear()
+
+
+def test_numpys_openblas_is_recognised():
+    """This NumPy (its wheels bundle OpenBLAS, on pthreads) is recognised as built with
+    OpenBLAS, and its library is among those whose count is set."""
+    config = np.show_config(mode="dicts")
+    if "openblas" not in str(config["Build Dependencies"]["blas"]["name"]).lower():
+        pytest.skip("this NumPy is not built with OpenBLAS")
+    libraries = _compat._openblas_libraries()
+    if not libraries:
+        pytest.skip("NumPy's OpenBLAS here does not keep a process-wide count (OpenMP)")
+    assert _compat._numpy_blas_is_openblas()
+    root = os.path.dirname(os.path.abspath(np.__file__))
+    bundled = glob.glob(os.path.join(root + ".libs", "*openblas*"))
+    bundled += glob.glob(os.path.join(root, ".dylibs", "*openblas*"))
+    if bundled:  # (a wheel's own library is marked as NumPy's)
+        assert any(own for _, _, own in libraries)
 
 
 def test_large_decompositions_outside_lanes_or_of_torch_overlap(monkeypatch):

@@ -368,9 +368,10 @@ def _max_batch(a: Array, xp: Namespace) -> int | None:
 #: on the calling thread (torch 2.13 and NumPy 2.4 alike: torch's intra-op threads sit idle). For
 #: batches of at least :data:`PARALLEL_MIN_BATCH` matrices (:data:`PARALLEL_MIN_BATCH_QR` for QR)
 #: of at most :data:`PARALLEL_MAX_D` rows and columns (larger ones LAPACK may thread itself;
-#: NumPy's ``eigh`` and SVD: :data:`NUMPY_EIGH_PARALLEL_MAX_D`, :data:`NUMPY_SVD_PARALLEL_MAX_D`),
-#: these go in one part per thread, decomposed at the same time on a thread pool (LAPACK runs
-#: without the GIL; ``eigh`` of matrices smaller than 6x6 from more: :func:`_eigh_parallel_from`).
+#: NumPy's ``eigh`` and SVD where lanes leave OpenBLAS alone: :data:`NUMPY_EIGH_PARALLEL_MAX_D`,
+#: :data:`NUMPY_SVD_PARALLEL_MAX_D`), these go in one part per thread, decomposed at the same
+#: time on a thread pool (LAPACK runs without the GIL; ``eigh`` of matrices smaller than 6x6
+#: from more: :func:`_eigh_parallel_from`).
 #: Every matrix gets the same LAPACK call as in one batched call, and the parts
 #: start at multiples of 64 bytes into the batch, so the results were the same bit for bit with
 #: the LAPACK builds of torch 2.13 and NumPy 2.4 (a cut at another alignment changed torch's
@@ -432,25 +433,39 @@ ONE_BLAS_THREAD_IN_LANES: bool | str = os.environ.get("TRP_ONE_BLAS_THREAD_IN_LA
 
 _blas_lock = threading.Lock()
 _blas_lanes = 0  # how many in_lanes calls hold OpenBLAS at one thread now
-_blas_saved: list[int] = []  # the libraries' own thread counts, given back by the last of them
+_blas_saved: list[tuple[Callable[[int], Any], int]] = []  # (set, own count), given back at the end
 
 
-@functools.cache
 def _openblas_controls() -> tuple[tuple[Callable[[], int], Callable[[int], Any]], ...]:
     """``(get, set)`` of the thread count of every OpenBLAS library loaded in this process that
-    exports them: NumPy's (its wheels' ``numpy.libs`` or ``.dylibs`` folder) and, on Linux,
-    any other mapped into the process (a distribution's NumPy, SciPy's). Libraries are looked
-    up without being loaded (``RTLD_NOLOAD``), and NumPy is imported only where the caller
-    already did. Empty where there is none, or it exports neither name."""
-    import ctypes
+    exports them and keeps its count process-wide (a build on pthreads, or a sequential one;
+    an OpenMP build follows each thread's OpenMP setting instead, so setting its count would
+    not hold): NumPy's (its wheels' ``numpy.libs`` or ``.dylibs`` folder) and, on Linux, any
+    other mapped into the process (a distribution's NumPy, SciPy's). Libraries are looked up
+    without being loaded (``RTLD_NOLOAD``; Windows has no such flag, and a DLL named there is
+    one already loaded), and NumPy is imported only where the caller already did. Found again
+    whenever modules were imported since the last look. Empty where there is none."""
+    return _openblas_controls_for(len(sys.modules))
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_controls_for(_modules: int) -> tuple:
+    return tuple((get, put) for get, put, _ in _openblas_libraries())
+
+
+def _openblas_paths() -> tuple[list[str], set[str]]:
+    # The candidate files, and those of them in NumPy's own folders (its wheels' library).
     import glob
 
     paths: list[str] = []
+    numpy_own: set[str] = set()
     numpy = sys.modules.get("numpy")
     if numpy is not None and getattr(numpy, "__file__", None):
         root = os.path.dirname(os.path.abspath(numpy.__file__))
         for folder in (root + ".libs", os.path.join(root, ".dylibs")):
-            paths += sorted(glob.glob(os.path.join(folder, "*openblas*")))
+            found = sorted(glob.glob(os.path.join(folder, "*openblas*")))
+            paths += found
+            numpy_own.update(os.path.realpath(f) for f in found)
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
@@ -459,8 +474,17 @@ def _openblas_controls() -> tuple[tuple[Callable[[], int], Callable[[int], Any]]
                     paths.append(path)
     except OSError:
         pass  # (not Linux)
+    return paths, numpy_own
+
+
+def _openblas_libraries() -> list[tuple[Callable[[], int], Callable[[int], Any], bool]]:
+    """``(get, set, numpy's own)`` of every loaded OpenBLAS whose count can be set (see
+    :func:`_openblas_controls`)."""
+    import ctypes
+
+    paths, numpy_own = _openblas_paths()
     mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LOCAL", 0)
-    controls, seen = [], set()
+    found, seen = [], set()
     for path in paths:
         real = os.path.realpath(path)
         if real in seen:
@@ -471,18 +495,40 @@ def _openblas_controls() -> tuple[tuple[Callable[[], int], Callable[[int], Any]]
         except OSError:
             continue  # (not loaded, or not a library)
         for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", "_64", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    get.restype, get.argtypes = ctypes.c_int, []
-                    put.restype, put.argtypes = None, [ctypes.c_int]
-                    controls.append((get, put))
-                    break
-            else:
+            names = [
+                (f"{prefix}_get_num_threads{x}", f"{prefix}_set_num_threads{x}",
+                 f"{prefix}_get_parallel{x}")
+                for x in ("64_", "_64", "")
+            ]  # fmt: skip
+            symbols = next(
+                (tuple(getattr(lib, n, None) for n in ns) for ns in names
+                 if all(getattr(lib, n, None) is not None for n in ns)),
+                None,
+            )  # fmt: skip
+            if symbols is None:
                 continue
+            get, put, parallel = symbols
+            get.restype, get.argtypes = ctypes.c_int, []
+            put.restype, put.argtypes = None, [ctypes.c_int]
+            parallel.restype, parallel.argtypes = ctypes.c_int, []
+            if parallel() in (0, 1):  # (0: sequential, 1: pthreads; 2: OpenMP)
+                found.append((get, put, real in numpy_own))
             break
-    return tuple(controls)
+    return found
+
+
+@functools.cache
+def _numpy_blas_is_openblas() -> bool:
+    """Whether NumPy's own BLAS is OpenBLAS (its build configuration says so, or its wheels'
+    folder holds one): only then do lanes set OpenBLAS's count in place of NumPy's limits."""
+    import numpy
+
+    try:
+        config = numpy.show_config(mode="dicts")
+        name = str(config["Build Dependencies"]["blas"]["name"])
+    except Exception:  # (NumPy < 1.26, or a configuration without that entry)
+        name = ""
+    return "openblas" in name.lower() or any(own for _, _, own in _openblas_libraries())
 
 
 def _one_blas_thread_in_lanes() -> bool:
@@ -502,35 +548,45 @@ def _one_blas_thread_in_lanes() -> bool:
 
 
 def _blas_controlled() -> bool:
-    """Whether lanes run NumPy's OpenBLAS on one thread (:data:`ONE_BLAS_THREAD_IN_LANES`)."""
-    return _one_blas_thread_in_lanes() and "numpy" in sys.modules and bool(_openblas_controls())
+    """Whether lanes run NumPy's OpenBLAS on one thread (:data:`ONE_BLAS_THREAD_IN_LANES`, NumPy
+    imported and built with OpenBLAS, one whose count can be set loaded)."""
+    return (
+        _one_blas_thread_in_lanes()
+        and "numpy" in sys.modules
+        and bool(_openblas_controls())
+        and _numpy_blas_is_openblas()
+    )
 
 
 @contextlib.contextmanager
 def _one_blas_thread():
     """OpenBLAS on one thread within this block, the libraries' own counts given back when the
-    last such block in the process ends (blocks on several threads at once share one setting).
-    A count changed by someone else meanwhile is overwritten by the given-back one."""
+    last such block in the process ends (blocks on several threads at once share one setting,
+    and the first of them reads the counts to give back). A count changed by someone else
+    meanwhile (e.g. threadpoolctl's ``threadpool_limits`` entered or left while lanes run) is
+    overwritten by the given-back one."""
     global _blas_lanes, _blas_saved
     controls = _openblas_controls() if _blas_controlled() else ()
     if not controls:
         yield
         return
-    with _blas_lock:
-        if _blas_lanes == 0:
-            _blas_saved = [get() for get, _ in controls]
-            for (_, put), n in zip(controls, _blas_saved, strict=True):
-                if n != 1:
-                    put(1)
-        _blas_lanes += 1
+    entered = False
     try:
+        with _blas_lock:
+            if _blas_lanes == 0:
+                _blas_saved = [(put, get()) for get, put in controls]
+                for put, n in _blas_saved:
+                    if n != 1:
+                        put(1)
+            _blas_lanes += 1
+            entered = True
         yield
     finally:
-        with _blas_lock:
-            _blas_lanes -= 1
-            if _blas_lanes == 0:
-                for (_, put), n in zip(controls, _blas_saved, strict=True):
-                    if n != 1:
+        if entered:
+            with _blas_lock:
+                _blas_lanes -= 1
+                if _blas_lanes == 0:
+                    for put, n in _blas_saved:
                         put(n)
 
 
@@ -562,7 +618,7 @@ def _reset_after_fork() -> None:  # (the child has none of the parent's pool thr
     _pool, _pool_lock, _numpy_lapack_lock = None, threading.Lock(), threading.Lock()
     with contextlib.suppress(Exception):  # (lanes forked mid-call: the child's own count back)
         if _blas_lanes:
-            for (_, put), n in zip(_openblas_controls(), _blas_saved, strict=True):
+            for put, n in _blas_saved:
                 put(n)
     _blas_lock, _blas_lanes = threading.Lock(), 0
 
@@ -874,8 +930,9 @@ def _chunked(
 ) -> tuple:
     # fn on a (..., m, n) batch, in chunks of the flattened batch where the library needs it,
     # or split over threads where the library decomposes one matrix at a time (LAPACK_THREADS).
-    # NumPy's matrices larger than numpy_max_d are not split, and in lanes they take turns
-    # (_numpy_lapack_lock): two such calls at once are slower than one after the other.
+    # Where lanes leave NumPy's OpenBLAS alone (not _blas_controlled()), NumPy's matrices
+    # larger than numpy_max_d are not split, and in lanes they take turns (_numpy_lapack_lock):
+    # two such calls at once are slower than one after the other.
     limit = _max_batch(a, xp) if limit is None else limit
     batch = tuple(a.shape[:-2])
     n = math.prod(batch)

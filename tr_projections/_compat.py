@@ -400,9 +400,9 @@ PARALLEL_MAX_PARTS = 32
 #: matrices): NumPy's ``eigh`` split 1.22-1.73x faster at 12x12 to 24x24 and 0.37-0.98x from
 #: 26x26 to 48x48 (0.50x for 1,000 and for 10,000 32x32 matrices); its SVD 1.58-2.08x faster
 #: from 12x12 to 40x40, 0.61x at 44x44 and 0.54-1.00x at 48x48; torch's ``eigh`` and SVD
-#: split 1.33-4.10x faster from 12x12 to 48x48. With one BLAS thread in each part they gain at
-#: every size (``cpu-2core-r19-lapack-threads-2026-11-28.md``), so these limits apply only where
-#: OpenBLAS is left alone.
+#: split 1.33-4.10x faster from 12x12 to 48x48. With one BLAS thread in each part they no
+#: longer lose at any size (``cpu-2core-r19-lapack-threads-2026-11-28.md``), so these limits
+#: apply only where OpenBLAS is left alone.
 NUMPY_EIGH_PARALLEL_MAX_D = 24
 NUMPY_SVD_PARALLEL_MAX_D = 40
 

@@ -6,14 +6,16 @@ set to another value, alternated round by round on the same arrays.
 
 ``MODULE.NAME=VALUE`` names an attribute of a module of the package (``tr_projections.`` may be
 left out; the value is parsed as a Python literal where it is one, else kept as text) that the
-package reads at call time. Each backend (``--backends``, run.py's workers' ``torch`` and
-``numpy``) prepares the cell once, as ``run.py`` does (same data, bounds and cotangents; torch's
-forward + backward is ``loss.backward()``, NumPy's ``trp.vjp``), then times the call with the
-attribute as it was ("as is") and with the value ("set"), interleaved; the attribute is put
-back after each call. One process, so the two variants share the machine's load and the
-allocator's state, where run.py's ``--variant-env`` compares separate processes (whose cells of
-tens of milliseconds move by 10-50 % between processes). Prints the machine, the medians and
-"as is" over "set" (above 1: the setting is faster).
+package reads when it runs or traces. Each backend (``--backends``: run.py's workers' ``torch``
+and ``numpy``, and ``jax``, jitted) prepares the cell as ``run.py`` does (same data, bounds and
+cotangents; torch's forward + backward is ``loss.backward()``, NumPy's ``trp.vjp``, JAX's
+``value_and_grad``), once with the attribute as it is ("as is") and once with the value
+("set"), so that JAX traces and compiles each with its own; then it times both, interleaved,
+each call under its value (the attribute is put back after each). One process, so the two
+variants share the machine's load and the allocator's state, where run.py's ``--variant-env``
+compares separate processes (whose cells of tens of milliseconds move by 10-50 % between
+processes). Prints the machine, the medians and "as is" over "set" (above 1: the setting is
+faster).
 """
 
 from __future__ import annotations
@@ -92,25 +94,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| backend | mode | as is | set | as is / set |")
     print("|---|---|---:|---:|---:|")
+    as_is = getattr(module, attr)
+
+    def under(new: object, fn, *a):  # fn(*a) with the attribute at `new`, then put back
+        old = getattr(module, attr)
+        setattr(module, attr, new)
+        try:
+            return fn(*a)
+        finally:
+            setattr(module, attr, old)
+
     for backend in backends:
         for mode in ("forward", "backward"):
-            prepared = backend.prepare(
-                data["arrays"], data["cotangents"], mode, args.method, eps_mean, eps_cov
-            )
-
-            def call(new: object, prepared=prepared) -> None:
-                old = getattr(module, attr)
-                setattr(module, attr, new)
-                try:
-                    prepared.sync(prepared.call())
-                finally:
-                    setattr(module, attr, old)
-
-            as_is = getattr(module, attr)
-            t = interleaved_ms(
-                {"as is": functools.partial(call, as_is), "set": functools.partial(call, value)},
-                args.rounds,
-            )
+            # (prepared under each value: JAX traces and compiles here, with the setting)
+            calls = {}
+            for name, v in (("as is", as_is), ("set", value)):
+                prepared = under(
+                    v, backend.prepare,
+                    data["arrays"], data["cotangents"], mode, args.method, eps_mean, eps_cov,
+                )  # fmt: skip
+                run = functools.partial(lambda p: p.sync(p.call()), prepared)
+                calls[name] = functools.partial(under, v, run)
+            t = interleaved_ms(calls, args.rounds)
             label = "fwd" if mode == "forward" else "fwd+bwd"
             print(
                 f"| {backend.name} | {label} | {t['as is']:.2f} | {t['set']:.2f} | "

@@ -195,7 +195,11 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         return torch.linalg.solve_triangular(a, b, upper=not lower)
     d, k = a.shape[-1], b.shape[-1]
     if is_jax(xp):
-        if a.ndim > 2 and ((k == 1 and d <= 32) or d <= 8) and _jax_on_cpu():
+        if (
+            a.ndim > 2
+            and ((k == 1 and d <= 32) or d <= JAX_CPU_SUBSTITUTION_MAX_D)
+            and _jax_on_cpu()
+        ):
             # jaxlib's batched CPU ``trsm`` took 20.8 ms for 1e5 6x1 systems where XLA's fused
             # substitution took 3.7 ms (25 against 16 ms for 6x6 right-hand sides,
             # benchmarks/jax_routes.py), and it is a call that can deadlock (see
@@ -237,6 +241,11 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
             return _substitution(a, b, lower=lower, xp=xp)
     return xp.linalg.solve(a, b)
 
+
+#: Traced JAX triangular solves on the CPU with several right-hand sides and at most this many
+#: unknowns take XLA's fused substitution (:func:`_substitution`) instead of jaxlib's ``trsm``
+#: (one right-hand side: up to 32 unknowns).
+JAX_CPU_SUBSTITUTION_MAX_D = 8
 
 #: Batches of at least this many triangular systems of plain torch CPU tensors (the same batch
 #: shape and dtype on both sides, the factors row- or column-major) are solved in parts of the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -210,6 +211,14 @@ def test_setting_ab_runs():
     ]
     for row in rows[1:]:
         assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[4].strip().rstrip("×")) > 0
+    if importlib.util.find_spec("jax") is not None:  # (traced and compiled once per value)
+        proc = _script(
+            "setting_ab.py", "_compat.JAX_CPU_SUBSTITUTION_MAX_D=6", "--kind", "full",
+            "--dim", "6", "--batch", "64", "--rounds", "1", "--backends", "jax", timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        rows = [line for line in proc.stdout.splitlines() if line.startswith("| jax |")]
+        assert len(rows) == 2
     for bad, message in (
         ("_compat.NO_SUCH=1", "has no attribute 'NO_SUCH'"),
         ("no_such_module.X=1", "no module 'tr_projections.no_such_module'"),

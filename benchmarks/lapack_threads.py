@@ -12,7 +12,11 @@ OpenBLAS is left alone in lanes, the package splits NumPy's ``eigh`` and SVD onl
 ``NUMPY_EIGH_PARALLEL_MAX_D`` and ``NUMPY_SVD_PARALLEL_MAX_D``, as measured here). The parts
 run as the package runs them: with OpenBLAS on one thread while they do
 (``ONE_BLAS_THREAD_IN_LANES``); ``--blas-alone`` adds a column of the split with OpenBLAS left
-alone (its own thread count in every part), timed in the same rounds:
+alone (its own thread count in every part), timed in the same rounds. OpenBLAS's threads keep
+spinning for a while after a call that used them (NumPy's ``eigh`` and SVD from about 26x26),
+so a variant timed after such a call finds a core taken: ``OPENBLAS_NUM_THREADS=1`` in the
+environment times the split without them
+(``benchmarks/results/cpu-2core-r19-lapack-threads-2026-11-28.md``):
 
     python benchmarks/lapack_threads.py                         # d = 6, B = 128 ... 1e5
     python benchmarks/lapack_threads.py --dims 6,17 --batches 1e3,1e4 --backends torch

@@ -429,7 +429,8 @@ _numpy_lapack_lock = threading.Lock()
 #: OpenBLAS's threads on top, NumPy's ``eigh`` of matrices from about 26x26 took longer two at
 #: a time than one after the other (the figures above), and with one BLAS thread each it no
 #: longer did (1,000 32x32 matrices split: 0.80x with OpenBLAS left alone, 1.00x with one
-#: thread, 1.70x where no OpenBLAS thread was left spinning from the call timed before it;
+#: thread, in the same rounds; 1.70x with ``OPENBLAS_NUM_THREADS=1`` for the one call and the
+#: split alike, where no OpenBLAS thread is left spinning from the call timed before:
 #: ``benchmarks/results/cpu-2core-r19-lapack-threads-2026-11-28.md``). So where the libraries'
 #: thread count can be set (:func:`_openblas_controls`) NumPy's ``eigh`` and SVD are split up
 #: to :data:`PARALLEL_MAX_D` like torch's and nothing takes turns: full KL and W2 projections

@@ -40,18 +40,35 @@ def extract(ref: str, prefix: str) -> Path:
     return tmp
 
 
-def cell_arguments(doc: str, *, kind: str, batch: int) -> argparse.ArgumentParser:
-    """The arguments an A/B script shares (this one and ``fresh.py``): the revision and the
-    cell (kind, method, d, B, bounds' quantile, threads)."""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("ref", help="git revision to compare against (e.g. cb96c53)")
+def cell_options(ap: argparse.ArgumentParser, *, kind: str, batch: int) -> None:
+    """Add the options of one ``run.py`` cell that the A/B scripts share (this one,
+    ``fresh.py`` and ``setting_ab.py``): kind, method, d, B, bounds' quantile, threads."""
     ap.add_argument("--kind", choices=("diag", "full"), default=kind)
     ap.add_argument("--method", choices=("kl", "frobenius", "wasserstein"), default="kl")
     ap.add_argument("--dim", type=int, default=6)
     ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--quantile", type=float, default=0.7, help="bounds' quantile (run.py's)")
     ap.add_argument("--threads", type=int, default=2)
+
+
+def cell_arguments(doc: str, *, kind: str, batch: int) -> argparse.ArgumentParser:
+    """The arguments of an A/B against a revision (this script and ``fresh.py``): the revision
+    and the cell (:func:`cell_options`)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("ref", help="git revision to compare against (e.g. cb96c53)")
+    cell_options(ap, kind=kind, batch=batch)
     return ap
+
+
+def thread_environment(threads: int, env: dict | None = None) -> dict:
+    """``env`` (default: this process's ``os.environ``) with the BLAS/OpenMP thread counts set
+    to ``threads`` and ``OMP_WAIT_POLICY=PASSIVE`` unless set: before any array library is
+    imported in the process that reads it."""
+    env = os.environ if env is None else env
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("torch", "jax", "numpy"), default="torch")
     args = ap.parse_args(argv)
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
+    thread_environment(args.threads)
     sys.path.insert(0, str(HERE))
     from _worker import bounds_for, interleaved_ms, limit_threads, make_data
 

@@ -71,7 +71,7 @@ print(json.dumps({"median": float(np.median(times)), "faults": faults / len(time
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
-    from ab import cell_arguments, extract
+    from ab import cell_arguments, extract, thread_environment
 
     ap = cell_arguments(__doc__, kind="diag", batch=100000)
     ap.add_argument("--procs", type=int, default=3, help="fresh processes per version")
@@ -80,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     tmp = extract(args.ref, "trp_fresh_")
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(args.threads)
+    env = thread_environment(args.threads, dict(os.environ))
     env.update(
         TRP_BENCH=str(HERE), TRP_THREADS=str(args.threads), TRP_ROUTE=args.route,
         TRP_KIND=args.kind, TRP_METHOD=args.method, TRP_DIM=str(args.dim),

@@ -99,14 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         fn(a, xp)
 
     rng = np.random.default_rng(0)
-    names = ("LAPACK_THREADS", "PARALLEL_MIN_BATCH", "PARALLEL_MIN_BATCH_QR")
-    names += ("NUMPY_EIGH_PARALLEL_MAX_D", "NUMPY_SVD_PARALLEL_MAX_D", "ONE_BLAS_THREAD_IN_LANES")
-    saved = {k: getattr(_compat, k) for k in names if hasattr(_compat, k)}
+    numpy_limits = ("NUMPY_EIGH_PARALLEL_MAX_D", "NUMPY_SVD_PARALLEL_MAX_D")
+    names = (
+        "LAPACK_THREADS",
+        "PARALLEL_MIN_BATCH",
+        "PARALLEL_MIN_BATCH_QR",
+        "ONE_BLAS_THREAD_IN_LANES",
+    )
+    saved = {k: getattr(_compat, k) for k in names + numpy_limits if hasattr(_compat, k)}
     try:
         # (thresholds at 2, and NumPy's sizes at the package's largest: every batch below is
         # split when "split" is asked for, whatever the package itself would do)
         _compat.PARALLEL_MIN_BATCH = _compat.PARALLEL_MIN_BATCH_QR = 2
-        for k in names[3:5]:
+        for k in numpy_limits:
             if k in saved:
                 setattr(_compat, k, _compat.PARALLEL_MAX_D)
         for d in [int(x) for x in args.dims.split(",")]:

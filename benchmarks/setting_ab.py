@@ -24,7 +24,6 @@ import argparse
 import ast
 import functools
 import importlib
-import os
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from _worker import (  # noqa: E402
     make_backend,
     make_data,
 )
+from ab import cell_options, thread_environment  # noqa: E402
 
 
 def parse_setting(text: str) -> tuple[object, str, object]:
@@ -67,18 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("setting", help="MODULE.NAME=VALUE, e.g. _compat.LAPACK_THREADS=1")
     ap.add_argument("--backends", default="torch,numpy")
-    ap.add_argument("--kind", choices=("diag", "full"), default="full")
-    ap.add_argument("--method", choices=("kl", "frobenius", "wasserstein"), default="kl")
-    ap.add_argument("--dim", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=100_000)
-    ap.add_argument("--quantile", type=float, default=0.7, help="bounds' quantile (run.py's)")
-    ap.add_argument("--threads", type=int, default=2)
+    cell_options(ap, kind="full", batch=100_000)
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args(argv)
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(args.threads)  # (before any array library is imported)
+    thread_environment(args.threads)  # (before any array library is imported)
     limit_threads(args.threads)
     module, attr, value = parse_setting(args.setting)
     data = make_data(args.kind, args.dim, args.batch, 0)

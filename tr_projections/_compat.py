@@ -543,18 +543,16 @@ def _numpy_blas_is_openblas() -> bool:
 
 def _one_blas_thread_in_lanes() -> bool:
     """:data:`ONE_BLAS_THREAD_IN_LANES` as a bool, or an error that names it."""
+    from ._config import flag
+
     value = ONE_BLAS_THREAD_IN_LANES
-    if isinstance(value, bool):
-        return value
-    raw = str(value).strip().lower()
-    if raw in ("1", "true", "on", "yes"):
-        return True
-    if raw in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(
-        f"tr_projections._compat.ONE_BLAS_THREAD_IN_LANES (or TRP_ONE_BLAS_THREAD_IN_LANES) "
-        f"must be 1 or 0 (True or False), got {value!r}"
-    )
+    on = flag(value)
+    if on is None:
+        raise ValueError(
+            f"tr_projections._compat.ONE_BLAS_THREAD_IN_LANES (or TRP_ONE_BLAS_THREAD_IN_LANES) "
+            f"must be 1 or 0 (True or False), got {value!r}"
+        )
+    return on
 
 
 def _blas_controlled() -> bool:

@@ -36,13 +36,26 @@ __all__ = ["checks", "checks_enabled", "set_checks"]
 _ENV = "TRP_CHECKS"
 
 
-def _from_env() -> bool:
-    raw = os.environ.get(_ENV, "1").strip().lower()
-    if raw in ("1", "true", "yes", "on", ""):
+def flag(value: object) -> bool | None:
+    """A switch's value as a bool: ``True``/``False``, or text ``1``/``0``, ``true``/``false``,
+    ``yes``/``no``, ``on``/``off`` (any case, spaces around); ``None`` for anything else (the
+    caller's error names its switch)."""
+    if isinstance(value, bool):
+        return value
+    raw = str(value).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"environment variable {_ENV} must be 0 or 1, got {raw!r}")
+    return None
+
+
+def _from_env() -> bool:
+    raw = os.environ.get(_ENV, "1").strip().lower()
+    enabled = True if raw == "" else flag(raw)
+    if enabled is None:
+        raise ValueError(f"environment variable {_ENV} must be 0 or 1, got {raw!r}")
+    return enabled
 
 
 _GLOBAL = [_from_env()]

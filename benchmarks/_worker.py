@@ -212,7 +212,9 @@ class Backend:
     def versions(self) -> dict[str, str]:
         return {}
 
-    def prepare(self, arrays, cotangents, mode, method, eps_mean, eps_cov) -> Prepared:
+    def prepare(
+        self, arrays, cotangents, mode, method, eps_mean, eps_cov, options=None
+    ) -> Prepared:
         raise NotImplementedError
 
     def memory(self, prepared: Prepared) -> tuple[int | None, str]:
@@ -246,11 +248,13 @@ class NumpyLike(Backend):
     def to(self, a):
         return self.xp.asarray(a) if self.name == "cupy" else self.np.array(a, copy=True)
 
-    def prepare(self, arrays, cotangents, mode, method, eps_mean, eps_cov) -> Prepared:
+    def prepare(
+        self, arrays, cotangents, mode, method, eps_mean, eps_cov, options=None
+    ) -> Prepared:
         import tr_projections as trp
 
         x = [self.to(a) for a in arrays]
-        kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+        kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov, **(options or {})}
         if mode == "forward":
 
             def call():
@@ -318,12 +322,14 @@ class TorchBackend(Backend):
             out["gpu"] = self.torch.cuda.get_device_name()
         return out
 
-    def prepare(self, arrays, cotangents, mode, method, eps_mean, eps_cov) -> Prepared:
+    def prepare(
+        self, arrays, cotangents, mode, method, eps_mean, eps_cov, options=None
+    ) -> Prepared:
         import tr_projections as trp
 
         torch = self.torch
         x = [torch.asarray(a, device=self.device) for a in arrays]
-        kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+        kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov, **(options or {})}
         if mode == "forward":
 
             def call():
@@ -418,12 +424,14 @@ class JaxBackend(Backend):
 
         return {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__}
 
-    def prepare(self, arrays, cotangents, mode, method, eps_mean, eps_cov) -> Prepared:
+    def prepare(
+        self, arrays, cotangents, mode, method, eps_mean, eps_cov, options=None
+    ) -> Prepared:
         import tr_projections as trp
 
         jax = self.jax
         x = [jax.device_put(a, self.dev) for a in arrays]
-        kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+        kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov, **(options or {})}
         if mode == "forward":
 
             def fn(m, s, om, os_):

@@ -328,3 +328,23 @@ def test_value_checks_benchmark_runs():
         cells = [c.strip() for c in row.split("|")[4:9]]
         assert float(cells[0]) > 0 and float(cells[1]) > 0 and float(cells[4]) > 0
         assert cells[3] == "yes"
+
+
+def test_w2_roots_runs():
+    """``benchmarks/w2_roots.py`` times the W2 projection of the same Gaussians as Cholesky
+    factors and as symmetric roots, per backend and mode, and says how far apart the two forms'
+    projected covariances are."""
+    pytest.importorskip("torch")
+    proc = _script(
+        "w2_roots.py", "--dims", "3", "--batches", "40", "--backends", "numpy,torch",
+        "--rounds", "1", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:9] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [(r[0].strip(), r[3].strip()) for r in rows[1:]] == [
+        (b, m) for b in ("numpy", "torch") for m in ("fwd", "fwd+bwd")
+    ]
+    for row in rows[1:]:
+        assert all(float(v) > 0 for v in row[4:7])
+    gap = re.search(r"covariances agree to (\S+)", proc.stdout)
+    assert gap is not None and float(gap.group(1)) < 1e-10

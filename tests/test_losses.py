@@ -82,8 +82,12 @@ def test_vjp_matches_central_differences(method, kind):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_torch_gradient_flows_into_raw_output_only(method):
+    """(The data is the test's own: with the module's shared generator it depended on the order
+    the tests ran in, and one draw had an entry of 8.5e-4 among entries near 5, which torch's
+    and NumPy's sums then put 1.3e-12 apart relative to itself.)"""
     torch = pytest.importorskip("torch")
-    mean, scale, pm, ps = (torch.asarray(x, requires_grad=True) for x in _case("full"))
+    rng = np.random.default_rng([10, METHODS.index(method)])
+    mean, scale, pm, ps = (torch.asarray(x, requires_grad=True) for x in _case("full", rng))
     trp.trust_region_loss(mean, scale, pm, ps, method=method).sum().backward()
     _, vjp_fn = trp.vjp(
         trp.trust_region_loss, *(x.detach().numpy() for x in (mean, scale, pm, ps)), method=method

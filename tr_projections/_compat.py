@@ -1224,6 +1224,29 @@ def cholesky(a: Array, *, xp: Namespace) -> Array:
     return xp.linalg.cholesky(a)
 
 
+def positive_definite(a: Array, *, xp: Namespace) -> Array:
+    """Which of the symmetric matrices ``a`` (``(..., d, d)``, lower triangle read) are positive
+    definite, as a boolean array of the batch shape: where a Cholesky factorisation succeeds
+    with a finite factor. torch reports each matrix (``cholesky_ex``); NumPy and
+    array-api-strict raise for the whole batch, and then each matrix is tried by its smallest
+    eigenvalue (the error path only); CuPy and JAX return NaN factors. One call for the whole
+    batch: split over the threads (as :func:`eigh` is), 100,000 6x6 factorisations were no
+    faster with torch and slower with NumPy on this project's 2-core machines."""
+    if is_torch(xp):
+        import torch
+
+        return torch.linalg.cholesky_ex(a).info == 0
+    try:
+        L = xp.linalg.cholesky(a)
+    except Exception as e:  # (NumPy's and the strict namespace's LinAlgError)
+        if type(e).__name__ != "LinAlgError":
+            raise
+        return xp.linalg.eigvalsh(a)[..., 0] > 0.0
+    if is_numpy(xp):
+        return xp.ones(tuple(a.shape[:-2]), dtype=xp.bool)  # (it raises where one is not)
+    return xp.all(xp.isfinite(L), axis=(-2, -1))
+
+
 def householder_r(a: Array, *, xp: Namespace) -> Array:
     r"""The triangular factor ``R`` of ``a = QR`` for a batch of small square matrices
     (``(..., d, d)``), by Householder reflections vectorised over the batch: ``d - 1`` steps of

@@ -191,6 +191,7 @@ def prepare(
     *,
     check_values: bool | None = None,
     names: tuple[str, str, str, str] = _ARG_NAMES,
+    roots: bool = False,
 ) -> Problem:
     """Check and broadcast the four arrays of a projection or distance call.
 
@@ -198,7 +199,9 @@ def prepare(
     follow :func:`tr_projections.checks_enabled`. Callers that re-read arrays already checked
     (a backward pass) may pass ``False``. ``names`` are the public names of the four arguments
     used in error messages (e.g. ``("mean", "scale", "proj_mean", "proj_scale")``); names of
-    scales must end in ``"scale"``.
+    scales must end in ``"scale"``. With ``roots`` full scales are checked as symmetric positive
+    definite square roots of the covariances (the W2 projection's ``root=True``) instead of
+    lower Cholesky factors.
     """
     n_mean, _, n_old_mean, _ = names
     arrays = dict(zip(names, (mean, scale, old_mean, old_scale), strict=True))
@@ -239,7 +242,7 @@ def prepare(
     if check_values is None:
         check_values = checks_enabled()
     if check_values:
-        check_gaussian_values(arrays, full=full, dtype=dtype, xp=xp)
+        check_gaussian_values(arrays, full=full, dtype=dtype, xp=xp, roots=roots)
 
     vec = batch + (d,)
     mat = batch + ((d, d) if full else (d,))

@@ -146,6 +146,8 @@ def _conditions(name: str, x: Array, *, kind: str, lo: float, hi: float, xp: Any
             )
         ]
     limits = f"[{lo:.3g}, {hi:.3g}]"
+    if kind == "root":
+        return _root_conditions(name, x, lo=lo, hi=hi, xp=xp)
     if kind == "diag":
         return [
             _Condition(
@@ -198,6 +200,65 @@ def _conditions(name: str, x: Array, *, kind: str, lo: float, hi: float, xp: Any
     ]
 
 
+#: A symmetric root may differ from its transpose by this many rounding units of its trace
+#: (at least its largest entry, for a positive semi-definite matrix); beyond, it is refused.
+ROOT_ASYMMETRY_ULPS = 16
+
+
+def _root_conditions(name: str, x: Array, *, lo: float, hi: float, xp: Any) -> list:
+    """Conditions of a full scale read as a symmetric square root (``root=True``): finite
+    entries with ``|S_ij| <= hi``; then (read once that holds, so that no ``inf - inf`` is
+    formed) a diagonal of at least ``lo``, symmetric up to rounding and positive definite (a
+    Cholesky factorisation succeeds). Symmetry: ``S - S^T``, antisymmetric, is at most
+    :data:`ROOT_ASYMMETRY_ULPS` rounding units of the matrix's trace, tested as one
+    whole-batch maximum of the difference less that bound (NumPy's reductions over a matrix's
+    own short axes are several times slower); the per-matrix picture only on the error path."""
+    finite = _Condition(
+        name,
+        in_range(x, -hi, hi, xp=xp),
+        lambda: (xp.abs(x) <= hi, x),
+        f"(a symmetric square root, root=True) must be finite, |S_ij| <= {hi:.3g}",
+    )
+    if _compat.eager_any(~finite.holds, xp=xp):
+        return [finite]
+    tol = ROOT_ASYMMETRY_ULPS * float(xp.finfo(x.dtype).eps)
+    diag = xp.linalg.diagonal(x)
+    bound = (tol * _compat.row_sum(diag, xp=xp))[..., None, None]  # (|tr S| for the message)
+    excess = x - xp.matrix_transpose(x)
+    excess -= bound  # (in place on this function's own temporary; JAX rebinds)
+    symmetric = xp.max(excess) <= 0.0
+
+    def asymmetry() -> tuple[Array, Array]:
+        worst = xp.max(excess, axis=(-2, -1))
+        return worst <= 0.0, worst + bound[..., 0, 0]
+
+    pd = _compat.positive_definite(x, xp=xp)
+    return [
+        finite,
+        _Condition(
+            name,
+            at_least(diag, lo, xp=xp, strided=True),
+            lambda: (diag >= lo, diag),
+            f"(a symmetric square root, root=True) must have a diagonal of at least {lo:.3g}",
+        ),
+        _Condition(
+            name,
+            symmetric,
+            asymmetry,
+            f"(a symmetric square root, root=True) must be symmetric: |S_ij - S_ji| at most "
+            f"{tol:.3g} times the matrix's trace (the offending values are the largest "
+            "differences)",
+        ),
+        _Condition(
+            name,
+            xp.all(pd),
+            lambda: (pd, xp.linalg.eigvalsh(x)[..., 0]),
+            "(a symmetric square root, root=True) must be positive definite (the offending "
+            "values are the smallest eigenvalues)",
+        ),
+    ]
+
+
 def describe(x: Array, ok: Array, *, xp: Any) -> str:
     """How many entries of ``x`` break a condition, and the first of them with its index."""
     bad = ~ok
@@ -214,17 +275,21 @@ _SWITCH_HINT = (
 )
 
 
-def check_gaussian_values(arrays: dict[str, Array], *, full: bool, dtype: Any, xp: Any) -> None:
+def check_gaussian_values(
+    arrays: dict[str, Array], *, full: bool, dtype: Any, xp: Any, roots: bool = False
+) -> None:
     """Value checks of ``mean``/``old_mean`` (finite) and ``scale``/``old_scale`` (between the
-    :func:`scale_limits` of ``dtype``; full factors also lower triangular), on the arrays as
-    passed (before broadcasting). A few reductions and one synchronisation when all is well;
-    arrays whose values cannot be read (tracers) are skipped."""
+    :func:`scale_limits` of ``dtype``; full factors also lower triangular, or with ``roots``
+    symmetric positive definite), on the arrays as passed (before broadcasting). A few
+    reductions and one synchronisation when all is well; arrays whose values cannot be read
+    (tracers) are skipped."""
     lo, hi = scale_limits(dtype, xp=xp)
     found: list[_Condition] = []
     for name, x in arrays.items():
         if _compat._is_traced(x, xp):
             continue
-        kind = ("full" if full else "diag") if name.endswith("scale") else "mean"
+        full_kind = "root" if roots else "full"
+        kind = (full_kind if full else "diag") if name.endswith("scale") else "mean"
         lo_x, hi_x = lo, hi
         if x.dtype != dtype:  # a float32 argument promoted to float64: limits it can hold
             own = xp.finfo(x.dtype)

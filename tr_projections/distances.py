@@ -396,12 +396,20 @@ def wasserstein_cov(scale: Array, old_scale: Array, *, full: bool, scale_prec: b
 
 
 def wasserstein(
-    mean: Array, scale: Array, old_mean: Array, old_scale: Array, *, scale_prec: bool = True
+    mean: Array,
+    scale: Array,
+    old_mean: Array,
+    old_scale: Array,
+    *,
+    scale_prec: bool = True,
+    root: bool = False,
 ) -> DistanceParts:
     r"""Wasserstein-2 distance (commuting approximation) split into a mean part, as for
     :func:`frobenius`, and the covariance part :math:`\|S_o^{-1}(S - S_o)\|_F^2`
     (``scale_prec=True``) or :math:`\|S - S_o\|_F^2`, with :math:`S = \Sigma^{1/2}` the symmetric
-    square root.
+    square root. With ``root=True`` full scales are those symmetric roots themselves (symmetric
+    positive definite) instead of lower Cholesky factors, as for
+    :func:`~tr_projections.project_wasserstein`; diagonal scales (stds) are roots already.
 
     Examples
     --------
@@ -410,8 +418,22 @@ def wasserstein(
     >>> float(m), float(c)
     (2.0, 2.0)
     """
-    p = prepare(mean, scale, old_mean, old_scale)
+    p = prepare(mean, scale, old_mean, old_scale, roots=bool(root))
     xp = p.xp
+    if p.full and root:
+        from .backends import apply
+
+        # (through the operation with its own VJP, as for Cholesky factors: one hand-written
+        # VJP for every library, and no derivative of the Cholesky factorisation of S_o)
+        options = {"scale_prec": bool(scale_prec), "root": True}
+        c = apply("wasserstein_cov", (p.scale, p.old_scale), (), options)[0]
+        diff = p.mean - p.old_mean
+        if not scale_prec:
+            return DistanceParts(row_sum(diff * diff, xp=xp), c)
+        # Sigma_o^-1 = S_o^-2: |S_o^-1 delta|^2 by the standard's general solve (differentiable
+        # by every library's autodiff).
+        z = xp.linalg.solve(p.old_scale, diff[..., None])[..., 0]
+        return DistanceParts(row_sum(z * z, xp=xp), c)
     with _compat.serial_decompositions() as last:
         if p.full:
             # (through an operation with its own VJP: torch's and JAX's derivatives of eigh or

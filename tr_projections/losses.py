@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._compat import solve_triangular
+from ._compat import matmul, row_sum, solve_triangular
 from ._inputs import Problem, unbroadcast
 from .distances import frobenius_cov, kl_cov_from_eigs, kl_eigs, mean_distance, wasserstein_chart
-from .gaussian import covariance, diag_embed, diagonal, mT
+from .gaussian import covariance, diag_embed, diagonal, frob2, mT, sym
 from .projections._core import cov_problem, marked_cov_problem
 from .projections._vjp_core import gram_vjp, sqrtm_vjp, tril, w2_slopes
+from .projections.wasserstein import inverse_root
 
 __all__ = ["LossResiduals", "loss_fwd", "loss_vjp", "trust_region_loss"]
 
@@ -49,17 +50,23 @@ def _check_method(method: Any) -> None:
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
 
 
-def loss_fwd(p: Problem, *, method: str, scale_prec: bool = True) -> tuple[Array, LossResiduals]:
+def loss_fwd(
+    p: Problem, *, method: str, scale_prec: bool = True, root: bool = False
+) -> tuple[Array, LossResiduals]:
     """Per-state ``d(new, old)`` for ``p`` (old = the projection) and the VJP's residuals.
+    With ``root`` (W2 only) full scales are symmetric roots: :func:`_root_loss`.
 
     The covariance part depends on the two scales alone: where both are shared along batch
     axes (a state-independent covariance and its projection, each passed once), it is computed
     once per distinct pair (:func:`~tr_projections.projections._core.cov_problem`) and added to
     every state's mean part."""
     _check_method(method)
+    _check_root(method, root)
     xp = p.xp
     pc, shared = cov_problem(p)  # (no bound: the scales' part, at its own batch)
     none = LossResiduals(None, None, None, None, None, shared)
+    if root and p.full:
+        return _root_loss(p, pc, shared, scale_prec=scale_prec)
     if method == "kl":
         m = 0.5 * mean_distance(
             p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp
@@ -77,6 +84,38 @@ def loss_fwd(p: Problem, *, method: str, scale_prec: bool = True) -> tuple[Array
         return m + c, none
     res = LossResiduals(eig.U, eig.s, chart.root, chart.old_root, chart.old_root_inv, shared)
     return m + c, res
+
+
+def _check_root(method: str, root: bool) -> None:
+    if root and method != "wasserstein":
+        raise ValueError(
+            f"`root=True` (scales given as symmetric square roots) applies to "
+            f"method='wasserstein' only, got method={method!r}"
+        )
+
+
+def _root_loss(
+    p: Problem, pc: Problem, shared: Array | None, *, scale_prec: bool
+) -> tuple[Array, LossResiduals]:
+    r"""The W2 loss of symmetric-root scales: :math:`\|R\delta\|^2 + \|R(S - S_p)\|_F^2`
+    with :math:`R = S_p^{-1}` (without ``scale_prec``: :math:`\|\delta\|^2 + \|S -
+    S_p\|_F^2`); the residuals keep :math:`R` (``old_root_inv``) at the scales' batch."""
+    xp = p.xp
+    R = inverse_root(pc.old_scale, xp=xp) if scale_prec else None
+    delta = pc.scale - pc.old_scale
+    c = frob2(delta if R is None else matmul(R, delta, xp=xp), xp=xp)
+    z = _root_z(p, R)
+    return row_sum(z * z, xp=xp) + c, LossResiduals(None, None, None, None, R, shared)
+
+
+def _root_z(p: Problem, R: Array | None) -> Array:
+    # R delta (delta unscaled), R broadcast from the scales' batch to the means'.
+    xp = p.xp
+    z = p.mean - p.old_mean
+    if R is None:
+        return z
+    R = xp.broadcast_to(R, tuple(z.shape[:-1]) + tuple(R.shape[-2:]))
+    return matmul(R, z[..., None], xp=xp)[..., 0]
 
 
 def _mean_grad(p: Problem, *, coef: float, scale_prec: bool, xp: Any) -> Array:
@@ -116,12 +155,32 @@ def _scale_grad(p: Problem, res: LossResiduals, *, method: str, scale_prec: bool
 
 
 def loss_vjp(
-    p: Problem, res: LossResiduals, g: Array, *, method: str, scale_prec: bool = True
+    p: Problem,
+    res: LossResiduals,
+    g: Array,
+    *,
+    method: str,
+    scale_prec: bool = True,
+    root: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
-    """Cotangents of ``(mean, scale, proj_mean, proj_scale)``; the last two are zero. A shared
+    r"""Cotangents of ``(mean, scale, proj_mean, proj_scale)``; the last two are zero. A shared
     covariance part (:func:`loss_fwd`) gets ``g`` summed over the states that share it, and its
-    cotangents have its own batch."""
+    cotangents have its own batch. Symmetric-root scales (``root``): :math:`2R^2\delta` and
+    :math:`2\operatorname{sym}(R^2\Delta)` (:math:`2\delta`, :math:`2\Delta` unscaled)."""
     xp = p.xp
+    if root and p.full:
+        R = res.old_root_inv
+        z = _root_z(p, R)
+        if R is not None:
+            R_all = xp.broadcast_to(R, tuple(z.shape[:-1]) + tuple(R.shape[-2:]))
+            z = matmul(R_all, z[..., None], xp=xp)[..., 0]
+        pc = marked_cov_problem(p, res.shared)
+        g_cov = unbroadcast(g, pc.mean[..., 0], xp=xp)
+        delta = pc.scale - pc.old_scale
+        RRd = delta if R is None else matmul(R, matmul(R, delta, xp=xp), xp=xp)
+        g_scale = (2.0 * g_cov[..., None, None]) * sym(RRd, xp=xp)
+        zeros = (xp.zeros_like(p.old_mean), xp.zeros_like(pc.old_scale))
+        return (2.0 * g[..., None]) * z, g_scale, *zeros
     coef = 0.5 if method == "kl" else 1.0
     prec = True if method == "kl" else scale_prec
     g_mean = _mean_grad(p, coef=coef, scale_prec=prec, xp=xp) * g[..., None]
@@ -141,6 +200,7 @@ def trust_region_loss(
     *,
     method: str,
     scale_prec: bool = True,
+    root: bool = False,
 ) -> Array:
     r"""Per-state distance :math:`d(\pi, \mathrm{sg}(\tilde\pi))` between the raw policy and its
     projection, with the distance of projection ``method``.
@@ -157,6 +217,9 @@ def trust_region_loss(
         :func:`~tr_projections.wasserstein`.
     scale_prec
         As for the Frobenius and Wasserstein projections.
+    root
+        With ``method="wasserstein"``: full scales are symmetric square roots, as for
+        :func:`~tr_projections.project_wasserstein` with ``root=True``.
 
     Returns
     -------
@@ -174,5 +237,6 @@ def trust_region_loss(
     from .backends import apply
 
     _check_method(method)
-    options = {"method": method, "scale_prec": bool(scale_prec)}
+    _check_root(method, root)
+    options = {"method": method, "scale_prec": bool(scale_prec), "root": bool(root)}
     return apply("trust_region_loss", (mean, scale, proj_mean, proj_scale), (), options)[0]

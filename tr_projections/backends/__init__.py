@@ -62,7 +62,8 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, d
         b.apply_defaults()
         a = dict(b.arguments)
         arrays = tuple(a.pop(n) for n in ("mean", "scale", "proj_mean", "proj_scale"))
-        return "trust_region_loss", arrays, (), {k: a[k] for k in ("method", "scale_prec")}
+        options = {k: a[k] for k in ("method", "scale_prec", "root")}
+        return "trust_region_loss", arrays, (), options
     if fn is P.project_entropy:
         b = inspect.signature(fn).bind(*args, **kwargs)
         b.apply_defaults()

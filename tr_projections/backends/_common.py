@@ -69,7 +69,7 @@ def _cotangent(g: Array | None, like: Array, *, xp: Any) -> Array:
 
 def _projection(fwd: Callable, vjp: Callable, residuals: type) -> Operation:
     def forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
-        p = prepare(*arrays)
+        p = prepare(*arrays, roots=bool(options.get("root")))
         eps_mean = bound(bounds[0], "eps_mean", p)
         eps_cov = bound(bounds[1], "eps_cov", p)
         out, res = fwd(p, eps_mean, eps_cov, **options)
@@ -96,7 +96,8 @@ def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs
 
 
 def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
-    out, res = loss_fwd(prepare(*arrays, names=LOSS_ARGS), **options)
+    p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
+    out, res = loss_fwd(p, **options)
     return (out,), res
 
 
@@ -113,7 +114,9 @@ def _w2_cov_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple,
 
 def _w2_cov_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs: tuple) -> tuple:
     xp = namespace_of(dict(zip(W2_COV_ARGS, arrays, strict=True)))
-    g = _cotangent(cots[0], res.s[..., 0], xp=xp)  # (the part's shape: the batch)
+    # (the part's shape: the batch; both scales come broadcast from trp.wasserstein)
+    like = res.s[..., 0] if res.s is not None else arrays[0][..., 0, 0]
+    g = _cotangent(cots[0], like, xp=xp)
     return wasserstein_cov_vjp(*arrays, res, g, new=needs[0], old=needs[1], **options)
 
 
@@ -281,7 +284,7 @@ def forward(
         return op.forward(arrays, bounds, options)
     spans, n_lanes = plan
     # The whole call's checks first (messages name the caller's indices), then the chunks.
-    p = prepare(*arrays)
+    p = prepare(*arrays, roots=bool(options.get("root")))
     for b, name in zip(bounds, op.bound_names, strict=True):
         bound(b, name, p)
     xp = p.xp

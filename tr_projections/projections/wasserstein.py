@@ -5,6 +5,11 @@ symmetric square roots :math:`S = \Sigma^{1/2}`.
 closed-form weight for :math:`\|S_o^{-1}(S - S_o)\|_F^2` (``scale_prec=True``) or
 :math:`\|S - S_o\|_F^2`. For diagonal Gaussians :math:`S` is the vector of standard deviations and
 nothing but elementwise arithmetic is needed.
+
+Full scales are lower Cholesky factors by default, whose roots take two batched ``eigh``. With
+``root=True`` they are the symmetric roots themselves (the parametrization of the W2 policies of
+Otto et al.): the projection is then products, one Cholesky factorisation of :math:`S_o` and a
+triangular solve (:func:`_root_fwd`), and returns the projected root.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import _compat
+from .._compat import matmul, row_sum
 from .._inputs import Problem, unbroadcast
 from .._rows import choose, fields, from_fields, narrow, put, take, take_batch
 from ..distances import kl_f, mean_distance, wasserstein_chart, wasserstein_may_exceed
-from ..gaussian import Gaussian, cholesky_of_gram, root_from_eig
+from ..gaussian import Gaussian, cholesky_of_gram, frob2, mT, root_from_eig, sym
 from ._core import (
     Cotangents,
     closed_form_tau,
@@ -31,7 +37,16 @@ from ._core import (
     select,
     spread,
 )
-from ._vjp_core import cholesky_vjp, expand, gram_vjp, sqrtm_vjp, square_vjp, tril, w2_slopes
+from ._vjp_core import (
+    cholesky_vjp,
+    expand,
+    gram_vjp,
+    solve_lower,
+    sqrtm_vjp,
+    square_vjp,
+    tril,
+    w2_slopes,
+)
 
 Array = Any
 
@@ -56,13 +71,19 @@ class WassersteinResiduals(NamedTuple):
     rows: Array | None  # flat indices of the rows the covariance fields cover (None: all)
     row_mask: Array | None
     shared: Array | None  # the covariance part's batch, where smaller (see _core.cov_problem)
+    # Symmetric-root scales (root=True), precision-scaled: S_o^-1 at the covariance part's
+    # batch (None otherwise).
+    old_root_inv: Array | None = None
 
 
 def wasserstein_fwd(
-    p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True
+    p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool = True, root: bool = False
 ) -> tuple[Gaussian, WassersteinResiduals]:
     """The W2 projection of ``p``, its weights and the residuals of its VJP (with eager arrays
-    the output factor and the VJP cover only the rows outside their bound)."""
+    the output factor and the VJP cover only the rows outside their bound). With ``root``, full
+    scales are symmetric roots (:func:`_root_fwd`)."""
+    if root and p.full:
+        return _root_fwd(p, eps_mean, eps_cov, scale_prec=scale_prec)
     xp = p.xp
     dist_mean = mean_distance(
         p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
@@ -124,6 +145,7 @@ def wasserstein_vjp(
     *,
     scale_prec: bool = True,
     old: bool = True,
+    root: bool = False,
 ) -> Cotangents:
     r"""Cotangents of ``(mean, scale, old_mean, old_scale)`` of :func:`wasserstein_fwd`.
 
@@ -138,7 +160,10 @@ def wasserstein_vjp(
     The symmetric-root VJP in each eigenbasis and :math:`\Sigma = LL^\top` lead back to the
     scales. Diagonal Gaussians: the same, elementwise, with :math:`S = \sigma`. Inactive rows pass
     ``g_scale`` through. Without ``old`` the old policy's cotangents are skipped (``None``).
+    Symmetric-root scales (``root``): :func:`_root_vjp`.
     """
+    if root and p.full:
+        return _root_vjp(p, res, g_mean, g_scale, scale_prec=scale_prec, old=old)
     xp, full = p.xp, p.full
     m = project_mean_vjp(
         g_mean, p.mean, p.old_mean, p.old_scale, mean_residuals(res),
@@ -209,23 +234,156 @@ def wasserstein_vjp(
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 
-class W2CovResiduals(NamedTuple):
-    """The eigenbases of both roots: what :func:`wasserstein_cov_vjp` rebuilds them from."""
+def inverse_root(S_o: Array, *, xp: Any) -> Array:
+    r""":math:`S_o^{-1}` of symmetric positive definite roots :math:`S_o` (lower triangles read):
+    :math:`S_o = CC^\top` (Cholesky), :math:`X = C^{-1}` (one triangular solve) and
+    :math:`S_o^{-1} = X^\top X`, symmetric positive definite by construction. Its relative
+    error is about :math:`\kappa(S_o)\varepsilon = \sqrt{\kappa(\Sigma_o)}\varepsilon`, as for
+    the inverse root built from the eigenbasis of Cholesky inputs."""
+    C = _compat.cholesky(S_o, xp=xp)
+    eye = xp.eye(S_o.shape[-1], dtype=S_o.dtype, device=_compat.device(S_o))
+    X = solve_lower(C, xp.broadcast_to(eye, tuple(C.shape)), xp=xp)
+    return matmul(mT(X, xp=xp), X, xp=xp)
 
-    U: Array
-    s: Array
-    old_U: Array
-    old_s: Array
+
+def _root_mean_distance(mean: Array, old_mean: Array, R: Array | None, *, xp: Any) -> Array:
+    # |S_o^-1 delta|^2 (Mahalanobis in Sigma_o = S_o^2), or |delta|^2 without R.
+    z = mean - old_mean
+    if R is not None:
+        z = matmul(R, z[..., None], xp=xp)[..., 0]
+    return row_sum(z * z, xp=xp)
+
+
+def _root_fwd(
+    p: Problem, eps_mean: Array, eps_cov: Array, *, scale_prec: bool
+) -> tuple[Gaussian, WassersteinResiduals]:
+    r"""The W2 projection of full Gaussians given by their symmetric roots :math:`S`
+    (``p.scale``, ``p.old_scale``: symmetric, which the value checks test up to rounding, and
+    used as given).
+
+    With :math:`R = S_o^{-1}` (:func:`inverse_root`; only with ``scale_prec``): the mean part is
+    :math:`\|R\delta\|^2` (Mahalanobis in :math:`\Sigma_o = S_o^2`), the covariance part
+    :math:`d = \|R\Delta\|_F^2` (or :math:`\|\Delta\|_F^2`), :math:`\Delta = S - S_o`, and
+    :math:`\tilde S = S_o + \tau\Delta` with the closed-form weight. Rows inside their bound
+    return their ``scale`` as given. No decomposition but one Cholesky factorisation of
+    :math:`S_o`; every row is computed (no row selection: no step is costly enough to pay for
+    the gathers)."""
+    xp = p.xp
+    batch = p.batch
+    pc, shared = cov_problem(p, eps_cov)  # (the covariance part once per distinct covariance)
+    S, S_o = pc.scale, pc.old_scale
+    R = inverse_root(S_o, xp=xp) if scale_prec else None
+    R_all = None if R is None else xp.broadcast_to(R, batch + tuple(R.shape[-2:]))
+    dist_mean = _root_mean_distance(p.mean, p.old_mean, R_all, xp=xp)
+    mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
+    delta = S - S_o
+    dist = frob2(delta if R is None else matmul(R, delta, xp=xp), xp=xp)
+    tau = closed_form_tau(dist, eps_cov, xp=xp)
+    active = dist > eps_cov
+    proj = S_o + expand(tau, 2, xp=xp) * delta
+    del delta
+    scale = select(active, proj, S, event_ndim=2, xp=xp)
+    del proj
+    res = WassersteinResiduals(
+        tau_mean, dist_mean, dist_mean > eps_mean, tau, dist, active,
+        None, None, None, None, None, None, None, shared, R,
+    )  # fmt: skip
+    return Gaussian(mean, spread(scale, batch, event_ndim=2, xp=xp)), res
+
+
+def _root_vjp(
+    p: Problem,
+    res: WassersteinResiduals,
+    g_mean: Array,
+    g_scale: Array,
+    *,
+    scale_prec: bool,
+    old: bool,
+) -> Cotangents:
+    r"""Cotangents of :func:`_root_fwd`. Covariance part, with :math:`\bar g =
+    \operatorname{sym}(\bar{\tilde S})` on active rows: :math:`\bar d = \langle\bar g,
+    \Delta\rangle\,\partial\tau/\partial d`, :math:`\bar S = \tau\bar g + \bar d\,\partial
+    d/\partial S` and :math:`\bar S_o = (1 - \tau)\bar g + \bar d\,\partial d/\partial S_o`,
+    the slopes of :func:`w2_slopes` (each cotangent formed as one symmetric part); inactive
+    rows pass ``g_scale`` through unchanged (their output is the input). Mean part,
+    :math:`m = \|z\|^2` with :math:`z = R\delta`: :math:`\partial m/\partial
+    \delta = 2Rz` and :math:`\partial m/\partial S_o = -2\operatorname{sym}(Rz\,z^\top)`, through
+    :func:`~tr_projections.projections._core.closed_form_tau_vjp` as in
+    :func:`~tr_projections.projections._core.project_mean_vjp`. The cotangents are the
+    derivatives along symmetric perturbations: symmetric, but for the new root's on rows inside
+    their bound (the incoming cotangent, passed through)."""
+    xp = p.xp
+    pc = marked_cov_problem(p, res.shared)  # (a shared covariance: its own batch)
+    R = res.old_root_inv
+    batch = p.batch
+    R_all = None if R is None else xp.broadcast_to(R, batch + tuple(R.shape[-2:]))
+    # The mean part, on every row.
+    delta_m = p.mean - p.old_mean
+    dist_bar_m = closed_form_tau_vjp(
+        row_sum(g_mean * delta_m, xp=xp), res.tau_mean, res.dist_mean, res.active_mean, xp=xp
+    )[..., None]
+    z = delta_m if R is None else matmul(R_all, delta_m[..., None], xp=xp)[..., 0]
+    w = z if R is None else matmul(R_all, z[..., None], xp=xp)[..., 0]  # (Sigma_o^-1 delta)
+    act_m = res.active_mean[..., None]
+    mean_bar = xp.where(act_m, res.tau_mean[..., None] * g_mean + (2.0 * dist_bar_m) * w, g_mean)
+    # The covariance part: with RE = R R Delta (Delta unscaled), dd/dS = 2 sym(RE) and
+    # dd/dS_o = -2 sym(RE S R) (-2 Delta), so both cotangents are sym() of one sum each.
+    g_scale = unbroadcast(g_scale, pc.scale, xp=xp)  # (summed over the states sharing it)
+    S, S_o = pc.scale, pc.old_scale
+    delta = S - S_o
+    tau_bar = xp.sum(g_scale * delta, axis=(-2, -1))  # (= <sym(g), Delta>: Delta is symmetric)
+    k = 2.0 * expand(closed_form_tau_vjp(tau_bar, res.tau, res.dist, res.active, xp=xp), 2, xp=xp)
+    RE = delta if R is None else matmul(R, matmul(R, delta, xp=xp), xp=xp)
+    del delta
+    tau = expand(res.tau, 2, xp=xp)
+    scale_bar = scale_cotangent(
+        sym(tau * g_scale + k * RE, xp=xp), g_scale, res.active, None, g_scale,
+        event_ndim=2, xp=xp,
+    )  # fmt: skip
+    if not old:
+        return Cotangents(mean_bar, scale_bar, None, None)
+    old_mean_bar = g_mean - mean_bar
+    slope = RE if R is None else matmul(matmul(RE, S, xp=xp), R, xp=xp)
+    del RE
+    old_bar = sym((1.0 - tau) * g_scale - k * slope, xp=xp)
+    del slope
+    act = expand(res.active, 2, xp=xp)
+    old_bar = xp.where(act, old_bar, xp.zeros_like(old_bar))
+    if R is not None:  # (the mean part's, -2 dist_bar sym(w z^T); dist_bar is 0 inside)
+        wz = matmul(w[..., :, None], z[..., None, :], xp=xp)
+        old_bar = old_bar + unbroadcast(
+            (-2.0 * dist_bar_m[..., None]) * sym(wz, xp=xp), old_bar, xp=xp
+        )
+    return Cotangents(mean_bar, scale_bar, old_mean_bar, old_bar)
+
+
+class W2CovResiduals(NamedTuple):
+    """The eigenbases of both roots: what :func:`wasserstein_cov_vjp` rebuilds them from. With
+    symmetric-root scales (``root=True``) the bases are ``None`` and :math:`S_o^{-1}` (``None``
+    without ``scale_prec``) is kept instead."""
+
+    U: Array | None
+    s: Array | None
+    old_U: Array | None
+    old_s: Array | None
+    old_root_inv: Array | None = None
 
 
 def wasserstein_cov_fwd(
-    scale: Array, old_scale: Array, *, scale_prec: bool = True
+    scale: Array, old_scale: Array, *, scale_prec: bool = True, root: bool = False
 ) -> tuple[Array, W2CovResiduals]:
     """The W2 covariance part of full Gaussians (what ``trp.wasserstein`` returns second) and
     the residuals of its VJP. An operation of its own so that autodiff never differentiates
     ``eigh`` or the SVD: their eigenvector derivatives divide by differences of eigenvalues,
-    NaN for repeated ones (an identity covariance)."""
+    NaN for repeated ones (an identity covariance). With ``root`` the scales are symmetric
+    roots: no decomposition but the QR of the old one (:func:`root_factors`)."""
     xp = _compat.array_namespace(scale, old_scale)
+    if root:
+        S, S_o = scale, old_scale
+        R = inverse_root(S_o, xp=xp) if scale_prec else None
+        delta = S - S_o
+        dist = frob2(matmul(R, delta, xp=xp) if scale_prec else delta, xp=xp)
+        return dist, W2CovResiduals(None, None, None, None, R)
     dist, _, eig = wasserstein_chart(scale, old_scale, full=True, scale_prec=scale_prec, xp=xp)
     return dist, W2CovResiduals(*eig)
 
@@ -237,6 +395,7 @@ def wasserstein_cov_vjp(
     g: Array,
     *,
     scale_prec: bool = True,
+    root: bool = False,
     new: bool = True,
     old: bool = True,
 ) -> tuple[Array | None, Array | None]:
@@ -246,14 +405,18 @@ def wasserstein_cov_vjp(
     :math:`\partial d/\partial S = 2\operatorname{sym}(RE)` and :math:`\partial d/\partial S_o
     = -2\operatorname{sym}(RESR)` (unscaled: :math:`\pm 2\Delta`), then the symmetric-root VJP
     (sums of roots as denominators: finite for repeated eigenvalues) and
-    :math:`\Sigma = LL^\top`, as in :func:`wasserstein_vjp`."""
+    :math:`\Sigma = LL^\top`, as in :func:`wasserstein_vjp`. Symmetric-root scales
+    (``root``): the two slopes themselves."""
     xp = _compat.array_namespace(scale, old_scale)
-    root = root_from_eig(res.U, res.s, xp=xp)
-    old_root = root_from_eig(res.old_U, res.old_s, xp=xp)
-    delta = root - old_root
     g = expand(g, 2, xp=xp)
+    if root:
+        d_root, d_old = w2_slopes(scale - old_scale, scale, res.old_root_inv, old=old, xp=xp)
+        return (g * d_root if new else None), (g * d_old if old else None)
+    root_ = root_from_eig(res.U, res.s, xp=xp)
+    old_root = root_from_eig(res.old_U, res.old_s, xp=xp)
+    delta = root_ - old_root
     R = root_from_eig(res.old_U, res.old_s, xp=xp, inverse=True) if scale_prec else None
-    d_root, d_old = w2_slopes(delta, root, R, old=old, xp=xp)
+    d_root, d_old = w2_slopes(delta, root_, R, old=old, xp=xp)
     scale_bar = None
     if new:
         scale_bar = gram_vjp(sqrtm_vjp(res.U, res.s, g * d_root, xp=xp), scale, xp=xp)
@@ -266,6 +429,7 @@ def wasserstein_cov_vjp(
 __all__ = [
     "W2CovResiduals",
     "WassersteinResiduals",
+    "inverse_root",
     "wasserstein_cov_fwd",
     "wasserstein_cov_vjp",
     "wasserstein_fwd",

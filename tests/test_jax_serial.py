@@ -143,6 +143,28 @@ def test_forward_and_backward_of_a_full_projection_in_turn():
     _assert_in_turn(jaxpr)
 
 
+@pytest.mark.parametrize("part", ["projection", "distance"])
+def test_root_w2_in_turn(part):
+    """W2 of symmetric roots (``root=True``): the projection's Cholesky factorisation and
+    triangular solves, forward and backward, and the distance's two factorisations (the part's
+    and the mean part's) run one at a time. d = 12: jaxlib's LAPACK route."""
+    import tr_projections as trp
+
+    rng = np.random.default_rng(5)
+    m, _, mo, _ = _policies(rng, 5, 12)
+    S, So = (jnp.asarray(spd(rng, (5,), 12)) for _ in range(2))
+
+    def loss(m, S, mo, So):
+        if part == "distance":
+            a, b = trp.wasserstein(m, S, mo, So, root=True)
+            return jnp.sum(a) + jnp.sum(b)
+        out = trp.project_wasserstein(m, S, mo, So, eps_mean=1e-3, eps_cov=1e-3, root=True)
+        return jnp.sum(out.mean) + jnp.sum(out.scale)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(m, S, mo, So).jaxpr
+    _assert_in_turn(jaxpr)
+
+
 SCRIPT = textwrap.dedent(
     """
     import os, sys

@@ -266,3 +266,134 @@ def test_root_cotangents_symmetric_where_projected_passed_through_inside():
     np.testing.assert_array_equal(g_new[inside], gs[inside])
     # (the old root's: the covariance part's where projected, the mean part's everywhere)
     np.testing.assert_allclose(g_old, np.swapaxes(g_old, -1, -2), rtol=1e-12, atol=1e-14)
+
+
+def test_unbatched_bad_roots_are_refused_by_name(backend):
+    """A single ``(d, d)`` root (a state-independent covariance) that is not symmetric, or not
+    positive definite, is refused with the argument's name and the offending value."""
+    mean, old_mean = np.zeros((4, 3)), np.ones((4, 3))
+    asym = np.eye(3)
+    asym[0, 1] = 0.5
+    indefinite = np.eye(3) + 2.0 * (np.ones((3, 3)) - np.eye(3))
+    kw = {"eps_mean": 0.1, "eps_cov": 0.1, "root": True}
+    for which, bad, message in (
+        ("scale", asym, "must be symmetric"),
+        ("old_scale", indefinite, "must be positive definite"),
+    ):
+        S, So = (bad, np.eye(3)) if which == "scale" else (np.eye(3), bad)
+        args = [backend.asarray(x) for x in (mean, S, old_mean, So)]
+        with pytest.raises(ValueError, match=f"`{which}` .*{message}.*; got "):
+            trp.project_wasserstein(*args, **kw)
+
+
+def test_numerically_singular_root_is_refused_as_the_factorisation_would():
+    """A root whose smallest eigenvalue is positive at rounding level only (its Cholesky
+    factorisation fails) is refused by the value check, by name, not by the projection's own
+    factorisation: the check tries each matrix as the projection does."""
+    rng = np.random.default_rng(0)
+    for _ in range(3000):  # (seed 0 finds one within the first few hundred)
+        q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+        So = (q * np.array([1.0, 1.0, 10.0 ** rng.uniform(-17, -14)])) @ q.T
+        So = 0.5 * (So + So.T)
+        try:
+            np.linalg.cholesky(So)
+        except np.linalg.LinAlgError:
+            if np.linalg.eigvalsh(So)[0] > 0.0:
+                break
+    else:
+        pytest.skip("no numerically singular root with a positive eigenvalue found")
+    olds = np.stack([np.eye(3), So, np.eye(3)])
+    args = (np.zeros((3, 3)), np.broadcast_to(np.eye(3), (3, 3, 3)), np.ones((3, 3)), olds)
+    with pytest.raises(ValueError, match=r"`old_scale` .*must be positive definite.*index \(1,\)"):
+        trp.project_wasserstein(*args, eps_mean=0.1, eps_cov=0.1, root=True)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_root_projection_in_chunks_is_the_whole_call(monkeypatch, library):
+    """Large calls run in chunks of rows (NumPy arrays and torch CPU tensors, on the threads at
+    once): with ``root=True`` the chunks give the whole call's outputs and cotangents."""
+    from tr_projections.backends import _common
+
+    roots, (em, ec), (gm, gs), _ = _data(12, batch=40)
+    kw = {"eps_mean": em, "eps_cov": ec, "root": True}
+
+    def run():
+        if library == "numpy":
+            out, vjp_fn = trp.vjp(trp.project_wasserstein, *roots, **kw)
+            return (out.scale, *vjp_fn(trp.Gaussian(gm, gs)))
+        torch = pytest.importorskip("torch")
+        t = [torch.tensor(x, requires_grad=True) for x in roots]
+        out = trp.project_wasserstein(*t, **kw)
+        ((out.mean * torch.tensor(gm)).sum() + (out.scale * torch.tensor(gs)).sum()).backward()
+        return (out.scale.detach().numpy(), *(x.grad.numpy() for x in t))
+
+    whole = run()
+    monkeypatch.setattr(_common, "PARALLEL_MIN_NUMBERS", 16)
+    if library == "numpy":
+        monkeypatch.setattr(_common, "CHUNK_ROWS", 7)
+    else:
+        from tr_projections.backends import torch as adapter
+
+        monkeypatch.setattr(adapter, "CHUNK_ROWS", 7)
+    chunked = run()
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-13, atol=1e-15)
+
+
+def test_root_projection_under_jax_vmap():
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+    roots, (em, ec), (gm, gs), _ = _data(13)
+    _, vjp_fn = trp.vjp(trp.project_wasserstein, *roots, eps_mean=em, eps_cov=ec, root=True)
+    ref = vjp_fn(trp.Gaussian(gm, gs))
+
+    def one(m, S, mo, So, g1, g2):  # one state (a batch of one inside)
+        o = trp.project_wasserstein(m[None], S[None], mo[None], So[None], eps_mean=em,
+                                    eps_cov=ec, root=True)  # fmt: skip
+        return jnp.sum(o.mean * g1) + jnp.sum(o.scale * g2)
+
+    grads = jax.jit(jax.vmap(jax.grad(one, argnums=(0, 1, 2, 3))))(
+        *(jnp.asarray(x) for x in (*roots, gm, gs))
+    )
+    for g, r in zip(grads, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(g), r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("d", "center", "cond", "step"),
+    [
+        (6, np.log(1e-4), 1e6, 1.0),
+        (6, np.log(1e3), 1e6, 1.0),
+        (16, 0.0, 1e4, 3.0),
+        (2, 0.0, 1e6, 8.0),
+    ],
+)
+def test_roots_at_the_extremes_stay_finite_and_bounded(backend, d, center, cond, step):
+    """Stds from 1e-4 to 1e3, condition numbers up to 1e6, large steps: every output finite and
+    the projected distance within the float64 bound tolerance of its bound."""
+    rng = np.random.default_rng(int(d + cond))
+    old = trs.cholesky_factors(rng, (20,), d, cond=cond, center=2.0 * center)
+    rel = trs.cholesky_factors(rng, (20,), d, cond=np.exp(2.0 * step), center=0.0)
+    roots = (
+        rng.standard_normal((20, d)) * np.exp(center),
+        _root(old @ rel),
+        np.zeros((20, d)),
+        _root(old),
+    )
+    m, c = trp.wasserstein(*roots, root=True)
+    em, ec = float(np.quantile(m, 0.3)), float(np.quantile(c, 0.3))
+    out = trp.project_wasserstein(*(backend.asarray(x) for x in roots), eps_mean=em, eps_cov=ec,
+                                  root=True)  # fmt: skip
+    mean, S = backend.to_numpy(out.mean), backend.to_numpy(out.scale)
+    assert np.all(np.isfinite(mean)) and np.all(np.isfinite(S))
+    m2, c2 = trp.wasserstein(mean, S, roots[2], roots[3], root=True)
+    tol = tolerance("float64")
+    assert np.all(m2 <= em * (1.0 + tol.bound)) and np.all(c2 <= ec * (1.0 + tol.bound))
+
+
+def test_root_with_another_loss_is_refused_before_the_value_checks():
+    chol = trs.cholesky_factors(np.random.default_rng(14), (3,), 2, cond=3.0)
+    args = (np.zeros((3, 2)), chol, np.ones((3, 2)), chol)
+    with pytest.raises(ValueError, match="method='wasserstein' only"):
+        trp.vjp(trp.trust_region_loss, *args, method="kl", root=True)

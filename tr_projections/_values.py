@@ -1,8 +1,10 @@
 """Value checks: what is read from the arrays themselves (see :mod:`._inputs` for the rest).
 
 Each condition is first evaluated with reductions only (``min``, ``max``, ``all``), combined
-into one boolean and read once: one synchronisation per call when all is well. Only on the
-error path is the elementwise picture computed, to name the first offending entry.
+into one boolean and read once: one synchronisation per call when all is well (scales read as
+symmetric roots, ``root=True``, take one more per root: their finiteness is read before the
+other conditions are formed). Only on the error path is the elementwise picture computed, to
+name the first offending entry.
 """
 
 from __future__ import annotations
@@ -253,8 +255,9 @@ def _root_conditions(name: str, x: Array, *, lo: float, hi: float, xp: Any) -> l
             name,
             xp.all(pd),
             lambda: (pd, xp.linalg.eigvalsh(x)[..., 0]),
-            "(a symmetric square root, root=True) must be positive definite (the offending "
-            "values are the smallest eigenvalues)",
+            "(a symmetric square root, root=True) must be positive definite: its Cholesky "
+            "factorisation must succeed (the offending values are the smallest eigenvalues, "
+            "positive at rounding level only where a root is numerically singular)",
         ),
     ]
 
@@ -262,6 +265,8 @@ def _root_conditions(name: str, x: Array, *, lo: float, hi: float, xp: Any) -> l
 def describe(x: Array, ok: Array, *, xp: Any) -> str:
     """How many entries of ``x`` break a condition, and the first of them with its index."""
     bad = ~ok
+    if bad.ndim == 0:  # (one matrix's condition: an unbatched argument)
+        return f"got {float(x)!r}"
     n_bad = int(xp.sum(xp.astype(bad, xp.int64)))
     first = tuple(int(i[0]) for i in xp.nonzero(bad))
     value = float(x[first]) if first else float("nan")

@@ -423,16 +423,20 @@ def wasserstein(
     if p.full and root:
         from .backends import apply
 
-        # (through the operation with its own VJP, as for Cholesky factors: one hand-written
-        # VJP for every library, and no derivative of the Cholesky factorisation of S_o)
-        options = {"scale_prec": bool(scale_prec), "root": True}
-        c = apply("wasserstein_cov", (p.scale, p.old_scale), (), options)[0]
-        diff = p.mean - p.old_mean
-        if not scale_prec:
-            return DistanceParts(row_sum(diff * diff, xp=xp), c)
-        # Sigma_o^-1 = S_o^-2: |S_o^-1 delta|^2 by the standard's general solve (differentiable
-        # by every library's autodiff).
-        z = xp.linalg.solve(p.old_scale, diff[..., None])[..., 0]
+        with _compat.serial_decompositions() as last:
+            # (through the operation with its own VJP, as for Cholesky factors: one hand-written
+            # VJP for every library, and no derivative of the Cholesky factorisation of S_o)
+            options = {"scale_prec": bool(scale_prec), "root": True}
+            c = apply("wasserstein_cov", (p.scale, p.old_scale), (), options)[0]
+            last[0] = c  # (JAX: the mean part's factorisation waits for the operation's)
+            diff = p.mean - p.old_mean
+            if not scale_prec:
+                return DistanceParts(row_sum(diff * diff, xp=xp), c)
+            # |S_o^-1 delta|^2 (Sigma_o^-1 = S_o^-2), S_o = C C^T: differentiable by every
+            # library's autodiff.
+            C = _compat.cholesky(p.old_scale, xp=xp)
+            y = solve_triangular(C, diff[..., None], lower=True, xp=xp)
+            z = solve_triangular(mT(C, xp=xp), y, lower=False, xp=xp)[..., 0]
         return DistanceParts(row_sum(z * z, xp=xp), c)
     with _compat.serial_decompositions() as last:
         if p.full:

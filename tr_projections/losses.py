@@ -61,7 +61,7 @@ def loss_fwd(
     once per distinct pair (:func:`~tr_projections.projections._core.cov_problem`) and added to
     every state's mean part."""
     _check_method(method)
-    _check_root(method, root)
+    check_root(method, root)
     xp = p.xp
     pc, shared = cov_problem(p)  # (no bound: the scales' part, at its own batch)
     none = LossResiduals(None, None, None, None, None, shared)
@@ -86,7 +86,9 @@ def loss_fwd(
     return m + c, res
 
 
-def _check_root(method: str, root: bool) -> None:
+def check_root(method: str, root: bool) -> None:
+    """A ``ValueError`` for an unknown method, or ``root=True`` with a method other than W2."""
+    _check_method(method)
     if root and method != "wasserstein":
         raise ValueError(
             f"`root=True` (scales given as symmetric square roots) applies to "
@@ -237,6 +239,6 @@ def trust_region_loss(
     from .backends import apply
 
     _check_method(method)
-    _check_root(method, root)
+    check_root(method, root)
     options = {"method": method, "scale_prec": bool(scale_prec), "root": bool(root)}
     return apply("trust_region_loss", (mean, scale, proj_mean, proj_scale), (), options)[0]

@@ -122,7 +122,9 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
     Works for every array library (NumPy, CuPy, array-api-strict, PyTorch, JAX) with the same
     hand-written VJPs that the torch and JAX adapters register. Cotangents of full (Cholesky)
     scales are lower triangular: entry ``(i, j)``, ``i >= j``, is the derivative with respect to
-    ``L[i, j]``; the strict upper triangle of an incoming ``g_scale`` is ignored. ``vjp_fn`` can
+    ``L[i, j]``; the strict upper triangle of an incoming ``g_scale`` is ignored. Those of
+    symmetric roots (``root=True``, W2) are symmetric, but on rows inside their bound, where
+    the incoming ``g_scale`` passes through. ``vjp_fn`` can
     be called any number of times; ``vjp`` itself is first order (its outputs are not tracked by
     torch's or JAX's autodiff).
 

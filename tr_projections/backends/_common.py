@@ -24,7 +24,7 @@ from .. import _compat
 from .._config import checks
 from .._inputs import bound, namespace_of, prepare, unbroadcast
 from ..gaussian import is_full
-from ..losses import LossResiduals, loss_fwd, loss_vjp
+from ..losses import LossResiduals, check_root, loss_fwd, loss_vjp
 from ..projections.entropy import EntropyResiduals, entropy_fwd, entropy_vjp
 from ..projections.frobenius import FrobeniusResiduals, frobenius_fwd, frobenius_vjp
 from ..projections.kl import KLResiduals, kl_fwd, kl_vjp
@@ -96,6 +96,7 @@ def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs
 
 
 def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+    check_root(options.get("method"), bool(options.get("root")))  # (before the value checks)
     p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
     out, res = loss_fwd(p, **options)
     return (out,), res

@@ -376,7 +376,8 @@ def wasserstein_cov_fwd(
     the residuals of its VJP. An operation of its own so that autodiff never differentiates
     ``eigh`` or the SVD: their eigenvector derivatives divide by differences of eigenvalues,
     NaN for repeated ones (an identity covariance). With ``root`` the scales are symmetric
-    roots: no decomposition but the QR of the old one (:func:`root_factors`)."""
+    roots: no decomposition but the Cholesky factorisation of the old one
+    (:func:`inverse_root`)."""
     xp = _compat.array_namespace(scale, old_scale)
     if root:
         S, S_o = scale, old_scale

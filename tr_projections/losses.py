@@ -25,7 +25,7 @@ from .distances import frobenius_cov, kl_cov_from_eigs, kl_eigs, mean_distance, 
 from .gaussian import covariance, diag_embed, diagonal, frob2, mT, sym
 from .projections._core import cov_problem, marked_cov_problem
 from .projections._vjp_core import gram_vjp, sqrtm_vjp, tril, w2_slopes
-from .projections.wasserstein import inverse_root
+from .projections.wasserstein import inverse_root, root_times
 
 __all__ = ["LossResiduals", "loss_fwd", "loss_vjp", "trust_region_loss"]
 
@@ -106,18 +106,8 @@ def _root_loss(
     R = inverse_root(pc.old_scale, xp=xp) if scale_prec else None
     delta = pc.scale - pc.old_scale
     c = frob2(delta if R is None else matmul(R, delta, xp=xp), xp=xp)
-    z = _root_z(p, R)
+    z = root_times(R, p.mean - p.old_mean, xp=xp)
     return row_sum(z * z, xp=xp) + c, LossResiduals(None, None, None, None, R, shared)
-
-
-def _root_z(p: Problem, R: Array | None) -> Array:
-    # R delta (delta unscaled), R broadcast from the scales' batch to the means'.
-    xp = p.xp
-    z = p.mean - p.old_mean
-    if R is None:
-        return z
-    R = xp.broadcast_to(R, tuple(z.shape[:-1]) + tuple(R.shape[-2:]))
-    return matmul(R, z[..., None], xp=xp)[..., 0]
 
 
 def _mean_grad(p: Problem, *, coef: float, scale_prec: bool, xp: Any) -> Array:
@@ -172,17 +162,14 @@ def loss_vjp(
     xp = p.xp
     if root and p.full:
         R = res.old_root_inv
-        z = _root_z(p, R)
-        if R is not None:
-            R_all = xp.broadcast_to(R, tuple(z.shape[:-1]) + tuple(R.shape[-2:]))
-            z = matmul(R_all, z[..., None], xp=xp)[..., 0]
+        w = root_times(R, root_times(R, p.mean - p.old_mean, xp=xp), xp=xp)  # Sigma_o^-1 delta
         pc = marked_cov_problem(p, res.shared)
         g_cov = unbroadcast(g, pc.mean[..., 0], xp=xp)
         delta = pc.scale - pc.old_scale
         RRd = delta if R is None else matmul(R, matmul(R, delta, xp=xp), xp=xp)
         g_scale = (2.0 * g_cov[..., None, None]) * sym(RRd, xp=xp)
         zeros = (xp.zeros_like(p.old_mean), xp.zeros_like(pc.old_scale))
-        return (2.0 * g[..., None]) * z, g_scale, *zeros
+        return (2.0 * g[..., None]) * w, g_scale, *zeros
     coef = 0.5 if method == "kl" else 1.0
     prec = True if method == "kl" else scale_prec
     g_mean = _mean_grad(p, coef=coef, scale_prec=prec, xp=xp) * g[..., None]

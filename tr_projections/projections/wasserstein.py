@@ -7,7 +7,7 @@ closed-form weight for :math:`\|S_o^{-1}(S - S_o)\|_F^2` (``scale_prec=True``) o
 nothing but elementwise arithmetic is needed.
 
 Full scales are lower Cholesky factors by default, whose roots take two batched ``eigh``. With
-``root=True`` they are the symmetric roots themselves (the parametrization of the W2 policies of
+``root=True`` they are the symmetric roots themselves (the parametrisation of the W2 policies of
 Otto et al.): the projection is then products, one Cholesky factorisation of :math:`S_o` and a
 triangular solve (:func:`_root_fwd`), and returns the projected root.
 """
@@ -237,21 +237,24 @@ def wasserstein_vjp(
 def inverse_root(S_o: Array, *, xp: Any) -> Array:
     r""":math:`S_o^{-1}` of symmetric positive definite roots :math:`S_o` (lower triangles read):
     :math:`S_o = CC^\top` (Cholesky), :math:`X = C^{-1}` (one triangular solve) and
-    :math:`S_o^{-1} = X^\top X`, symmetric positive definite by construction. Its relative
-    error is about :math:`\kappa(S_o)\varepsilon = \sqrt{\kappa(\Sigma_o)}\varepsilon`, as for
-    the inverse root built from the eigenbasis of Cholesky inputs."""
+    :math:`S_o^{-1} = X^\top X`, symmetric positive definite by construction, with a relative
+    error of about :math:`\kappa(S_o)\varepsilon = \sqrt{\kappa(\Sigma_o)}\varepsilon` (the
+    Cholesky factorisation and the triangular solve are backward stable)."""
     C = _compat.cholesky(S_o, xp=xp)
     eye = xp.eye(S_o.shape[-1], dtype=S_o.dtype, device=_compat.device(S_o))
     X = solve_lower(C, xp.broadcast_to(eye, tuple(C.shape)), xp=xp)
     return matmul(mT(X, xp=xp), X, xp=xp)
 
 
-def _root_mean_distance(mean: Array, old_mean: Array, R: Array | None, *, xp: Any) -> Array:
-    # |S_o^-1 delta|^2 (Mahalanobis in Sigma_o = S_o^2), or |delta|^2 without R.
-    z = mean - old_mean
-    if R is not None:
-        z = matmul(R, z[..., None], xp=xp)[..., 0]
-    return row_sum(z * z, xp=xp)
+def root_times(R: Array | None, v: Array, *, xp: Any) -> Array:
+    """``R v`` for vectors ``v`` (``(..., d)``), ``R`` (``S_o^-1``) broadcast from the
+    covariance part's batch to theirs; ``v`` itself where ``R`` is ``None`` (unscaled). With
+    ``v = mean - old_mean``, ``|R v|^2`` is the mean part of symmetric roots (Mahalanobis in
+    ``Sigma_o = S_o^2``)."""
+    if R is None:
+        return v
+    R = xp.broadcast_to(R, tuple(v.shape[:-1]) + tuple(R.shape[-2:]))
+    return matmul(R, v[..., None], xp=xp)[..., 0]
 
 
 def _root_fwd(
@@ -273,8 +276,9 @@ def _root_fwd(
     pc, shared = cov_problem(p, eps_cov)  # (the covariance part once per distinct covariance)
     S, S_o = pc.scale, pc.old_scale
     R = inverse_root(S_o, xp=xp) if scale_prec else None
-    R_all = None if R is None else xp.broadcast_to(R, batch + tuple(R.shape[-2:]))
-    dist_mean = _root_mean_distance(p.mean, p.old_mean, R_all, xp=xp)
+    z = root_times(R, p.mean - p.old_mean, xp=xp)
+    dist_mean = row_sum(z * z, xp=xp)
+    del z
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
     delta = S - S_o
     dist = frob2(delta if R is None else matmul(R, delta, xp=xp), xp=xp)
@@ -315,15 +319,13 @@ def _root_vjp(
     xp = p.xp
     pc = marked_cov_problem(p, res.shared)  # (a shared covariance: its own batch)
     R = res.old_root_inv
-    batch = p.batch
-    R_all = None if R is None else xp.broadcast_to(R, batch + tuple(R.shape[-2:]))
     # The mean part, on every row.
     delta_m = p.mean - p.old_mean
     dist_bar_m = closed_form_tau_vjp(
         row_sum(g_mean * delta_m, xp=xp), res.tau_mean, res.dist_mean, res.active_mean, xp=xp
     )[..., None]
-    z = delta_m if R is None else matmul(R_all, delta_m[..., None], xp=xp)[..., 0]
-    w = z if R is None else matmul(R_all, z[..., None], xp=xp)[..., 0]  # (Sigma_o^-1 delta)
+    z = root_times(R, delta_m, xp=xp)
+    w = root_times(R, z, xp=xp)  # (Sigma_o^-1 delta; delta unscaled)
     act_m = res.active_mean[..., None]
     mean_bar = xp.where(act_m, res.tau_mean[..., None] * g_mean + (2.0 * dist_bar_m) * w, g_mean)
     # The covariance part: with RE = R R Delta (Delta unscaled), dd/dS = 2 sym(RE) and
@@ -431,6 +433,7 @@ __all__ = [
     "W2CovResiduals",
     "WassersteinResiduals",
     "inverse_root",
+    "root_times",
     "wasserstein_cov_fwd",
     "wasserstein_cov_vjp",
     "wasserstein_fwd",

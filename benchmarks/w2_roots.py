@@ -12,7 +12,9 @@ forms are timed interleaved round by round, and the roots also with the value ch
 (``trp.checks(False)``; JAX's jitted calls check nothing either way). Prints the machine, the
 medians, Cholesky over roots, and how far apart the two forms' projected covariances are
 (:math:`\\tilde S^2` against :math:`\\tilde L\\tilde L^\\top`, the largest difference over the
-largest entry of the covariance).
+largest entry of the covariance). ``--memory`` adds, at the largest batch, the peak extra
+memory of one forward + backward call of each form over the size of its four inputs, as
+``run.py`` measures it (tracemalloc for NumPy; torch's profiler plus tracemalloc for torch).
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dims", default="6", help="comma-separated d")
     ap.add_argument("--batches", default="1e3,1e4,1e5", help="comma-separated batch sizes")
     ap.add_argument("--backends", default="torch,numpy,jax")
-    ap.add_argument("--modes", default="forward,backward")
+    ap.add_argument("--modes", default="forward,backward", help="'none': memory only")
     ap.add_argument("--quantile", type=float, default=0.7, help="bounds' quantile (run.py's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--memory", action="store_true", help="peak extra memory at the largest B")
     args = ap.parse_args(argv)
 
     thread_environment(args.threads)  # (before any array library is imported)
@@ -82,12 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     backends = [make_backend(name, args.threads) for name in args.backends.split(",")]
     versions = ", ".join(f"{k} {v}" for b in backends for k, v in b.versions().items())
     print(machine_line(versions))
-    print(
-        f"# W2 full, bounds at quantile {args.quantile}; median ms of {args.rounds} interleaved "
-        "rounds; fwd+bwd into the new policy only"
-    )
-    print("| backend | d | B | mode | Cholesky | roots | roots, checks off | Cholesky / roots |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    modes = [] if args.modes == "none" else args.modes.split(",")
+    if modes:
+        print(
+            f"# W2 full, bounds at quantile {args.quantile}; median ms of {args.rounds} "
+            "interleaved rounds; fwd+bwd into the new policy only"
+        )
+        print(
+            "| backend | d | B | mode | Cholesky | roots | roots, checks off | Cholesky / roots |\n"
+            "|---|---:|---:|---|---:|---:|---:|---:|"
+        )
 
     def unchecked(run):
         with trp.checks(False):
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             gap = agreement(arrays, roots, eps_mean, eps_cov)
             notes.append(f"d={d} B={batch}: {frac:.0%} projected; covariances agree to {gap:.1e}")
             for backend in backends:
-                for mode in args.modes.split(","):
+                for mode in modes:
                     calls = {}
                     for name, x, options in (
                         ("chol", arrays, None),
@@ -127,7 +134,34 @@ def main(argv: list[str] | None = None) -> int:
                     )
     for note in notes:
         print(f"# {note}")
+    if args.memory:
+        print_memory(backends, args, trp)
     return 0
+
+
+def print_memory(backends, args, trp) -> None:
+    """Peak extra memory of forward + backward over the inputs' size, both forms, at the
+    largest batch of the first d (backends that measure it: NumPy, torch on the CPU)."""
+    d = int(args.dims.split(",")[0])
+    batch = max(_batch(x) for x in args.batches.split(","))
+    data = make_data("full", d, batch, 0)
+    eps_mean, eps_cov, _ = bounds_for(data, "wasserstein", args.quantile)
+    arrays = data["arrays"]
+    roots = (arrays[0], roots_of(arrays[1]), arrays[2], roots_of(arrays[3]))
+    print(f"# peak extra memory over the inputs' size, fwd+bwd, d={d} B={batch}")
+    print("| backend | Cholesky | roots | how |")
+    print("|---|---:|---:|---|")
+    for backend in backends:
+        ratios, how = [], ""
+        for x, options in ((arrays, None), (roots, {"root": True})):
+            prepared = backend.prepare(
+                x, data["cotangents"], "backward", "wasserstein", eps_mean, eps_cov,
+                options=options,
+            )  # fmt: skip
+            prepared.sync(prepared.call())  # (warm-up)
+            peak, how = backend.memory(prepared)
+            ratios.append("n/a" if peak is None else f"{peak / sum(a.nbytes for a in x):.2f}×")
+        print(f"| {backend.name} | {ratios[0]} | {ratios[1]} | {how} |", flush=True)
 
 
 if __name__ == "__main__":

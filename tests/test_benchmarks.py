@@ -348,3 +348,12 @@ def test_w2_roots_runs():
         assert all(float(v) > 0 for v in row[4:7])
     gap = re.search(r"covariances agree to (\S+)", proc.stdout)
     assert gap is not None and float(gap.group(1)) < 1e-10
+    proc = _script(
+        "w2_roots.py", "--dims", "3", "--batches", "40", "--backends", "numpy",
+        "--modes", "none", "--memory", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| numpy |")]
+    assert len(row) == 1  # (no timing rows with --modes none: the memory table's only)
+    ratios = [float(v.strip().rstrip("×")) for v in row[0].split("|")[2:4]]
+    assert all(r > 0 for r in ratios)

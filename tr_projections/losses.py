@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._compat import matmul, row_sum, solve_triangular
+from ._compat import row_sum, solve_triangular
 from ._inputs import Problem, unbroadcast
 from .distances import frobenius_cov, kl_cov_from_eigs, kl_eigs, mean_distance, wasserstein_chart
-from .gaussian import covariance, diag_embed, diagonal, frob2, mT, sym
+from .gaussian import covariance, diag_embed, diagonal, mT
 from .projections._core import cov_problem, marked_cov_problem
 from .projections._vjp_core import gram_vjp, sqrtm_vjp, tril, w2_slopes
-from .projections.wasserstein import inverse_root, root_times
+from .projections.wasserstein import root_distance, root_times
 
 __all__ = ["LossResiduals", "loss_fwd", "loss_vjp", "trust_region_loss"]
 
@@ -60,8 +60,7 @@ def loss_fwd(
     axes (a state-independent covariance and its projection, each passed once), it is computed
     once per distinct pair (:func:`~tr_projections.projections._core.cov_problem`) and added to
     every state's mean part."""
-    _check_method(method)
-    check_root(method, root)
+    check_options(method, root)
     xp = p.xp
     pc, shared = cov_problem(p)  # (no bound: the scales' part, at its own batch)
     none = LossResiduals(None, None, None, None, None, shared)
@@ -86,7 +85,7 @@ def loss_fwd(
     return m + c, res
 
 
-def check_root(method: str, root: bool) -> None:
+def check_options(method: str, root: bool) -> None:
     """A ``ValueError`` for an unknown method, or ``root=True`` with a method other than W2."""
     _check_method(method)
     if root and method != "wasserstein":
@@ -103,9 +102,7 @@ def _root_loss(
     with :math:`R = S_p^{-1}` (without ``scale_prec``: :math:`\|\delta\|^2 + \|S -
     S_p\|_F^2`); the residuals keep :math:`R` (``old_root_inv``) at the scales' batch."""
     xp = p.xp
-    R = inverse_root(pc.old_scale, xp=xp) if scale_prec else None
-    delta = pc.scale - pc.old_scale
-    c = frob2(delta if R is None else matmul(R, delta, xp=xp), xp=xp)
+    c, R, _ = root_distance(pc.scale, pc.old_scale, scale_prec=scale_prec, xp=xp)
     z = root_times(R, p.mean - p.old_mean, xp=xp)
     return row_sum(z * z, xp=xp) + c, LossResiduals(None, None, None, None, R, shared)
 
@@ -165,9 +162,8 @@ def loss_vjp(
         w = root_times(R, root_times(R, p.mean - p.old_mean, xp=xp), xp=xp)  # Sigma_o^-1 delta
         pc = marked_cov_problem(p, res.shared)
         g_cov = unbroadcast(g, pc.mean[..., 0], xp=xp)
-        delta = pc.scale - pc.old_scale
-        RRd = delta if R is None else matmul(R, matmul(R, delta, xp=xp), xp=xp)
-        g_scale = (2.0 * g_cov[..., None, None]) * sym(RRd, xp=xp)
+        slope, _ = w2_slopes(pc.scale - pc.old_scale, None, R, old=False, xp=xp)
+        g_scale = g_cov[..., None, None] * slope
         zeros = (xp.zeros_like(p.old_mean), xp.zeros_like(pc.old_scale))
         return (2.0 * g[..., None]) * w, g_scale, *zeros
     coef = 0.5 if method == "kl" else 1.0
@@ -225,7 +221,6 @@ def trust_region_loss(
     """
     from .backends import apply
 
-    _check_method(method)
-    check_root(method, root)
+    check_options(method, root)
     options = {"method": method, "scale_prec": bool(scale_prec), "root": bool(root)}
     return apply("trust_region_loss", (mean, scale, proj_mean, proj_scale), (), options)[0]

@@ -24,7 +24,7 @@ from .. import _compat
 from .._config import checks
 from .._inputs import bound, namespace_of, prepare, unbroadcast
 from ..gaussian import is_full
-from ..losses import LossResiduals, check_root, loss_fwd, loss_vjp
+from ..losses import LossResiduals, check_options, loss_fwd, loss_vjp
 from ..projections.entropy import EntropyResiduals, entropy_fwd, entropy_vjp
 from ..projections.frobenius import FrobeniusResiduals, frobenius_fwd, frobenius_vjp
 from ..projections.kl import KLResiduals, kl_fwd, kl_vjp
@@ -96,7 +96,7 @@ def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs
 
 
 def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
-    check_root(options.get("method"), bool(options.get("root")))  # (before the value checks)
+    check_options(options.get("method"), bool(options.get("root")))  # (before value checks)
     p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
     out, res = loss_fwd(p, **options)
     return (out,), res
@@ -115,9 +115,8 @@ def _w2_cov_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple,
 
 def _w2_cov_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs: tuple) -> tuple:
     xp = namespace_of(dict(zip(W2_COV_ARGS, arrays, strict=True)))
-    # (the part's shape: the batch; both scales come broadcast from trp.wasserstein)
-    like = res.s[..., 0] if res.s is not None else arrays[0][..., 0, 0]
-    g = _cotangent(cots[0], like, xp=xp)
+    # (the part's shape, the batch: both scales come broadcast from trp.wasserstein)
+    g = _cotangent(cots[0], arrays[0][..., 0, 0], xp=xp)
     return wasserstein_cov_vjp(*arrays, res, g, new=needs[0], old=needs[1], **options)
 
 

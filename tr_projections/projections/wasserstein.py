@@ -246,6 +246,18 @@ def inverse_root(S_o: Array, *, xp: Any) -> Array:
     return matmul(mT(X, xp=xp), X, xp=xp)
 
 
+def root_distance(
+    S: Array, S_o: Array, *, scale_prec: bool, xp: Any
+) -> tuple[Array, Array | None, Array]:
+    r"""The W2 covariance part of symmetric roots, :math:`d = \|R\Delta\|_F^2` with
+    :math:`R = S_o^{-1}` (:func:`inverse_root`) and :math:`\Delta = S - S_o` (without
+    ``scale_prec``: :math:`\|\Delta\|_F^2`, ``R`` is ``None``), and ``(R, Delta)``: what the
+    projection, the distance and the loss of roots go on with."""
+    R = inverse_root(S_o, xp=xp) if scale_prec else None
+    delta = S - S_o
+    return frob2(delta if R is None else matmul(R, delta, xp=xp), xp=xp), R, delta
+
+
 def root_times(R: Array | None, v: Array, *, xp: Any) -> Array:
     """``R v`` for vectors ``v`` (``(..., d)``), ``R`` (``S_o^-1``) broadcast from the
     covariance part's batch to theirs; ``v`` itself where ``R`` is ``None`` (unscaled). With
@@ -275,13 +287,11 @@ def _root_fwd(
     batch = p.batch
     pc, shared = cov_problem(p, eps_cov)  # (the covariance part once per distinct covariance)
     S, S_o = pc.scale, pc.old_scale
-    R = inverse_root(S_o, xp=xp) if scale_prec else None
+    dist, R, delta = root_distance(S, S_o, scale_prec=scale_prec, xp=xp)
     z = root_times(R, p.mean - p.old_mean, xp=xp)
     dist_mean = row_sum(z * z, xp=xp)
     del z
     mean, tau_mean = project_mean(p.mean, p.old_mean, dist_mean, eps_mean, xp=xp)
-    delta = S - S_o
-    dist = frob2(delta if R is None else matmul(R, delta, xp=xp), xp=xp)
     tau = closed_form_tau(dist, eps_cov, xp=xp)
     active = dist > eps_cov
     proj = S_o + expand(tau, 2, xp=xp) * delta
@@ -382,10 +392,7 @@ def wasserstein_cov_fwd(
     (:func:`inverse_root`)."""
     xp = _compat.array_namespace(scale, old_scale)
     if root:
-        S, S_o = scale, old_scale
-        R = inverse_root(S_o, xp=xp) if scale_prec else None
-        delta = S - S_o
-        dist = frob2(matmul(R, delta, xp=xp) if scale_prec else delta, xp=xp)
+        dist, R, _ = root_distance(scale, old_scale, scale_prec=scale_prec, xp=xp)
         return dist, W2CovResiduals(None, None, None, None, R)
     dist, _, eig = wasserstein_chart(scale, old_scale, full=True, scale_prec=scale_prec, xp=xp)
     return dist, W2CovResiduals(*eig)
@@ -433,6 +440,7 @@ __all__ = [
     "W2CovResiduals",
     "WassersteinResiduals",
     "inverse_root",
+    "root_distance",
     "root_times",
     "wasserstein_cov_fwd",
     "wasserstein_cov_vjp",

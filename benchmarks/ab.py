@@ -4,6 +4,7 @@ the CPU.
     python benchmarks/ab.py REF --kind full --method kl --batch 1000 [--rounds 30] [--quantile 0.7]
     python benchmarks/ab.py REF --backend jax ...   # jitted JAX on the CPU, compilation excluded
     python benchmarks/ab.py REF --backend numpy ... # NumPy: trp.project, and trp.vjp after it
+    python benchmarks/ab.py REF --method wasserstein --root ...  # full scales as symmetric roots
 
 Both versions of the package are imported into one process (REF extracted with ``git archive``
 under a temporary name) and their calls are alternated round by round on the same tensors, so
@@ -11,7 +12,9 @@ that the machine's load hits both alike: on a shared machine this resolves diffe
 per cent that separate runs of ``run.py`` cannot (its cells moved by 0.7–1.4× between runs).
 Prints the median forward and forward + backward times of both and their ratio, with the machine
 and thread count. Data and bounds are ``run.py``'s (``_worker.make_data``/``bounds_for``); only the
-new policy requires grad, as in ``run.py``.
+new policy requires grad, as in ``run.py``. With ``--root`` (W2, full), the full scales are the
+symmetric roots of the same covariances (``w2_roots.roots_of``) and both versions project them
+with ``root=True``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = cell_arguments(__doc__, kind="full", batch=1000)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--backend", choices=("torch", "jax", "numpy"), default="torch")
+    ap.add_argument("--root", action="store_true", help="W2 of symmetric roots (root=True)")
     args = ap.parse_args(argv)
+    if args.root and (args.method, args.kind) != ("wasserstein", "full"):
+        ap.error("--root needs --method wasserstein --kind full")
 
     thread_environment(args.threads)
     sys.path.insert(0, str(HERE))
@@ -92,12 +98,19 @@ def main(argv: list[str] | None = None) -> int:
 
     data = make_data(args.kind, args.dim, args.batch, 0)
     eps_mean, eps_cov, frac = bounds_for(data, args.method, args.quantile)
+    options = {}
+    if args.root:
+        from w2_roots import roots_of
+
+        m, L, old_m, old_L = data["arrays"]
+        data = {**data, "arrays": (m, roots_of(L), old_m, roots_of(old_L))}
+        options = {"root": True}
     if args.backend == "jax":
-        calls, library = jax_calls(data, args.method, eps_mean, eps_cov)
+        calls, library = jax_calls(data, args.method, eps_mean, eps_cov, options)
     elif args.backend == "numpy":
-        calls, library = numpy_calls(data, args.method, eps_mean, eps_cov)
+        calls, library = numpy_calls(data, args.method, eps_mean, eps_cov, options)
     else:
-        calls, library = torch_calls(data, args.method, eps_mean, eps_cov, args.threads)
+        calls, library = torch_calls(data, args.method, eps_mean, eps_cov, args.threads, options)
     fns = {"new": calls(new), "base": calls(base)}
     for v in fns:  # warm-up (interleaved_ms adds one untimed round)
         for fn in fns[v].values():
@@ -110,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
         f"{platform.platform()}; {library}"
     )
-    print(f"# {args.method} {args.kind} d={args.dim} B={args.batch}, bounds at quantile "
+    form = " (symmetric roots, root=True)" if args.root else ""
+    print(f"# {args.method} {args.kind}{form} d={args.dim} B={args.batch}, bounds at quantile "
           f"{args.quantile} ({frac:.0%} projected), {args.rounds} rounds, medians")  # fmt: skip
     print("| mode | this checkout [ms] | " + args.ref + " [ms] | speed-up |")
     print("|---|---:|---:|---:|")
@@ -120,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def torch_calls(data: dict, method: str, eps_mean: float, eps_cov: float, threads: int):
+def torch_calls(
+    data: dict, method: str, eps_mean: float, eps_cov: float, threads: int, options: dict
+):
     """``(calls, library)``: ``calls(module)`` gives the forward and forward + backward of
-    ``module.project`` on torch tensors (the new policy requires grad)."""
+    ``module.project`` on torch tensors (the new policy requires grad), with ``options``
+    (e.g. ``root=True``)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -132,10 +149,10 @@ def torch_calls(data: dict, method: str, eps_mean: float, eps_cov: float, thread
     def calls(mod):
         def fwd():
             with torch.no_grad():
-                mod.project(*x, method=method, eps_mean=eps_mean, eps_cov=eps_cov)
+                mod.project(*x, method=method, eps_mean=eps_mean, eps_cov=eps_cov, **options)
 
         def both():
-            out = mod.project(*x, method=method, eps_mean=eps_mean, eps_cov=eps_cov)
+            out = mod.project(*x, method=method, eps_mean=eps_mean, eps_cov=eps_cov, **options)
             torch.autograd.backward(list(out), g)
 
         return {"fwd": fwd, "fwd+bwd": both}
@@ -143,13 +160,13 @@ def torch_calls(data: dict, method: str, eps_mean: float, eps_cov: float, thread
     return calls, f"torch {torch.__version__}"
 
 
-def numpy_calls(data: dict, method: str, eps_mean: float, eps_cov: float):
+def numpy_calls(data: dict, method: str, eps_mean: float, eps_cov: float, options: dict):
     """``(calls, library)`` as :func:`torch_calls`, for NumPy arrays: each module's forward,
     and its ``vjp`` with the new policy's cotangents (``run.py``'s NumPy cells)."""
     import numpy as np
 
     x = [np.array(a, copy=True) for a in data["arrays"]]
-    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov, **options}
 
     def calls(mod):
         ct = mod.Gaussian(*(np.array(a, copy=True) for a in data["cotangents"]))
@@ -166,7 +183,7 @@ def numpy_calls(data: dict, method: str, eps_mean: float, eps_cov: float):
     return calls, f"numpy {np.__version__}"
 
 
-def jax_calls(data: dict, method: str, eps_mean: float, eps_cov: float):
+def jax_calls(data: dict, method: str, eps_mean: float, eps_cov: float, options: dict):
     """``(calls, library)`` as :func:`torch_calls`, for JAX arrays on the CPU: each module's
     forward and ``value_and_grad`` (of the outputs against the fixed cotangents, by the mean
     and scale) jitted and compiled before timing."""
@@ -176,7 +193,7 @@ def jax_calls(data: dict, method: str, eps_mean: float, eps_cov: float):
     jax.config.update("jax_enable_x64", True)
     x = [jnp.asarray(a) for a in data["arrays"]]
     gm, gs = (jnp.asarray(a) for a in data["cotangents"])
-    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov}
+    kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov, **options}
 
     def calls(mod):
         def loss(m, s, om, os_):

@@ -357,3 +357,34 @@ def test_w2_roots_runs():
     assert len(row) == 1  # (no timing rows with --modes none: the memory table's only)
     ratios = [float(v.strip().rstrip("×")) for v in row[0].split("|")[2:4]]
     assert all(r > 0 for r in ratios)
+
+
+def test_root_routes_benchmark_runs():
+    """``benchmarks/root_routes.py --quick`` times both routes of the torch CPU inverse of a
+    root and of the PD test, and both agree (the inverses to rounding, the tests exactly)."""
+    pytest.importorskip("torch")
+    proc = _script("root_routes.py", "--quick", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# machine:")
+    rows = [line.split("|")[1:12] for line in proc.stdout.splitlines() if line.startswith("| 6 ")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0]]
+    assert all(float(cells[k]) > 0 for k in (2, 3, 7, 8))
+    assert float(cells[5]) < 1e-12 and float(cells[6]) < 1e-12  # (LU against Cholesky form)
+    assert cells[10] == "yes"
+
+
+def test_ab_of_roots_runs():
+    """``benchmarks/ab.py --root`` compares the W2 projection of symmetric roots; ``--root``
+    with another method is refused."""
+    _torch_and_git_or_skip()
+    proc = _script(
+        "ab.py", "HEAD", "--method", "wasserstein", "--root", "--dim", "3", "--batch", "40",
+        "--rounds", "2", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "(symmetric roots, root=True)" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| fwd")]
+    assert len(rows) == 2
+    proc = _script("ab.py", "HEAD", "--method", "kl", "--root", timeout=60)
+    assert proc.returncode != 0 and "--root needs --method wasserstein" in proc.stderr

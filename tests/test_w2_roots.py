@@ -397,3 +397,105 @@ def test_root_with_another_loss_is_refused_before_the_value_checks():
     args = (np.zeros((3, 2)), chol, np.ones((3, 2)), chol)
     with pytest.raises(ValueError, match="method='wasserstein' only"):
         trp.vjp(trp.trust_region_loss, *args, method="kl", root=True)
+
+
+def _counting(monkeypatch, module, name):
+    """Wrap ``module.name`` so that its calls are counted (the returned list's length)."""
+    calls = []
+    inner = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("d", [1, 2, 6, 17])
+@pytest.mark.parametrize("cond", [1.0, 1e6])
+def test_torch_cpu_inverse_by_lu_agrees_with_the_cholesky_form(monkeypatch, d, cond):
+    """torch CPU tensors take S_o^-1 from one LU solve (``TORCH_CPU_LU_INVERSE``): it agrees
+    with the Cholesky form to rounding in the root's condition number, and is symmetric up to
+    that; batched, shared (one ``(d, d)`` root) alike."""
+    torch = pytest.importorskip("torch")
+    from tr_projections import _compat
+    from tr_projections.projections import wasserstein as W2
+
+    rng = np.random.default_rng(d)
+    roots = _root(trs.cholesky_factors(rng, (40,), d, cond=cond))
+    kappa = np.sqrt(cond)  # (the root's own condition number)
+    solves = _counting(monkeypatch, torch.linalg, "solve")
+    for S in (torch.tensor(roots), torch.tensor(roots[3])):
+        xp = _compat.array_namespace(S)
+        before = len(solves)
+        lu = W2.inverse_root(S, xp=xp).numpy()
+        assert len(solves) == before + 1  # (the LU route was taken)
+        monkeypatch.setattr(W2, "TORCH_CPU_LU_INVERSE", False)
+        chol = W2.inverse_root(S, xp=xp).numpy()
+        monkeypatch.setattr(W2, "TORCH_CPU_LU_INVERSE", True)
+        assert len(solves) == before + 1
+        top = np.max(np.abs(chol), axis=(-2, -1), keepdims=True)
+        tol = 64 * kappa * np.finfo(np.float64).eps * top
+        assert np.all(np.abs(lu - chol) <= tol)
+        assert np.all(np.abs(lu - np.swapaxes(lu, -1, -2)) <= tol)
+        np.testing.assert_array_equal(
+            np.swapaxes(chol, -1, -2), chol
+        )  # (the Cholesky form: symmetric by construction)
+
+
+def test_torch_kernels_project_roots_as_numpy_does(monkeypatch):
+    """On torch's own kernels (no NumPy route: the LU inverse, the PD test in parts), the
+    projection of roots and its gradients equal NumPy's, bounds held."""
+    torch = pytest.importorskip("torch")
+    from tr_projections import _compat
+    from tr_projections.backends import torch as adapter
+
+    roots, (em, ec), (gm, gs), _ = _data(21, batch=30, d=4)
+    kw = {"eps_mean": em, "eps_cov": ec, "root": True}
+    out, vjp_fn = trp.vjp(trp.project_wasserstein, *roots, **kw)
+    ref = (out.mean, out.scale, *vjp_fn(trp.Gaussian(gm, gs)))
+    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(_compat, "PD_PARALLEL_MIN_BATCH", 0)
+    monkeypatch.setattr(_compat, "PD_PARALLEL_MIN_ENTRIES", 0)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)
+    solves = _counting(monkeypatch, torch.linalg, "solve")
+    parts = _counting(monkeypatch, _compat, "_in_parallel")
+    t = [torch.tensor(x, requires_grad=True) for x in roots]
+    o = trp.project_wasserstein(*t, **kw)
+    ((o.mean * torch.tensor(gm)).sum() + (o.scale * torch.tensor(gs)).sum()).backward()
+    assert solves and len(parts) >= 2  # (both roots' PD tests in parts)
+    got = (o.mean.detach(), o.scale.detach(), *(x.grad for x in t))
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-9, atol=1e-12)
+
+
+def test_positive_definite_in_parts_finds_each_failing_matrix(monkeypatch):
+    """The PD test split over threads (torch CPU) reports the same matrices as one call, for
+    leaves that require grad and batches of several axes; a bad root is still named by its
+    index in the whole batch."""
+    torch = pytest.importorskip("torch")
+    from tr_projections import _compat
+
+    rng = np.random.default_rng(22)
+    good = _root(trs.cholesky_factors(rng, (2, 7), 3, cond=10.0))
+    S = good.copy()
+    bad = [(0, 0), (0, 5), (1, 6)]
+    for i in bad:
+        S[i] = np.eye(3) + 2.0 * (np.ones((3, 3)) - np.eye(3))  # (indefinite, diagonal 1)
+    t = torch.tensor(S, requires_grad=True)
+    xp = _compat.array_namespace(t)
+    expected = np.ones((2, 7), dtype=bool)
+    for i in bad:
+        expected[i] = False
+    np.testing.assert_array_equal(_compat.positive_definite(t, xp=xp).numpy(), expected)
+    monkeypatch.setattr(_compat, "PD_PARALLEL_MIN_BATCH", 0)
+    monkeypatch.setattr(_compat, "PD_PARALLEL_MIN_ENTRIES", 0)
+    monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)
+    parts = _counting(monkeypatch, _compat, "_in_parallel")
+    np.testing.assert_array_equal(_compat.positive_definite(t, xp=xp).numpy(), expected)
+    assert len(parts) == 1
+    args = (torch.zeros(2, 7, 3), torch.tensor(good), torch.zeros(2, 7, 3), t)
+    named = r"`old_scale` .*must be positive definite.*index \(0, 0\)"
+    with pytest.raises(ValueError, match=named):
+        trp.project_wasserstein(*args, eps_mean=0.1, eps_cov=0.1, root=True)

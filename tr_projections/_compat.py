@@ -1224,17 +1224,39 @@ def cholesky(a: Array, *, xp: Namespace) -> Array:
     return xp.linalg.cholesky(a)
 
 
+#: The positive-definiteness test (:func:`positive_definite`) of torch CPU tensors is split over
+#: threads from :data:`PD_PARALLEL_MIN_BATCH` matrices holding at least
+#: :data:`PD_PARALLEL_MIN_ENTRIES` entries in all. torch's own threads gain little in
+#: ``torch.linalg.cholesky_ex`` of a large batch, where parts at the same time do; below these,
+#: the hand-off costs more than it saves. 2 cores, float64, one call against the split
+#: (``benchmarks/results/cpu-2core-r21-root-routes-2026-11-28.md``): 1.12-1.27x faster for
+#: 30,000-100,000 6x6 matrices, 1.14x for 100,000 4x4, 1.25-1.42x for 10,000-100,000 17x17,
+#: 1.29x for 10,000 32x32; 0.87x for 100,000 3x3, 0.90x for 1,000 32x32.
+PD_PARALLEL_MIN_BATCH = 10_000
+PD_PARALLEL_MIN_ENTRIES = 1_000_000
+
+
 def positive_definite(a: Array, *, xp: Namespace) -> Array:
     """Which of the symmetric matrices ``a`` (``(..., d, d)``, lower triangle read) are positive
     definite, as a boolean array of the batch shape: where a Cholesky factorisation succeeds
     with a finite factor, as :func:`cholesky` then does. torch reports each matrix
     (``cholesky_ex``); CuPy and JAX return NaN factors; NumPy and array-api-strict raise for the
     whole batch, and then (the error path only) the batch is halved until each failing matrix
-    is found alone. One call for the whole batch where all is well."""
+    is found alone. One call for the whole batch where all is well; plain torch CPU tensors of
+    enough work (:data:`PD_PARALLEL_MIN_BATCH`) are split over torch's threads
+    (:func:`_chunked`)."""
     if is_torch(xp):
         import torch
 
-        return torch.linalg.cholesky_ex(a).info == 0
+        def succeeds(x: Array) -> tuple[Array]:
+            return (torch.linalg.cholesky_ex(x).info == 0,)
+
+        if a.device.type != "cpu":
+            return succeeds(a)[0]
+        # (no gradient flows through the test: detached, a leaf's batch may be split too)
+        entries = max(1, a.shape[-1]) ** 2
+        least = max(PD_PARALLEL_MIN_BATCH, math.ceil(PD_PARALLEL_MIN_ENTRIES / entries))
+        return _chunked(succeeds, a.detach(), xp=xp, parallel_from=least)[0]
     try:
         L = xp.linalg.cholesky(a)
     except Exception as e:  # (NumPy's and the strict namespace's LinAlgError)

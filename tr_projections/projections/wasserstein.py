@@ -234,12 +234,28 @@ def wasserstein_vjp(
     return Cotangents(m.mean, scale_bar, m.old_mean, old_scale_bar)
 
 
+#: torch CPU tensors: :func:`inverse_root` by one LU solve against the identity (True), or by
+#: the Cholesky factorisation, a triangular solve and a product (False, the form of every other
+#: array). See :func:`inverse_root` for the measurements.
+TORCH_CPU_LU_INVERSE = True
+
+
 def inverse_root(S_o: Array, *, xp: Any) -> Array:
-    r""":math:`S_o^{-1}` of symmetric positive definite roots :math:`S_o` (lower triangles read):
-    :math:`S_o = CC^\top` (Cholesky), :math:`X = C^{-1}` (one triangular solve) and
+    r""":math:`S_o^{-1}` of symmetric positive definite roots :math:`S_o`: :math:`S_o = CC^\top`
+    (Cholesky, lower triangles read), :math:`X = C^{-1}` (one triangular solve) and
     :math:`S_o^{-1} = X^\top X`, symmetric positive definite by construction, with a relative
     error of about :math:`\kappa(S_o)\varepsilon = \sqrt{\kappa(\Sigma_o)}\varepsilon` (the
-    Cholesky factorisation and the triangular solve are backward stable)."""
+    Cholesky factorisation and the triangular solve are backward stable).
+
+    torch CPU tensors (:data:`TORCH_CPU_LU_INVERSE`) take one call instead, the LU solve of
+    :math:`S_oX = I` (partial pivoting, whole matrices read), whose error is of the same order
+    but not symmetric: :math:`X - X^\top` is a few rounding units of :math:`X` (what the
+    projection and its VJP read of it is symmetric up to that). The three calls of the
+    Cholesky form each pass over the batch; the one call of torch's LU does not
+    (``benchmarks/root_routes.py``)."""
+    if TORCH_CPU_LU_INVERSE and _compat.is_torch(xp) and S_o.device.type == "cpu":
+        eye = xp.eye(S_o.shape[-1], dtype=S_o.dtype, device=_compat.device(S_o))
+        return xp.linalg.solve(S_o, xp.broadcast_to(eye, tuple(S_o.shape)))
     C = _compat.cholesky(S_o, xp=xp)
     eye = xp.eye(S_o.shape[-1], dtype=S_o.dtype, device=_compat.device(S_o))
     X = solve_lower(C, xp.broadcast_to(eye, tuple(C.shape)), xp=xp)

@@ -8,8 +8,9 @@ nothing but elementwise arithmetic is needed.
 
 Full scales are lower Cholesky factors by default, whose roots take two batched ``eigh``. With
 ``root=True`` they are the symmetric roots themselves (the parametrisation of the W2 policies of
-Otto et al.): the projection is then products, one Cholesky factorisation of :math:`S_o` and a
-triangular solve (:func:`_root_fwd`), and returns the projected root.
+Otto et al.): the projection is then products and :math:`S_o^{-1}` (:func:`inverse_root`: one
+Cholesky factorisation and a triangular solve, or on torch CPU tensors one LU solve;
+:func:`_root_fwd`), and returns the projected root.
 """
 
 from __future__ import annotations
@@ -296,9 +297,9 @@ def _root_fwd(
     :math:`\|R\delta\|^2` (Mahalanobis in :math:`\Sigma_o = S_o^2`), the covariance part
     :math:`d = \|R\Delta\|_F^2` (or :math:`\|\Delta\|_F^2`), :math:`\Delta = S - S_o`, and
     :math:`\tilde S = S_o + \tau\Delta` with the closed-form weight. Rows inside their bound
-    return their ``scale`` as given. No decomposition but one Cholesky factorisation of
-    :math:`S_o`; every row is computed (no row selection: no step is costly enough to pay for
-    the gathers)."""
+    return their ``scale`` as given. No decomposition but that of :math:`S_o` in
+    :func:`inverse_root`; every row is computed (no row selection: no step is costly enough to
+    pay for the gathers)."""
     xp = p.xp
     batch = p.batch
     pc, shared = cov_problem(p, eps_cov)  # (the covariance part once per distinct covariance)

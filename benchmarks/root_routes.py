@@ -10,7 +10,7 @@ timed both ways in one process:
   torch's threads (``_compat.PD_PARALLEL_MIN_BATCH``, ``PD_PARALLEL_MIN_ENTRIES``).
 
     python benchmarks/root_routes.py [--dims 2,6,17,32] [--batches 1e3,1e4,1e5] [--rounds 21]
-    python benchmarks/root_routes.py --dims 2,3,4,6 --batches 2e4,3e4,5e4  # the split's limits
+    python benchmarks/root_routes.py --dims 2,3,4,6 --batches 2e4,3e4,5e4,1e5  # the split's limits
     python benchmarks/root_routes.py --quick      # one small cell (CI)
 
 The roots are those of ``run.py``'s old factors (``_worker.make_data``, the roots of
@@ -18,7 +18,7 @@ The roots are those of ``run.py``'s old factors (``_worker.make_data``, the root
 machine, the medians, their ratios, how far the LU inverse is from the Cholesky form's (largest
 difference over the largest entry of that matrix, over the batch) and how far from symmetric
 (largest ``|X - X^T|`` over the largest entry), and whether both PD tests agree (a valid batch,
-then one with an indefinite matrix in its middle).
+then one with a negative definite matrix in its middle).
 """
 
 from __future__ import annotations

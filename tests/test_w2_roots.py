@@ -413,7 +413,7 @@ def _counting(monkeypatch, module, name):
 
 
 @pytest.mark.parametrize("d", [1, 2, 6, 17])
-@pytest.mark.parametrize("cond", [1.0, 1e6])
+@pytest.mark.parametrize("cond", [10.0, 1e6])
 def test_torch_cpu_inverse_by_lu_agrees_with_the_cholesky_form(monkeypatch, d, cond):
     """torch CPU tensors take S_o^-1 from one LU solve (``TORCH_CPU_LU_INVERSE``): it agrees
     with the Cholesky form to rounding in the root's condition number, and is symmetric up to
@@ -468,6 +468,9 @@ def test_torch_kernels_project_roots_as_numpy_does(monkeypatch):
     got = (o.mean.detach(), o.scale.detach(), *(x.grad for x in t))
     for a, b in zip(got, ref, strict=True):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-9, atol=1e-12)
+    m, c = trp.wasserstein(o.mean.detach(), o.scale.detach(), *t[2:], root=True)
+    tol = tolerance("float64")
+    assert torch.all(m <= em * (1.0 + tol.bound)) and torch.all(c <= ec * (1.0 + tol.bound))
 
 
 def test_positive_definite_in_parts_finds_each_failing_matrix(monkeypatch):
@@ -480,7 +483,7 @@ def test_positive_definite_in_parts_finds_each_failing_matrix(monkeypatch):
     rng = np.random.default_rng(22)
     good = _root(trs.cholesky_factors(rng, (2, 7), 3, cond=10.0))
     S = good.copy()
-    bad = [(0, 0), (0, 5), (1, 6)]
+    bad = [(1, 2), (1, 3), (1, 6)]  # (all in the second part: flat rows 8 to 13)
     for i in bad:
         S[i] = np.eye(3) + 2.0 * (np.ones((3, 3)) - np.eye(3))  # (indefinite, diagonal 1)
     t = torch.tensor(S, requires_grad=True)
@@ -496,6 +499,23 @@ def test_positive_definite_in_parts_finds_each_failing_matrix(monkeypatch):
     np.testing.assert_array_equal(_compat.positive_definite(t, xp=xp).numpy(), expected)
     assert len(parts) == 1
     args = (torch.zeros(2, 7, 3), torch.tensor(good), torch.zeros(2, 7, 3), t)
-    named = r"`old_scale` .*must be positive definite.*index \(0, 0\)"
+    named = r"`old_scale` .*must be positive definite.*index \(1, 2\)"
     with pytest.raises(ValueError, match=named):
         trp.project_wasserstein(*args, eps_mean=0.1, eps_cov=0.1, root=True)
+
+
+def test_indefinite_root_with_checks_off_as_documented():
+    """docs/robustness.md: with the value checks off, an indefinite (nonsingular) old root
+    raises in NumPy's Cholesky factorisation, and gives finite output on torch's own kernels
+    (S_o^-1 by LU)."""
+    roots, (em, ec), _, _ = _data(23, batch=6, d=3)
+    roots = list(roots)
+    roots[3] = roots[3].copy()
+    roots[3][2] = np.diag([1.0, -1.0, 2.0])
+    kw = {"eps_mean": em, "eps_cov": ec, "root": True}
+    with trp.checks(False), pytest.raises(np.linalg.LinAlgError):
+        trp.project_wasserstein(*roots, **kw)
+    torch = pytest.importorskip("torch")
+    with trp.checks(False):
+        out = trp.project_wasserstein(*(torch.tensor(x) for x in roots), **kw)
+    assert torch.all(torch.isfinite(out.scale)) and torch.all(torch.isfinite(out.mean))

@@ -1227,12 +1227,15 @@ def cholesky(a: Array, *, xp: Namespace) -> Array:
 #: The positive-definiteness test (:func:`positive_definite`) of torch CPU tensors is split over
 #: threads from :data:`PD_PARALLEL_MIN_BATCH` matrices holding at least
 #: :data:`PD_PARALLEL_MIN_ENTRIES` entries in all. torch's own threads gain little in
-#: ``torch.linalg.cholesky_ex`` of a large batch, where parts at the same time do; below these,
-#: the hand-off costs more than it saves. 2 cores, float64, the split against one call
-#: (``benchmarks/results/cpu-2core-r21-root-routes{,-limits}-2026-11-28.md``): 1.09-1.63x as
-#: fast for 30,000-100,000 6x6 matrices, 1.17-1.35x for 10,000 and 100,000 17x17, 1.20x for
-#: 10,000 32x32, 0.98x for 100,000 4x4; 0.74-0.90x for 20,000-100,000 3x3, 0.75-0.84x for
-#: 20,000 and 50,000 4x4, 0.83x for 1,000 32x32, 0.98x for 10,000 6x6.
+#: ``torch.linalg.cholesky_ex`` of a large batch, where parts at the same time do; for small
+#: batches and matrices the hand-off costs about as much as it saves, or more. 2 cores,
+#: float64, the split against one call
+#: (``benchmarks/results/cpu-2core-r21-root-routes{,-limits}-2026-11-28.md``), split by these
+#: limits: 1.09-1.63x as fast for 30,000-100,000 6x6 matrices, 1.17-1.35x for 10,000 and
+#: 100,000 17x17, 1.20x for 10,000 32x32, 0.98x for 100,000 4x4; kept whole: 0.33-1.03x for
+#: 2x2 (1,000-100,000), 0.75-0.90x for 3x3 (20,000-100,000), 0.75-1.02x for 20,000-50,000 4x4,
+#: 0.48x and 0.98x for 1,000 and 10,000 6x6 (but 1.22x for 20,000), 0.75x for 1,000 17x17 and
+#: 0.83x for 1,000 32x32.
 PD_PARALLEL_MIN_BATCH = 10_000
 PD_PARALLEL_MIN_ENTRIES = 1_000_000
 

@@ -248,12 +248,14 @@ def inverse_root(S_o: Array, *, xp: Any) -> Array:
     error of about :math:`\kappa(S_o)\varepsilon = \sqrt{\kappa(\Sigma_o)}\varepsilon` (the
     Cholesky factorisation and the triangular solve are backward stable).
 
-    torch CPU tensors (:data:`TORCH_CPU_LU_INVERSE`) take one call instead, the LU solve of
-    :math:`S_oX = I` (partial pivoting, whole matrices read), whose error is of the same order
-    but not symmetric: :math:`X - X^\top` is a few rounding units of :math:`X` (what the
-    projection and its VJP read of it is symmetric up to that). The three calls of the
-    Cholesky form each pass over the batch; the one call of torch's LU does not
-    (``benchmarks/root_routes.py``)."""
+    torch CPU tensors (:data:`TORCH_CPU_LU_INVERSE`; those on torch's own kernels, above the
+    adapter's NumPy route) take one call instead, the LU solve of :math:`S_oX = I` (partial
+    pivoting, whole matrices read), whose error is of the same order but not symmetric:
+    :math:`X - X^\top` is of the order of that error, :math:`\kappa(S_o)\varepsilon` relative
+    (the projected roots do not read it; the cotangents are symmetric parts). The three calls
+    of the Cholesky form each pass over the batch; the one call of torch's LU does not
+    (``benchmarks/root_routes.py``). With the value checks off, an indefinite but nonsingular
+    :math:`S_o` raises in the Cholesky form and gives a finite, meaningless result by LU."""
     if TORCH_CPU_LU_INVERSE and _compat.is_torch(xp) and S_o.device.type == "cpu":
         eye = xp.eye(S_o.shape[-1], dtype=S_o.dtype, device=_compat.device(S_o))
         return xp.linalg.solve(S_o, xp.broadcast_to(eye, tuple(S_o.shape)))

@@ -11,6 +11,10 @@
 #     bash benchmarks/gpu_check.sh targets    # <= 8.5 min (stage limits 480 s): the target rows
 #     bash benchmarks/gpu_check.sh small      # <= 3 min: the small-matrix kernels' GPU tests and
 #                                             # benchmarks/gpu_small.py at a million matrices
+#     bash benchmarks/gpu_check.sh roots      # <= 5 min: W2 of symmetric roots (root=True) on
+#                                             # the GPU: tests/test_w2_roots.py on torch_cuda and
+#                                             # cupy (70,000 roots included), benchmarks/w2_roots.py
+#                                             # up to a million states
 #
 # Installs only what is missing, then, each stage under its own time limit (one that hangs
 # leaves the others' results; every benchmark cell is printed as it is timed), all output also
@@ -31,7 +35,8 @@
 #      (whole run) the "jax" backend on the GPU for its bound properties; batches above 65,535
 #      full Gaussians included.
 # Files that come back (at most 8): log.txt, eigh.json, kl-full.json, kl-diag.json,
-# other.json, tests.log (small: log.txt, tests.log, small.txt).
+# other.json, tests.log (small: log.txt, tests.log, small.txt; roots: log.txt, tests.log,
+# roots.txt).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-gpu-out}"
@@ -97,6 +102,15 @@ gpu_tests() { # gpu_tests SECONDS BACKENDS PYTEST-ARGS...
     TRP_BACKENDS=$backends timeout "$seconds" python3 -m pytest -q --tb=short \
         -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/tests.log" | tail -40 >>"$LOG" || status=1
 }
+
+if [ "${1:-}" = roots ]; then
+    gpu_tests 150 torch_cuda,cupy tests/test_w2_roots.py
+    stage "benchmarks/w2_roots.py" | tee -a "$LOG"
+    timeout 150 python3 benchmarks/w2_roots.py --backends torch_cuda,cupy,jax_cuda \
+        --batches 1e4,1e5,1e6 --rounds 7 2>&1 | tee -a "$LOG" "$OUT/roots.txt" || status=1
+    stage "done, status $status" | tee -a "$LOG"
+    exit $status
+fi
 
 if [ "${1:-}" = small ]; then
     gpu_tests 90 torch_cuda,cupy tests/test_small_kernels.py

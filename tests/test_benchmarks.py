@@ -388,3 +388,16 @@ def test_ab_of_roots_runs():
     assert len(rows) == 2
     proc = _script("ab.py", "HEAD", "--method", "kl", "--root", timeout=60)
     assert proc.returncode != 0 and "--root needs --method wasserstein" in proc.stderr
+
+
+def test_gpu_check_script_parses():
+    """``benchmarks/gpu_check.sh`` (run on a device machine only) is valid bash, and each mode
+    its header documents is one it handles."""
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = script.read_text()
+    modes = set(re.findall(r"gpu_check\.sh (\w+) ", text))
+    assert modes == {"targets", "small", "roots"}
+    for mode in modes:
+        assert f'[ "${{1:-}}" = {mode} ]' in text

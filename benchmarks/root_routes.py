@@ -32,11 +32,7 @@ sys.path.insert(0, str(HERE.parent))  # (the checkout; this folder is on the pat
 
 from _worker import interleaved_ms, limit_threads, machine_line, make_data  # noqa: E402
 from ab import thread_environment  # noqa: E402
-from w2_roots import roots_of  # noqa: E402
-
-
-def _batch(text: str) -> int:
-    return int(float(text))
+from w2_roots import _batch, roots_of  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -564,3 +564,47 @@ def test_large_gpu_root_batches(name):
     ref = trp.project_wasserstein(*(x[rows] for x in roots), **kw)
     np.testing.assert_allclose(S_p[rows], ref.scale, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(mean_p[rows], ref.mean, rtol=1e-10, atol=1e-12)
+
+
+def _stopped_cholesky(a: np.ndarray) -> np.ndarray:
+    """What an unblocked ``potrf`` leaves in the lower triangle of a symmetric matrix that is
+    not positive definite, as cuSOLVER's does through CuPy (no error, no NaN): the columns
+    before the first non-positive pivot factorised, that pivot and the rest as they stood."""
+    L = np.tril(np.array(a, dtype=np.float64, copy=True))
+    d = L.shape[-1]
+    for j in range(d):
+        pivot = L[j, j] - L[j, :j] @ L[j, :j]
+        if not pivot > 0.0:
+            L[j, j] = pivot
+            return L
+        L[j, j] = np.sqrt(pivot)
+        L[j + 1 :, j] = (L[j + 1 :, j] - L[j + 1 :, :j] @ L[j, :j]) / L[j, j]
+    return L
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_factor_holds_tells_a_factor_from_a_stopped_factorisation(dtype):
+    """``_compat.factor_holds`` (the PD test of libraries whose Cholesky routine returns
+    whatever happened: CuPy, JAX) accepts the factors of positive definite roots up to
+    condition number 1e6 and refuses a stopped factorisation, a NaN factor and a factor with a
+    non-positive diagonal, matrix by matrix."""
+    from tr_projections import _compat
+
+    rng = np.random.default_rng(25)
+    xp = _compat.array_namespace(np.zeros(1))
+    good = _root(trs.cholesky_factors(rng, (12,), 4, cond=1e6)).astype(dtype)
+    L = np.linalg.cholesky(good)
+    np.testing.assert_array_equal(_compat.factor_holds(good, L, xp=xp), np.ones(12, bool))
+    bad = good.copy()
+    bad[1] = np.eye(4) + 2.0 * (np.ones((4, 4)) - np.eye(4))  # (indefinite, diagonal 1)
+    bad[5] = np.diag([1.0, -1.0, 2.0, 3.0])
+    bad[7] = np.diag([1.0, 2.0, 3.0, 0.0])  # (singular: its last pivot is 0)
+    L = np.linalg.cholesky(good).copy()
+    for i in (1, 5, 7):
+        L[i] = _stopped_cholesky(bad[i])
+    L[9] = np.nan  # (JAX's failed factor)
+    L[10] = -L[10]  # (a factor with a negative diagonal is not the Cholesky factor)
+    bad[9] = good[9]
+    expected = np.ones(12, bool)
+    expected[[1, 5, 7, 9, 10]] = False
+    np.testing.assert_array_equal(_compat.factor_holds(bad, L.astype(dtype), xp=xp), expected)

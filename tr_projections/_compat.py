@@ -1244,10 +1244,12 @@ def positive_definite(a: Array, *, xp: Namespace) -> Array:
     """Which of the symmetric matrices ``a`` (``(..., d, d)``, lower triangle read) are positive
     definite, as a boolean array of the batch shape: where a Cholesky factorisation succeeds
     with a finite factor, as :func:`cholesky` then does. torch reports each matrix
-    (``cholesky_ex``); CuPy and JAX return NaN factors; NumPy and array-api-strict raise for the
-    whole batch, and then (the error path only) the batch is halved until each failing matrix
-    is found alone. One call for the whole batch where all is well; plain torch CPU tensors of
-    enough work (:data:`PD_PARALLEL_MIN_BATCH`) are split over torch's threads
+    (``cholesky_ex``); NumPy and array-api-strict raise for the whole batch, and then (the
+    error path only) the batch is halved until each failing matrix is found alone. Other
+    libraries return a factor whatever happened (JAX fills a failed one with NaN; CuPy, with
+    its default ``linalg="ignore"``, returns a partly factorised matrix), which is tested
+    (:func:`factor_holds`). One call for the whole batch where all is well; plain torch CPU
+    tensors of enough work (:data:`PD_PARALLEL_MIN_BATCH`) are split over torch's threads
     (:func:`_chunked`)."""
     if is_torch(xp):
         import torch
@@ -1269,7 +1271,30 @@ def positive_definite(a: Array, *, xp: Namespace) -> Array:
         return _cholesky_succeeds(a, xp=xp)
     if is_numpy(xp):
         return xp.ones(tuple(a.shape[:-2]), dtype=xp.bool)  # (it raises where one is not)
-    return xp.all(xp.isfinite(L), axis=(-2, -1))
+    return factor_holds(a, L, xp=xp)
+
+
+#: :func:`factor_holds` accepts ``|L L^T - A| <= FACTOR_ULPS * (d + 1) * eps * tr(A)``
+#: entrywise: the Cholesky factorisation's backward error is at most about ``(d + 1) eps``
+#: times ``sqrt(a_ii a_jj) <= tr(A)`` in each entry, and the input's own asymmetry (the checks
+#: allow 16 eps tr(A)) is within it too.
+FACTOR_ULPS = 32
+
+
+def factor_holds(a: Array, L: Array, *, xp: Namespace) -> Array:
+    """Per matrix, whether ``L`` (what a library's Cholesky routine returned for the symmetric
+    ``a``, ``(..., d, d)``) is a Cholesky factor of it: finite, with a positive diagonal, and
+    ``L L^T`` equal to ``a`` up to the factorisation's rounding (:data:`FACTOR_ULPS`). A
+    factorisation that stopped at a non-positive pivot and returned the partly factorised
+    matrix (cuSOLVER's ``potrf`` through CuPy) fails the last test; NaN fails the first."""
+    d = a.shape[-1]
+    eps = float(xp.finfo(a.dtype).eps)
+    finite = xp.all(xp.isfinite(L), axis=(-2, -1))
+    L = xp.where(finite[..., None, None], L, xp.zeros_like(L))  # (no NaN in the product)
+    positive = xp.all(xp.linalg.diagonal(L) > 0.0, axis=-1)
+    gap = xp.max(xp.abs(matmul(L, xp.matrix_transpose(L), xp=xp) - a), axis=(-2, -1))
+    bound = FACTOR_ULPS * (d + 1) * eps * xp.abs(row_sum(xp.linalg.diagonal(a), xp=xp))
+    return finite & positive & (gap <= bound)
 
 
 def _cholesky_succeeds(a: Array, *, xp: Namespace) -> Array:

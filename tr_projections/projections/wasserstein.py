@@ -238,9 +238,9 @@ def wasserstein_vjp(
 #: torch CPU tensors: :func:`inverse_root` by one LU solve against the identity (True), or by
 #: the Cholesky factorisation, a triangular solve and a product (False, the form of every other
 #: array). 2 cores, float64, median ms (``benchmarks/root_routes.py``,
-#: ``benchmarks/results/cpu-2core-r21-root-routes-2026-11-28.md``): 100,000 6x6 matrices 23.5
-#: against 45.0, 1,000 0.588 against 1.04; 1.65-2.88x as fast up to d = 6, 0.96-1.16x at
-#: d = 17 and 32.
+#: ``benchmarks/results/cpu-2core-r21-root-routes{,-limits}-2026-11-28.md``): 100,000 6x6
+#: matrices 23.5 against 45.0, 1,000 0.588 against 1.04; 1.65-2.88x as fast up to d = 6,
+#: 0.96-1.16x at d = 17 and 32.
 TORCH_CPU_LU_INVERSE = True
 
 

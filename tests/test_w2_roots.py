@@ -449,13 +449,12 @@ def test_torch_kernels_project_roots_as_numpy_does(monkeypatch):
     projection of roots and its gradients equal NumPy's, bounds held."""
     torch = pytest.importorskip("torch")
     from tr_projections import _compat
-    from tr_projections.backends import torch as adapter
 
     roots, (em, ec), (gm, gs), _ = _data(21, batch=30, d=4)
     kw = {"eps_mean": em, "eps_cov": ec, "root": True}
     out, vjp_fn = trp.vjp(trp.project_wasserstein, *roots, **kw)
     ref = (out.mean, out.scale, *vjp_fn(trp.Gaussian(gm, gs)))
-    monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
+    # (torch's own kernels, no NumPy route: conftest's autouse fixture)
     monkeypatch.setattr(_compat, "PD_PARALLEL_MIN_BATCH", 0)
     monkeypatch.setattr(_compat, "PD_PARALLEL_MIN_ENTRIES", 0)
     monkeypatch.setattr(_compat, "LAPACK_THREADS", 3)

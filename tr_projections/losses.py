@@ -54,13 +54,13 @@ def loss_fwd(
     p: Problem, *, method: str, scale_prec: bool = True, root: bool = False
 ) -> tuple[Array, LossResiduals]:
     """Per-state ``d(new, old)`` for ``p`` (old = the projection) and the VJP's residuals.
-    With ``root`` (W2 only) full scales are symmetric roots: :func:`_root_loss`.
+    With ``root`` (W2 only) full scales are symmetric roots: :func:`_root_loss`. ``method`` and
+    ``root`` are the operation's, checked (:func:`check_options`) before the value checks.
 
     The covariance part depends on the two scales alone: where both are shared along batch
     axes (a state-independent covariance and its projection, each passed once), it is computed
     once per distinct pair (:func:`~tr_projections.projections._core.cov_problem`) and added to
     every state's mean part."""
-    check_options(method, root)
     xp = p.xp
     pc, shared = cov_problem(p)  # (no bound: the scales' part, at its own batch)
     none = LossResiduals(None, None, None, None, None, shared)

@@ -262,7 +262,7 @@ def inverse_root(S_o: Array, *, xp: Any) -> Array:
     eye = xp.broadcast_to(
         xp.eye(S_o.shape[-1], dtype=S_o.dtype, device=_compat.device(S_o)), tuple(S_o.shape)
     )
-    if TORCH_CPU_LU_INVERSE and _compat.is_torch(xp) and S_o.device.type == "cpu":
+    if TORCH_CPU_LU_INVERSE and _compat.is_torch(xp) and _compat.on_host(S_o, xp):
         return xp.linalg.solve(S_o, eye)
     C = _compat.cholesky(S_o, xp=xp)
     X = solve_lower(C, eye, xp=xp)

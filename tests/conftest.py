@@ -45,6 +45,19 @@ def _torch_kernels(request, monkeypatch):
     monkeypatch.setattr(adapter, "NUMPY_MAX_ELEMENTS", 0)
 
 
+@pytest.fixture
+def jax_op_by_op(monkeypatch):
+    """Concrete JAX arrays run op by op (``tr_projections.backends.jax.EAGER_JIT`` off), for
+    tests that watch the eager computation itself (rows gathered by value, spies on its
+    stages): the compiled route traces each program once per shape and then reuses it, so
+    neither would be seen there. The compiled route is ``test_jax_eager.py``'s."""
+    try:
+        from tr_projections.backends import jax as adapter
+    except ImportError:  # no JAX installed
+        return
+    monkeypatch.setattr(adapter, "EAGER_JIT", False)
+
+
 @pytest.fixture(params=BACKENDS, scope="session")
 def backend(request):
     """A :class:`tr_projections.testing.Backend` (namespace, converters) per usable library."""

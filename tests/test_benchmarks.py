@@ -374,6 +374,27 @@ def test_root_routes_benchmark_runs():
     assert cells[10] == "yes"
 
 
+def test_jax_eager_benchmark_runs():
+    """``benchmarks/jax_eager.py`` times both routes of concrete JAX arrays in fresh processes
+    and counts compilations; the compiled route compiles nothing for new bounds (a cell that op
+    by op compiles nothing either: diagonal Frobenius, which selects no rows below 8,192)."""
+    pytest.importorskip("jax")
+    proc = _script(
+        "jax_eager.py", "--methods", "frobenius", "--kinds", "diag", "--modes", "fwd",
+        "--batches", "100", "--calls", "2", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# machine:")
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 10 and cells[0] == "frobenius":
+            rows[cells[4]] = cells
+    assert set(rows) == {"op by op", "compiled"}
+    assert all(float(r[k].replace(",", "")) > 0 for r in rows.values() for k in (5, 7, 9))
+    assert rows["compiled"][8] == "0"
+
+
 def test_ab_of_roots_runs():
     """``benchmarks/ab.py --root`` compares the W2 projection of symmetric roots; ``--root``
     with another method is refused."""

@@ -22,6 +22,9 @@ PROJECTIONS = {
 #: The modules that select rows (each imported ``choose``, and KL ``choose_slots``, by name).
 USERS = (gaussian, _core, frobenius, kl, wasserstein)
 
+#: Concrete JAX arrays gather rows by value only op by op (conftest.py).
+pytestmark = pytest.mark.usefixtures("jax_op_by_op")
+
 
 @pytest.fixture(autouse=True)
 def _select_rows_in_small_batches(monkeypatch):

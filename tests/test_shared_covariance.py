@@ -14,6 +14,10 @@ from tr_projections.projections import _core
 
 METHODS = ["kl", "frobenius", "wasserstein"]
 
+#: The spies below watch the eager computation: concrete JAX arrays run op by op here
+#: (conftest.py); the compiled route's programs run under jit in the ``test_jax_jit_*`` tests.
+pytestmark = pytest.mark.usefixtures("jax_op_by_op")
+
 
 def _case(rng, full, batch, scale_batch, old_batch, d=3):
     mean = rng.standard_normal(batch + (d,))

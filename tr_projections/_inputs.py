@@ -323,13 +323,14 @@ def _is_numpy_scalar_array(eps: Any, xp: Any) -> bool:
     )
 
 
-def bound(eps: Any, name: str, problem: Problem) -> Array:
+def bound(eps: Any, name: str, problem: Problem, *, as_number: bool = False) -> Array | float:
     """A bound as an array of ``problem``'s dtype and device that broadcasts to its batch shape.
 
     Python numbers (and NumPy scalars) are checked statically to be positive, finite and a normal
     number of the inputs' dtype; bound arrays must share the inputs' library and device and
     broadcast *to* the batch shape (one bound per state), never widen it, and their values are
-    checked like the inputs' (see :func:`tr_projections.checks_enabled`).
+    checked like the inputs' (see :func:`tr_projections.checks_enabled`). With ``as_number`` a
+    number comes back checked as a Python float, for callers that make their own array of it.
     """
     xp = problem.xp
     fi = xp.finfo(problem.dtype)
@@ -344,6 +345,8 @@ def bound(eps: Any, name: str, problem: Problem) -> Array:
                 f"`{name}` must be positive and finite in the inputs' dtype {dtype_name} "
                 f"(between {tiny:.3g} and {big:.3g}), got {eps!r}"
             )
+        if as_number:
+            return value
         return xp.asarray(value, dtype=problem.dtype, device=problem.device)
     if not _compat_is_array(eps):
         raise TypeError(

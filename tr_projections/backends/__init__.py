@@ -144,7 +144,15 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
     op = OPERATIONS[kind]
     xp = namespace_of(dict(zip(op.arg_names, arrays, strict=True)))
     arrays = tuple(_compat.stop_gradient(x, xp=xp) for x in arrays)
-    outs, res = forward(kind, arrays, bounds, options)
+    compiled = None
+    if _compat.is_jax(xp):  # (concrete JAX arrays: the adapter's compiled programs)
+        from . import jax as jax_adapter
+
+        compiled = jax_adapter.compiled_vjp(kind, arrays, bounds, options)
+    if compiled is None:
+        outs, res = forward(kind, arrays, bounds, options)
+    else:
+        outs, compiled_backward = compiled
 
     def vjp_fn(cotangent: Any, *, wrt: Any = None) -> tuple:
         needs = _needs(wrt, op.arg_names)
@@ -156,7 +164,10 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
             raise ValueError(
                 f"the cotangent must match the output: {op.n_out} array(s), got {len(cots)}"
             )
-        grads = backward(kind, arrays, res, cots, options, needs)
+        if compiled is None:
+            grads = backward(kind, arrays, res, cots, options, needs)
+        else:
+            grads = compiled_backward(cots, needs)
         return Cotangents(*grads) if op.n_out == 2 else grads
 
     if op.n_out == 2:

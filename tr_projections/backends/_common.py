@@ -270,6 +270,25 @@ def _on_spans(fn: Callable, spans: list, n_lanes: int) -> list:
     return results
 
 
+def check(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[Any, tuple]:
+    """The checks :func:`forward` makes of a projection's or the loss's arguments (shapes,
+    dtypes, values, bounds, options), alone, with the same errors. Returns the inputs' dtype
+    and the bounds checked: numbers as Python floats, arrays as arrays of the inputs' dtype.
+    For callers that check concrete arrays before running :func:`forward` where their values
+    cannot be read (the JAX adapter's compiled route)."""
+    if kind == "trust_region_loss":
+        check_options(options.get("method"), bool(options.get("root")))
+        p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
+        return p.dtype, ()
+    if kind not in ("kl", "frobenius", "wasserstein"):
+        raise ValueError(f"no separate checks for operation {kind!r}")
+    p = prepare(*arrays, roots=bool(options.get("root")))
+    names = OPERATIONS[kind].bound_names
+    return p.dtype, tuple(
+        bound(b, name, p, as_number=True) for b, name in zip(bounds, names, strict=True)
+    )
+
+
 def forward(
     kind: str, arrays: tuple, bounds: tuple, options: dict, *, chunk_rows: int | None = None
 ) -> tuple[tuple, Any]:

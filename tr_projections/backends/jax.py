@@ -3,11 +3,21 @@
 Python-float bounds and options are static (``nondiff_argnums``); bound arrays are ordinary
 arguments whose cotangent is zero (bounds are constants). The forward is traceable (the KL solver
 is a ``lax.while_loop``), so ``jit``, ``vmap``, ``grad`` and ``jit(grad)`` all work.
+
+Concrete arrays (a call outside ``jit`` and ``vmap``, and the forward and backward of an eager
+``jax.grad`` or ``jax.vjp``) run the projections and the loss as compiled programs
+(:data:`EAGER_JIT`): the value checks and the bounds' checks first, on the concrete arrays, then
+the forward, and later the backward, each one ``jax.jit`` program per operation, options and
+shapes, cached by JAX. Run op by op instead, every one of a projection's few hundred operations is
+compiled again for every shape it meets, and with the eager route's row selection the shapes of
+the costly stages follow the number of states outside their bounds, so a call on new data
+compiled most of them again (``benchmarks/jax_eager.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any
 
 import jax
@@ -18,26 +28,129 @@ from .. import _compat, _rows
 from .._inputs import is_static_bound
 from . import _common
 
+#: Concrete JAX arrays run these operations as ``jax.jit`` programs (module docstring); ``False``:
+#: op by op, with the eager route's row selection, as before. Read at each call.
+EAGER_JIT = True
+
+#: The operations that take the compiled route (the projections and the loss, whose checks
+#: :func:`tr_projections.backends._common.check` runs on their own).
+JITTED = ("kl", "frobenius", "wasserstein", "trust_region_loss")
+
+
+#: The modules whose settings (upper-case module constants: ``kl.MAX_ITER``, the row settings,
+#: ``_compat``'s routes) the traced computation reads.
+SETTING_MODULES = ("_compat", "_rows", "_values", "gaussian", "projections.kl",
+                   "projections.wasserstein")  # fmt: skip
+
+
+@functools.cache
+def _setting_names() -> tuple:
+    pairs = []
+    for name in SETTING_MODULES:
+        module = importlib.import_module(f"tr_projections.{name}")
+        for key, value in vars(module).items():
+            if key.isupper() and isinstance(value, (bool, int, float, str, tuple)):
+                pairs.append((module, key))
+    return tuple(pairs)
+
+
+def _settings() -> tuple:
+    """The package's settings as they are now: part of a compiled program's key, so that a
+    program traced under other settings is not reused (a call op by op reads them each time)."""
+    return tuple(getattr(module, key) for module, key in _setting_names())
+
+
+def _option(value: Any) -> Any:
+    # An option as a hashable key: strings and bools as they are, anything else (a 0-d array,
+    # a NumPy bool) by its truth value, as the computation reads it.
+    return value if isinstance(value, (str, bool)) else bool(value)
+
 
 def _merge(static_bounds: tuple, bounds: tuple) -> tuple:
     return tuple(s if b is None else b for s, b in zip(static_bounds, bounds, strict=True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _operation(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
-    kind, options, static_bounds, _ = static
-    with _compat.serial_decompositions():
-        return _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))[0]
+def _concrete(xs: tuple) -> bool:
+    """Whether every array among ``xs`` (``None`` allowed) holds values: no tracer."""
+    return all(x is None or not isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
-    kind, options, static_bounds, _ = static
+def _forward(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
+    # The forward of operation static[0] (static: kind, options, the settings): the body of
+    # the compiled program, and what every other call runs (traced, or op by op).
+    kind, options, _ = static
     with _compat.serial_decompositions() as last:
-        outs, res = _common.forward(kind, arrays, _merge(static_bounds, bounds), dict(options))
+        outs, res = _common.forward(kind, arrays, bounds, dict(options))
     # The backward's decompositions follow the forward's last one (one element of its output
     # carries the dependence): see serial_decompositions.
     after = None if last[0] is None else jnp.ravel(last[0])[:1]
-    return outs, (res, bounds, arrays, after)
+    return outs, res, after
+
+
+def _backward(static: tuple, arrays: tuple, res: Any, after: Any, cots: tuple) -> tuple:
+    # The backward (static: kind, options, the settings, and which cotangents are wanted,
+    # None for all), after the forward's last decomposition `after`.
+    kind, options, _, needs = static
+    with _compat.serial_decompositions(after):
+        return tuple(_common.backward(kind, arrays, res, cots, dict(options), needs))
+
+
+def _outputs(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
+    # The forward's outputs alone (a call that nothing differentiates: no residuals computed).
+    return _forward(static, bounds, arrays)[0]
+
+
+_forward_jit = jax.jit(_forward, static_argnums=0)
+_backward_jit = jax.jit(_backward, static_argnums=0)
+_outputs_jit = jax.jit(_outputs, static_argnums=0)
+
+
+def _compiled(static: tuple, bounds: tuple, arrays: tuple) -> tuple | None:
+    """``(static, bounds)`` for the compiled route, or ``None`` where the call runs as it is
+    (traced, or op by op): :data:`EAGER_JIT` off, another operation, or a tracer among the
+    arguments.
+    The arguments are checked here, on their values (the compiled program cannot read them);
+    every bound becomes an array of the inputs' dtype (numbers a NumPy one, which costs no JAX
+    operation), so a new bound value is no new program."""
+    kind, options, static_bounds, _ = static
+    if not (EAGER_JIT and kind in JITTED and _concrete(bounds) and _concrete(arrays)):
+        return None
+    dtype, checked = _common.check(kind, arrays, _merge(static_bounds, bounds), dict(options))
+    checked = tuple(np.asarray(b, dtype=dtype) if isinstance(b, float) else b for b in checked)
+    options = tuple((k, _option(v)) for k, v in options)
+    return (kind, options, _settings()), checked
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _operation(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
+    # (traced, or op by op: concrete arrays that nothing differentiates take _outputs_jit in
+    # apply, and a differentiated call runs _fwd)
+    return _forward(static[:2] + (None,), _merge(static[2], bounds), arrays)[0]
+
+
+@jax.tree_util.register_pytree_node_class
+class _Program:
+    """The key of a compiled forward, carried among its residuals to the backward (which is
+    compiled too, under the same key): a pytree node without leaves, the key its static data."""
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+
+    def tree_flatten(self) -> tuple:
+        return (), self.key
+
+    @classmethod
+    def tree_unflatten(cls, key: tuple, _children: Any) -> _Program:
+        return cls(key)
+
+
+def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
+    compiled = _compiled(static, bounds, arrays)
+    if compiled is not None:
+        outs, res, after = _forward_jit(compiled[0], compiled[1], arrays)
+        return outs, (res, bounds, arrays, after, _Program(compiled[0]))
+    outs, res, after = _forward(static[:2] + (None,), _merge(static[2], bounds), arrays)
+    return outs, (res, bounds, arrays, after, None)
 
 
 def _zero(b: Any) -> Any:
@@ -50,17 +163,19 @@ def _zero(b: Any) -> Any:
 
 def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
     kind, options, _, _ = static
-    res, bounds, arrays, last = carry
-    with _compat.serial_decompositions(last):
-        grads = _common.backward(kind, arrays, res, cots, dict(options))
+    res, bounds, arrays, last, program = carry
+    if program is not None:
+        grads = _backward_jit((*program.key, None), arrays, res, last, tuple(cots))
+    else:
+        grads = _backward((kind, options, None, None), arrays, res, last, tuple(cots))
     return tuple(_zero(b) for b in bounds), tuple(grads)
 
 
 _operation.defvjp(_fwd, _bwd)
 
 
-def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
-    """Outputs of operation ``kind``, differentiable with ``jax.grad`` under ``jit``/``vmap``."""
+def _static(kind: str, bounds: tuple, options: dict) -> tuple[tuple, tuple]:
+    """The custom_vjp's static argument and its bounds that are arrays (``None`` where static)."""
     names = _common.OPERATIONS[kind].bound_names
     # Numbers are static; anything else must be an array (a TypeError naming the bound, before
     # custom_vjp would reject it in its own words).
@@ -69,4 +184,32 @@ def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
     dynamic = tuple(None if s else b for b, s in zip(bounds, is_static, strict=True))
     # (the row settings too: a trace made under other slots is not reused)
     static = (kind, tuple(sorted(options.items())), static_bounds, _rows.traced_settings())
+    return static, dynamic
+
+
+def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
+    """Outputs of operation ``kind``, differentiable with ``jax.grad`` under ``jit``/``vmap``."""
+    static, dynamic = _static(kind, bounds, options)
+    compiled = _compiled(static, dynamic, tuple(arrays))
+    if compiled is not None:  # (concrete arrays: no transform differentiates this call)
+        return tuple(_outputs_jit(compiled[0], compiled[1], tuple(arrays)))
     return tuple(_operation(static, dynamic, tuple(arrays)))
+
+
+def compiled_vjp(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple | None:
+    """:func:`tr_projections.vjp`'s forward on the compiled route: ``(outputs, backward)`` with
+    ``backward(cots, needs)`` the cotangents of ``arrays`` (``None`` where not needed), or
+    ``None`` where the compiled route does not apply (:func:`_compiled`)."""
+    if not (EAGER_JIT and kind in JITTED):  # (before _static: errors in the usual order)
+        return None
+    static, dynamic = _static(kind, bounds, options)
+    compiled = _compiled(static, dynamic, tuple(arrays))
+    if compiled is None:
+        return None
+    key, checked = compiled
+    outs, res, after = _forward_jit(key, checked, tuple(arrays))
+
+    def backward(cots: tuple, needs: tuple) -> tuple:
+        return _backward_jit((*key, tuple(needs)), tuple(arrays), res, after, tuple(cots))
+
+    return tuple(outs), backward

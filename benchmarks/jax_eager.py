@@ -1,0 +1,200 @@
+"""Eager JAX calls: compiled programs (``EAGER_JIT``) against op by op, each in fresh processes.
+
+    python benchmarks/jax_eager.py [--methods kl,frobenius,wasserstein] [--kinds diag,full]
+                                   [--dim 6] [--batches 1e3,1e4,1e5] [--calls 8] [--procs 1]
+
+A JAX user who calls ``trp.project`` (or ``jax.vjp`` of it) outside ``jax.jit`` passes concrete
+arrays. ``tr_projections.backends.jax.EAGER_JIT`` (on by default) runs such calls as one compiled
+program per operation, options and shapes; off, they run op by op, where JAX compiles each
+operation for each shape it meets and the eager route's row selection makes the shapes of the
+costly stages follow the data. Every (route, cell, process) runs in a fresh process of its own,
+with the routes alternating, so compilation caches carry over from nothing. Each process times:
+
+* ``first``: the first call (its compilation included);
+* ``new``: the median of ``--calls`` calls that each move the bounds (their quantile over the
+  distance parts runs from 0.3 to 0.8), so that other states are outside their bounds each
+  time, as new data in a training loop would be; with the number of XLA compilations per call;
+* ``same``: the median of ``--calls`` calls repeating the last one.
+
+``fwd`` is ``trp.project``; ``fwd+bwd`` is ``jax.vjp`` of it in the new policy's mean and scale
+and its VJP of fixed cotangents. float64 (``jax_enable_x64``), 2 threads (CPU affinity). Prints
+a table with the machine and library versions; times in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+_CHILD = r"""
+import json, os, statistics, sys, time
+sys.path.insert(0, os.environ["TRP_PATH"])
+sys.path.insert(1, os.environ["TRP_BENCH"])
+from _worker import bounds_for, limit_threads, make_data
+limit_threads(int(os.environ["TRP_THREADS"]))
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+import tr_projections as trp
+import tr_projections.backends.jax as adapter
+
+adapter.EAGER_JIT = os.environ["TRP_ROUTE"] == "compiled"
+compiles = [0]
+
+def listen(name, _duration, **_kw):
+    if name == "/jax/core/compile/backend_compile_duration":
+        compiles[0] += 1
+
+jax.monitoring.register_event_duration_secs_listener(listen)
+kind, method, mode = os.environ["TRP_KIND"], os.environ["TRP_METHOD"], os.environ["TRP_MODE"]
+dim, batch = int(os.environ["TRP_DIM"]), int(os.environ["TRP_BATCH"])
+calls = int(os.environ["TRP_CALLS"])
+data = make_data(kind, dim, batch, 0)
+x = [jnp.asarray(a) for a in data["arrays"]]
+g = trp.Gaussian(*(jnp.asarray(a) for a in data["cotangents"]))
+quantiles = np.linspace(0.3, 0.8, calls + 1)
+bounds = [bounds_for(data, method, float(q))[:2] for q in quantiles]
+
+def call(b):
+    kw = dict(method=method, eps_mean=b[0], eps_cov=b[1])
+    if mode == "fwd":
+        return jax.block_until_ready(trp.project(*x, **kw))
+    out, vjp_fn = jax.vjp(lambda m, s: trp.project(m, s, x[2], x[3], **kw), x[0], x[1])
+    return jax.block_until_ready(vjp_fn(g))
+
+def timed(b):
+    c0, t0 = compiles[0], time.perf_counter()
+    call(b)
+    return 1e3 * (time.perf_counter() - t0), compiles[0] - c0
+
+first, first_compiles = timed(bounds[0])
+new = [timed(b) for b in bounds[1:]]
+same = [timed(bounds[-1])[0] for _ in range(calls)]
+print(json.dumps({
+    "first": first, "first_compiles": first_compiles,
+    "new": statistics.median(t for t, _ in new),
+    "new_compiles": statistics.median(c for _, c in new),
+    "same": statistics.median(same),
+}))
+"""
+
+
+def _batch(text: str) -> int:
+    return int(float(text))
+
+
+def _ms(x: float) -> str:
+    """Milliseconds, three significant digits, without exponents."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _label(batch: int) -> str:
+    exp = len(str(batch)) - 1
+    return f"1e{exp}" if batch == 10**exp else str(batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--methods", default="kl,frobenius,wasserstein")
+    ap.add_argument("--kinds", default="diag,full")
+    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--dim", type=int, default=6)
+    ap.add_argument("--batches", default="1e3,1e4,1e5")
+    ap.add_argument("--calls", type=int, default=8, help="timed calls per measurement")
+    ap.add_argument("--procs", type=int, default=1, help="fresh processes per (route, cell)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per process")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(HERE))
+    import jax
+    from _worker import machine_line
+
+    print(machine_line(f"jax {jax.__version__}, {args.threads} threads, float64"))
+    print("# load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(
+        f"# d = {args.dim}; {args.calls} calls per median; {args.procs} fresh process(es) per "
+        "route and cell (median of their values); times in ms; `compiles`: XLA compilations"
+    )
+    print()
+    print(
+        "| method | kind | mode | B | route | first | compiles | new bounds | compiles per call "
+        "| same bounds |"
+    )
+    print("|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+    env0 = {
+        **os.environ,
+        "TRP_PATH": str(ROOT),
+        "TRP_BENCH": str(HERE),
+        "TRP_THREADS": str(args.threads),
+        "TRP_DIM": str(args.dim),
+        "TRP_CALLS": str(args.calls),
+    }
+    env0.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    routes = ("op by op", "compiled")
+    for method in args.methods.split(","):
+        for kind in args.kinds.split(","):
+            for mode in args.modes.split(","):
+                for batch in (_batch(b) for b in args.batches.split(",")):
+                    results: dict[str, list[dict]] = {r: [] for r in routes}
+                    for i in range(args.procs):
+                        for route in routes if i % 2 == 0 else routes[::-1]:
+                            env = {
+                                **env0,
+                                "TRP_ROUTE": "compiled" if route == "compiled" else "ops",
+                                "TRP_KIND": kind,
+                                "TRP_METHOD": method,
+                                "TRP_MODE": mode,
+                                "TRP_BATCH": str(batch),
+                            }
+                            try:
+                                out = subprocess.run(
+                                    [sys.executable, "-c", _CHILD],
+                                    env=env,
+                                    capture_output=True,
+                                    text=True,
+                                    timeout=args.timeout,
+                                )
+                            except subprocess.TimeoutExpired:
+                                continue
+                            if out.returncode != 0:
+                                last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+                                print(f"# {route} {method} {kind} {mode} {batch}: failed: {last}")
+                                continue
+                            results[route].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    for route in routes:
+                        rs = results[route]
+                        if not rs:
+                            print(
+                                f"| {method} | {kind} | {mode} | {_label(batch)} | {route} "
+                                "| timeout | | | | |"
+                            )
+                            continue
+
+                        def med(key: str, rs: list = rs) -> float:
+                            return statistics.median(r[key] for r in rs)
+
+                        print(
+                            f"| {method} | {kind} | {mode} | {_label(batch)} | {route} "
+                            f"| {_ms(med('first'))} | {med('first_compiles'):.0f} "
+                            f"| {_ms(med('new'))} | {med('new_compiles'):.0f} "
+                            f"| {_ms(med('same'))} |",
+                            flush=True,
+                        )
+    print("# load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

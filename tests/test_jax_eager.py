@@ -1,0 +1,217 @@
+"""Concrete JAX arrays on the compiled route (``tr_projections.backends.jax.EAGER_JIT``): a call
+outside ``jit`` runs one compiled program per operation, options and shapes, so new data and new
+bounds compile nothing; the results are NumPy's; the checks still read the values first; and the
+op-by-op route stays available behind the switch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+from test_gradients import assert_cotangents_close  # noqa: E402
+from test_rows import PROJECTIONS, _bounds, _policies  # noqa: E402
+from test_w2_roots import _data as _root_data  # noqa: E402
+
+import tr_projections as trp  # noqa: E402
+from tr_projections.backends import jax as adapter  # noqa: E402
+from tr_projections.projections import kl  # noqa: E402
+
+_COMPILES = [0]
+
+
+def _listen(name: str, _duration: float, **_kw) -> None:
+    if name == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+def _numpy(method, args, eps, g, wrt=None):
+    out, vjp_fn = trp.vjp(PROJECTIONS[method], *args, eps_mean=eps[0], eps_cov=eps[1])
+    return [*out, *vjp_fn(trp.Gaussian(*g), wrt=wrt)]
+
+
+def _close(got, want):
+    for a, b in zip(got, want, strict=True):
+        if b is None:
+            assert a is None
+            continue
+        scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-11 * scale)
+
+
+@pytest.mark.parametrize(
+    "method,kind", [("kl", "full"), ("kl", "diag"), ("wasserstein", "full"), ("frobenius", "full")]
+)
+def test_new_bounds_compile_nothing(method, kind):
+    """A second call whose bounds put other states outside (other Python floats) compiles
+    nothing, forward and ``jax.vjp``; both calls give NumPy's outputs and cotangents. 300
+    states: full KL takes its slots. (Op by op, each of these compiles again: their costly
+    stages gather the rows outside by count.)"""
+    assert adapter.EAGER_JIT
+    full = kind == "full"
+    args = _policies(full, (300,), 3, seed=40 + full)
+    rng = np.random.default_rng(9)
+    g = [rng.normal(size=args[0].shape), rng.normal(size=args[1].shape)]
+    if full:
+        g[1] = np.tril(g[1])
+    x = [jnp.asarray(a) for a in args]
+    gx = trp.Gaussian(*(jnp.asarray(a) for a in g))
+    fn = PROJECTIONS[method]
+    moved = []
+    for quantile in (0.3, 0.8):
+        eps = _bounds(method, args, quantile)
+        before = _COMPILES[0]
+        out = jax.block_until_ready(fn(*x, eps_mean=eps[0], eps_cov=eps[1]))
+        _, vjp_fn = jax.vjp(
+            lambda m, s, eps=eps: fn(m, s, x[2], x[3], eps_mean=eps[0], eps_cov=eps[1]),
+            x[0],
+            x[1],
+        )
+        cots = jax.block_until_ready(vjp_fn(gx))
+        compiled = _COMPILES[0] - before
+        want = _numpy(method, args, eps, g)
+        _close([*out, *cots], want[:4])
+        moved.append(int(np.sum(np.any(want[1] != args[1], axis=tuple(range(1, args[1].ndim))))))
+    assert moved[0] != moved[1]  # (other states were projected the second time)
+    assert compiled == 0, f"the second call compiled {compiled} programs"
+
+
+def test_trp_vjp_of_jax_arrays_is_compiled_and_skips_what_is_not_asked():
+    """``trp.vjp`` with concrete JAX arrays: NumPy's outputs and cotangents, ``None`` for the
+    arguments ``wrt`` leaves out, and a per-state bound array whose values change compiles
+    nothing."""
+    args = _policies(True, (40,), 3, seed=7)
+    rng = np.random.default_rng(10)
+    g = [rng.normal(size=args[0].shape), np.tril(rng.normal(size=args[1].shape))]
+    x = [jnp.asarray(a) for a in args]
+    gx = trp.Gaussian(*(jnp.asarray(a) for a in g))
+    for quantile in ("edge", 0.5):
+        eps = [np.broadcast_to(np.asarray(e, dtype=float), (40,)).copy() for e in
+               _bounds("kl", args, quantile)]  # fmt: skip
+        before = _COMPILES[0]
+        out, vjp_fn = trp.vjp(
+            trp.project_kl, *x, eps_mean=jnp.asarray(eps[0]), eps_cov=jnp.asarray(eps[1])
+        )
+        both = vjp_fn(gx, wrt=("mean", "scale"))
+        every = vjp_fn(gx)
+        compiled = _COMPILES[0] - before
+        _close([*out, *both], _numpy("kl", args, eps, g, wrt=("mean", "scale")))
+        _close([*out, *every], _numpy("kl", args, eps, g))
+        assert both[2] is None and both[3] is None
+    assert compiled == 0, f"the second call compiled {compiled} programs"
+
+
+def test_compiled_route_checks_values_first():
+    """The checks read the concrete values before the program runs: same errors as op by op,
+    from ``trp.project``, ``jax.grad`` and ``trp.vjp``; with the checks off a valid call runs."""
+    args = [jnp.asarray(a) for a in _policies(False, (5,), 2, seed=1)]
+    bad = [args[0], args[1].at[3, 1].set(jnp.nan), *args[2:]]
+    with pytest.raises(ValueError, match="`scale`"):
+        trp.project_kl(*bad, eps_mean=0.1, eps_cov=0.1)
+    with pytest.raises(ValueError, match="`scale`"):
+        jax.grad(lambda s: trp.project_kl(args[0], s, *args[2:], eps_mean=0.1, eps_cov=0.1)
+                 .scale.sum())(bad[1])  # fmt: skip
+    with pytest.raises(ValueError, match="`eps_cov`"):
+        eps_cov = jnp.asarray([0.1, 0.1, -1.0, 0.1, 0.1])
+        trp.vjp(trp.project_kl, *args, eps_mean=0.1, eps_cov=eps_cov)
+    with pytest.raises(ValueError, match="`eps_mean`"):
+        trp.project_frobenius(*args, eps_mean=-0.1, eps_cov=0.1)
+    with pytest.raises(ValueError, match="`proj_scale`"):
+        trp.trust_region_loss(*args[:2], bad[0], bad[1], method="kl")
+    with trp.checks(False):
+        out = trp.project_kl(*args, eps_mean=0.1, eps_cov=0.1)  # (valid: runs compiled)
+    assert np.all(np.isfinite(np.asarray(out.scale)))
+
+
+@pytest.mark.parametrize("method,kind", [("kl", "full"), ("wasserstein", "diag")])
+def test_op_by_op_route_behind_the_switch(method, kind, monkeypatch):
+    """``EAGER_JIT = False``: concrete arrays run op by op (rows gathered by value) and give the
+    same outputs and cotangents, through ``trp.project`` and ``jax.vjp``; the compiled programs
+    are not called."""
+    monkeypatch.setattr(adapter, "EAGER_JIT", False)
+    calls = []
+    for name in ("_forward_jit", "_backward_jit", "_outputs_jit"):
+        real = getattr(adapter, name)
+        monkeypatch.setattr(
+            adapter, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k)
+        )
+    full = kind == "full"
+    args = _policies(full, (12,), 3, seed=20 + full)
+    eps = _bounds(method, args, 0.5)
+    rng = np.random.default_rng(11)
+    g = [rng.normal(size=args[0].shape), rng.normal(size=args[1].shape)]
+    if full:
+        g[1] = np.tril(g[1])
+    x = [jnp.asarray(a) for a in args]
+    fn = PROJECTIONS[method]
+    alone = fn(*x, eps_mean=eps[0], eps_cov=eps[1])
+    out, vjp_fn = jax.vjp(lambda *a: fn(*a, eps_mean=eps[0], eps_cov=eps[1]), *x)
+    cots = vjp_fn(trp.Gaussian(*(jnp.asarray(a) for a in g)))
+    want = _numpy(method, args, eps, g)
+    _close(alone, want[:2])
+    _close(out, want[:2])
+    assert_cotangents_close([np.asarray(c) for c in cots], want[2:])
+    assert not calls
+
+
+def test_settings_changed_after_a_call_take_effect(monkeypatch):
+    """A package setting read while tracing is part of a program's key: changed after a first
+    call, the next call runs a program traced under it (here: no Newton steps at all, so the
+    weight stays at its starting guess), as a call op by op would."""
+    args = [jnp.asarray(a) for a in _policies(False, (50,), 3, seed=12)]
+    eps = _bounds("kl", [np.asarray(a) for a in args], 0.3)
+    before = np.asarray(trp.project_kl(*args, eps_mean=eps[0], eps_cov=eps[1]).scale)
+    monkeypatch.setattr(kl, "FAST_STEPS", 0)
+    monkeypatch.setattr(kl, "MAX_ITER", 0)
+    after = np.asarray(trp.project_kl(*args, eps_mean=eps[0], eps_cov=eps[1]).scale)
+    assert np.max(np.abs(after - before)) > 1e-9
+    monkeypatch.undo()
+    again = np.asarray(trp.project_kl(*args, eps_mean=eps[0], eps_cov=eps[1]).scale)
+    np.testing.assert_array_equal(again, before)
+
+
+def test_compiled_route_agrees_with_numpy_for_roots_the_loss_and_float32():
+    """``jax.grad`` on the compiled route against NumPy's ``trp.vjp``: W2 of symmetric roots
+    (``root=True``), the trust-region loss, and a float32 KL projection; an option passed as a
+    0-d array (read by its truth value) is accepted."""
+    roots, (em, ec), cots, _ = _root_data(3)
+    x = [jnp.asarray(a) for a in roots]
+
+    def w2(m, s):
+        out = trp.project_wasserstein(m, s, x[2], x[3], eps_mean=em, eps_cov=ec, root=True)
+        return jnp.sum(out.mean * cots[0]) + jnp.sum(out.scale * cots[1])
+
+    got = jax.grad(w2, argnums=(0, 1))(x[0], x[1])
+    _, vjp_fn = trp.vjp(trp.project_wasserstein, *roots, eps_mean=em, eps_cov=ec, root=True)
+    assert_cotangents_close([np.asarray(a) for a in got], list(vjp_fn(trp.Gaussian(*cots)))[:2])
+
+    args = _policies(True, (20,), 3, seed=13)
+    proj = trp.project_kl(*args, eps_mean=0.01, eps_cov=0.005)
+    jproj = [jnp.asarray(a) for a in proj]
+
+    def loss(m, s):
+        return jnp.sum(trp.trust_region_loss(m, s, *jproj, method="kl"))
+
+    got = jax.grad(loss, argnums=(0, 1))(jnp.asarray(args[0]), jnp.asarray(args[1]))
+    _, vjp_fn = trp.vjp(trp.trust_region_loss, args[0], args[1], *proj, method="kl")
+    assert_cotangents_close([np.asarray(a) for a in got], list(vjp_fn(np.ones(20)))[:2])
+
+    f32 = [jnp.asarray(a, dtype=jnp.float32) for a in args]
+    out = trp.project_kl(*f32, eps_mean=0.01, eps_cov=0.005)
+    assert out.scale.dtype == jnp.float32
+    want = trp.project_kl(*(np.asarray(a, dtype=np.float32) for a in args), eps_mean=0.01,
+                          eps_cov=0.005)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out.scale), want.scale, rtol=1e-4, atol=1e-6)
+
+    jargs = [jnp.asarray(a) for a in args]
+    plain = trp.project_frobenius(*jargs, eps_mean=0.01, eps_cov=0.005, scale_prec=False)
+    as_array = trp.project_frobenius(
+        *jargs, eps_mean=0.01, eps_cov=0.005, scale_prec=jnp.asarray(False)
+    )
+    np.testing.assert_array_equal(np.asarray(as_array.scale), np.asarray(plain.scale))

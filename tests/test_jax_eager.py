@@ -17,6 +17,7 @@ from test_rows import PROJECTIONS, _bounds, _policies  # noqa: E402
 from test_w2_roots import _data as _root_data  # noqa: E402
 
 import tr_projections as trp  # noqa: E402
+import tr_projections._rows as rows_mod  # noqa: E402
 from tr_projections.backends import jax as adapter  # noqa: E402
 from tr_projections.projections import kl  # noqa: E402
 
@@ -29,6 +30,21 @@ def _listen(name: str, _duration: float, **_kw) -> None:
 
 
 jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+def _assert_listener_counts():
+    """The compile count moves for a program never compiled before (else a count of zero
+    would prove nothing)."""
+    before = _COMPILES[0]
+    jax.block_until_ready(jax.jit(lambda v: v * 3.25 + before)(jnp.arange(5.0)))
+    assert _COMPILES[0] > before
+
+
+def _cotangents(args, full, seed):
+    """Random cotangents of a projection's outputs (lower triangular for full scales)."""
+    rng = np.random.default_rng(seed)
+    g = [rng.normal(size=args[0].shape), rng.normal(size=args[1].shape)]
+    return [g[0], np.tril(g[1]) if full else g[1]]
 
 
 def _numpy(method, args, eps, g, wrt=None):
@@ -56,10 +72,7 @@ def test_new_bounds_compile_nothing(method, kind):
     assert adapter.EAGER_JIT
     full = kind == "full"
     args = _policies(full, (300,), 3, seed=40 + full)
-    rng = np.random.default_rng(9)
-    g = [rng.normal(size=args[0].shape), rng.normal(size=args[1].shape)]
-    if full:
-        g[1] = np.tril(g[1])
+    g = _cotangents(args, full, 9)
     x = [jnp.asarray(a) for a in args]
     gx = trp.Gaussian(*(jnp.asarray(a) for a in g))
     fn = PROJECTIONS[method]
@@ -80,6 +93,7 @@ def test_new_bounds_compile_nothing(method, kind):
         moved.append(int(np.sum(np.any(want[1] != args[1], axis=tuple(range(1, args[1].ndim))))))
     assert moved[0] != moved[1]  # (other states were projected the second time)
     assert compiled == 0, f"the second call compiled {compiled} programs"
+    _assert_listener_counts()
 
 
 def test_trp_vjp_of_jax_arrays_is_compiled_and_skips_what_is_not_asked():
@@ -87,8 +101,7 @@ def test_trp_vjp_of_jax_arrays_is_compiled_and_skips_what_is_not_asked():
     arguments ``wrt`` leaves out, and a per-state bound array whose values change compiles
     nothing."""
     args = _policies(True, (40,), 3, seed=7)
-    rng = np.random.default_rng(10)
-    g = [rng.normal(size=args[0].shape), np.tril(rng.normal(size=args[1].shape))]
+    g = _cotangents(args, True, 10)
     x = [jnp.asarray(a) for a in args]
     gx = trp.Gaussian(*(jnp.asarray(a) for a in g))
     for quantile in ("edge", 0.5):
@@ -105,6 +118,7 @@ def test_trp_vjp_of_jax_arrays_is_compiled_and_skips_what_is_not_asked():
         _close([*out, *every], _numpy("kl", args, eps, g))
         assert both[2] is None and both[3] is None
     assert compiled == 0, f"the second call compiled {compiled} programs"
+    _assert_listener_counts()
 
 
 def test_compiled_route_checks_values_first():
@@ -144,10 +158,7 @@ def test_op_by_op_route_behind_the_switch(method, kind, monkeypatch):
     full = kind == "full"
     args = _policies(full, (12,), 3, seed=20 + full)
     eps = _bounds(method, args, 0.5)
-    rng = np.random.default_rng(11)
-    g = [rng.normal(size=args[0].shape), rng.normal(size=args[1].shape)]
-    if full:
-        g[1] = np.tril(g[1])
+    g = _cotangents(args, full, 11)
     x = [jnp.asarray(a) for a in args]
     fn = PROJECTIONS[method]
     alone = fn(*x, eps_mean=eps[0], eps_cov=eps[1])
@@ -174,6 +185,12 @@ def test_settings_changed_after_a_call_take_effect(monkeypatch):
     monkeypatch.undo()
     again = np.asarray(trp.project_kl(*args, eps_mean=eps[0], eps_cov=eps[1]).scale)
     np.testing.assert_array_equal(again, before)
+    # Settings given as a list or a 0-d array still make a key (and another one).
+    key = adapter._settings()
+    monkeypatch.setattr(rows_mod, "SLOT_FRACTIONS", [0.25, 0.5])
+    monkeypatch.setattr(kl, "MAX_ITER", np.array(50))
+    other = adapter._settings()
+    assert hash(other) != hash(key) and other != key
 
 
 def test_compiled_route_agrees_with_numpy_for_roots_the_loss_and_float32():
@@ -210,8 +227,10 @@ def test_compiled_route_agrees_with_numpy_for_roots_the_loss_and_float32():
     np.testing.assert_allclose(np.asarray(out.scale), want.scale, rtol=1e-4, atol=1e-6)
 
     jargs = [jnp.asarray(a) for a in args]
-    plain = trp.project_frobenius(*jargs, eps_mean=0.01, eps_cov=0.005, scale_prec=False)
-    as_array = trp.project_frobenius(
-        *jargs, eps_mean=0.01, eps_cov=0.005, scale_prec=jnp.asarray(False)
-    )
-    np.testing.assert_array_equal(np.asarray(as_array.scale), np.asarray(plain.scale))
+    kw = dict(eps_mean=1e-5, eps_cov=1e-5)  # (every state outside: the options matter)
+    plain = trp.project_frobenius(*jargs, **kw, scale_prec=False)
+    as_array = trp.project_frobenius(*jargs, **kw, scale_prec=jnp.asarray(False))
+    for a, b in zip(as_array, plain, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scaled = trp.project_frobenius(*jargs, **kw, scale_prec=jnp.asarray(True))
+    assert np.max(np.abs(np.asarray(scaled.mean) - np.asarray(plain.mean))) > 1e-6

@@ -49,15 +49,29 @@ def _setting_names() -> tuple:
     for name in SETTING_MODULES:
         module = importlib.import_module(f"tr_projections.{name}")
         for key, value in vars(module).items():
-            if key.isupper() and isinstance(value, (bool, int, float, str, tuple)):
+            if key.isupper() and not key.startswith("_") and not callable(value):
                 pairs.append((module, key))
     return tuple(pairs)
+
+
+def _frozen(value: Any) -> Any:
+    # A setting as a hashable key: lists as tuples, 0-d arrays as numbers, anything else that
+    # cannot be hashed by its repr.
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "tolist"):
+        return value.tolist()
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 def _settings() -> tuple:
     """The package's settings as they are now: part of a compiled program's key, so that a
     program traced under other settings is not reused (a call op by op reads them each time)."""
-    return tuple(getattr(module, key) for module, key in _setting_names())
+    return tuple(_frozen(getattr(module, key)) for module, key in _setting_names())
 
 
 def _option(value: Any) -> Any:

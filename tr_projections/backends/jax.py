@@ -4,14 +4,15 @@ Python-float bounds and options are static (``nondiff_argnums``); bound arrays a
 arguments whose cotangent is zero (bounds are constants). The forward is traceable (the KL solver
 is a ``lax.while_loop``), so ``jit``, ``vmap``, ``grad`` and ``jit(grad)`` all work.
 
-Concrete arrays (a call outside ``jit`` and ``vmap``, and the forward and backward of an eager
-``jax.grad`` or ``jax.vjp``) run the projections and the loss as compiled programs
-(:data:`EAGER_JIT`): the value checks and the bounds' checks first, on the concrete arrays, then
-the forward, and later the backward, each one ``jax.jit`` program per operation, options and
-shapes, cached by JAX. Run op by op instead, every one of a projection's few hundred operations is
-compiled again for every shape it meets, and with the eager route's row selection the shapes of
-the costly stages follow the number of states outside their bounds, so a call on new data
-compiled most of them again (``benchmarks/jax_eager.py``).
+Concrete arrays (a call outside ``jit`` and ``vmap``, the forward and backward of an eager
+``jax.grad`` or ``jax.vjp``, and :func:`tr_projections.vjp`) run the projections and the loss as
+compiled programs (:data:`EAGER_JIT`): the value checks and the bounds' checks first, on the
+concrete arrays, then ``jax.jit`` programs (a forward alone, a forward with its residuals, a
+backward) cached by JAX per operation, options, shapes and the package's settings
+(:data:`SETTING_MODULES`). Run op by op instead, every one of a projection's few hundred
+operations is compiled again for every shape it meets, and with the eager route's row selection
+the shapes of the costly stages follow the number of states outside their bounds, so a call on
+new data compiled most of them again (``benchmarks/jax_eager.py``).
 """
 
 from __future__ import annotations
@@ -120,12 +121,11 @@ _outputs_jit = jax.jit(_outputs, static_argnums=0)
 
 
 def _compiled(static: tuple, bounds: tuple, arrays: tuple) -> tuple | None:
-    """``(static, bounds)`` for the compiled route, or ``None`` where the call runs as it is
+    """``(key, bounds)`` for the compiled route, or ``None`` where the call runs as it is
     (traced, or op by op): :data:`EAGER_JIT` off, another operation, or a tracer among the
-    arguments.
-    The arguments are checked here, on their values (the compiled program cannot read them);
-    every bound becomes an array of the inputs' dtype (numbers a NumPy one, which costs no JAX
-    operation), so a new bound value is no new program."""
+    arguments. The arguments are checked here, on their values (the compiled program cannot
+    read them); every bound becomes an array of the inputs' dtype (numbers a NumPy one, which
+    costs no JAX operation), so a new bound value is no new program."""
     kind, options, static_bounds, _ = static
     if not (EAGER_JIT and kind in JITTED and _concrete(bounds) and _concrete(arrays)):
         return None

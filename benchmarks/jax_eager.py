@@ -88,20 +88,6 @@ print(json.dumps({
 """
 
 
-def _batch(text: str) -> int:
-    return int(float(text))
-
-
-def _ms(x: float) -> str:
-    """Milliseconds, three significant digits, without exponents."""
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-
-
-def _label(batch: int) -> str:
-    exp = len(str(batch)) - 1
-    return f"1e{exp}" if batch == 10**exp else str(batch)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(HERE))
     import jax
+    from _report import fmt_batch, fmt_ms
     from _worker import machine_line
+    from w2_roots import _batch
 
     print(machine_line(f"jax {jax.__version__}, {args.threads} threads, float64"))
     print("# load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
@@ -177,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         rs = results[route]
                         if not rs:
                             print(
-                                f"| {method} | {kind} | {mode} | {_label(batch)} | {route} "
+                                f"| {method} | {kind} | {mode} | {fmt_batch(batch)} | {route} "
                                 "| timeout | | | | |"
                             )
                             continue
@@ -186,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                             return statistics.median(r[key] for r in rs)
 
                         print(
-                            f"| {method} | {kind} | {mode} | {_label(batch)} | {route} "
-                            f"| {_ms(med('first'))} | {med('first_compiles'):.0f} "
-                            f"| {_ms(med('new'))} | {med('new_compiles'):.0f} "
-                            f"| {_ms(med('same'))} |",
+                            f"| {method} | {kind} | {mode} | {fmt_batch(batch)} | {route} "
+                            f"| {fmt_ms(med('first') / 1e3)} | {med('first_compiles'):.0f} "
+                            f"| {fmt_ms(med('new') / 1e3)} | {med('new_compiles'):.0f} "
+                            f"| {fmt_ms(med('same') / 1e3)} |",
                             flush=True,
                         )
     print("# load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))

@@ -274,8 +274,9 @@ def check(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[Any, 
     """The checks :func:`forward` makes of a projection's or the loss's arguments (shapes,
     dtypes, values, bounds, options), alone, with the same errors. Returns the inputs' dtype
     and the bounds checked: numbers as Python floats, arrays as arrays of the inputs' dtype.
-    For callers that check concrete arrays before running :func:`forward` where their values
-    cannot be read (the JAX adapter's compiled route)."""
+    For the chunked forward (the whole call's checks, before its chunks) and callers that check
+    concrete arrays before running :func:`forward` where their values cannot be read (the JAX
+    adapter's compiled route)."""
     if kind == "trust_region_loss":
         check_options(options.get("method"), bool(options.get("root")))
         p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
@@ -303,11 +304,8 @@ def forward(
         return op.forward(arrays, bounds, options)
     spans, n_lanes = plan
     # The whole call's checks first (messages name the caller's indices), then the chunks.
-    p = prepare(*arrays, roots=bool(options.get("root")))
-    for b, name in zip(bounds, op.bound_names, strict=True):
-        bound(b, name, p)
-    xp = p.xp
-    del p  # (its whole-batch casts, if any, need not live through the chunks)
+    check(kind, arrays, bounds, options)
+    xp = namespace_of(dict(zip(op.arg_names, arrays, strict=True)))
     joined = _compat.Joined(arrays[0].shape[0], xp=xp)  # (each chunk writes its own rows)
 
     def chunk(_: int, a: int, b: int) -> Any:

@@ -120,6 +120,11 @@ _backward_jit = jax.jit(_backward, static_argnums=0)
 _outputs_jit = jax.jit(_outputs, static_argnums=0)
 
 
+def _applies(kind: str) -> bool:
+    """Whether operation ``kind`` takes the compiled route (with concrete arrays)."""
+    return EAGER_JIT and kind in JITTED
+
+
 def _compiled(static: tuple, bounds: tuple, arrays: tuple) -> tuple | None:
     """``(key, bounds)`` for the compiled route, or ``None`` where the call runs as it is
     (traced, or op by op): :data:`EAGER_JIT` off, another operation, or a tracer among the
@@ -127,7 +132,7 @@ def _compiled(static: tuple, bounds: tuple, arrays: tuple) -> tuple | None:
     read them); every bound becomes an array of the inputs' dtype (numbers a NumPy one, which
     costs no JAX operation), so a new bound value is no new program."""
     kind, options, static_bounds, _ = static
-    if not (EAGER_JIT and kind in JITTED and _concrete(bounds) and _concrete(arrays)):
+    if not (_applies(kind) and _concrete(bounds) and _concrete(arrays)):
         return None
     dtype, checked = _common.check(kind, arrays, _merge(static_bounds, bounds), dict(options))
     checked = tuple(np.asarray(b, dtype=dtype) if isinstance(b, float) else b for b in checked)
@@ -135,11 +140,17 @@ def _compiled(static: tuple, bounds: tuple, arrays: tuple) -> tuple | None:
     return (kind, options, _settings()), checked
 
 
+def _as_is(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
+    # The forward of a call that runs as it is (traced, or op by op), from the custom_vjp's
+    # static argument.
+    return _forward(static[:2] + (None,), _merge(static[2], bounds), arrays)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _operation(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
     # (traced, or op by op: concrete arrays that nothing differentiates take _outputs_jit in
     # apply, and a differentiated call runs _fwd)
-    return _forward(static[:2] + (None,), _merge(static[2], bounds), arrays)[0]
+    return _as_is(static, bounds, arrays)[0]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -163,7 +174,7 @@ def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
     if compiled is not None:
         outs, res, after = _forward_jit(compiled[0], compiled[1], arrays)
         return outs, (res, bounds, arrays, after, _Program(compiled[0]))
-    outs, res, after = _forward(static[:2] + (None,), _merge(static[2], bounds), arrays)
+    outs, res, after = _as_is(static, bounds, arrays)
     return outs, (res, bounds, arrays, after, None)
 
 
@@ -214,7 +225,7 @@ def compiled_vjp(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tupl
     """:func:`tr_projections.vjp`'s forward on the compiled route: ``(outputs, backward)`` with
     ``backward(cots, needs)`` the cotangents of ``arrays`` (``None`` where not needed), or
     ``None`` where the compiled route does not apply (:func:`_compiled`)."""
-    if not (EAGER_JIT and kind in JITTED):  # (before _static: errors in the usual order)
+    if not _applies(kind):  # (before _static: errors in the usual order)
         return None
     static, dynamic = _static(kind, bounds, options)
     compiled = _compiled(static, dynamic, tuple(arrays))

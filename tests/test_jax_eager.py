@@ -234,3 +234,144 @@ def test_compiled_route_agrees_with_numpy_for_roots_the_loss_and_float32():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     scaled = trp.project_frobenius(*jargs, **kw, scale_prec=jnp.asarray(True))
     assert np.max(np.abs(np.asarray(scaled.mean) - np.asarray(plain.mean))) > 1e-6
+
+
+# --------------------------------------------------------------------------- distances
+
+
+def _distance_data(n_shrunk: int, seed: int, batch: int = 300, d: int = 3):
+    """Full Gaussians whose KL distance op by op gathers ``n_shrunk`` rows by value (a new
+    covariance shrunk well inside the old one takes the second eigenvalue problem of
+    :func:`tr_projections.distances.kl_eigs`; the others, near the old one, the first)."""
+    args = _policies(True, (batch,), d, seed=seed)
+    factor = np.ones((batch, 1, 1))
+    factor[np.random.default_rng(seed).permutation(batch)[:n_shrunk]] = 0.3
+    args[1] = args[3] * factor * (1.0 + 0.01 * np.tril(np.ones((d, d))))
+    return args
+
+
+_DISTANCES = {"kl": trp.kl, "frobenius": trp.frobenius, "wasserstein": trp.wasserstein}
+
+
+def _summed(fn, rest, **kw):
+    def f(m, s):
+        parts = fn(m, s, *rest, **kw)
+        return jnp.sum(parts.mean * jnp.arange(1.0, 1.0 + parts.mean.size)) + jnp.sum(parts.cov)
+
+    return f
+
+
+@pytest.mark.parametrize("name", ["kl", "frobenius", "wasserstein"])
+def test_distances_on_new_data_compile_nothing(name, monkeypatch):
+    """A distance of concrete JAX arrays runs one compiled program per distance, options and
+    shapes: a second call on new data compiles nothing, alone or under an eager ``jax.grad``,
+    and gives NumPy's values and the op-by-op route's gradients. (Op by op, the KL distance
+    compiles again on such data: its rows are gathered by value, and the test data makes that
+    count differ between the calls.)"""
+    assert adapter.EAGER_JIT
+    fn = _DISTANCES[name]
+    grads = []
+    for step, n_shrunk in enumerate((100, 140)):
+        args = _distance_data(n_shrunk, seed=60 + step)
+        x = [jnp.asarray(a) for a in args]
+        f = jax.grad(_summed(fn, x[2:]), argnums=(0, 1))
+        before = _COMPILES[0]
+        parts = jax.block_until_ready(fn(*x))
+        got = jax.block_until_ready(f(x[0], x[1]))
+        compiled = _COMPILES[0] - before
+        want = fn(*args)
+        for a, b in zip(parts, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-13)
+        grads.append((got, x, f))
+    assert compiled == 0, f"the second call compiled {compiled} programs"
+    _assert_listener_counts()
+    got, x, _ = grads[-1]
+    monkeypatch.setattr(adapter, "EAGER_JIT", False)
+    spy = []
+    real = adapter._distance_jit
+    monkeypatch.setattr(adapter, "_distance_jit", lambda *a: spy.append(1) or real(*a))
+    want = jax.grad(_summed(fn, x[2:]), argnums=(0, 1))(x[0], x[1])
+    assert_cotangents_close([np.asarray(a) for a in got], [np.asarray(a) for a in want])
+    assert not spy  # (the switch off: op by op)
+    if name == "kl":  # the data makes the op-by-op route compile on new data
+        fn(*(jnp.asarray(a) for a in _distance_data(120, seed=70)))
+        before = _COMPILES[0]
+        fn(*(jnp.asarray(a) for a in _distance_data(90, seed=71)))
+        assert _COMPILES[0] > before
+
+
+def test_distances_of_roots_and_diagonals_on_the_compiled_route():
+    """The options reach the program (``scale_prec``, ``root``) and diagonal Gaussians take it
+    too: values equal NumPy's for each combination."""
+    roots = _root_data(5)[0]
+    diag = _policies(False, (30,), 4, seed=3)
+    cases = [
+        ("wasserstein", roots, {"root": True}),
+        ("wasserstein", roots, {"root": True, "scale_prec": False}),
+        ("wasserstein", diag, {"scale_prec": False}),
+        ("frobenius", diag, {"scale_prec": False}),
+        ("kl", diag, {}),
+    ]
+    for name, args, kw in cases:
+        got = _DISTANCES[name](*(jnp.asarray(a) for a in args), **kw)
+        want = _DISTANCES[name](*args, **kw)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-13)
+    plain = trp.frobenius(*(jnp.asarray(a) for a in diag), scale_prec=False)
+    scaled = trp.frobenius(*(jnp.asarray(a) for a in diag))
+    assert np.max(np.abs(np.asarray(plain.mean) - np.asarray(scaled.mean))) > 1e-6
+
+
+def test_distance_hessian_and_transforms_match_the_op_by_op_route(monkeypatch):
+    """The compiled distance is differentiated by JAX itself, to any order: the Hessian of the
+    KL in the scale (the curvature TRPO's natural gradient uses) and a forward-mode Jacobian
+    equal the op-by-op route's; under ``vmap`` and ``jit`` the distance runs as it is (the
+    program is not called) and gives the same values."""
+    args = _distance_data(3, seed=5, batch=6)
+    x = [jnp.asarray(a) for a in args]
+
+    def kl_cov(s):
+        return jnp.sum(trp.kl(x[0], s, x[2], x[3]).cov)
+
+    hess = jax.hessian(kl_cov)(x[1])
+    jac = jax.jacfwd(lambda s: trp.frobenius(x[0], s, x[2], x[3]).cov)(x[1])
+    spy = []
+    real = adapter._distance_jit
+    monkeypatch.setattr(adapter, "_distance_jit", lambda *a: spy.append(1) or real(*a))
+    batched = jax.vmap(trp.kl)(*x)
+    jitted = jax.jit(trp.frobenius)(*x)
+    assert not spy
+    np.testing.assert_allclose(np.asarray(batched.cov), trp.kl(*args).cov, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(jitted.cov), trp.frobenius(*args).cov, rtol=1e-12)
+    monkeypatch.setattr(adapter, "EAGER_JIT", False)
+    want_hess = jax.hessian(kl_cov)(x[1])
+    want_jac = jax.jacfwd(lambda s: trp.frobenius(x[0], s, x[2], x[3]).cov)(x[1])
+    np.testing.assert_allclose(np.asarray(hess), np.asarray(want_hess), rtol=0,
+                               atol=1e-12 * float(np.max(np.abs(want_hess))))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(jac), np.asarray(want_jac), rtol=0,
+                               atol=1e-12 * float(np.max(np.abs(want_jac))))  # fmt: skip
+    assert float(np.max(np.abs(np.asarray(hess)))) > 0.1
+
+
+@pytest.mark.parametrize("how", ["grad", "jacfwd", "hessian"])
+def test_checks_read_values_under_eager_autodiff(how):
+    """Under an eager ``jax.grad``, ``jax.jacfwd`` or ``jax.hessian`` the arguments are tracers
+    whose values are known: the value checks read them (before, they were skipped, and a
+    negative standard deviation gave a finite, meaningless result)."""
+    transform = {"grad": jax.grad, "jacfwd": jax.jacfwd, "hessian": jax.hessian}[how]
+    args = [jnp.asarray(a) for a in _policies(False, (4,), 2, seed=2)]
+    bad = args[1].at[2, 0].set(-0.5)
+    functions = [
+        lambda s: jnp.sum(trp.kl(args[0], s, *args[2:]).cov),
+        lambda s: jnp.sum(trp.frobenius(args[0], s, *args[2:]).cov),
+        lambda s: jnp.sum(trp.wasserstein(args[0], s, *args[2:]).cov),
+        lambda s: jnp.sum(trp.entropy(s)),
+    ]
+    if how == "grad":  # (a custom_vjp: reverse mode only)
+        functions.append(lambda s: jnp.sum(trp.project_entropy(s, 0.5)))
+    for f in functions:
+        with pytest.raises(ValueError, match=r"`scale`.*index \(2, 0\)"):
+            transform(f)(bad)
+        assert np.all(np.isfinite(np.asarray(transform(f)(args[1]))))
+    with pytest.raises(ValueError, match="`old_scale`"):
+        transform(lambda s: jnp.sum(trp.kl(args[0], args[1], args[2], s).cov))(bad)

@@ -1802,6 +1802,20 @@ def _jax_loop_functions(cond: Callable, body: Callable, max_iter: int) -> tuple[
     return jcond, jbody
 
 
+def readable(x: Array, *, xp: Namespace) -> Array:
+    """``x`` with its values where they are known: a JAX tracer of an eager transform (the
+    arguments of a function that an eager ``jax.grad``, ``jax.vjp`` or ``jax.jvp`` calls) comes
+    back as the concrete array of its values (``jax.lax.stop_gradient`` returns it), so that the
+    value checks can read it; a tracer of ``jit`` or ``vmap`` stays one; anything else is
+    returned as it is."""
+    if is_jax(xp):
+        import jax
+
+        if isinstance(x, jax.core.Tracer):
+            return jax.lax.stop_gradient(x)
+    return x
+
+
 def stop_gradient(x: Array, *, xp: Namespace) -> Array:
     """``x`` with gradients blocked in libraries that have autodiff; ``x`` itself elsewhere."""
     if is_torch(xp):

@@ -287,10 +287,12 @@ def check_gaussian_values(
     :func:`scale_limits` of ``dtype``; full factors also lower triangular, or with ``roots``
     symmetric positive definite), on the arrays as passed (before broadcasting). A few
     reductions and one synchronisation when all is well; arrays whose values cannot be read
-    (tracers) are skipped."""
+    (tracers of ``jit`` and ``vmap``, tensors of ``torch.func`` transforms) are skipped, and
+    those of an eager JAX transform are read (:func:`._compat.readable`)."""
     lo, hi = scale_limits(dtype, xp=xp)
     found: list[_Condition] = []
     for name, x in arrays.items():
+        x = _compat.readable(x, xp=xp)  # (under an eager jax.grad: the values)
         if _compat._is_traced(x, xp):
             continue
         full_kind = "root" if roots else "full"

@@ -256,13 +256,49 @@ def kl(mean: Array, scale: Array, old_mean: Array, old_scale: Array) -> Distance
     >>> float(m), round(float(c), 6)  # 1/2 |delta|^2 and d/2 (4 - 1 - log 4)
     (1.0, 1.613706)
     """
-    p = prepare(mean, scale, old_mean, old_scale)
+    return _distance("kl", (mean, scale, old_mean, old_scale), {})
+
+
+def _kl(p: Any) -> DistanceParts:
     xp = p.xp
     with _compat.serial_decompositions():  # (JAX: one LAPACK call at a time)
         m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp)
         L, L_o = _lower_factors(p, xp=xp)
-        eigs = kl_eigs(L, L_o, full=p.full, vectors=False, xp=xp)
-    return DistanceParts(0.5 * m, kl_cov_from_eigs(eigs, xp=xp))
+        if not (p.full and (_compat.is_torch(xp) or _compat.is_jax(xp))):
+            eigs = kl_eigs(L, L_o, full=p.full, vectors=False, xp=xp)
+            return DistanceParts(0.5 * m, kl_cov_from_eigs(eigs, xp=xp))
+        F = kl_f(L, L_o, xp=xp)
+        fixed = [_compat.stop_gradient(x, xp=xp) for x in (L, L_o, F)]
+        eigs = kl_eigs(fixed[0], fixed[1], full=True, vectors=False, xp=xp, F=fixed[2])
+    return DistanceParts(
+        0.5 * m,
+        _derivatives_from(kl_cov_from_eigs(eigs, xp=xp), kl_cov_closed(F, L, L_o, xp=xp), xp=xp),
+    )
+
+
+def kl_cov_closed(F: Array, scale: Array, old_scale: Array, *, xp: Any) -> Array:
+    r"""The KL covariance part of full scales in closed form, :math:`\tfrac12\|F\|_F^2 +
+    \sum_i (F_{ii} - \log(L_{ii}/L_{o,ii}))` with ``F`` :math:`= L_o^{-1}(L - L_o)`
+    (:func:`kl_f`; :math:`\operatorname{tr}(\Lambda_o\Sigma) = \|I + F\|_F^2` and
+    :math:`\log|\Sigma|/|\Sigma_o| = 2\sum_i\log(L_{ii}/L_{o,ii})`): products, one triangular
+    solve and logarithms, differentiable to any order everywhere. Its value loses relative
+    accuracy for tiny divergences (each :math:`F_{ii} - \log(1 + F_{ii})` cancels to
+    :math:`F_{ii}^2/2`), so :func:`kl` takes the value from the eigenvalues and the derivatives
+    from this form (:func:`_derivatives_from`): autodiff through ``eigh`` has no second
+    derivative where eigenvalues repeat, as at the old policy itself, where a natural gradient
+    (TRPO's Fisher-vector products) evaluates the KL's Hessian."""
+    log_r = xp.log(diagonal(scale, xp=xp)) - xp.log(diagonal(old_scale, xp=xp))
+    return 0.5 * frob2(F, xp=xp) + row_sum(diagonal(F, xp=xp) - log_r, xp=xp)
+
+
+def _derivatives_from(value: Array, smooth: Array, *, xp: Any) -> Array:
+    """``value`` (its own derivatives stopped) carrying the derivatives, of every order, of
+    ``smooth``, an expression equal to it: ``value + (smooth - stop_gradient(smooth))``, whose
+    second term is exactly zero where ``smooth`` is finite (and left out where it is not, the
+    value overflowing there too)."""
+    fixed = _compat.stop_gradient(smooth, xp=xp)
+    zero = xp.zeros_like(fixed)
+    return _compat.stop_gradient(value, xp=xp) + xp.where(xp.isfinite(fixed), smooth - fixed, zero)
 
 
 def _lower_factors(p: Any, *, xp: Any) -> tuple[Array, Array]:
@@ -311,7 +347,11 @@ def frobenius(
     >>> float(m), float(c)  # |delta|^2 = 2, two variances off by 3
     (2.0, 18.0)
     """
-    p = prepare(mean, scale, old_mean, old_scale)
+    options = {"scale_prec": bool(scale_prec)}
+    return _distance("frobenius", (mean, scale, old_mean, old_scale), options)
+
+
+def _frobenius(p: Any, *, scale_prec: bool) -> DistanceParts:
     xp = p.xp
     with _compat.serial_decompositions():
         m = mean_distance(
@@ -418,7 +458,11 @@ def wasserstein(
     >>> float(m), float(c)
     (2.0, 2.0)
     """
-    p = prepare(mean, scale, old_mean, old_scale, roots=bool(root))
+    options = {"scale_prec": bool(scale_prec), "root": bool(root)}
+    return _distance("wasserstein", (mean, scale, old_mean, old_scale), options)
+
+
+def _wasserstein(p: Any, *, scale_prec: bool, root: bool) -> DistanceParts:
     xp = p.xp
     if p.full and root:
         from .backends import apply
@@ -426,7 +470,7 @@ def wasserstein(
         with _compat.serial_decompositions() as last:
             # (through the operation with its own VJP, as for Cholesky factors: one hand-written
             # VJP for every library, and no derivative of the Cholesky factorisation of S_o)
-            options = {"scale_prec": bool(scale_prec), "root": True}
+            options = {"scale_prec": scale_prec, "root": True}
             c = apply("wasserstein_cov", (p.scale, p.old_scale), (), options)[0]
             last[0] = c  # (JAX: the mean part's factorisation waits for the operation's)
             diff = p.mean - p.old_mean
@@ -453,3 +497,30 @@ def wasserstein(
             p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp
         )
     return DistanceParts(m, c)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+_BODIES = {"kl": _kl, "frobenius": _frobenius, "wasserstein": _wasserstein}
+
+
+def _distance(name: str, arrays: tuple, options: dict) -> DistanceParts:
+    """Distance ``name`` of the four ``arrays`` (options: booleans): checked, then computed
+    here or, for JAX arrays whose values are known (outside ``jit`` and ``vmap``, eager
+    autodiff included), by the JAX adapter's compiled program
+    (:func:`tr_projections.backends.jax.distance`)."""
+    p = prepare(*arrays, roots=options.get("root", False))
+    if _compat.is_jax(p.xp):
+        from .backends import jax as jax_adapter
+
+        out = jax_adapter.distance(name, arrays, options)
+        if out is not None:
+            return out
+    return _BODIES[name](p, **options)
+
+
+def parts(name: str, arrays: tuple, options: dict) -> DistanceParts:
+    """Distance ``name`` of arrays already checked (the body of the JAX adapter's compiled
+    program): no value checks, no dispatch."""
+    p = prepare(*arrays, check_values=False, roots=options.get("root", False))
+    return _BODIES[name](p, **options)

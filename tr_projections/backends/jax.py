@@ -221,6 +221,33 @@ def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
     return tuple(_operation(static, dynamic, tuple(arrays)))
 
 
+def _distance(static: tuple, arrays: tuple) -> Any:
+    # The body of a distance's compiled program (static: name, options, the settings).
+    from ..distances import parts
+
+    name, options, _ = static
+    return parts(name, arrays, dict(options))
+
+
+_distance_jit = jax.jit(_distance, static_argnums=0)
+
+
+def distance(name: str, arrays: tuple, options: dict) -> Any:
+    """Distance ``name`` (:mod:`tr_projections.distances`) of arrays already checked, as a
+    compiled program cached per distance, options, shapes and settings, or ``None`` where it
+    runs as it is: :data:`EAGER_JIT` off, or an argument whose values are not known (a tracer
+    of ``jit`` or ``vmap``). Arguments of an eager ``jax.grad``, ``jax.jvp`` or ``jax.vjp``
+    take the program too, which JAX differentiates (to any order) as it does any ``jax.jit``
+    function; op by op, the rows chosen by value would give its stages new shapes, and so new
+    compilations, on every call."""
+    if not EAGER_JIT:
+        return None
+    if any(isinstance(_compat.readable(x, xp=jnp), jax.core.Tracer) for x in arrays):
+        return None
+    key = (name, tuple(sorted((k, _option(v)) for k, v in options.items())), _settings())
+    return _distance_jit(key, tuple(arrays))
+
+
 def compiled_vjp(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple | None:
     """:func:`tr_projections.vjp`'s forward on the compiled route: ``(outputs, backward)`` with
     ``backward(cots, needs)`` the cotangents of ``arrays`` (``None`` where not needed), or

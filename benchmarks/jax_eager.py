@@ -17,8 +17,20 @@ with the routes alternating, so compilation caches carry over from nothing. Each
 * ``same``: the median of ``--calls`` calls repeating the last one.
 
 ``fwd`` is ``trp.project``; ``fwd+bwd`` is ``jax.vjp`` of it in the new policy's mean and scale
-and its VJP of fixed cotangents. float64 (``jax_enable_x64``), 2 threads (CPU affinity). Prints
-a table with the machine and library versions; times in ms.
+and its VJP of fixed cotangents.
+
+``dist`` is the distance of the same name (``trp.kl``, ``trp.frobenius``, ``trp.wasserstein``)
+alone, ``dist+grad`` an eager ``jax.grad`` of the sum of its two parts in the new policy's mean
+and scale; there ``new`` means new data on every call (the seeds of :func:`_worker.make_data`),
+and a third route, ``torch``, times the same calls with torch CPU tensors (``backward()`` for
+the gradient) for reference. ``--data near`` (default) is the benchmark's data, new policies a
+small step from the old ones; ``--data far`` pairs each old policy with the new policy of
+another seed's old one (every state far outside any trust region, as the KL between the first
+and the current policy of a training run would be). ``--ref REV`` adds a route that runs the
+package as it was at git revision ``REV``, JAX arrays, with that revision's own defaults.
+
+float64 (``jax_enable_x64``), 2 threads (CPU affinity). Prints a table with the machine and
+library versions; times in ms.
 """
 
 from __future__ import annotations
@@ -47,7 +59,9 @@ import numpy as np
 import tr_projections as trp
 import tr_projections.backends.jax as adapter
 
-adapter.EAGER_JIT = os.environ["TRP_ROUTE"] == "compiled"
+route = os.environ["TRP_ROUTE"]
+if route in ("ops", "compiled"):  # (another revision's package keeps its own default)
+    adapter.EAGER_JIT = route == "compiled"
 compiles = [0]
 
 def listen(name, _duration, **_kw):
@@ -58,27 +72,58 @@ jax.monitoring.register_event_duration_secs_listener(listen)
 kind, method, mode = os.environ["TRP_KIND"], os.environ["TRP_METHOD"], os.environ["TRP_MODE"]
 dim, batch = int(os.environ["TRP_DIM"]), int(os.environ["TRP_BATCH"])
 calls = int(os.environ["TRP_CALLS"])
-data = make_data(kind, dim, batch, 0)
-x = [jnp.asarray(a) for a in data["arrays"]]
-g = trp.Gaussian(*(jnp.asarray(a) for a in data["cotangents"]))
-quantiles = np.linspace(0.3, 0.8, calls + 1)
-bounds = [bounds_for(data, method, float(q))[:2] for q in quantiles]
 
-def call(b):
-    kw = dict(method=method, eps_mean=b[0], eps_cov=b[1])
-    if mode == "fwd":
-        return jax.block_until_ready(trp.project(*x, **kw))
-    out, vjp_fn = jax.vjp(lambda m, s: trp.project(m, s, x[2], x[3], **kw), x[0], x[1])
-    return jax.block_until_ready(vjp_fn(g))
+if mode.startswith("dist"):
+    if route == "torch":
+        import torch
+        torch.set_num_threads(int(os.environ["TRP_THREADS"]))
+    fn = getattr(trp, method)
+
+    def arrays(seed):
+        a = make_data(kind, dim, batch, seed)["arrays"]
+        if os.environ["TRP_DATA"] == "far":  # another seed's old policy as the new one
+            other = make_data(kind, dim, batch, seed + 10_000)["arrays"]
+            a = (a[0], other[3], a[2], a[3])
+        if route == "torch":
+            return [torch.asarray(v) for v in a]
+        return [jnp.asarray(v) for v in a]
+
+    def call(x):
+        if route == "torch":
+            if mode == "dist":
+                return fn(*x)
+            m, s = (v.detach().requires_grad_() for v in x[:2])
+            parts = fn(m, s, x[2], x[3])
+            (parts.mean.sum() + parts.cov.sum()).backward()
+            return m.grad, s.grad
+        if mode == "dist":
+            return jax.block_until_ready(fn(*x))
+        grad = jax.grad(lambda m, s: sum(jnp.sum(p) for p in fn(m, s, x[2], x[3])), (0, 1))
+        return jax.block_until_ready(grad(x[0], x[1]))
+
+    inputs = [arrays(i) for i in range(calls + 1)]
+else:
+    data = make_data(kind, dim, batch, 0)
+    x = [jnp.asarray(a) for a in data["arrays"]]
+    g = trp.Gaussian(*(jnp.asarray(a) for a in data["cotangents"]))
+    quantiles = np.linspace(0.3, 0.8, calls + 1)
+    inputs = [bounds_for(data, method, float(q))[:2] for q in quantiles]
+
+    def call(b):
+        kw = dict(method=method, eps_mean=b[0], eps_cov=b[1])
+        if mode == "fwd":
+            return jax.block_until_ready(trp.project(*x, **kw))
+        out, vjp_fn = jax.vjp(lambda m, s: trp.project(m, s, x[2], x[3], **kw), x[0], x[1])
+        return jax.block_until_ready(vjp_fn(g))
 
 def timed(b):
     c0, t0 = compiles[0], time.perf_counter()
     call(b)
     return 1e3 * (time.perf_counter() - t0), compiles[0] - c0
 
-first, first_compiles = timed(bounds[0])
-new = [timed(b) for b in bounds[1:]]
-same = [timed(bounds[-1])[0] for _ in range(calls)]
+first, first_compiles = timed(inputs[0])
+new = [timed(b) for b in inputs[1:]]
+same = [timed(inputs[-1])[0] for _ in range(calls)]
 print(json.dumps({
     "first": first, "first_compiles": first_compiles,
     "new": statistics.median(t for t, _ in new),
@@ -94,13 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--methods", default="kl,frobenius,wasserstein")
     ap.add_argument("--kinds", default="diag,full")
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--modes", default="fwd,fwd+bwd", help="among fwd, fwd+bwd, dist, dist+grad")
+    ap.add_argument("--data", default="near", choices=("near", "far"), help="for dist modes")
     ap.add_argument("--dim", type=int, default=6)
     ap.add_argument("--batches", default="1e3,1e4,1e5")
     ap.add_argument("--calls", type=int, default=8, help="timed calls per measurement")
     ap.add_argument("--procs", type=int, default=1, help="fresh processes per (route, cell)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per process")
+    ap.add_argument(
+        "--ref", help="also time the package at this git revision, as it is (its own defaults)"
+    )
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
@@ -113,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     print("# load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(
         f"# d = {args.dim}; {args.calls} calls per median; {args.procs} fresh process(es) per "
-        "route and cell (median of their values); times in ms; `compiles`: XLA compilations"
+        "route and cell (median of their values); times in ms; `compiles`: XLA compilations; "
+        f"dist modes: `new bounds` is new data ({args.data})"
     )
     print()
     print(
@@ -128,19 +178,30 @@ def main(argv: list[str] | None = None) -> int:
         "TRP_THREADS": str(args.threads),
         "TRP_DIM": str(args.dim),
         "TRP_CALLS": str(args.calls),
+        "TRP_DATA": args.data,
     }
     env0.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    routes = ("op by op", "compiled")
+    ref_path = None
+    if args.ref:
+        from ab import extract
+
+        ref_path = str(extract(args.ref, "trp_eager_"))
     for method in args.methods.split(","):
         for kind in args.kinds.split(","):
             for mode in args.modes.split(","):
+                routes = ("op by op", "compiled")
+                if mode.startswith("dist"):
+                    routes += ("torch",)
+                if args.ref:
+                    routes += (args.ref,)
                 for batch in (_batch(b) for b in args.batches.split(",")):
                     results: dict[str, list[dict]] = {r: [] for r in routes}
                     for i in range(args.procs):
                         for route in routes if i % 2 == 0 else routes[::-1]:
                             env = {
                                 **env0,
-                                "TRP_ROUTE": "compiled" if route == "compiled" else "ops",
+                                "TRP_ROUTE": {"op by op": "ops"}.get(route, route),
+                                "TRP_PATH": ref_path if route == args.ref else str(ROOT),
                                 "TRP_KIND": kind,
                                 "TRP_METHOD": method,
                                 "TRP_MODE": mode,

@@ -21,7 +21,15 @@ from typing import Any, NamedTuple
 
 from ._compat import row_sum, solve_triangular
 from ._inputs import Problem, unbroadcast
-from .distances import frobenius_cov, kl_cov_from_eigs, kl_eigs, mean_distance, wasserstein_chart
+from .distances import (
+    frobenius_cov,
+    kl_cov_closed,
+    kl_cov_from_eigs,
+    kl_eigs,
+    kl_f,
+    mean_distance,
+    wasserstein_chart,
+)
 from .gaussian import covariance, diag_embed, diagonal, mT
 from .projections._core import cov_problem, marked_cov_problem
 from .projections._vjp_core import gram_vjp, sqrtm_vjp, tril, w2_slopes
@@ -70,7 +78,10 @@ def loss_fwd(
         m = 0.5 * mean_distance(
             p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp
         )
-        eigs = kl_eigs(pc.scale, pc.old_scale, full=p.full, vectors=False, xp=xp)
+        if p.full:
+            F = kl_f(pc.scale, pc.old_scale, xp=xp)
+            return m + kl_cov_closed(F, pc.scale, pc.old_scale, xp=xp), none
+        eigs = kl_eigs(pc.scale, pc.old_scale, full=False, vectors=False, xp=xp)
         return m + kl_cov_from_eigs(eigs, xp=xp), none
     m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
     if method == "frobenius":

@@ -395,6 +395,46 @@ def test_jax_eager_benchmark_runs():
     assert rows["compiled"][8] == "0"
 
 
+def test_distances_ab_runs():
+    """``benchmarks/distances.py`` times the KL distance and loss of this checkout and a git
+    revision side by side (torch and NumPy), Hessian-vector products included, each checked for
+    NaN (this checkout's must be finite: no cell of its column is marked)."""
+    _torch_and_git_or_skip()
+    proc = _script(
+        "distances.py", "HEAD", "--functions", "kl,loss-kl", "--batches", "50", "--dims", "3",
+        "--rounds", "2", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# machine:")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| kl") or line.startswith("| loss-kl")]  # fmt: skip
+    modes = {(r[0], r[4], r[5]) for r in rows}
+    assert ("kl", "torch", "hvp") in modes and ("loss-kl", "numpy", "fwd+bwd") in modes
+    assert ("kl", "numpy", "fwd+bwd") not in modes  # (no VJP of the distance of its own)
+    assert len(modes) == len(rows) == 8
+    assert all(float(r[6]) > 0 and "nan" not in r[6] for r in rows)
+
+
+def test_jax_eager_benchmark_times_distances():
+    """``benchmarks/jax_eager.py --modes dist,dist+grad`` times a distance and its eager
+    gradient on new data on both routes and with torch; the compiled route compiles nothing."""
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    proc = _script(
+        "jax_eager.py", "--methods", "kl", "--kinds", "full", "--modes", "dist,dist+grad",
+        "--batches", "50", "--calls", "2", "--data", "far", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 10 and cells[0] == "kl":
+            rows[(cells[2], cells[4])] = cells
+    assert set(rows) == {(m, r) for m in ("dist", "dist+grad")
+                         for r in ("op by op", "compiled", "torch")}  # fmt: skip
+    assert all(rows[(m, "compiled")][8] == "0" for m in ("dist", "dist+grad"))
+
+
 def test_ab_of_roots_runs():
     """``benchmarks/ab.py --root`` compares the W2 projection of symmetric roots; ``--root``
     with another method is refused."""

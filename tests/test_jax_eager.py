@@ -242,7 +242,7 @@ def test_compiled_route_agrees_with_numpy_for_roots_the_loss_and_float32():
 def _distance_data(n_shrunk: int, seed: int, batch: int = 300, d: int = 3):
     """Full Gaussians, ``n_shrunk`` of them with a new covariance well inside the old one, the
     others near it (the two eigenvalue problems of :func:`tr_projections.distances.kl_eigs`,
-    which the loss and the projection use), all with repeated eigenvalues."""
+    which the KL projection uses), all with repeated eigenvalues."""
     args = _policies(True, (batch,), d, seed=seed)
     factor = np.ones((batch, 1, 1))
     factor[np.random.default_rng(seed).permutation(batch)[:n_shrunk]] = 0.3
@@ -251,6 +251,14 @@ def _distance_data(n_shrunk: int, seed: int, batch: int = 300, d: int = 3):
 
 
 _DISTANCES = {"kl": trp.kl, "frobenius": trp.frobenius, "wasserstein": trp.wasserstein}
+
+
+def _spy_on_distance_programs(monkeypatch) -> list:
+    """A list that grows by one for each call of the distances' compiled program."""
+    calls = []
+    real = adapter._distance_jit
+    monkeypatch.setattr(adapter, "_distance_jit", lambda *a: calls.append(1) or real(*a))
+    return calls
 
 
 def _summed(fn, rest, **kw):
@@ -268,6 +276,7 @@ def test_distances_on_new_data_compile_nothing(name, monkeypatch):
     and gives NumPy's values and the op-by-op route's gradients."""
     assert adapter.EAGER_JIT
     fn = _DISTANCES[name]
+    spy = _spy_on_distance_programs(monkeypatch)
     grads = []
     for step, n_shrunk in enumerate((100, 140)):
         args = _distance_data(n_shrunk, seed=60 + step)
@@ -283,19 +292,19 @@ def test_distances_on_new_data_compile_nothing(name, monkeypatch):
         grads.append((got, x, f))
     assert compiled == 0, f"the second call compiled {compiled} programs"
     _assert_listener_counts()
+    assert len(spy) == 4  # (both calls of both steps took the program)
+    spy.clear()
     got, x, _ = grads[-1]
     monkeypatch.setattr(adapter, "EAGER_JIT", False)
-    spy = []
-    real = adapter._distance_jit
-    monkeypatch.setattr(adapter, "_distance_jit", lambda *a: spy.append(1) or real(*a))
     want = jax.grad(_summed(fn, x[2:]), argnums=(0, 1))(x[0], x[1])
     assert_cotangents_close([np.asarray(a) for a in got], [np.asarray(a) for a in want])
     assert not spy  # (the switch off: op by op)
 
 
-def test_distances_of_roots_and_diagonals_on_the_compiled_route():
+def test_distances_of_roots_and_diagonals_on_the_compiled_route(monkeypatch):
     """The options reach the program (``scale_prec``, ``root``) and diagonal Gaussians take it
     too: values equal NumPy's for each combination."""
+    spy = _spy_on_distance_programs(monkeypatch)
     roots = _root_data(5)[0]
     diag = _policies(False, (30,), 4, seed=3)
     cases = [
@@ -310,6 +319,7 @@ def test_distances_of_roots_and_diagonals_on_the_compiled_route():
         want = _DISTANCES[name](*args, **kw)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-13)
+    assert len(spy) == len(cases)
     plain = trp.frobenius(*(jnp.asarray(a) for a in diag), scale_prec=False)
     scaled = trp.frobenius(*(jnp.asarray(a) for a in diag))
     assert np.max(np.abs(np.asarray(plain.mean) - np.asarray(scaled.mean))) > 1e-6
@@ -326,11 +336,11 @@ def test_distance_hessian_and_transforms_match_the_op_by_op_route(monkeypatch):
     def kl_cov(s):
         return jnp.sum(trp.kl(x[0], s, x[2], x[3]).cov)
 
+    spy = _spy_on_distance_programs(monkeypatch)
     hess = jax.hessian(kl_cov)(x[1])
     jac = jax.jacfwd(lambda s: trp.frobenius(x[0], s, x[2], x[3]).cov)(x[1])
-    spy = []
-    real = adapter._distance_jit
-    monkeypatch.setattr(adapter, "_distance_jit", lambda *a: spy.append(1) or real(*a))
+    assert len(spy) == 2  # (both transforms took the program)
+    spy.clear()
     batched = jax.vmap(trp.kl)(*x)
     jitted = jax.jit(trp.frobenius)(*x)
     assert not spy

@@ -293,26 +293,71 @@ def _kl_cov_decimal(L: np.ndarray, Lo: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
+def _positive_step(rng: np.random.Generator, n: int, d: int, step: float) -> np.ndarray:
+    """A random lower-triangular ``P`` of entries about ``step`` with ``I + P`` a Cholesky
+    factor (positive diagonal)."""
+    P = np.tril(rng.standard_normal((n, d, d))) * step
+    diag = np.abs(np.diagonal(P, 0, -2, -1)) * np.where(rng.random((n, d)) < 0.5, -0.5, 1.0)
+    return P - np.eye(d) * np.diagonal(P, 0, -2, -1)[..., None, :] + np.eye(d) * diag[..., None, :]
+
+
 @pytest.mark.parametrize("cond", [30.0, 1e4])
 def test_full_kl_distance_is_accurate_from_tiny_to_far(cond):
     """``trp.kl`` of full factors (the closed form, ``distances.kl_cov_closed``) against a
-    50-digit evaluation, from steps of 1e-9 (where the textbook form loses everything) to
+    60-digit evaluation, from steps of 1e-9 (where the textbook form loses everything) to
     covariances 1e6 times narrower or wider and unrelated pairs, old factors of condition
-    number up to 1e4: relative error at most 1e-14 in float64."""
+    number up to 1e4 and of scales from 1e-100 to 1e100 (where a difference of logarithms of
+    the diagonals would carry an absolute error of about 230 eps into a part of size 1e-4):
+    relative error at most 1e-14 in float64."""
     rng = np.random.default_rng(int(cond))
     d, n = 6, 12
     Lo = cholesky_factors(rng, (n,), d, cond=cond)
     cases = {}
-    for step in (1e-9, 1e-4, 0.1):
-        P = np.tril(rng.standard_normal((n, d, d))) * step
-        cases[f"step {step:g}"] = np.tril(Lo @ (np.eye(d) + P))
+    for step in (1e-9, 1e-4, 0.011, 0.1, 0.3):
+        P = _positive_step(rng, n, d, step)
+        for size in (1e-100, 1e-3, 1.0, 1e3, 1e100):
+            cases[f"step {step:g}, scale {size:g}"] = (size * np.tril(Lo @ (np.eye(d) + P)),
+                                                      size * Lo)  # fmt: skip
     rel = cholesky_factors(rng, (n,), d, cond=10.0)
-    cases["narrow"] = np.tril(Lo @ rel) * 1e-3
-    cases["wide"] = np.tril(Lo @ rel) * 1e3
-    cases["unrelated"] = cholesky_factors(rng, (n,), d, cond=cond)
+    cases["narrow"] = (np.tril(Lo @ rel) * 1e-3, Lo)
+    cases["wide"] = (np.tril(Lo @ rel) * 1e3, Lo)
+    cases["unrelated"] = (cholesky_factors(rng, (n,), d, cond=cond), Lo)
     zeros = np.zeros((n, d))
-    for name, L in cases.items():
-        want = _kl_cov_decimal(L, Lo)
-        got = trp.kl(zeros, L, zeros, Lo).cov
+    for name, (L, L_o) in cases.items():
+        want = _kl_cov_decimal(L, L_o)
+        got = trp.kl(zeros, L, zeros, L_o).cov
         err = float(np.max(np.abs(got - want) / want))
         assert err <= 1e-14, (name, err)
+
+
+@pytest.mark.parametrize("size", [1e-18, 1e-3, 1.0, 1e3, 1e18])
+def test_full_kl_distance_is_accurate_in_float32(size):
+    """The same in float32, against the 60-digit evaluation of the float32 inputs: relative
+    error at most 2e-6 (about 17 eps) for steps from 1e-4 to 0.3 at scales from 1e-18 to
+    1e18."""
+    rng = np.random.default_rng(7)
+    d, n = 6, 12
+    Lo = cholesky_factors(rng, (n,), d, cond=30.0) * size
+    zeros = np.zeros((n, d), dtype=np.float32)
+    for step in (1e-4, 0.03, 0.11, 0.3):
+        P = _positive_step(rng, n, d, step)
+        L = np.tril(Lo @ (np.eye(d) + P)).astype(np.float32)
+        L_o = Lo.astype(np.float32)
+        want = _kl_cov_decimal(L.astype(np.float64), L_o.astype(np.float64))
+        got = trp.kl(zeros, L, zeros, L_o).cov
+        assert got.dtype == np.float32
+        err = float(np.max(np.abs(got - want) / want))
+        assert err <= 2e-6, (step, err)
+
+
+def test_full_kl_distance_overflows_to_inf_not_nan():
+    """A divergence beyond float64's range (a new std 1e300 times the old one, both within the
+    value checks) is +inf, not NaN (inf - inf); the reverse ratio, 1e-300, gives its finite
+    value, d/2 - 1/2 less the log of the ratio and the rest."""
+    L = np.diag([1e150, 1.0])
+    L_o = np.diag([1e-150, 1.0])
+    zeros = np.zeros(2)
+    with np.errstate(over="ignore"):  # (NumPy's overflow warning says what happened)
+        assert trp.kl(zeros, L, zeros, L_o).cov == np.inf
+    got = float(trp.kl(zeros, L_o, zeros, L).cov)
+    np.testing.assert_allclose(got, 0.5 * (1e-300**2) - 0.5 + 300 * np.log(10.0), rtol=1e-14)

@@ -12,7 +12,8 @@ backward) cached by JAX per operation, options, shapes and the package's setting
 (:data:`SETTING_MODULES`). Run op by op instead, every one of a projection's few hundred
 operations is compiled again for every shape it meets, and with the eager route's row selection
 the shapes of the costly stages follow the number of states outside their bounds, so a call on
-new data compiled most of them again (``benchmarks/jax_eager.py``).
+new data compiled most of them again (``benchmarks/jax_eager.py``). The distances take a compiled
+program of their own, differentiated by JAX itself (:func:`distance`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from .. import _compat, _rows
 from .._inputs import is_static_bound
 from . import _common
 
-#: Concrete JAX arrays run these operations as ``jax.jit`` programs (module docstring); ``False``:
-#: op by op, with the eager route's row selection, as before. Read at each call.
+#: Concrete JAX arrays run these operations, and the distances (:func:`distance`), as ``jax.jit``
+#: programs (module docstring); ``False``: op by op, with the eager route's row selection, as
+#: before. Read at each call.
 EAGER_JIT = True
 
 #: The operations that take the compiled route (the projections and the loss, whose checks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -28,6 +29,12 @@ GPU_BACKENDS = ("torch_cuda", "cupy", "jax_cuda")
 RATIO_LIMIT = 2.0
 #: Peak extra memory must stay below this multiple of the input size.
 MEMORY_LIMIT = 4.0
+
+
+def load_line(when: str) -> str:
+    """``# load average at <when>: ...`` (the scripts that run their variants in turn print it
+    at start and end: a busy shared machine shows in it)."""
+    return f"# load average at {when}: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def fmt_ms(seconds: float | None) -> str:

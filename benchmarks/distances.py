@@ -20,7 +20,6 @@ Both versions are imported into one process (REF extracted with ``git archive``,
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
@@ -91,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from ab import extract, thread_environment
 
     thread_environment(args.threads)
-    from _worker import interleaved_ms, limit_threads, make_data
+    from _report import load_line
+    from _worker import interleaved_ms, limit_threads, machine_line, make_data
     from w2_roots import _batch
 
     limit_threads(args.threads)
@@ -112,13 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     versions.append(f"numpy {np.__version__}")
-    print(
-        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-        f"{platform.platform()}; python {platform.python_version()}, {', '.join(versions)}"
-    )
+    print(machine_line(f"{', '.join(versions)}, {args.threads} threads; {platform.platform()}"))
     print(f"# this checkout against {args.ref}; {args.rounds} rounds, alternated; medians in ms")
-    print("# load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(load_line("start"))
     print()
     print(f"| function | kind | d | B | backend | mode | this checkout | {args.ref} | speed-up |")
     print("|---|---|---:|---:|---|---|---:|---:|---:|")
@@ -153,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"| {cells[0]} | {cells[1]} | {ratio:.2f}× |",
                                 flush=True,
                             )
-    print("# load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(load_line("end"))
     return 0
 
 

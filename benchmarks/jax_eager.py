@@ -154,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(HERE))
     import jax
-    from _report import fmt_batch, fmt_ms
+    from _report import fmt_batch, fmt_ms, load_line
     from _worker import machine_line
     from w2_roots import _batch
 
     print(machine_line(f"jax {jax.__version__}, {args.threads} threads, float64"))
-    print("# load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(load_line("start"))
     print(
         f"# d = {args.dim}; {args.calls} calls per median; {args.procs} fresh process(es) per "
         "route and cell (median of their values); times in ms; `compiles`: XLA compilations; "
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"| {fmt_ms(med('same') / 1e3)} |",
                             flush=True,
                         )
-    print("# load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(load_line("end"))
     return 0
 
 

@@ -276,14 +276,15 @@ def _kl(p: Any) -> DistanceParts:
         m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp)
         L, L_o = _lower_factors(p, xp=xp)
         if p.full:
-            return DistanceParts(0.5 * m, kl_cov_closed(kl_f(L, L_o, xp=xp), L, L_o, xp=xp))
+            return DistanceParts(0.5 * m, kl_cov_closed(L, L_o, xp=xp))
         eigs = kl_eigs(L, L_o, full=False, vectors=False, xp=xp)
     return DistanceParts(0.5 * m, kl_cov_from_eigs(eigs, xp=xp))
 
 
-def kl_cov_closed(F: Array, scale: Array, old_scale: Array, *, xp: Any) -> Array:
+def kl_cov_closed(scale: Array, old_scale: Array, *, xp: Any, F: Array | None = None) -> Array:
     r"""The KL covariance part of full scales in closed form, from ``F``
-    :math:`= L_o^{-1}(L - L_o)` (:func:`kl_f`), without a decomposition.
+    :math:`= L_o^{-1}(L - L_o)` (:func:`kl_f`; passed where the caller has it), without a
+    decomposition.
 
     With :math:`\operatorname{tr}(\Lambda_o\Sigma) = \|I + F\|_F^2` and
     :math:`\log|\Sigma|/|\Sigma_o| = 2\sum_i \log r_i`, :math:`r_i = L_{ii}/L_{o,ii} = 1 +
@@ -308,31 +309,33 @@ def kl_cov_closed(F: Array, scale: Array, old_scale: Array, *, xp: Any) -> Array
     differentiating ``eigh`` is not (its second derivatives divide by differences of
     eigenvalues, all zero at the old policy itself, where TRPO's natural gradient takes the
     KL's Hessian-vector products)."""
+    if F is None:
+        F = kl_f(scale, old_scale, xp=xp)
     x = diagonal(F, xp=xp)
-    zero = xp.zeros_like(x)
     small = xp.abs(x) < _h_series_threshold(x.dtype, xp=xp)
-    xs = xp.where(small, x, zero)
+    xs = xp.where(small, x, xp.zeros_like(x))
     poly = xp.zeros_like(x)
     for k in range(10, 1, -1):  # Horner on x^2 * sum_{k=2..10} c_k x^(k-2), c_2 = 1/2 + 1/2
         poly = poly * xs + (((-1.0) ** k) / k + (0.5 if k == 2 else 0.0))
-    g = xp.where(small, poly * xs * xs, 0.5 * x * x + x - _log_ratio(x, scale, old_scale, xp=xp))
+    log_r = _log_ratio(x, diagonal(scale, xp=xp), diagonal(old_scale, xp=xp), xp=xp)
+    g = xp.where(small, poly * xs * xs, 0.5 * x * x + x - log_r)
     off = F - diag_embed(x, xp=xp)  # (summed on its own: no inf - inf where F_ii overflows)
     return 0.5 * frob2(off, xp=xp) + row_sum(g, xp=xp)
 
 
-def _log_ratio(x: Array, scale: Array, old_scale: Array, *, xp: Any) -> Array:
-    r""":math:`\log r_i = \log(L_{ii}/L_{o,ii})` with :math:`x_i = r_i - 1` (``F``'s diagonal,
+def _log_ratio(x: Array, diag: Array, old_diag: Array, *, xp: Any) -> Array:
+    r""":math:`\log r_i = \log(L_{ii}/L_{o,ii})` (``diag``, ``old_diag``: the factors'
+    diagonals) with :math:`x_i = r_i - 1` (``F``'s diagonal,
     relatively accurate): ``log1p(x)`` where :math:`x > -\tfrac12` (a difference of the two
     logarithms would carry their absolute errors, :math:`\varepsilon|\log L_{ii}|`, into a
     :math:`g(x)` of size :math:`x^2`), the logarithm of the ratio below that (where
     :math:`g \ge 0.3`), and the difference of the logarithms where the ratio is no normal
     number. Every branch finite, for the derivatives of :func:`kl_cov_closed`."""
-    one = xp.ones_like(x)
     near = x > -0.5
-    ratio = diagonal(scale, xp=xp) / diagonal(old_scale, xp=xp)
+    ratio = diag / old_diag
     normal = ratio >= xp.finfo(x.dtype).smallest_normal
-    apart = xp.log(diagonal(scale, xp=xp)) - xp.log(diagonal(old_scale, xp=xp))
-    far = xp.where(normal, xp.log(xp.where(normal, ratio, one)), apart)
+    apart = xp.log(diag) - xp.log(old_diag)
+    far = xp.where(normal, xp.log(xp.where(normal, ratio, xp.ones_like(x))), apart)
     return xp.where(near, xp.log1p(xp.where(near, x, xp.zeros_like(x))), far)
 
 

@@ -26,7 +26,6 @@ from .distances import (
     kl_cov_closed,
     kl_cov_from_eigs,
     kl_eigs,
-    kl_f,
     mean_distance,
     wasserstein_chart,
 )
@@ -79,8 +78,7 @@ def loss_fwd(
             p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=True, xp=xp
         )
         if p.full:
-            F = kl_f(pc.scale, pc.old_scale, xp=xp)
-            return m + kl_cov_closed(F, pc.scale, pc.old_scale, xp=xp), none
+            return m + kl_cov_closed(pc.scale, pc.old_scale, xp=xp), none
         eigs = kl_eigs(pc.scale, pc.old_scale, full=False, vectors=False, xp=xp)
         return m + kl_cov_from_eigs(eigs, xp=xp), none
     m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)

@@ -83,6 +83,12 @@ def _option(value: Any) -> Any:
     return value if isinstance(value, (str, bool)) else bool(value)
 
 
+def _key(kind: str, options: Any) -> tuple:
+    """A compiled program's key: the operation or distance, its options (``(name, value)``
+    pairs) as hashable values in name order, and the package's settings."""
+    return (kind, tuple(sorted((k, _option(v)) for k, v in options)), _settings())
+
+
 def _merge(static_bounds: tuple, bounds: tuple) -> tuple:
     return tuple(s if b is None else b for s, b in zip(static_bounds, bounds, strict=True))
 
@@ -138,8 +144,7 @@ def _compiled(static: tuple, bounds: tuple, arrays: tuple) -> tuple | None:
         return None
     dtype, checked = _common.check(kind, arrays, _merge(static_bounds, bounds), dict(options))
     checked = tuple(np.asarray(b, dtype=dtype) if isinstance(b, float) else b for b in checked)
-    options = tuple((k, _option(v)) for k, v in options)
-    return (kind, options, _settings()), checked
+    return _key(kind, options), checked
 
 
 def _as_is(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
@@ -246,8 +251,7 @@ def distance(name: str, arrays: tuple, options: dict) -> Any:
         return None
     if any(isinstance(_compat.readable(x, xp=jnp), jax.core.Tracer) for x in arrays):
         return None
-    key = (name, tuple(sorted((k, _option(v)) for k, v in options.items())), _settings())
-    return _distance_jit(key, tuple(arrays))
+    return _distance_jit(_key(name, options.items()), tuple(arrays))
 
 
 def compiled_vjp(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple | None:

@@ -27,7 +27,8 @@ the gradient) for reference. ``--data near`` (default) is the benchmark's data, 
 small step from the old ones; ``--data far`` pairs each old policy with the new policy of
 another seed's old one (every state far outside any trust region, as the KL between the first
 and the current policy of a training run would be). ``--ref REV`` adds a route that runs the
-package as it was at git revision ``REV``, JAX arrays, with that revision's own defaults.
+package as it was at git revision ``REV``, JAX arrays, with that revision's own defaults;
+``--no-op-by-op`` leaves out the op-by-op route.
 
 float64 (``jax_enable_x64``), 2 threads (CPU affinity). Prints a table with the machine and
 library versions; times in ms.
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--ref", help="also time the package at this git revision, as it is (its own defaults)"
     )
+    ap.add_argument(
+        "--no-op-by-op", action="store_true", help="leave out the op-by-op route (slow to compile)"
+    )
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         for kind in args.kinds.split(","):
             for mode in args.modes.split(","):
-                routes = ("op by op", "compiled")
+                routes = ("compiled",) if args.no_op_by_op else ("op by op", "compiled")
                 if mode.startswith("dist"):
                     routes += ("torch",)
                 if args.ref:

@@ -395,6 +395,29 @@ def test_jax_eager_benchmark_runs():
     assert rows["compiled"][8] == "0"
 
 
+def test_jax_checks_benchmark_runs():
+    """``benchmarks/jax_checks.py --quick`` times each call with the checks as one program, op
+    by op and off; ``--no-op-by-op`` leaves that route out of ``jax_eager.py``."""
+    pytest.importorskip("jax")
+    proc = _script("jax_checks.py", "--quick", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# machine:")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| full")]  # fmt: skip
+    assert [r[2] for r in rows] == ["checks", "kl", "project", "vjp", "grad kl"]
+    for r in rows:
+        assert all(float(v) > 0 for v in r[3:5]) and r[6].endswith("×")
+    assert float(rows[0][5]) < float(rows[0][4])  # (checks off: nothing to time)
+    proc = _script(
+        "jax_eager.py", "--methods", "frobenius", "--kinds", "diag", "--modes", "fwd",
+        "--batches", "100", "--calls", "2", "--no-op-by-op", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    routes = [line.split("|")[5].strip() for line in proc.stdout.splitlines()
+              if line.startswith("| frobenius")]  # fmt: skip
+    assert routes == ["compiled"]
+
+
 def test_distances_ab_runs():
     """``benchmarks/distances.py`` times the KL distance and loss of this checkout and a git
     revision side by side (torch and NumPy), Hessian-vector products included, each checked for

@@ -378,3 +378,128 @@ def test_checks_read_values_under_eager_autodiff(how):
         assert np.all(np.isfinite(np.asarray(transform(f)(args[1]))))
     with pytest.raises(ValueError, match="`old_scale`"):
         transform(lambda s: jnp.sum(trp.kl(args[0], args[1], args[2], s).cov))(bad)
+
+
+def _spy_conditions(monkeypatch):
+    """Count the calls of the value checks' conditions (``_values._conditions``): made once per
+    program while its trace is built, and on every call op by op."""
+    from tr_projections import _values
+
+    calls = [0]
+    original = _values._conditions
+
+    def spy(*a, **kw):
+        calls[0] += 1
+        return original(*a, **kw)
+
+    monkeypatch.setattr(_values, "_conditions", spy)
+    return calls
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+def test_value_checks_run_as_one_program(monkeypatch, full):
+    """The value checks of concrete arrays, and of an eager ``jax.grad``'s arguments, are one
+    compiled program: on new data of the same shapes they compile nothing and form no condition
+    op by op (the spy sees the conditions only while the program is traced), for a distance, a
+    projection and ``trp.vjp``; with ``EAGER_JIT`` off they are formed on every call."""
+    calls = _spy_conditions(monkeypatch)
+    data = [[jnp.asarray(a) for a in _policies(full, (50,), 3, seed=s)] for s in range(3)]
+
+    def grad_kl(x):
+        return jax.grad(lambda s: jnp.sum(trp.kl(x[0], s, *x[2:]).cov))(x[1])
+
+    calls_of = {
+        "kl": lambda x: trp.kl(*x),
+        "project": lambda x: trp.project_kl(*x, eps_mean=0.05, eps_cov=0.05),
+        "vjp": lambda x: trp.vjp(trp.project_kl, *x, eps_mean=0.05, eps_cov=0.05)[0],
+        "grad": grad_kl,
+    }
+    _assert_listener_counts()
+    for name, fn in calls_of.items():
+        jax.block_until_ready(fn(data[0]))  # (traces and compiles what it needs)
+        calls[0], compiles = 0, _COMPILES[0]
+        for x in data[1:]:
+            jax.block_until_ready(fn(x))
+        assert (calls[0], _COMPILES[0] - compiles) == (0, 0), name
+    monkeypatch.setattr(adapter, "EAGER_JIT", False)
+    calls[0] = 0
+    trp.kl(*data[1])
+    assert calls[0] == 4  # (one per argument)
+
+
+def _bad(kind: str, args: list) -> tuple[int, np.ndarray]:
+    """(index of the argument, its malformed copy): one kind of bad value each."""
+    x = [np.array(a) for a in args]
+    if kind == "nan_mean":
+        x[0][3, 1] = np.nan
+        return 0, x[0]
+    if kind == "inf_old_mean":
+        x[2][1, 0] = -np.inf
+        return 2, x[2]
+    if kind == "negative_std":
+        x[1][4, 2] = -0.5
+        return 1, x[1]
+    if kind == "upper_entry":
+        x[3][2, 0, 1] = 1e-3
+        return 3, x[3]
+    if kind == "zero_diagonal":
+        x[1][5, 1, 1] = 0.0
+        return 1, x[1]
+    if kind == "huge_entry":
+        x[3][0, 2, 0] = 1e200
+        return 3, x[3]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["nan_mean", "inf_old_mean", "negative_std", "upper_entry", "zero_diagonal", "huge_entry"],
+)
+def test_compiled_value_checks_refuse_as_op_by_op(monkeypatch, kind):
+    """A malformed argument is refused on the compiled route with the message of the op-by-op
+    route, word for word (the program says only that some condition fails; the conditions are
+    then formed one by one to name the first offence), and a well-formed call passes both."""
+    full = kind not in ("negative_std",)
+    args = _policies(full, (8,), 3, seed=11)
+    i, bad = _bad(kind, args)
+    x = [jnp.asarray(a) for a in args]
+    x[i] = jnp.asarray(bad)
+    messages = []
+    for eager_jit in (True, False):
+        monkeypatch.setattr(adapter, "EAGER_JIT", eager_jit)
+        with pytest.raises(ValueError) as err:
+            trp.kl(*x)
+        messages.append(str(err.value))
+        trp.kl(*(jnp.asarray(a) for a in args))
+    assert messages[0] == messages[1]
+    assert f"`{('mean', 'scale', 'old_mean', 'old_scale')[i]}`" in messages[0]
+
+
+def test_compiled_value_checks_of_roots(monkeypatch):
+    """Symmetric roots (``root=True``): the program tests both roots' positive definiteness
+    (two Cholesky factorisations, one after the other) and refuses an indefinite one or an
+    asymmetric one with the op-by-op route's message; well-formed roots pass without forming a
+    condition op by op once the program is traced."""
+    roots, (em, ec), _, _ = _root_data(3, batch=6)
+    x = [jnp.asarray(a) for a in roots]
+    kw = {"eps_mean": em, "eps_cov": ec, "root": True}
+    trp.project_wasserstein(*x, **kw)
+    calls = _spy_conditions(monkeypatch)
+    trp.project_wasserstein(*(v + 0.0 for v in x), **kw)
+    assert calls[0] == 0
+    d = roots[1].shape[-1]
+    indefinite = np.array(roots[3])
+    indefinite[2] = np.eye(d) + 2.0 * (np.ones((d, d)) - np.eye(d))
+    asymmetric = np.array(roots[1])
+    asymmetric[4, 0, 1] += 0.1
+    for k, bad in ((3, indefinite), (1, asymmetric)):
+        messages = []
+        for eager_jit in (True, False):
+            monkeypatch.setattr(adapter, "EAGER_JIT", eager_jit)
+            args = list(x)
+            args[k] = jnp.asarray(bad)
+            with pytest.raises(ValueError) as err:
+                trp.project_wasserstein(*args, **kw)
+            messages.append(str(err.value))
+        assert messages[0] == messages[1]
+        assert ("positive definite" if k == 3 else "symmetric") in messages[0]

@@ -1264,7 +1264,7 @@ def positive_definite(a: Array, *, xp: Namespace) -> Array:
         least = max(PD_PARALLEL_MIN_BATCH, math.ceil(PD_PARALLEL_MIN_ENTRIES / entries))
         return _chunked(succeeds, a.detach(), xp=xp, parallel_from=least)[0]
     try:
-        L = xp.linalg.cholesky(a)
+        L = cholesky(a, xp=xp)  # (in turn with the others of a traced program)
     except Exception as e:  # (NumPy's and the strict namespace's LinAlgError)
         if type(e).__name__ != "LinAlgError":
             raise

@@ -3,8 +3,9 @@
 Each condition is first evaluated with reductions only (``min``, ``max``, ``all``), combined
 into one boolean and read once: one synchronisation per call when all is well (scales read as
 symmetric roots, ``root=True``, take one more per root: their finiteness is read before the
-other conditions are formed). Only on the error path is the elementwise picture computed, to
-name the first offending entry.
+other conditions are formed). Concrete JAX arrays evaluate all of them in one compiled program
+(:func:`all_hold`). Only on the error path is the elementwise picture computed, to name the
+first offending entry.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import _compat
 
 Array = Any
 
-__all__ = ["check_gaussian_values", "describe", "in_range", "scale_limits"]
+__all__ = ["all_hold", "check_gaussian_values", "describe", "in_range", "scale_limits"]
 
 
 def scale_limits(dtype: Any, *, xp: Any) -> tuple[float, float]:
@@ -288,20 +289,20 @@ def check_gaussian_values(
     symmetric positive definite), on the arrays as passed (before broadcasting). A few
     reductions and one synchronisation when all is well; arrays whose values cannot be read
     (tracers of ``jit`` and ``vmap``, tensors of ``torch.func`` transforms) are skipped, and
-    those of an eager JAX transform are read (:func:`._compat.readable`)."""
-    lo, hi = scale_limits(dtype, xp=xp)
-    found: list[_Condition] = []
-    for name, x in arrays.items():
-        x = _compat.readable(x, xp=xp)  # (under an eager jax.grad: the values)
-        if _compat._is_traced(x, xp):
-            continue
-        full_kind = "root" if roots else "full"
-        kind = (full_kind if full else "diag") if name.endswith("scale") else "mean"
-        lo_x, hi_x = lo, hi
-        if x.dtype != dtype:  # a float32 argument promoted to float64: limits it can hold
-            own = xp.finfo(x.dtype)
-            lo_x, hi_x = max(lo, float(own.smallest_normal)), min(hi, float(own.max))
-        found.extend(_conditions(name, x, kind=kind, lo=lo_x, hi=hi_x, xp=xp))
+    those of an eager JAX transform are read (:func:`._compat.readable`). Concrete JAX arrays
+    evaluate every condition in one compiled program
+    (:func:`tr_projections.backends.jax.values_hold`) and go through the conditions one by one
+    only on the error path, to name the first offending entry."""
+    plan = _plan(arrays, full=full, dtype=dtype, xp=xp, roots=roots)
+    if not plan:
+        return
+    if _compat.is_jax(xp):
+        from .backends import jax as adapter
+
+        kinds = tuple((name, kind, lo, hi) for name, _, kind, lo, hi in plan)
+        if adapter.values_hold(kinds, tuple(x for _, x, *_ in plan)):
+            return  # (False: the error path below; None: the compiled route is off)
+    found = _found(plan, xp=xp)
     if not found:
         return
     all_hold = found[0].holds
@@ -316,3 +317,43 @@ def check_gaussian_values(
                 f"`{c.name}` {c.expected}; {describe(source, ok, xp=xp)} {_SWITCH_HINT}"
             )
     raise AssertionError("a value check failed but no condition reports it")  # pragma: no cover
+
+
+def _plan(
+    arrays: dict[str, Array], *, full: bool, dtype: Any, xp: Any, roots: bool
+) -> list[tuple[str, Array, str, float, float]]:
+    """``(name, array, kind, lo, hi)`` of each argument whose values can be read (see
+    :func:`_conditions`): its own limits where it is of a narrower dtype than ``dtype``."""
+    lo, hi = scale_limits(dtype, xp=xp)
+    plan = []
+    for name, x in arrays.items():
+        x = _compat.readable(x, xp=xp)  # (under an eager jax.grad: the values)
+        if _compat._is_traced(x, xp):
+            continue
+        full_kind = "root" if roots else "full"
+        kind = (full_kind if full else "diag") if name.endswith("scale") else "mean"
+        lo_x, hi_x = lo, hi
+        if x.dtype != dtype:  # a float32 argument promoted to float64: limits it can hold
+            own = xp.finfo(x.dtype)
+            lo_x, hi_x = max(lo, float(own.smallest_normal)), min(hi, float(own.max))
+        plan.append((name, x, kind, lo_x, hi_x))
+    return plan
+
+
+def _found(plan: list, *, xp: Any) -> list[_Condition]:
+    return [c for name, x, kind, lo, hi in plan
+            for c in _conditions(name, x, kind=kind, lo=lo, hi=hi, xp=xp)]  # fmt: skip
+
+
+def all_hold(kinds: tuple, arrays: tuple, *, xp: Any) -> Array:
+    """Whether every value condition of ``arrays`` holds, as one 0-d boolean array: the
+    conditions of :func:`_conditions` for ``kinds`` (``(name, kind, lo, hi)`` per array) and
+    nothing read from the arrays, so that it traces (the body of
+    :func:`tr_projections.backends.jax.values_hold`'s program; a symmetric root's conditions
+    past its finiteness are then formed whatever it holds, and a false result sends the caller
+    to the error path, which forms them in order)."""
+    plan = [(name, x, kind, lo, hi) for (name, kind, lo, hi), x in zip(kinds, arrays, strict=True)]
+    holds = xp.asarray(True)
+    for c in _found(plan, xp=xp):
+        holds = holds & c.holds
+    return holds

@@ -7,7 +7,8 @@ is a ``lax.while_loop``), so ``jit``, ``vmap``, ``grad`` and ``jit(grad)`` all w
 Concrete arrays (a call outside ``jit`` and ``vmap``, the forward and backward of an eager
 ``jax.grad`` or ``jax.vjp``, and :func:`tr_projections.vjp`) run the projections and the loss as
 compiled programs (:data:`EAGER_JIT`): the value checks and the bounds' checks first, on the
-concrete arrays, then ``jax.jit`` programs (a forward alone, a forward with its residuals, a
+concrete arrays (the value conditions themselves one compiled program, :func:`values_hold`),
+then ``jax.jit`` programs (a forward alone, a forward with its residuals, a
 backward) cached by JAX per operation, options, shapes and the package's settings
 (:data:`SETTING_MODULES`). Run op by op instead, every one of a projection's few hundred
 operations is compiled again for every shape it meets, and with the eager route's row selection
@@ -252,6 +253,33 @@ def distance(name: str, arrays: tuple, options: dict) -> Any:
     if any(isinstance(_compat.readable(x, xp=jnp), jax.core.Tracer) for x in arrays):
         return None
     return _distance_jit(_key(name, options.items()), tuple(arrays))
+
+
+def _holds(static: tuple, arrays: tuple) -> Any:
+    # The body of the value checks' program (static: the settings, then (name, kind, lo, hi)
+    # per array); a symmetric root's Cholesky test in turn with the other's.
+    from .._values import all_hold
+
+    with _compat.serial_decompositions():
+        return all_hold(static[1], arrays, xp=jnp)
+
+
+_holds_jit = jax.jit(_holds, static_argnums=0)
+
+
+def values_hold(kinds: tuple, arrays: tuple) -> bool | None:
+    """Whether every value condition of the concrete ``arrays`` holds
+    (:func:`tr_projections._values.all_hold`; ``kinds``: ``(name, kind, lo, hi)`` per array),
+    from one compiled program cached per conditions, shapes and settings, or ``None`` where
+    :data:`EAGER_JIT` is off. Op by op, the few dozen reductions and comparisons of a call's
+    four arguments cost as much as the compiled distance after them (about 2 ms at 1,000
+    states), and several times that under an eager ``jax.grad``, whose trace every operation
+    on its arguments goes through: the program runs outside it
+    (:func:`jax.ensure_compile_time_eval`), on the values."""
+    if not EAGER_JIT:
+        return None
+    with jax.ensure_compile_time_eval():
+        return bool(_holds_jit((_settings(), kinds), tuple(arrays)))
 
 
 def compiled_vjp(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple | None:

@@ -418,6 +418,20 @@ def test_jax_checks_benchmark_runs():
     assert routes == ["compiled"]
 
 
+def test_jax_entropy_benchmark_runs():
+    """``benchmarks/jax_entropy.py --quick`` times the entropy, its projection and an eager
+    gradient of it compiled, op by op and jitted."""
+    pytest.importorskip("jax")
+    proc = _script("jax_entropy.py", "--quick", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# machine:")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| diag")]  # fmt: skip
+    assert [r[2] for r in rows] == ["entropy", "project", "grad"]
+    for r in rows:
+        assert all(float(v) > 0 for v in r[3:6]) and r[6].endswith("×")
+
+
 def test_distances_ab_runs():
     """``benchmarks/distances.py`` times the KL distance and loss of this checkout and a git
     revision side by side (torch and NumPy), Hessian-vector products included, each checked for

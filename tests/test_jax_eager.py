@@ -503,3 +503,51 @@ def test_compiled_value_checks_of_roots(monkeypatch):
             messages.append(str(err.value))
         assert messages[0] == messages[1]
         assert ("positive definite" if k == 3 else "symmetric") in messages[0]
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+def test_entropy_on_the_compiled_route(monkeypatch, full):
+    """``trp.entropy`` and ``trp.project_entropy`` of concrete JAX arrays run compiled programs
+    (before, op by op on every call): on new data and new bounds of the same shapes they compile
+    nothing and the programs are called (spies); values, an eager ``jax.grad`` and ``trp.vjp``
+    give NumPy's results, with Python-float and per-state array bounds, in both forms."""
+    rng = np.random.default_rng(6)
+    args = _policies(full, (40,), 3, seed=6)
+    scales = [args[1], args[3]]
+    H = np.asarray(trp.entropy(scales[0]))
+    g = np.tril(rng.normal(size=scales[0].shape)) if full else rng.normal(size=scales[0].shape)
+    called = []
+    for name in ("_distance_jit", "_outputs_jit", "_forward_jit", "_backward_jit"):
+        real = getattr(adapter, name)
+        monkeypatch.setattr(
+            adapter, name, lambda *a, real=real, name=name: called.append(name) or real(*a)
+        )
+
+    def run(scale, beta, equality):
+        s = jnp.asarray(scale)
+        b = beta if isinstance(beta, float) else jnp.asarray(beta)
+        out = trp.project_entropy(s, b, equality=equality)
+        grad = jax.grad(lambda v: jnp.sum(trp.project_entropy(v, b, equality=equality) * g))(s)
+        _, vjp_fn = trp.vjp(trp.project_entropy, s, b, equality=equality)
+        return [trp.entropy(s), out, grad, vjp_fn(jnp.asarray(g))[0]]
+
+    def want(scale, beta, equality):
+        _, vjp_fn = trp.vjp(trp.project_entropy, scale, beta, equality=equality)
+        out = trp.project_entropy(scale, beta, equality=equality)
+        return [trp.entropy(scale), out, vjp_fn(g)[0], vjp_fn(g)[0]]
+
+    _assert_listener_counts()
+    for equality in (False, True):
+        for beta in (float(np.median(H)), np.quantile(H, 0.7) + 0.3 * rng.normal(size=H.shape)):
+            run(scales[1], np.asarray(beta) + 0.1 if not isinstance(beta, float) else beta + 0.1,
+                equality)  # fmt: skip
+            called.clear()
+            before = _COMPILES[0]
+            got = run(scales[0], beta, equality)
+            assert _COMPILES[0] == before
+            assert {"_distance_jit", "_outputs_jit", "_forward_jit", "_backward_jit"} <= set(called)
+            _close(got, want(scales[0], beta, equality))
+    monkeypatch.setattr(adapter, "EAGER_JIT", False)
+    called.clear()
+    _close(run(scales[0], 0.5, False), want(scales[0], 0.5, False))
+    assert called == []

@@ -272,7 +272,8 @@ def _on_spans(fn: Callable, spans: list, n_lanes: int) -> list:
 
 def check(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[Any, tuple]:
     """The checks :func:`forward` makes of a projection's or the loss's arguments (shapes,
-    dtypes, values, bounds, options), alone, with the same errors. Returns the inputs' dtype
+    dtypes, values, bounds, options), alone, with the same errors (the entropy projection's are
+    made before it is applied: none here). Returns the inputs' dtype
     and the bounds checked: numbers as Python floats, arrays as arrays of the inputs' dtype.
     For the chunked forward (the whole call's checks, before its chunks) and callers that check
     concrete arrays before running :func:`forward` where their values cannot be read (the JAX
@@ -281,6 +282,8 @@ def check(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[Any, 
         check_options(options.get("method"), bool(options.get("root")))
         p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
         return p.dtype, ()
+    if kind == "entropy":  # (checked before it is applied: projections.entropy.entropy_inputs)
+        return arrays[0].dtype, tuple(bounds)
     if kind not in ("kl", "frobenius", "wasserstein"):
         raise ValueError(f"no separate checks for operation {kind!r}")
     p = prepare(*arrays, roots=bool(options.get("root")))

@@ -5,16 +5,17 @@ arguments whose cotangent is zero (bounds are constants). The forward is traceab
 is a ``lax.while_loop``), so ``jit``, ``vmap``, ``grad`` and ``jit(grad)`` all work.
 
 Concrete arrays (a call outside ``jit`` and ``vmap``, the forward and backward of an eager
-``jax.grad`` or ``jax.vjp``, and :func:`tr_projections.vjp`) run the projections and the loss as
-compiled programs (:data:`EAGER_JIT`): the value checks and the bounds' checks first, on the
-concrete arrays (the value conditions themselves one compiled program, :func:`values_hold`),
-then ``jax.jit`` programs (a forward alone, a forward with its residuals, a
-backward) cached by JAX per operation, options, shapes and the package's settings
+``jax.grad`` or ``jax.vjp``, and :func:`tr_projections.vjp`) run the projections, the loss and
+the entropy projection as compiled programs (:data:`EAGER_JIT`): the value checks and the
+bounds' checks first, on the concrete arrays (the value conditions themselves one compiled
+program, :func:`values_hold`), then ``jax.jit`` programs (a forward alone, a forward with its
+residuals, a backward) cached by JAX per operation, options, shapes and the package's settings
 (:data:`SETTING_MODULES`). Run op by op instead, every one of a projection's few hundred
 operations is compiled again for every shape it meets, and with the eager route's row selection
 the shapes of the costly stages follow the number of states outside their bounds, so a call on
-new data compiled most of them again (``benchmarks/jax_eager.py``). The distances take a compiled
-program of their own, differentiated by JAX itself (:func:`distance`).
+new data compiled most of them again (``benchmarks/jax_eager.py``). The distances and
+:func:`tr_projections.entropy` take a compiled program of their own, differentiated by JAX
+itself (:func:`distance`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from . import _common
 #: before. Read at each call.
 EAGER_JIT = True
 
-#: The operations that take the compiled route (the projections and the loss, whose checks
-#: :func:`tr_projections.backends._common.check` runs on their own).
-JITTED = ("kl", "frobenius", "wasserstein", "trust_region_loss")
+#: The operations that take the compiled route: the projections and the loss, whose checks
+#: :func:`tr_projections.backends._common.check` runs on their own, and the entropy projection,
+#: checked by its caller (:func:`tr_projections.projections.entropy.entropy_inputs`).
+JITTED = ("kl", "frobenius", "wasserstein", "trust_region_loss", "entropy")
 
 
 #: The modules whose settings (upper-case module constants: ``kl.MAX_ITER``, the row settings,
@@ -230,10 +232,15 @@ def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
 
 
 def _distance(static: tuple, arrays: tuple) -> Any:
-    # The body of a distance's compiled program (static: name, options, the settings).
+    # The body of a distance's compiled program, or the entropy's (static: name, options, the
+    # settings).
+    name, options, _ = static
+    if name == "entropy":  # (trp.entropy: one scale, option `full`)
+        from ..gaussian import _entropy
+
+        return _entropy(arrays[0], full=dict(options)["full"], xp=jnp)
     from ..distances import parts
 
-    name, options, _ = static
     return parts(name, arrays, dict(options))
 
 
@@ -241,7 +248,9 @@ _distance_jit = jax.jit(_distance, static_argnums=0)
 
 
 def distance(name: str, arrays: tuple, options: dict) -> Any:
-    """Distance ``name`` (:mod:`tr_projections.distances`) of arrays already checked, as a
+    """Distance ``name`` (:mod:`tr_projections.distances`) of arrays already checked, or the
+    entropy (``name`` ``"entropy"``, ``arrays`` the scale alone, ``options`` ``{"full": ...}``:
+    :func:`tr_projections.entropy`), as a
     compiled program cached per distance, options, shapes and settings, or ``None`` where it
     runs as it is: :data:`EAGER_JIT` off, or an argument whose values are not known (a tracer
     of ``jit`` or ``vmap``). Arguments of an eager ``jax.grad``, ``jax.jvp`` or ``jax.vjp``

@@ -551,3 +551,34 @@ def test_entropy_on_the_compiled_route(monkeypatch, full):
     called.clear()
     _close(run(scales[0], 0.5, False), want(scales[0], 0.5, False))
     assert called == []
+
+
+def test_checks_program_compiles_once_and_yields_to_staging_transforms(monkeypatch):
+    """The first check of new shapes compiles one program (the checks' own, not each of its
+    operations); where the program's answer is not a value (``jax.experimental.jet`` carries
+    the arrays as constants, a ``jit`` closes over them) the conditions are formed op by op as
+    before (``values_hold`` is ``None``), so such a call runs as it did without the program."""
+    from jax.experimental import jet
+
+    args = [jnp.asarray(a) for a in _policies(True, (37,), 3, seed=8)]
+    kinds = ((("mean", 0.0, 1.0),) + (("full", 1e-150, 1e150),)) * 2
+    _assert_listener_counts()
+    before = _COMPILES[0]
+    assert adapter.values_hold(kinds, tuple(args)) is True
+    assert _COMPILES[0] - before == 1
+    m, L, m0, L0 = args
+
+    def f(v):
+        return jnp.sum(trp.kl(v, L, m0, L0).mean)
+
+    got = jet.jet(f, (m,), ((m,),))
+    monkeypatch.setattr(adapter, "EAGER_JIT", False)
+    want = jet.jet(f, (m,), ((m,),))
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(got[1][0]), np.asarray(want[1][0]), rtol=1e-12)
+    monkeypatch.setattr(adapter, "EAGER_JIT", True)
+    seen = []
+    real = adapter.values_hold
+    monkeypatch.setattr(adapter, "values_hold", lambda *a: seen.append(real(*a)) or seen[-1])
+    jax.block_until_ready(jax.jit(lambda v: trp.kl(v, L, m0, L0).mean)(m))
+    assert seen and all(s is None for s in seen)

@@ -1184,3 +1184,34 @@ def test_value_checks_leave_nothing_of_a_trace_behind():
     np.testing.assert_allclose(np.asarray(eager), np.asarray(inside), rtol=1e-14)
     with pytest.raises(ValueError, match="lower triangular"):
         trp.kl(jnp.ones(3), jnp.ones((3, 3)), old_mean, old_scale)
+
+
+@pytest.mark.parametrize("which", ["mean", "scale", "old_mean", "old_scale", "eps_cov"])
+def test_nan_in_a_long_batch_is_refused(backend, which, monkeypatch):
+    """A NaN among 5,000 diagonal 6-D states (30,000 entries; a bound array of 5,000) is
+    refused by name on every backend, and for JAX on both routes (compiled checks and op by
+    op): jaxlib's CPU ``min``/``max`` of 4,096 entries or more skip NaN, so the reductions that
+    check other libraries let it through there (the projection returned NaN)."""
+    rng = np.random.default_rng(12)
+    n, d = 5000, 6
+    args = {
+        "mean": rng.normal(size=(n, d)),
+        "scale": np.exp(0.3 * rng.normal(size=(n, d))),
+        "old_mean": rng.normal(size=(n, d)),
+        "old_scale": np.exp(0.3 * rng.normal(size=(n, d))),
+        "eps_cov": np.full(n, 0.05),
+    }
+    args[which][(4321,) + (() if which == "eps_cov" else (3,))] = np.nan
+    x = {k: backend.asarray(v) for k, v in args.items()}
+    routes = [True, False] if backend.name == "jax" else [None]
+    for eager_jit in routes:
+        if eager_jit is not None:
+            from tr_projections.backends import jax as adapter
+
+            monkeypatch.setattr(adapter, "EAGER_JIT", eager_jit)
+        with pytest.raises(ValueError, match=rf"`{which}` .*index \(4321"):
+            trp.project_kl(x["mean"], x["scale"], x["old_mean"], x["old_scale"],
+                           eps_mean=0.05, eps_cov=x["eps_cov"])  # fmt: skip
+        if which != "eps_cov":
+            with pytest.raises(ValueError, match=rf"`{which}` .*index \(4321"):
+                trp.kl(x["mean"], x["scale"], x["old_mean"], x["old_scale"])

@@ -45,6 +45,10 @@ class _Condition(NamedTuple):
 
 def in_range(x: Array, lo: float, hi: float, *, xp: Any, strided: bool = False) -> Array:
     # min/max propagate NaN (array API standard), and NaN compares false: no temporaries.
+    # Not jaxlib's on the CPU, whose min and max of 4,096 entries or more skip NaN (0.10.2):
+    # JAX arrays compare every entry (one fused pass in the checks' compiled program).
+    if _compat.is_jax(xp):
+        return xp.all((x >= lo) & (x <= hi))
     return at_least(x, lo, xp=xp, strided=strided) & (
         _whole(xp.max, x, xp=xp, strided=strided) <= hi
     )
@@ -52,6 +56,8 @@ def in_range(x: Array, lo: float, hi: float, *, xp: Any, strided: bool = False) 
 
 def at_least(x: Array, lo: float, *, xp: Any, strided: bool = False) -> Array:
     """Whether every entry of ``x`` is at least ``lo`` (NaN is not), as :func:`in_range`."""
+    if _compat.is_jax(xp):
+        return xp.all(x >= lo)
     return _whole(xp.min, x, xp=xp, strided=strided) >= lo
 
 
@@ -299,16 +305,11 @@ def check_gaussian_values(
     if _compat.is_jax(xp):
         from .backends import jax as adapter
 
-        kinds = tuple((name, kind, lo, hi) for name, _, kind, lo, hi in plan)
+        kinds = tuple((kind, lo, hi) for _, _, kind, lo, hi in plan)
         if adapter.values_hold(kinds, tuple(x for _, x, *_ in plan)):
-            return  # (False: the error path below; None: the compiled route is off)
+            return  # (False: the error path below; None: the conditions op by op)
     found = _found(plan, xp=xp)
-    if not found:
-        return
-    all_hold = found[0].holds
-    for c in found[1:]:
-        all_hold = all_hold & c.holds
-    if not _compat.eager_any(~all_hold, xp=xp):
+    if not found or not _compat.eager_any(~_every(found, xp=xp), xp=xp):
         return
     for c in found:  # the error path: find the first broken condition and describe it
         ok, source = c.mask()
@@ -341,19 +342,30 @@ def _plan(
 
 
 def _found(plan: list, *, xp: Any) -> list[_Condition]:
+    """The conditions of every argument of ``plan`` (:func:`_plan`), in order."""
     return [c for name, x, kind, lo, hi in plan
             for c in _conditions(name, x, kind=kind, lo=lo, hi=hi, xp=xp)]  # fmt: skip
 
 
-def all_hold(kinds: tuple, arrays: tuple, *, xp: Any) -> Array:
-    """Whether every value condition of ``arrays`` holds, as one 0-d boolean array: the
-    conditions of :func:`_conditions` for ``kinds`` (``(name, kind, lo, hi)`` per array) and
-    nothing read from the arrays, so that it traces (the body of
-    :func:`tr_projections.backends.jax.values_hold`'s program; a symmetric root's conditions
-    past its finiteness are then formed whatever it holds, and a false result sends the caller
-    to the error path, which forms them in order)."""
-    plan = [(name, x, kind, lo, hi) for (name, kind, lo, hi), x in zip(kinds, arrays, strict=True)]
-    holds = xp.asarray(True)
-    for c in _found(plan, xp=xp):
+def _every(found: list[_Condition], *, xp: Any) -> Array:
+    """Whether all the conditions ``found`` hold (a 0-d boolean array, on their device; true
+    for none)."""
+    if not found:
+        return xp.asarray(True)
+    holds = found[0].holds
+    for c in found[1:]:
         holds = holds & c.holds
     return holds
+
+
+def all_hold(kinds: tuple, arrays: tuple, *, xp: Any) -> Array:
+    """Whether every value condition of ``arrays`` holds, as one 0-d boolean array: the
+    conditions of :func:`_conditions` for ``kinds`` (``(kind, lo, hi)`` per array) and nothing
+    read from the arrays, so that it traces (the body of
+    :func:`tr_projections.backends.jax.values_hold`'s program, whose key holds no names: the
+    messages are the error path's; a symmetric root's conditions past its finiteness are then
+    formed whatever it holds, and a false result sends the caller to the error path, which
+    forms them in order)."""
+    plan = [(f"x{i}", x, kind, lo, hi)
+            for i, ((kind, lo, hi), x) in enumerate(zip(kinds, arrays, strict=True))]  # fmt: skip
+    return _every(_found(plan, xp=xp), xp=xp)

@@ -265,8 +265,8 @@ def distance(name: str, arrays: tuple, options: dict) -> Any:
 
 
 def _holds(static: tuple, arrays: tuple) -> Any:
-    # The body of the value checks' program (static: the settings, then (name, kind, lo, hi)
-    # per array); a symmetric root's Cholesky test in turn with the other's.
+    # The body of the value checks' program (static: the settings, then (kind, lo, hi) per
+    # array); a symmetric root's Cholesky test in turn with the other's.
     from .._values import all_hold
 
     with _compat.serial_decompositions():
@@ -278,17 +278,18 @@ _holds_jit = jax.jit(_holds, static_argnums=0)
 
 def values_hold(kinds: tuple, arrays: tuple) -> bool | None:
     """Whether every value condition of the concrete ``arrays`` holds
-    (:func:`tr_projections._values.all_hold`; ``kinds``: ``(name, kind, lo, hi)`` per array),
-    from one compiled program cached per conditions, shapes and settings, or ``None`` where
-    :data:`EAGER_JIT` is off. Op by op, the few dozen reductions and comparisons of a call's
-    four arguments cost as much as the compiled distance after them (about 2 ms at 1,000
-    states), and several times that under an eager ``jax.grad``, whose trace every operation
-    on its arguments goes through: the program runs outside it
-    (:func:`jax.ensure_compile_time_eval`), on the values."""
+    (:func:`tr_projections._values.all_hold`; ``kinds``: ``(kind, lo, hi)`` per array), from
+    one compiled program cached per conditions, shapes and settings, or ``None`` where
+    :data:`EAGER_JIT` is off or the answer is not a value: arrays that a transform stages or
+    carries as constants (a ``jit`` that closes over them, ``jet``), whose conditions the caller
+    then forms op by op, as before. Op by op, the few dozen reductions and comparisons of a
+    call's four arguments cost as much as the compiled distance after them (about 2 ms at 1,000
+    states), and more under an eager ``jax.grad``; the program is one dispatch, which an eager
+    transform runs on the values (its tangents are zero)."""
     if not EAGER_JIT:
         return None
-    with jax.ensure_compile_time_eval():
-        return bool(_holds_jit((_settings(), kinds), tuple(arrays)))
+    out = _holds_jit((_settings(), kinds), tuple(arrays))
+    return None if isinstance(out, jax.core.Tracer) else bool(out)
 
 
 def compiled_vjp(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple | None:

@@ -82,8 +82,28 @@ def calls(kind: str, d: int, batch: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cells(kind: str, d: int, batch: int) -> dict:
+    """``{call: {route: fn}}`` of one cell: each call of :func:`calls` under each route."""
+
+    def under(r: str, fn):
+        def timed():
+            with route(r):
+                fn()
+
+        return timed
+
+    return {
+        name: {r: under(r, fn) for r in ("program", "op by op", "off")}
+        for name, fn in calls(kind, d, batch).items()
+    }
+
+
+def table(argv: list[str] | None, doc: str, cells_of, routes: tuple, quick_kind: str) -> int:
+    """The main of this script and of ``jax_entropy.py``: the cells' options (``doc``'s first
+    paragraph their description; ``--quick``: one cell of ``quick_kind`` and 100 states), the CPUs
+    pinned, then one row per kind, batch and call with the medians of ``routes`` (``cells_of(kind,
+    d, batch)``: ``{call: {route: fn}}``) and the second route's over the first's."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--kinds", default="full,diag")
     ap.add_argument("--dim", type=int, default=6)
     ap.add_argument("--batches", default="1e3,1e4,1e5")
@@ -92,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one small cell (CI)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.kinds, args.batches, args.rounds = "full", "100", 3
+        args.kinds, args.batches, args.rounds = quick_kind, "100", 3
     limit_threads(args.threads)
     import jax
 
@@ -100,26 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line(f"jax {jax.__version__}, float64"))
     print(f"# d = {args.dim}; medians of {args.rounds} interleaved rounds, ms")
     print()
-    print("| kind | B | call | program | op by op | off | program vs op by op |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    first, second = routes[:2]
+    print(f"| kind | B | call | {' | '.join(routes)} | {first} vs {second} |")
+    print("|---|---:|---|" + "---:|" * (len(routes) + 1))
     for kind in args.kinds.split(","):
         for batch in (int(float(b)) for b in args.batches.split(",")):
-            for name, fn in calls(kind, args.dim, batch).items():
-                fns = {}
-                for r in ("program", "op by op", "off"):
-
-                    def timed(r=r, fn=fn):
-                        with route(r):
-                            fn()
-
-                    fns[r] = timed
+            for name, fns in cells_of(kind, args.dim, batch).items():
                 ms = interleaved_ms(fns, args.rounds)
+                times = " | ".join(f"{ms[r]:.3g}" for r in routes)
                 print(
-                    f"| {kind} | {batch:,} | {name} | {ms['program']:.3g} | {ms['op by op']:.3g} "
-                    f"| {ms['off']:.3g} | {ms['op by op'] / ms['program']:.2f}× |",
+                    f"| {kind} | {batch:,} | {name} | {times} | {ms[second] / ms[first]:.2f}× |",
                     flush=True,
                 )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return table(argv, __doc__, cells, ("program", "op by op", "off"), "full")
 
 
 if __name__ == "__main__":

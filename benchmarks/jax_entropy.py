@@ -20,14 +20,14 @@ and the machine.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # (the checkout; this folder is on the path already)
 
-from _worker import interleaved_ms, limit_threads, machine_line, make_data  # noqa: E402
+from _worker import make_data  # noqa: E402
+from jax_checks import table  # noqa: E402
 
 
 def calls(kind: str, d: int, batch: int) -> dict:
@@ -79,35 +79,7 @@ def calls(kind: str, d: int, batch: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kinds", default="full,diag")
-    ap.add_argument("--dim", type=int, default=6)
-    ap.add_argument("--batches", default="1e3,1e4,1e5")
-    ap.add_argument("--rounds", type=int, default=21)
-    ap.add_argument("--threads", type=int, default=2, help="CPUs to pin to (0: leave alone)")
-    ap.add_argument("--quick", action="store_true", help="one small cell (CI)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.kinds, args.batches, args.rounds = "diag", "100", 3
-    limit_threads(args.threads)
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    print(machine_line(f"jax {jax.__version__}, float64"))
-    print(f"# d = {args.dim}; medians of {args.rounds} interleaved rounds, ms")
-    print()
-    print("| kind | B | call | compiled | op by op | jitted | compiled vs op by op |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    for kind in args.kinds.split(","):
-        for batch in (int(float(b)) for b in args.batches.split(",")):
-            for name, fns in calls(kind, args.dim, batch).items():
-                ms = interleaved_ms(fns, args.rounds)
-                print(
-                    f"| {kind} | {batch:,} | {name} | {ms['compiled']:.3g} | {ms['op by op']:.3g} "
-                    f"| {ms['jitted']:.3g} | {ms['op by op'] / ms['compiled']:.2f}× |",
-                    flush=True,
-                )
-    return 0
+    return table(argv, __doc__, calls, ("compiled", "op by op", "jitted"), "diag")
 
 
 if __name__ == "__main__":

@@ -395,6 +395,12 @@ def test_jax_eager_benchmark_runs():
     assert rows["compiled"][8] == "0"
 
 
+def _table_rows(stdout: str, prefix: str) -> list[list[str]]:
+    """The cells of the markdown table rows of ``stdout`` that start with ``prefix``."""
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in stdout.splitlines()
+            if line.startswith(prefix)]  # fmt: skip
+
+
 def test_jax_checks_benchmark_runs():
     """``benchmarks/jax_checks.py --quick`` times each call with the checks as one program, op
     by op and off; ``--no-op-by-op`` leaves that route out of ``jax_eager.py``."""
@@ -402,8 +408,7 @@ def test_jax_checks_benchmark_runs():
     proc = _script("jax_checks.py", "--quick", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("# machine:")
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
-            if line.startswith("| full")]  # fmt: skip
+    rows = _table_rows(proc.stdout, "| full")
     assert [r[2] for r in rows] == ["checks", "kl", "project", "vjp", "grad kl"]
     for r in rows:
         assert all(float(v) > 0 for v in r[3:5]) and r[6].endswith("×")
@@ -425,8 +430,7 @@ def test_jax_entropy_benchmark_runs():
     proc = _script("jax_entropy.py", "--quick", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("# machine:")
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
-            if line.startswith("| diag")]  # fmt: skip
+    rows = _table_rows(proc.stdout, "| diag")
     assert [r[2] for r in rows] == ["entropy", "project", "grad"]
     for r in rows:
         assert all(float(v) > 0 for v in r[3:6]) and r[6].endswith("×")

@@ -1,11 +1,11 @@
 """Value checks: what is read from the arrays themselves (see :mod:`._inputs` for the rest).
 
-Each condition is first evaluated with reductions only (``min``, ``max``, ``all``), combined
-into one boolean and read once: one synchronisation per call when all is well (scales read as
-symmetric roots, ``root=True``, take one more per root: their finiteness is read before the
-other conditions are formed). Concrete JAX arrays evaluate all of them in one compiled program
-(:func:`all_hold`). Only on the error path is the elementwise picture computed, to name the
-first offending entry.
+Each condition is first evaluated with reductions only (``min``, ``max``, ``all``; JAX arrays:
+``all`` of comparisons, see :func:`in_range`), combined into one boolean and read once: one
+synchronisation per call when all is well (scales read as symmetric roots, ``root=True``, take
+one more per root: their finiteness is read before the other conditions are formed). Concrete
+JAX arrays evaluate all of them in one compiled program (:func:`all_hold`). Only on the error
+path is the elementwise picture computed, to name the first offending entry.
 """
 
 from __future__ import annotations

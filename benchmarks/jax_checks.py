@@ -136,7 +136,7 @@ def table(argv: list[str] | None, doc: str, cells_of, routes: tuple, quick_kind:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return table(argv, __doc__, cells, ("program", "op by op", "off"), "full")
+    return table(argv, __doc__, cells, ("program", "op by op", "off"), "diag")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,15 @@ print(json.dumps({
 """
 
 
+def routes_of(mode: str, *, op_by_op: bool, ref: str | None) -> tuple[str, ...]:
+    """The routes a cell of ``mode`` is timed on: op by op (unless left out), compiled, torch
+    for the distance modes, and the revision ``ref``."""
+    routes = ("op by op", "compiled") if op_by_op else ("compiled",)
+    if mode.startswith("dist"):
+        routes += ("torch",)
+    return routes + ((ref,) if ref else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,11 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         for kind in args.kinds.split(","):
             for mode in args.modes.split(","):
-                routes = ("compiled",) if args.no_op_by_op else ("op by op", "compiled")
-                if mode.startswith("dist"):
-                    routes += ("torch",)
-                if args.ref:
-                    routes += (args.ref,)
+                routes = routes_of(mode, op_by_op=not args.no_op_by_op, ref=args.ref)
                 for batch in (_batch(b) for b in args.batches.split(",")):
                     results: dict[str, list[dict]] = {r: [] for r in routes}
                     for i in range(args.procs):

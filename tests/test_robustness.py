@@ -837,19 +837,53 @@ def test_jax_jit_static_checks_raise_and_value_checks_are_skipped():
             trp.project(*_on(bk, bad), method=method, eps_mean=1e-2, eps_cov=1e-3)
 
 
-def test_torch_func_vmap_skips_value_checks():
+def test_torch_func_transforms_check_values():
+    """Under ``torch.func`` transforms (outside ``torch.compile``) the value checks read the
+    values their tensors hold: ``vmap`` (the arguments stacked over the mapped axes, which come
+    first), ``vmap`` over another axis, nested ``vmap``, ``vmap`` of ``grad`` and ``jacrev``
+    refuse a bad std, Cholesky factor or bound by name, with the index of the stacked arguments;
+    with the checks off a NaN stays in its own row, as it did under ``vmap`` before."""
     torch = pytest.importorskip("torch")
     mean, std, old_mean, old_std = (torch.asarray(a) for a in _valid(False))
+    _, factor, _, old_factor = (torch.asarray(a) for a in _valid(True))
 
-    def one(m, s):
-        return trp.project_wasserstein(m, s, old_mean[0], old_std[0], eps_mean=0.1, eps_cov=0.1)
+    def one(m, s, eps=0.1):
+        return trp.project_wasserstein(m, s, old_mean[0], old_std[0], eps_mean=0.1, eps_cov=eps)
+
+    def one_full(m, s):
+        return trp.project_kl(m, s, old_mean[0], old_factor[0], eps_mean=0.1, eps_cov=0.1)
 
     out = torch.func.vmap(one)(mean, std)
-    ref = trp.project_wasserstein(mean, std, old_mean[0], old_std[0], eps_mean=0.1, eps_cov=0.1)
-    torch.testing.assert_close(out.scale, ref.scale)
+    torch.testing.assert_close(out.scale, one(mean, std).scale)
     bad = std.clone()
-    bad[0, 0] = float("nan")
-    out = torch.func.vmap(one)(mean, bad)  # no error: values of batched tensors are not read
+    bad[1, 2] = -1.0
+    refused = r"`scale` \(standard deviations\) must be positive.* the first -1.0 at index \(1, 2\)"
+    grad = torch.func.grad(lambda m, s: one(m, s).scale.sum(), argnums=1)
+    calls = {
+        "vmap": lambda: torch.func.vmap(one)(mean, bad),
+        "vmap over axis 1": lambda: torch.func.vmap(one, in_dims=1)(mean.T, bad.T),
+        "nested vmap": lambda: torch.func.vmap(torch.func.vmap(one))(
+            mean[None].expand(2, B, D), bad[None].expand(2, B, D)
+        ),
+        "vmap(grad)": lambda: torch.func.vmap(grad)(mean, bad),
+        "jacrev": lambda: torch.func.jacrev(lambda s: one(mean, s).scale)(bad),
+    }
+    for name, call in calls.items():
+        match = refused.replace(r"\(1, 2\)", r"\(0, 1, 2\)") if name == "nested vmap" else refused
+        with pytest.raises(ValueError, match=match):
+            call()
+    bad_factor = factor.clone()
+    bad_factor[3, 0, 1] = 0.5  # above the diagonal
+    with pytest.raises(ValueError, match=r"`scale` \(a Cholesky factor\) must be lower "):
+        torch.func.vmap(one_full)(mean, bad_factor)
+    eps = torch.full((B,), 0.1, dtype=torch.float64)
+    eps[4] = float("inf")
+    with pytest.raises(ValueError, match=r"`eps_cov` must be positive and finite.* index \(4,\)"):
+        torch.func.vmap(one)(mean, std, eps)
+    nan = std.clone()
+    nan[0, 0] = float("nan")
+    with trp.checks(False):
+        out = torch.func.vmap(one)(mean, nan)
     assert torch.isnan(out.scale[0]).any() and torch.isfinite(out.scale[1:]).all()
 
 

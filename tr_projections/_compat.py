@@ -1803,16 +1803,42 @@ def _jax_loop_functions(cond: Callable, body: Callable, max_iter: int) -> tuple[
 
 
 def readable(x: Array, *, xp: Namespace) -> Array:
-    """``x`` with its values where they are known: a JAX tracer of an eager transform (the
-    arguments of a function that an eager ``jax.grad``, ``jax.vjp`` or ``jax.jvp`` calls) comes
-    back as the concrete array of its values (``jax.lax.stop_gradient`` returns it), so that the
-    value checks can read it; a tracer of ``jit`` or ``vmap`` stays one; anything else is
-    returned as it is."""
+    """``x`` with its values where they are known, so that the value checks can read them:
+
+    - a JAX tracer of an eager transform (the arguments of a function that an eager
+      ``jax.grad``, ``jax.vjp`` or ``jax.jvp`` calls) comes back as the concrete array of its
+      values (``jax.lax.stop_gradient`` returns it); a tracer of ``jit`` or ``vmap`` stays one;
+    - a tensor of ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``, nested) outside
+      ``torch.compile`` comes back as the plain tensor that holds its values: under ``vmap``
+      the arguments stacked over the mapped axes, which come first (innermost ``vmap`` next to
+      the argument's own axes), so the trailing axes are still the argument's;
+    - anything else is returned as it is."""
     if is_jax(xp):
         import jax
 
         if isinstance(x, jax.core.Tracer):
             return jax.lax.stop_gradient(x)
+    elif is_torch(xp):
+        return _torch_values(x)
+    return x
+
+
+def _torch_values(x: Array) -> Array:
+    # The plain tensor under a torch.func transform's wrappers (see readable).
+    import torch
+
+    try:
+        from torch._C import _functorch as ft
+    except ImportError:  # pragma: no cover - older torch
+        return x
+    if torch.compiler.is_compiling():
+        return x
+    while ft.is_batchedtensor(x) or ft.is_functorch_wrapped_tensor(x):
+        if ft.is_batchedtensor(x):
+            values, axis = ft._unwrap_batched(x, ft.maybe_get_level(x))
+            x = values.movedim(axis, 0)
+        else:
+            x = ft.get_unwrapped(x)
     return x
 
 

@@ -372,7 +372,7 @@ def bound(eps: Any, name: str, problem: Problem, *, as_number: bool = False) -> 
         raise TypeError(f"`{name}` must have a real dtype, got {eps.dtype}")
     if not xp.isdtype(eps.dtype, "real floating"):
         eps = xp.astype(eps, problem.dtype)  # integers: exact enough, and no overflow
-    values = _compat.readable(eps, xp=xp)  # (under an eager jax.grad: the values)
+    values = _compat.readable(eps, xp=xp)  # (eager jax.grad, torch.func: the values)
     if checks_enabled() and not _compat._is_traced(values, xp):
         # Checked before the cast, in the bound's own dtype, so a float64 bound that would
         # overflow float32 is reported rather than silently (or noisily) becoming inf.
@@ -381,7 +381,7 @@ def bound(eps: Any, name: str, problem: Problem, *, as_number: bool = False) -> 
         nonempty = math.prod(tuple(eps.shape)) > 0
         if nonempty and _compat.eager_any(~in_range(values, lo, hi, xp=xp), xp=xp):
             ok = (values >= lo) & (values <= hi)
-            detail = describe(values, ok, xp=xp) if eps.ndim else f"got {float(values)!r}"
+            detail = describe(values, ok, xp=xp) if values.ndim else f"got {float(values)!r}"
             raise ValueError(
                 f"`{name}` must be positive and finite everywhere (between {tiny:.3g} and "
                 f"{big:.3g} in {dtype_name}); {detail}"

@@ -328,7 +328,7 @@ def _plan(
     lo, hi = scale_limits(dtype, xp=xp)
     plan = []
     for name, x in arrays.items():
-        x = _compat.readable(x, xp=xp)  # (under an eager jax.grad: the values)
+        x = _compat.readable(x, xp=xp)  # (eager jax.grad, torch.func: the values)
         if _compat._is_traced(x, xp):
             continue
         full_kind = "root" if roots else "full"

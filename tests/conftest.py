@@ -6,6 +6,7 @@ profiles: ``ci`` (default, fast) and ``long`` (``HYPOTHESIS_PROFILE=long``).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -56,6 +57,25 @@ def jax_op_by_op(monkeypatch):
     except ImportError:  # no JAX installed
         return
     monkeypatch.setattr(adapter, "EAGER_JIT", False)
+
+
+@pytest.fixture
+def jax_traced_afresh(monkeypatch):
+    """Concrete JAX arrays take the compiled route (the default) through new ``jax.jit``
+    functions of the adapter's program bodies, which trace every program the test calls: spies
+    on the computation's stages see it (a program is traced once per shapes and settings, and
+    would run without them where an earlier test in the process met the same shapes). The
+    adapter's own programs, and their caches, are put back after the test."""
+    try:
+        import jax
+
+        from tr_projections.backends import jax as adapter
+    except ImportError:  # no JAX installed
+        return
+    for body in (adapter._forward, adapter._backward, adapter._outputs, adapter._distance,
+                 adapter._holds):  # fmt: skip
+        fresh = jax.jit(functools.partial(body), static_argnums=0)
+        monkeypatch.setattr(adapter, f"{body.__name__}_jit", fresh)
 
 
 @pytest.fixture(params=BACKENDS, scope="session")

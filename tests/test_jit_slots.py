@@ -12,6 +12,7 @@ too; and only the first slot's rows may reach the decompositions outside a ``con
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -59,15 +60,25 @@ def _bound(args, fraction):
     return 0.5 * float(c[k] + c[k + 1])
 
 
-def _value_and_grads(args, g, eps_cov, dtype=jnp.float64):
-    def loss(m, L, mo, Lo, eps):
-        out = trp.project_kl(m, L, mo, Lo, eps_mean=0.05, eps_cov=eps)
-        return jnp.sum(out.mean * g[0]) + jnp.sum(out.scale * g[1]), out
+@functools.cache
+def _program(settings: tuple):
+    """``jit(value_and_grad)`` of a weighted sum of the projection's outputs, one per row
+    settings (``rows_mod.traced_settings()``, read when it is traced): cases of the same
+    settings, shapes and dtype share its compilations."""
+    del settings  # (the cache's key)
 
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
-    x = [jnp.asarray(a, dtype=dtype) for a in args]
+    def loss(m, L, mo, Lo, eps, g_mean, g_scale):
+        out = trp.project_kl(m, L, mo, Lo, eps_mean=0.05, eps_cov=eps)
+        return jnp.sum(out.mean * g_mean) + jnp.sum(out.scale * g_scale), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+def _value_and_grads(args, g, eps_cov, dtype=jnp.float64):
+    fn = _program(rows_mod.traced_settings())
+    x = [jnp.asarray(a, dtype=dtype) for a in (*args, *g)]
     eps = eps_cov if isinstance(eps_cov, float) else jnp.asarray(eps_cov, dtype=dtype)
-    (_, out), grads = fn(*x, eps)
+    (_, out), grads = fn(*x[:4], eps, *x[4:])
     return [np.asarray(a) for a in (*out, *grads)]
 
 

@@ -14,10 +14,6 @@ from tr_projections.projections import _core
 
 METHODS = ["kl", "frobenius", "wasserstein"]
 
-#: The spies below watch the eager computation: concrete JAX arrays run op by op here
-#: (conftest.py); the compiled route's programs run under jit in the ``test_jax_jit_*`` tests.
-pytestmark = pytest.mark.usefixtures("jax_op_by_op")
-
 
 def _case(rng, full, batch, scale_batch, old_batch, d=3):
     mean = rng.standard_normal(batch + (d,))
@@ -41,13 +37,15 @@ SHAPES = [
 ]
 
 
+@pytest.mark.usefixtures("jax_traced_afresh")
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
 @pytest.mark.parametrize(("batch", "sb", "ob", "eb", "cb"), SHAPES)
 def test_shared_covariance_equals_broadcast(backend, method, full, batch, sb, ob, eb, cb):
     """Outputs and all four cotangents (``trp.vjp``) equal those of the same arrays broadcast to
     the batch (cotangents summed over the broadcast axes), to rounding; the covariance part saw
-    the batch ``cb`` (``None``: the whole batch)."""
+    the batch ``cb`` (``None``: the whole batch). JAX arrays take the compiled route, its
+    programs traced here (conftest.py), so the spy sees their trace."""
     rng = np.random.default_rng(len(batch) * 100 + len(sb) * 10 + len(eb))
     arrays = _case(rng, full, batch, sb, ob)
     ev = 2 if full else 1
@@ -207,6 +205,9 @@ LOSS_SHAPES = [
 ]
 
 
+#: (concrete JAX arrays op by op here: the shared covariance on that route, and the loss's
+#: spy on the eager computation; the compiled route's is test_shared_covariance_equals_broadcast)
+@pytest.mark.usefixtures("jax_op_by_op")
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
 @pytest.mark.parametrize(("batch", "sb", "pb", "cb"), LOSS_SHAPES)

@@ -378,6 +378,10 @@ def test_checks_read_values_under_eager_autodiff(how):
         assert np.all(np.isfinite(np.asarray(transform(f)(args[1]))))
     with pytest.raises(ValueError, match="`old_scale`"):
         transform(lambda s: jnp.sum(trp.kl(args[0], args[1], args[2], s).cov))(bad)
+    if how == "grad":  # an entropy bound per state, differentiated too
+        bound = jnp.asarray([0.5, 0.2, jnp.nan, 0.1])
+        with pytest.raises(ValueError, match=r"`min_entropy` must be finite.*index \(2,\)"):
+            jax.grad(lambda s, b: jnp.sum(trp.project_entropy(s, b)), argnums=1)(args[1], bound)
 
 
 def _spy_conditions(monkeypatch):

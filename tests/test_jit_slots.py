@@ -28,6 +28,7 @@ from test_jax_serial import _assert_in_turn, _decompositions, _inner_jaxprs  # n
 
 import tr_projections as trp  # noqa: E402
 import tr_projections._rows as rows_mod  # noqa: E402
+from tr_projections.backends import jax as adapter  # noqa: E402
 from tr_projections.distances import kl_f, kl_may_exceed  # noqa: E402
 from tr_projections.testing.invariants import tolerance  # noqa: E402
 
@@ -62,9 +63,9 @@ def _bound(args, fraction):
 
 @functools.cache
 def _program(settings: tuple):
-    """``jit(value_and_grad)`` of a weighted sum of the projection's outputs, one per row
-    settings (``rows_mod.traced_settings()``, read when it is traced): cases of the same
-    settings, shapes and dtype share its compilations."""
+    """``jit(value_and_grad)`` of a weighted sum of the projection's outputs, one per package
+    settings (``backends.jax._settings()``: the slots and every other setting read when it is
+    traced): cases of the same settings, shapes and dtype share its compilations."""
     del settings  # (the cache's key)
 
     def loss(m, L, mo, Lo, eps, g_mean, g_scale):
@@ -75,7 +76,7 @@ def _program(settings: tuple):
 
 
 def _value_and_grads(args, g, eps_cov, dtype=jnp.float64):
-    fn = _program(rows_mod.traced_settings())
+    fn = _program(adapter._settings())
     x = [jnp.asarray(a, dtype=dtype) for a in (*args, *g)]
     eps = eps_cov if isinstance(eps_cov, float) else jnp.asarray(eps_cov, dtype=dtype)
     (_, out), grads = fn(*x[:4], eps, *x[4:])

@@ -39,8 +39,8 @@ DATA = {
 #: 1.5 s each for a full KL projection: its data take their dimension, batch shape and whether
 #: the old policy is shared from these eight combinations, which hold every value of ``DIMS``
 #: and ``BATCHES`` and both old-policy shapes (the other backends draw each on its own).
-JAX_SHAPES = [(1, (), False), (1, (2, 3), True), (2, (1,), False), (2, (4,), True),
-              (3, (4,), False), (3, (1,), True), (6, (2, 3), False), (6, (4,), True)]  # fmt: skip
+JAX_SHAPES = [(1, (4,), False), (1, (2, 3), True), (2, (1,), False), (2, (4,), True),
+              (3, (), False), (3, (1,), True), (6, (2, 3), False), (6, (4,), True)]  # fmt: skip
 
 
 @st.composite

@@ -841,7 +841,8 @@ def test_torch_func_transforms_check_values():
     """Under ``torch.func`` transforms (outside ``torch.compile``) the value checks read the
     values their tensors hold: ``vmap`` (the arguments stacked over the mapped axes, which come
     first), ``vmap`` over another axis, nested ``vmap``, ``vmap`` of ``grad`` and ``jacrev``
-    refuse a bad std, Cholesky factor or bound by name, with the index of the stacked arguments;
+    refuse a bad std, Cholesky factor, bound or entropy bound by name, with the index of the
+    stacked arguments;
     with the checks off a NaN stays in its own row, as it did under ``vmap`` before."""
     torch = pytest.importorskip("torch")
     mean, std, old_mean, old_std = (torch.asarray(a) for a in _valid(False))
@@ -880,6 +881,10 @@ def test_torch_func_transforms_check_values():
     eps[4] = float("inf")
     with pytest.raises(ValueError, match=r"`eps_cov` must be positive and finite.* index \(4,\)"):
         torch.func.vmap(one)(mean, std, eps)
+    min_entropy = trp.entropy(std).clone()
+    min_entropy[2] = float("nan")
+    with pytest.raises(ValueError, match=r"`min_entropy` must be finite.* index \(2,\)"):
+        torch.func.vmap(trp.project_entropy)(std, min_entropy)
     nan = std.clone()
     nan[0, 0] = float("nan")
     with trp.checks(False):

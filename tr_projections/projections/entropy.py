@@ -72,14 +72,15 @@ def entropy_inputs(scale: Array, min_entropy: Any, full: bool | None) -> tuple[A
         )
     if not xp.isdtype(min_entropy.dtype, ("real floating", "integral")):
         raise TypeError(f"`min_entropy` must have a real dtype, got {min_entropy.dtype}")
+    values = _compat.readable(min_entropy, xp=xp)  # (eager jax.grad, torch.func: the values)
     if (
         checks_enabled()
         and math.prod(shape) > 0
-        and not _compat._is_traced(min_entropy, xp)
-        and not bool(xp.all(xp.isfinite(min_entropy)))
+        and not _compat._is_traced(values, xp)
+        and not bool(xp.all(xp.isfinite(values)))
     ):
-        ok = xp.isfinite(min_entropy)
-        detail = describe(min_entropy, ok, xp=xp) if min_entropy.ndim else repr(min_entropy)
+        ok = xp.isfinite(values)
+        detail = describe(values, ok, xp=xp) if values.ndim else repr(values)
         raise ValueError(f"`min_entropy` must be finite everywhere; {detail}")
     return xp, bool(full), min_entropy
 

@@ -72,10 +72,10 @@ def jax_traced_afresh(monkeypatch):
         from tr_projections.backends import jax as adapter
     except ImportError:  # no JAX installed
         return
-    for body in (adapter._forward, adapter._backward, adapter._outputs, adapter._distance,
-                 adapter._holds):  # fmt: skip
-        fresh = jax.jit(functools.partial(body), static_argnums=0)
-        monkeypatch.setattr(adapter, f"{body.__name__}_jit", fresh)
+    programs = [name for name in vars(adapter) if name.endswith("_jit")]  # (`_forward_jit`, ...)
+    for name in programs:  # each `jax.jit(body, static_argnums=0)` of the body `name[:-4]`
+        fresh = jax.jit(functools.partial(getattr(adapter, name[:-4])), static_argnums=0)
+        monkeypatch.setattr(adapter, name, fresh)
 
 
 @pytest.fixture(params=BACKENDS, scope="session")

@@ -842,8 +842,8 @@ def test_torch_func_transforms_check_values():
     values their tensors hold: ``vmap`` (the arguments stacked over the mapped axes, which come
     first), ``vmap`` over another axis, nested ``vmap``, ``vmap`` of ``grad`` and ``jacrev``
     refuse a bad std, Cholesky factor, bound or entropy bound by name, with the index of the
-    stacked arguments;
-    with the checks off a NaN stays in its own row, as it did under ``vmap`` before."""
+    stacked arguments; with the checks off a NaN stays in its own row, as it did under ``vmap``
+    before."""
     torch = pytest.importorskip("torch")
     mean, std, old_mean, old_std = (torch.asarray(a) for a in _valid(False))
     _, factor, _, old_factor = (torch.asarray(a) for a in _valid(True))

@@ -434,11 +434,15 @@ def render(result: dict[str, Any]) -> str:
             "max_memory_allocated; CuPy: memory-pool growth. Outputs and gradients count as extra.",
             "",
         ]
-    compiles = [c["compile_s"] for c in cells if c.get("compile_s") is not None]
-    if compiles:
+    compiled: dict[str, list[float]] = {}
+    for c in cells:
+        if c.get("compile_s") is not None:
+            compiled.setdefault(c["backend"], []).append(c["compile_s"])
+    for backend, compiles in sorted(compiled.items()):
         compiles.sort()
+        what = "JAX compilation" if backend.startswith("jax") else f"Compilation of {backend}"
         lines += [
-            f"JAX compilation (excluded above): median {compiles[len(compiles) // 2]:.2f} s, "
+            f"{what} (excluded above): median {compiles[len(compiles) // 2]:.2f} s, "
             f"max {compiles[-1]:.2f} s per cell.",
             "",
         ]

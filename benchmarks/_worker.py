@@ -307,7 +307,11 @@ class TorchBackend(Backend):
                 torch.set_num_interop_threads(threads)
             except RuntimeError:  # already set: interop pool started
                 pass
-        if name == "torch_cuda":
+        #: ``torch_compile``/``torch_cuda_compile``: the call (forward, or the loss and its
+        #: backward) under ``torch.compile(fullgraph=True, dynamic=False)``, compiled in
+        #: ``prepare`` (the time reported as ``compile_s``, excluded from the timings)
+        self.compiled = name.endswith("_compile")
+        if name.startswith("torch_cuda"):
             if not torch.cuda.is_available():
                 raise RuntimeError("torch reports no CUDA device")
             self.device = "cuda"
@@ -330,23 +334,43 @@ class TorchBackend(Backend):
         torch = self.torch
         x = [torch.asarray(a, device=self.device) for a in arrays]
         kw = {"method": method, "eps_mean": eps_mean, "eps_cov": eps_cov, **(options or {})}
+
+        def maybe_compiled(fn):
+            if not self.compiled:
+                return fn
+            # (each cell compiles the same code anew: without a reset, dynamo's limit of
+            # recompiles per function stops it after eight cells)
+            torch._dynamo.reset()
+            return torch.compile(fn, fullgraph=True, dynamic=False)
+
         if mode == "forward":
+            project = maybe_compiled(lambda m, s, om, os_: tuple(trp.project(m, s, om, os_, **kw)))
 
             def call():
-                return trp.project(*x, **kw)
+                return project(*x)
         else:
             leaves = [x[0].detach().requires_grad_(True), x[1].detach().requires_grad_(True)]
             g_mean, g_scale = (torch.asarray(g, device=self.device) for g in cotangents)
 
+            def weighted(m, s, om, os_):
+                out = trp.project(m, s, om, os_, **kw)
+                return (out.mean * g_mean).sum() + (out.scale * g_scale).sum()
+
+            loss_of = maybe_compiled(weighted)
+
             def call():
                 for leaf in leaves:
                     leaf.grad = None
-                out = trp.project(leaves[0], leaves[1], x[2], x[3], **kw)
-                loss = (out.mean * g_mean).sum() + (out.scale * g_scale).sum()
+                loss = loss_of(leaves[0], leaves[1], x[2], x[3])
                 loss.backward()
                 return leaves[0].grad, leaves[1].grad
 
-        return Prepared(call, self._sync)
+        compile_s = None
+        if self.compiled:
+            t0 = time.perf_counter()
+            self._sync(call())
+            compile_s = time.perf_counter() - t0
+        return Prepared(call, self._sync, compile_s)
 
     def _sync(self, _result) -> None:
         if self.device == "cuda":
@@ -459,7 +483,7 @@ class JaxBackend(Backend):
 def make_backend(name: str, threads: int) -> Backend:
     if name in ("numpy", "cupy"):
         return NumpyLike(name)
-    if name in ("torch", "torch_cuda"):
+    if name in ("torch", "torch_cuda", "torch_compile", "torch_cuda_compile"):
         return TorchBackend(name, threads)
     if name in ("jax", "jax_cuda"):
         return JaxBackend(name)

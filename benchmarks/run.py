@@ -77,6 +77,8 @@ BACKEND_MODULE = {
     "numpy": "numpy",
     "torch": "torch",
     "torch_cuda": "torch",
+    "torch_compile": "torch",  # (torch.compile of each call: asked for by name only)
+    "torch_cuda_compile": "torch",
     "jax": "jax",
     "jax_cuda": "jax",
     "cupy": "cupy",
@@ -280,7 +282,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     else:
         if gpu:  # "torch"/"jax" with --device cuda mean the GPU variants
             args.backends = [
-                {"torch": "torch_cuda", "jax": "jax_cuda"}.get(b, b) for b in args.backends
+                {
+                    "torch": "torch_cuda",
+                    "jax": "jax_cuda",
+                    "torch_compile": "torch_cuda_compile",
+                }.get(b, b)
+                for b in args.backends
             ]
         bad = sorted(set(args.backends) - set(BACKEND_MODULE))
         if bad:

@@ -1,5 +1,6 @@
 """The torch adapter: ``torch.autograd.gradcheck`` on every projection, active and inactive
-states; ``loss.backward()``, ``torch.func`` and ``torch.compile`` give the hand-written VJP."""
+states; ``loss.backward()`` and ``torch.func`` give the hand-written VJP (``torch.compile``:
+``test_torch_compile.py``)."""
 
 from __future__ import annotations
 
@@ -191,25 +192,3 @@ def test_torch_func_grad_and_vmap_agree_with_eager(method, kind):
     # only the mean part reaches the mean output: compare with the VJP of g = (gm, 0)
     want_mean = numpy_vjp(case, (gm.numpy(), np.zeros_like(gs.numpy())))[0]
     np.testing.assert_allclose(contracted.numpy(), want_mean, rtol=1e-10, atol=1e-12)
-
-
-# dynamo's note on tracing through (array_api_compat's) lru_cache-wrapped helpers is benign
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
-@pytest.mark.parametrize(("method", "kind"), [("kl", "diag"), ("wasserstein", "full")])
-def test_torch_compile_agrees_with_eager(method, kind):
-    case = make_case(25, method, kind == "full", d=2, batch=(3,))
-    args, kwargs = _tensors(case)
-    rng = np.random.default_rng(2)
-    gm = torch.tensor(rng.standard_normal(case.args[0].shape))
-    gs = torch.tensor(rng.standard_normal(case.args[1].shape))
-
-    def loss(mean, scale, old_mean, old_scale):
-        out = case.fn(mean, scale, old_mean, old_scale, **kwargs)
-        return (out.mean * gm).sum() + (out.scale * gs).sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(loss)
-    value = compiled(*args)
-    grads = torch.autograd.grad(value, args)
-    torch.testing.assert_close(value, loss(*args), rtol=1e-12, atol=1e-12)
-    assert_cotangents_close([x.numpy() for x in grads], numpy_vjp(case, (gm.numpy(), gs.numpy())))

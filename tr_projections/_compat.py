@@ -22,6 +22,8 @@ from typing import Any
 
 import array_api_compat as _aac
 
+from ._config import torch_compiling
+
 __all__ = [
     "array_namespace",
     "cholesky",
@@ -39,6 +41,8 @@ __all__ = [
     "is_numpy",
     "is_torch",
     "matmul",
+    "maximum",
+    "minimum",
     "nonzero_padded",
     "numpy_threads",
     "on_device",
@@ -115,6 +119,9 @@ def serial_decompositions(after: Array | None = None):
     backward pass continues). Yields a one-item list holding the last such output (``None``
     while there is none): the ``after`` of a block that must follow this one."""
     box = [after]
+    if torch_compiling():
+        yield box  # (for JAX only; and dynamo cannot trace the ContextVar)
+        return
     reset = _serial.set(box)
     try:
         yield box
@@ -141,8 +148,9 @@ def _in_turn(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(a: Array, *args: Any, xp: Namespace, **kwargs: Any) -> Any:
-        box = _serial.get()
-        if box is None or not is_jax(xp) or not _is_traced(a, xp):
+        # (is_jax first: torch.compile cannot trace the ContextVar's get)
+        box = _serial.get() if is_jax(xp) else None
+        if box is None or not _is_traced(a, xp):
             return fn(a, *args, xp=xp, **kwargs)
         if box[0] is not None:
             a = _after(a, box[0], xp=xp)
@@ -181,6 +189,7 @@ def solve_triangular(a: Array, b: Array, *, lower: bool = True, xp: Namespace) -
         n = a.shape[0] if a.ndim >= 3 else 0
         if (
             TRSM_PARALLEL_MIN_BATCH
+            and not torch_compiling()
             and n >= 2
             and math.prod(tuple(a.shape[:-2])) >= TRSM_PARALLEL_MIN_BATCH
             and a.ndim == b.ndim
@@ -668,6 +677,8 @@ def split_threads(xp: Namespace, a: Array | None = None) -> int:
     for plain CPU torch tensors (``a``, when given, is checked) ``torch.get_num_threads()``;
     :data:`LAPACK_THREADS` for both where it is set; never more than :data:`PARALLEL_MAX_PARTS`.
     1 for other arrays, and inside work that already runs split (:func:`in_lanes`)."""
+    if is_torch(xp) and torch_compiling():
+        return 1  # (traced: nothing runs split; nor can the ContextVar below be read)
     if _lane.get():
         return 1  # (a part of a split call: the call's threads are taken)
     if is_numpy(xp):
@@ -952,8 +963,11 @@ def _chunked(
         and not _blas_controlled()
     )
     threads = 1
-    if limit is None and n >= max(parallel_from, 2) and not large:
-        threads = min(_lapack_threads(a, xp), n)
+    if limit is None and not large:
+        # (threads first: under torch.compile it is 1, and the batch size is not compared)
+        parts = _lapack_threads(a, xp)
+        if parts > 1 and n >= max(parallel_from, 2):
+            threads = min(parts, n)
     if threads < 2 and (limit is None or n <= limit):
         with _numpy_lapack_lock if large and _lane.get() else contextlib.nullcontext():
             return tuple(fn(a))
@@ -1384,6 +1398,7 @@ def matmul(a: Array, b: Array, *, xp: Namespace) -> Array:
     if (
         TORCH_CPU_MATMUL_VIA_NUMPY
         and is_torch(xp)
+        and not torch_compiling()  # (before any test dynamo would have to trace)
         and a.ndim >= 3
         and b.ndim >= 2
         and all(
@@ -1519,6 +1534,28 @@ def copy(x: Array, *, xp: Namespace) -> Array:
     if is_numpy(xp) or is_cupy(xp):
         return _native_namespace(xp).array(x, copy=True, order="C")
     return xp.asarray(x, copy=True)
+
+
+def maximum(x: Array, y: Array | float, *, xp: Namespace) -> Array:
+    """``xp.maximum(x, y)`` of a real array ``x``. With torch and a Python number ``y`` it is
+    ``torch.clamp(x, min=y)``, the same values (NaN stays NaN): array-api-compat's ``maximum``
+    first turns the number into a tensor of ``torch.result_type(y, x)``, which costs a small
+    tensor per call and, under ``torch.compile``, a graph break."""
+    if isinstance(y, (int, float)) and is_torch(xp):
+        import torch
+
+        return torch.clamp(x, min=y)
+    return xp.maximum(x, y)
+
+
+def minimum(x: Array, y: Array | float, *, xp: Namespace) -> Array:
+    """``xp.minimum(x, y)`` of a real array ``x``; with torch and a Python number ``y``,
+    ``torch.clamp(x, max=y)`` (see :func:`maximum`)."""
+    if isinstance(y, (int, float)) and is_torch(xp):
+        import torch
+
+        return torch.clamp(x, max=y)
+    return xp.minimum(x, y)
 
 
 def row_sum(x: Array, *, xp: Namespace) -> Array:
@@ -1718,10 +1755,33 @@ def while_loop(
 
         jcond, jbody = _jax_loop_functions(cond, body, max_iter)
         return lax.while_loop(jcond, jbody, (0, state))[1]
-    if is_torch(xp) and _torch_compiling():
-        # torch.compile would unroll all max_iter iterations into its graph (minutes of compile
-        # time for the KL solver); a graph break runs the loop eagerly, with its early exit.
-        return _torch_eager_loop()(cond, body, state, max_iter, check_every, shrink, xp)
+    if is_torch(xp) and torch_compiling():
+        import torch
+
+        if not hasattr(torch, "while_loop"):  # (torch < 2.5: a graph break, the loop eager)
+            return _torch_eager_loop()(cond, body, state, max_iter, check_every, shrink, xp)
+        # Which entries the body passes through unchanged (constant data): they are closed over
+        # rather than carried, since the loop's body may not return its inputs. (This trial
+        # call's operations are unused: the compiler drops them.)
+        trial = body(state)
+        moving = [k for k, (x, y) in enumerate(zip(state, trial, strict=True)) if y is not x]
+
+        def full(carried):
+            s = list(state)
+            for k, x in zip(moving, carried, strict=True):
+                s[k] = x
+            return tuple(s)
+
+        def tcond(i, *carried):
+            return (i < max_iter) & torch.any(cond(full(carried)))
+
+        def tbody(i, *carried):
+            out = body(full(carried))
+            return (i + 1, *(out[k] for k in moving))
+
+        start = torch.zeros((), dtype=torch.int64, device=state[0].device)
+        out = torch.while_loop(tcond, tbody, (start, *(state[k] for k in moving)))
+        return full(out[1:])
     return _eager_loop(cond, body, state, max_iter, check_every, shrink, xp)
 
 
@@ -1764,12 +1824,6 @@ def _eager_loop(
                 )
         state = body(state)
     return state
-
-
-def _torch_compiling() -> bool:
-    import torch
-
-    return bool(torch.compiler.is_compiling())
 
 
 _TORCH_EAGER_LOOP: list[Callable] = []

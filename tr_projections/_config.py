@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 from collections.abc import Iterator
 
 __all__ = ["checks", "checks_enabled", "set_checks"]
@@ -70,6 +71,22 @@ def checks_enabled() -> bool:
     """Whether value checks run for eager arrays in the current context."""
     override = _OVERRIDE.get()
     return _GLOBAL[0] if override is None else override
+
+
+def torch_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the caller now (``False`` where torch has not been
+    imported: this does not import it). Under tracing, the package reads no
+    :class:`~contextvars.ContextVar`: dynamo cannot trace one, and would break the graph."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_compiling())
+
+
+def checks_to_run() -> bool:
+    """:func:`checks_enabled`, but ``False`` while ``torch.compile`` traces, where no value can
+    be read. For the package's own checks."""
+    if torch_compiling():
+        return False
+    return checks_enabled()
 
 
 def set_checks(enabled: bool) -> bool:

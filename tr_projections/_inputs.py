@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _compat
-from ._config import checks_enabled
+from ._config import checks_to_run
 from ._values import check_gaussian_values, describe, in_range
 from .gaussian import is_full
 
@@ -113,7 +113,7 @@ def unbroadcast(x: Array, like: Array, *, xp: Any) -> Array:
 
 def broadcast_shapes(named: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     """NumPy broadcasting of the named shapes, with an error that lists them."""
-    ndim = max((len(s) for s in named.values()), default=0)
+    ndim = max([0] + [len(s) for s in named.values()])  # (a list: torch.compile traces it)
     out = []
     for axis in range(-ndim, 0):
         size = 1
@@ -240,7 +240,7 @@ def prepare(
 
     dtype = xp.result_type(*arrays.values())
     if check_values is None:
-        check_values = checks_enabled()
+        check_values = checks_to_run()
     if check_values:
         check_gaussian_values(arrays, full=full, dtype=dtype, xp=xp, roots=roots)
 
@@ -286,7 +286,7 @@ def check_scale(scale: Any, full: bool | None, *, name: str = "scale") -> tuple[
             f"Cholesky factor) with d >= 1, got {tuple(scale.shape)}"
             + (" with full=True" if full else "")
         )
-    if checks_enabled():
+    if checks_to_run():
         check_gaussian_values({name: scale}, full=bool(full), dtype=scale.dtype, xp=xp)
     return xp, bool(full)
 
@@ -373,7 +373,7 @@ def bound(eps: Any, name: str, problem: Problem, *, as_number: bool = False) -> 
     if not xp.isdtype(eps.dtype, "real floating"):
         eps = xp.astype(eps, problem.dtype)  # integers: exact enough, and no overflow
     values = _compat.readable(eps, xp=xp)  # (eager jax.grad, torch.func: the values)
-    if checks_enabled() and not _compat._is_traced(values, xp):
+    if checks_to_run() and not _compat._is_traced(values, xp):
         # Checked before the cast, in the bound's own dtype, so a float64 bound that would
         # overflow float32 is reported rather than silently (or noisily) becoming inf.
         own = xp.finfo(eps.dtype)

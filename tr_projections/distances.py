@@ -84,7 +84,7 @@ def kl_h(x: Array, t: Array, *, xp: Any, series: bool = True) -> Array:
     them there.
     """
     finfo = xp.finfo(x.dtype)
-    direct = xp.log1p(xp.maximum(x, finfo.eps - 1.0)) - x / t
+    direct = xp.log1p(_compat.maximum(x, finfo.eps - 1.0, xp=xp)) - x / t
     if not series:
         return direct
     small = xp.abs(x) < _h_series_threshold(x.dtype, xp=xp)
@@ -203,7 +203,9 @@ def kl_eigs(
     finfo = xp.finfo(scale.dtype)
     if not full:
         q = old_scale / scale
-        return KLEigs((q - 1.0) * (q + 1.0), xp.maximum(q * q, finfo.smallest_normal), None)
+        return KLEigs(
+            (q - 1.0) * (q + 1.0), _compat.maximum(q * q, finfo.smallest_normal, xp=xp), None
+        )
     d = scale.shape[-1]
     if F is None:
         F = kl_f(scale, old_scale, xp=xp)

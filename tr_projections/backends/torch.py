@@ -119,13 +119,13 @@ def _via_numpy(kind: str, tensors: tuple, others: tuple = ()) -> bool:
     same count forward and backward), no compiler or transform active."""
     if not all(isinstance(t, (torch.Tensor, int, float)) for t in tensors):
         return False  # (another library's array: the torch route reports it)
+    if not _eager_cpu(tensors):
+        return False  # (first: under torch.compile, nothing below is traced)
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     if sum(t.numel() for t in ts) > _limit(kind, ts):
         return False
-    return (
-        _eager_cpu(tensors)
-        and all(t.dtype in _NUMPY_DTYPES for t in ts)
-        and all(r is None or _plain_cpu(r) for r in others)
+    return all(t.dtype in _NUMPY_DTYPES for t in ts) and all(
+        r is None or _plain_cpu(r) for r in others
     )
 
 
@@ -225,6 +225,19 @@ class _Operation(torch.autograd.Function):
 
 def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
     """Outputs of operation ``kind``, differentiable with torch autograd and ``torch.func``."""
-    static = (kind, tuple(sorted(options.items())), len(bounds))
-    out = _Operation.apply(static, *bounds, *arrays)
+    # (sorted by key alone: under torch.compile with dynamic shapes an option may be a symbolic
+    # bool, which dynamo cannot compare)
+    static = (kind, tuple(sorted(options.items(), key=lambda kv: kv[0])), len(bounds))
+    if torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(_records(t) for t in (*bounds, *arrays))
+    ):
+        # Nothing to differentiate: the forward alone. (Under torch.compile, torch 2.13's dynamo
+        # passes the Function's forward a context as ``static`` when no input requires grad.)
+        out = _Operation.forward(static, *bounds, *arrays)
+    else:
+        out = _Operation.apply(static, *bounds, *arrays)
     return tuple(out[: _common.OPERATIONS[kind].n_out])
+
+
+def _records(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad

@@ -632,10 +632,14 @@ def applies(p: Any) -> bool:
     _check_settings()
     if FUSED == "off" or p.full or math.prod(p.batch) == 0 or p.d == 0:
         return False
+    xp = p.xp
+    # (torch first: under torch.compile, filling the cache of _dtype_name would be a guard
+    # failure, a recompile on the next call)
+    if _compat.is_torch(xp) and not _torch_takes(p.mean, p.scale, p.old_mean, p.old_scale):
+        return False
     name = _dtype_name(p)
     if name not in ("float32", "float64"):
         return False
-    xp = p.xp
     on_cpu = FUSED_CPU == "on" and name not in _host_failed
     on_gpu = name not in _failed
     if _compat.is_numpy(xp):
@@ -643,8 +647,6 @@ def applies(p: Any) -> bool:
     if _compat.is_cupy(xp):
         return on_gpu and _compat._cupy_sees_gpu()
     if not _compat.is_torch(xp):
-        return False
-    if not _torch_takes(p.mean, p.scale, p.old_mean, p.old_scale):
         return False
     device = p.scale.device.type
     if device == "cpu":

@@ -12,7 +12,7 @@ import math
 from typing import Any, NamedTuple
 
 from .. import _compat
-from .._config import checks_enabled
+from .._config import checks_to_run
 from .._inputs import broadcast_shapes, check_scale, namespace_of
 from .._values import describe
 from ..gaussian import _entropy, diag_embed, diagonal
@@ -74,7 +74,7 @@ def entropy_inputs(scale: Array, min_entropy: Any, full: bool | None) -> tuple[A
         raise TypeError(f"`min_entropy` must have a real dtype, got {min_entropy.dtype}")
     values = _compat.readable(min_entropy, xp=xp)  # (eager jax.grad, torch.func: the values)
     if (
-        checks_enabled()
+        checks_to_run()
         and math.prod(shape) > 0
         and not _compat._is_traced(values, xp)
         and not bool(xp.all(xp.isfinite(values)))

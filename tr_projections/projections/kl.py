@@ -22,7 +22,7 @@ import math
 from typing import Any, NamedTuple
 
 from .. import _rows
-from .._compat import count_true, matmul, row_sum, while_loop
+from .._compat import count_true, matmul, maximum, minimum, row_sum, while_loop
 from .._inputs import Problem, unbroadcast
 from .._rows import choose, choose_slots, fields, from_fields, on_rows, put
 from ..distances import (
@@ -96,7 +96,7 @@ def _g_and_slopes(s: Array, a: Array, lam: Array, *, xp: Any) -> tuple[Array, Ar
     if finfo.eps > 1e-10:
         h = kl_h(x, t, xp=xp)
     else:  # the direct form, sharing x / t
-        h = xp.log1p(xp.maximum(x, finfo.eps - 1.0)) - r
+        h = xp.log1p(maximum(x, finfo.eps - 1.0, xp=xp)) - r
     r2 = r * r
     curv = row_sum(r2 / t, xp=xp) if _halley(a.dtype, xp=xp) else None
     return 0.5 * row_sum(h, xp=xp), 0.5 * row_sum(r2, xp=xp), curv
@@ -127,8 +127,8 @@ def _step(s: Array, a: Array, lam: Array, log_eps: Array, *, xp: Any) -> tuple:
     head of both :func:`_fast_step` and :func:`_newton_step`."""
     tiny = xp.finfo(a.dtype).smallest_normal
     g, slope, curv = _g_and_slopes(s, a, lam, xp=xp)
-    g = xp.maximum(g, tiny)
-    slope = xp.maximum(slope, tiny)
+    g = maximum(g, tiny, xp=xp)
+    slope = maximum(slope, tiny, xp=xp)
     f = xp.log(g) - log_eps
     newton = -f * (g / slope)
     ds, halley = _halley_step(newton, g, slope, curv, xp=xp)
@@ -154,7 +154,7 @@ def _fast_step(
     err = xp.maximum(xp.abs(newton), xp.abs(f))
     converged = err <= tol if halley is None else (err <= tol3) & halley
     # (maximum/minimum: array-api-compat's clip with an array bound costs twice as much)
-    return xp.minimum(xp.maximum(s + ds, log_lo), 0.0), converged
+    return minimum(xp.maximum(s + ds, log_lo), 0.0, xp=xp), converged
 
 
 def _running(state: tuple) -> Array:
@@ -259,13 +259,14 @@ def solve_log_tau(eigs: KLEigs, g1: Array, eps: Array, *, xp: Any) -> Array:
     # Cubic model: one correction factor, kept within [1/2, 2]; a^3 is formed as (a^2/S)(tau0 a)
     # so that it cannot overflow.
     corr = 1.0 + (2.0 / 3.0) * row_sum((a2 / S[:, None]) * (tau0[:, None] * a), xp=xp)
-    s_cubic = xp.log(xp.minimum(xp.maximum(tau0 * xp.minimum(xp.maximum(corr, 0.5), 2.0), lo), one))
+    corr = minimum(maximum(corr, 0.5, xp=xp), 2.0, xp=xp)
+    s_cubic = xp.log(xp.minimum(xp.maximum(tau0 * corr, lo), one))
     log_eps = xp.log(eps)
     f_hi = xp.log(g1) - log_eps  # > 0 on every row (inactive ones: g1 = 1 + eps)
     # Halley's (float32: Newton's) step from tau = 1 (s = 0), where t = lam: r = a / lam.
     r2 = a / lam
     r2 = r2 * r2
-    slope = xp.maximum(0.5 * row_sum(r2, xp=xp), xp.finfo(a.dtype).smallest_normal)
+    slope = maximum(0.5 * row_sum(r2, xp=xp), xp.finfo(a.dtype).smallest_normal, xp=xp)
     curv = row_sum(r2 / lam, xp=xp) if _halley(a.dtype, xp=xp) else None
     ds, _ = _halley_step(-f_hi * (g1 / slope), g1, slope, curv, xp=xp)
     s_halley = xp.minimum(xp.maximum(ds, log_lo), zero)

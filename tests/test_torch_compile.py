@@ -169,3 +169,24 @@ def test_forward_without_gradients(no_grad):
         assert not a.requires_grad
         torch.testing.assert_close(a, b, **TOL)
     assert backend.graphs == 1
+
+
+def test_eager_calls_while_another_thread_compiles(monkeypatch):
+    # While torch.compile compiles (seconds), torch 2.13 sets torch.compiler.is_compiling() for
+    # the whole process. Eager calls on other threads meanwhile still check their values and
+    # take their eager routes: the package asks whether dynamo traces *this* call.
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+    assert torch.compiler.is_compiling()
+    case = make_case(34, "kl", False, d=3, batch=(4,))
+    bad = case.args[1].copy()
+    bad[0, 0] = np.nan
+    arrays = (case.args[0], bad, *case.args[2:])
+    with pytest.raises(ValueError, match="`scale`"):
+        trp.project_kl(*arrays, **case.kwargs)  # NumPy
+    with pytest.raises(ValueError, match="`scale`"):
+        trp.project_kl(*_tensors(arrays, requires_grad=False), **_kwargs(case))
+    args = _tensors(case.args)
+    out = trp.project_kl(*args, **_kwargs(case))
+    assert out.scale.grad_fn is not None  # (through the autograd.Function)
+    want = trp.project_kl(*case.args, **case.kwargs)
+    np.testing.assert_allclose(out.scale.detach().numpy(), want.scale, rtol=1e-12, atol=1e-14)

@@ -963,11 +963,15 @@ def _chunked(
         and not _blas_controlled()
     )
     threads = 1
-    if limit is None and not large:
-        # (threads first: under torch.compile it is 1, and the batch size is not compared)
-        parts = _lapack_threads(a, xp)
-        if parts > 1 and n >= max(parallel_from, 2):
-            threads = min(parts, n)
+    # (not while torch.compile traces: nothing runs split there, and comparing the batch size
+    # would be a guard on it)
+    if (
+        limit is None
+        and not large
+        and not (is_torch(xp) and torch_compiling())
+        and n >= max(parallel_from, 2)
+    ):
+        threads = min(_lapack_threads(a, xp), n)
     if threads < 2 and (limit is None or n <= limit):
         with _numpy_lapack_lock if large and _lane.get() else contextlib.nullcontext():
             return tuple(fn(a))
@@ -1057,11 +1061,7 @@ def _torch_plain(*ts: Array) -> bool:
     import torch
     from torch.autograd import forward_ad
 
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or torch.jit.is_tracing()
-    ):
+    if torch_compiling() or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
         return False
     return all(
         type(t) in (torch.Tensor, torch.nn.Parameter)
@@ -1540,7 +1540,8 @@ def maximum(x: Array, y: Array | float, *, xp: Namespace) -> Array:
     """``xp.maximum(x, y)`` of a real array ``x``. With torch and a Python number ``y`` it is
     ``torch.clamp(x, min=y)``, the same values (NaN stays NaN): array-api-compat's ``maximum``
     first turns the number into a tensor of ``torch.result_type(y, x)``, which costs a small
-    tensor per call and, under ``torch.compile``, a graph break."""
+    tensor per call and, under ``torch.compile``, a graph break. (Where ``x`` equals ``y``
+    exactly, autograd gives ``x`` the whole gradient, where ``torch.maximum`` gives half.)"""
     if isinstance(y, (int, float)) and is_torch(xp):
         import torch
 
@@ -1702,9 +1703,7 @@ def _is_traced(x: Array, xp: Namespace) -> bool:
 
         return isinstance(x, jax.core.Tracer)
     if is_torch(xp):
-        import torch
-
-        if torch.compiler.is_compiling():
+        if torch_compiling():
             return True
         try:
             from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
@@ -1738,8 +1737,10 @@ def while_loop(
     elements unchanged (it is written with ``xp.where``), so running it more often than needed is
     harmless. Under JAX tracing (``jit``, ``vmap``, ``grad``) the loop is one ``lax.while_loop``;
     under ``torch.func`` transforms, where the mask cannot be read, it simply runs ``max_iter``
-    times; under ``torch.compile`` the loop is a graph break and runs eagerly (unrolling
-    ``max_iter`` iterations into the graph takes minutes to compile). Eager arrays (JAX included,
+    times; under ``torch.compile`` it is one ``torch.while_loop`` (torch 2.5 and later; before,
+    a graph break that runs it eagerly: unrolling ``max_iter`` iterations into the graph takes
+    minutes to compile), whose body returns only the entries it changes (the loop's body may
+    not return its inputs unchanged). Eager arrays (JAX included,
     which would otherwise compile the loop anew for every shape) read the mask every
     ``check_every`` iterations, one scalar a check.
 
@@ -1762,7 +1763,8 @@ def while_loop(
             return _torch_eager_loop()(cond, body, state, max_iter, check_every, shrink, xp)
         # Which entries the body passes through unchanged (constant data): they are closed over
         # rather than carried, since the loop's body may not return its inputs. (This trial
-        # call's operations are unused: the compiler drops them.)
+        # call's operations are unused: AOT autograd's backends, inductor's among them, drop
+        # them; dynamo's "eager" backend runs them.)
         trial = body(state)
         moving = [k for k, (x, y) in enumerate(zip(state, trial, strict=True)) if y is not x]
 
@@ -1879,13 +1881,12 @@ def readable(x: Array, *, xp: Namespace) -> Array:
 
 def _torch_values(x: Array) -> Array:
     # The plain tensor under a torch.func transform's wrappers (see readable).
-    import torch
 
     try:
         from torch._C import _functorch as ft
     except ImportError:  # pragma: no cover - older torch
         return x
-    if torch.compiler.is_compiling():
+    if torch_compiling():
         return x
     while ft.is_batchedtensor(x) or ft.is_functorch_wrapped_tensor(x):
         if ft.is_batchedtensor(x):

@@ -74,11 +74,19 @@ def checks_enabled() -> bool:
 
 
 def torch_compiling() -> bool:
-    """Whether ``torch.compile`` is tracing the caller now (``False`` where torch has not been
-    imported: this does not import it). Under tracing, the package reads no
-    :class:`~contextvars.ContextVar`: dynamo cannot trace one, and would break the graph."""
+    """Whether ``torch.compile`` (dynamo) is tracing the caller now (``False`` where torch has
+    not been imported: this does not import it). Under tracing, the package reads no
+    :class:`~contextvars.ContextVar`: dynamo cannot trace one, and would break the graph.
+
+    ``torch.compiler.is_dynamo_compiling``, not ``is_compiling``: the latter is one flag for the
+    whole process while a compilation runs (torch 2.13), so another thread's eager calls would
+    read ``True`` and skip their value checks; the former is ``False`` eagerly and ``True`` in
+    dynamo's trace only."""
     torch = sys.modules.get("torch")
-    return torch is not None and bool(torch.compiler.is_compiling())
+    if torch is None:
+        return False
+    compiler = torch.compiler
+    return bool(getattr(compiler, "is_dynamo_compiling", compiler.is_compiling)())
 
 
 def checks_to_run() -> bool:

@@ -4,7 +4,7 @@
 differentiable) outputs and saved with ``save_for_backward``, which is what ``torch.func``
 requires; ``generate_vmap_rule`` lets ``torch.func.vmap`` batch forward and backward. Under
 ``torch.func`` transforms the KL solver cannot read its convergence mask and runs its fixed
-iteration cap; under ``torch.compile`` its loop is a graph break and runs eagerly with its early
+iteration cap; under ``torch.compile`` its loop is a ``torch.while_loop`` with the same early
 exit (see :func:`tr_projections._compat.while_loop`). Gradients are first order: ``backward`` is
 ``once_differentiable``, so a double backward raises instead of silently missing terms. Only the
 cotangents autograd asks for are computed (``ctx.needs_input_grad``): with a constant old policy,
@@ -31,6 +31,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _compat
+from .._config import torch_compiling
 from . import _common
 
 #: CPU calls whose array arguments hold at most this many numbers in all run on NumPy views
@@ -107,7 +108,7 @@ def _eager_cpu(tensors: tuple) -> bool:
     compiler or batching transform (``torch.func.vmap``) is active: the calls that may run in
     chunks or on NumPy views. (``torch.func.grad`` and ``vjp`` have lowered their transform by
     the time ``forward`` runs.)"""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(_plain_cpu(t) for t in tensors if isinstance(t, torch.Tensor))
 
@@ -228,7 +229,7 @@ def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:
     # (sorted by key alone: under torch.compile with dynamic shapes an option may be a symbolic
     # bool, which dynamo cannot compare)
     static = (kind, tuple(sorted(options.items(), key=lambda kv: kv[0])), len(bounds))
-    if torch.compiler.is_compiling() and not (
+    if torch_compiling() and not (
         torch.is_grad_enabled() and any(_records(t) for t in (*bounds, *arrays))
     ):
         # Nothing to differentiate: the forward alone. (Under torch.compile, torch 2.13's dynamo

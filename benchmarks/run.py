@@ -153,8 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--backends",
         type=_csv(str),
-        help=f"comma list from {CPU_BACKENDS + GPU_BACKENDS}; default: the installed ones of "
-        "--device (cpu: numpy,torch,jax, with --quick numpy,torch; cuda: torch_cuda,cupy,jax_cuda)",
+        help=f"comma list from {CPU_BACKENDS + GPU_BACKENDS}, or torch_compile (each call "
+        "under torch.compile; by name only); default: the installed ones of --device (cpu: "
+        "numpy,torch,jax, with --quick numpy,torch; cuda: torch_cuda,cupy,jax_cuda)",
     )
     p.add_argument("--methods", type=_csv(str), default=list(METHODS))
     p.add_argument("--kinds", type=_csv(str), default=list(KINDS))

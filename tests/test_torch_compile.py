@@ -63,8 +63,8 @@ def _case_fn(what: str, method: str, kind: str):
     case = make_case(31, method, kind == "full", d=3, batch=(4,))
     rng = np.random.default_rng(5)
     weights = [torch.tensor(rng.standard_normal(case.args[k].shape)) for k in (0, 1)]
+    kwargs = _kwargs(case)  # (once, outside the compiled function)
     if what == "project":
-        kwargs = _kwargs(case)
         return (lambda *a: _weighted(case.fn(*a, **kwargs), weights)), case
     if what == "loss":
         return (
@@ -78,9 +78,10 @@ def _case_fn(what: str, method: str, kind: str):
         return (lambda m, s, om, os: (trp.project_entropy(s, beta) * weights[1]).sum()), case
 
     # W2 of symmetric roots: the roots of the case's covariances
+    sq = (lambda L: L @ L.mT) if kind == "full" else (lambda x: x)
+
     def roots(m, s, om, os):
-        sq = (lambda L: L @ L.mT) if kind == "full" else (lambda x: x)
-        out = trp.project_wasserstein(m, sq(s), om, sq(os), root=True, **_kwargs(case))
+        out = trp.project_wasserstein(m, sq(s), om, sq(os), root=True, **kwargs)
         return _weighted(out, weights)
 
     return roots, case
@@ -114,20 +115,15 @@ def test_captured_whole_and_compiled_once(what, method, kind):
 
 
 def test_other_batch_sizes_compile_once_more():
+    def fn(*a):
+        return trp.project_kl(*a, eps_mean=0.05, eps_cov=0.02).scale.sum()
+
     backend = Counting()
     torch._dynamo.reset()
-    compiled = torch.compile(
-        lambda *a: trp.project_kl(*a, eps_mean=0.05, eps_cov=0.02).scale.sum(),
-        fullgraph=True,
-        backend=backend,
-    )
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
     for n in (5, 9, 300, 17):
         case = make_case(n, "kl", False, d=3, batch=(n,))
-        _agree(
-            lambda *a: trp.project_kl(*a, eps_mean=0.05, eps_cov=0.02).scale.sum(),
-            _tensors(case.args),
-            compiled,
-        )
+        _agree(fn, _tensors(case.args), compiled)
     assert backend.graphs == 2  # the first shape, then every batch size at once
 
 

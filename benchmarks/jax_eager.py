@@ -17,7 +17,9 @@ with the routes alternating, so compilation caches carry over from nothing. Each
 * ``same``: the median of ``--calls`` calls repeating the last one.
 
 ``fwd`` is ``trp.project``; ``fwd+bwd`` is ``jax.vjp`` of it in the new policy's mean and scale
-and its VJP of fixed cotangents.
+and its VJP of fixed cotangents. ``vmap`` is an eager ``jax.vmap`` of ``trp.project`` over the
+states (each call one state), ``vmap+grad`` an eager ``jax.vmap`` of ``jax.grad`` of the sum of
+its outputs times fixed cotangents, in the new policy's mean and scale (a per-state gradient).
 
 ``dist`` is the distance of the same name (``trp.kl``, ``trp.frobenius``, ``trp.wasserstein``)
 alone, ``dist+grad`` an eager ``jax.grad`` of the sum of its two parts in the new policy's mean
@@ -114,6 +116,18 @@ else:
         kw = dict(method=method, eps_mean=b[0], eps_cov=b[1])
         if mode == "fwd":
             return jax.block_until_ready(trp.project(*x, **kw))
+        if mode.startswith("vmap"):  # (an eager jax.vmap over the states, one state a call)
+            def project(m, s, om, os_):
+                return trp.project(m, s, om, os_, **kw)
+
+            if mode == "vmap":
+                return jax.block_until_ready(jax.vmap(project)(*x))
+
+            def loss(m, s, om, os_, gm, gs):
+                out = project(m, s, om, os_)
+                return jnp.sum(out.mean * gm) + jnp.sum(out.scale * gs)
+
+            return jax.block_until_ready(jax.vmap(jax.grad(loss, (0, 1)))(*x, *g))
         out, vjp_fn = jax.vjp(lambda m, s: trp.project(m, s, x[2], x[3], **kw), x[0], x[1])
         return jax.block_until_ready(vjp_fn(g))
 
@@ -149,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--methods", default="kl,frobenius,wasserstein")
     ap.add_argument("--kinds", default="diag,full")
-    ap.add_argument("--modes", default="fwd,fwd+bwd", help="among fwd, fwd+bwd, dist, dist+grad")
+    ap.add_argument(
+        "--modes",
+        default="fwd,fwd+bwd",
+        help="among fwd, fwd+bwd, vmap, vmap+grad, dist, dist+grad",
+    )
     ap.add_argument("--data", default="near", choices=("near", "far"), help="for dist modes")
     ap.add_argument("--dim", type=int, default=6)
     ap.add_argument("--batches", default="1e3,1e4,1e5")

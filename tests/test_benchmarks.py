@@ -375,12 +375,13 @@ def test_root_routes_benchmark_runs():
 
 
 def test_jax_eager_benchmark_runs():
-    """``benchmarks/jax_eager.py`` times both routes of concrete JAX arrays in fresh processes
-    and counts compilations; the compiled route compiles nothing for new bounds (a cell that op
-    by op compiles nothing either: diagonal Frobenius, which selects no rows below 8,192)."""
+    """``benchmarks/jax_eager.py`` times both routes of concrete JAX arrays, and of an eager
+    ``jax.vmap`` of ``jax.grad`` (mode ``vmap+grad``), in fresh processes and counts
+    compilations; the compiled route compiles nothing for new bounds (a cell that op by op
+    compiles nothing either: diagonal Frobenius, which selects no rows below 8,192)."""
     pytest.importorskip("jax")
     proc = _script(
-        "jax_eager.py", "--methods", "frobenius", "--kinds", "diag", "--modes", "fwd",
+        "jax_eager.py", "--methods", "frobenius", "--kinds", "diag", "--modes", "fwd,vmap+grad",
         "--batches", "100", "--calls", "2", timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -389,10 +390,10 @@ def test_jax_eager_benchmark_runs():
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.split("|")[1:-1]]
         if len(cells) == 10 and cells[0] == "frobenius":
-            rows[cells[4]] = cells
-    assert set(rows) == {"op by op", "compiled"}
+            rows[cells[2], cells[4]] = cells
+    assert set(rows) == {(m, r) for m in ("fwd", "vmap+grad") for r in ("op by op", "compiled")}
     assert all(float(r[k].replace(",", "")) > 0 for r in rows.values() for k in (5, 7, 9))
-    assert rows["compiled"][8] == "0"
+    assert rows["fwd", "compiled"][8] == "0" and rows["vmap+grad", "compiled"][8] == "0"
 
 
 def _table_rows(stdout: str, prefix: str) -> list[list[str]]:

@@ -236,6 +236,130 @@ def test_compiled_route_agrees_with_numpy_for_roots_the_loss_and_float32():
     assert np.max(np.abs(np.asarray(scaled.mean) - np.asarray(plain.mean))) > 1e-6
 
 
+# ------------------------------------------------------------------------------ eager vmap
+
+
+def _spy_on_programs(monkeypatch) -> dict:
+    """Counts of the calls of the operations' compiled programs whose arguments include a
+    tracer of ``jax.vmap`` (name -> count)."""
+    calls = {"_outputs_jit": 0, "_forward_jit": 0, "_backward_jit": 0}
+    for name in calls:
+        real = getattr(adapter, name)
+
+        def spy(*a, real=real, name=name):
+            leaves = jax.tree_util.tree_leaves(a[1:])
+            calls[name] += any(isinstance(v, jax.core.Tracer) for v in leaves)
+            return real(*a)
+
+        monkeypatch.setattr(adapter, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "method,kind", [("kl", "full"), ("kl", "diag"), ("wasserstein", "full"), ("frobenius", "diag")]
+)
+def test_eager_vmap_runs_the_compiled_programs(method, kind, monkeypatch):
+    """An eager ``jax.vmap`` over the states (of a projection, and of ``jax.grad`` of a loss
+    through it) runs the compiled programs, batched by JAX, instead of each operation on its
+    own: NumPy's outputs and all four cotangents, and new bounds compile nothing."""
+    full = kind == "full"
+    args = _policies(full, (8,), 3, seed=60 + full)
+    g = _cotangents(args, full, 11)
+    x = [jnp.asarray(a) for a in args]
+    gx = [jnp.asarray(a) for a in g]
+    fn = PROJECTIONS[method]
+    spy = _spy_on_programs(monkeypatch)
+    compiled = []
+    for quantile in (0.3, 0.8):
+        eps = _bounds(method, args, quantile)
+
+        def project(m, s, om, os_, eps=eps):
+            return fn(m, s, om, os_, eps_mean=eps[0], eps_cov=eps[1])
+
+        def loss(m, s, om, os_, gm, gs, eps=eps):
+            out = project(m, s, om, os_)
+            return jnp.sum(out.mean * gm) + jnp.sum(out.scale * gs)
+
+        before = _COMPILES[0]
+        out = jax.block_until_ready(jax.vmap(project)(*x))
+        cots = jax.block_until_ready(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3)))(*x, *gx))
+        compiled.append(_COMPILES[0] - before)
+        _close([*out, *cots], _numpy(method, args, eps, g))
+    assert spy == {"_outputs_jit": 2, "_forward_jit": 2, "_backward_jit": 2}
+    assert compiled[0] > 0 and compiled[1] == 0, compiled
+    _assert_listener_counts()
+
+
+def test_eager_vmap_over_other_axes_shared_arguments_and_bound_arrays(monkeypatch):
+    """The compiled programs under an eager ``jax.vmap`` over another axis, over an unbatched
+    (shared) old policy, nested, and with a bound array mapped state by state, and in
+    ``trp.vjp``: the outputs and cotangents of the same call on the whole batch."""
+    args = _policies(True, (6,), 3, seed=21, old_batch=())
+    x = [jnp.asarray(a) for a in args]
+    eps = _bounds("kl", args, 0.5)
+    em, ec = eps[0], np.linspace(0.5, 1.5, 6) * eps[1]
+    want = trp.project_kl(*args, eps_mean=em, eps_cov=ec)
+    spy = _spy_on_programs(monkeypatch)
+
+    def project(m, s, e):
+        return trp.project_kl(m, s, x[2], x[3], eps_mean=em, eps_cov=e)
+
+    shared = jax.vmap(project)(x[0], x[1], jnp.asarray(ec))
+    moved = jax.vmap(project, in_axes=(1, 2, 0))(x[0].T, jnp.moveaxis(x[1], 0, 2), ec)
+    nested = jax.vmap(jax.vmap(project))(*(jnp.reshape(v, (2, 3, *v.shape[1:]))
+                                         for v in (x[0], x[1], jnp.asarray(ec))))  # fmt: skip
+    for got in (shared, moved):
+        _close(got, list(want))
+    _close([jnp.reshape(v, want[i].shape) for i, v in enumerate(nested)], list(want))
+    assert spy["_outputs_jit"] == 3
+
+    g = _cotangents(args[:2], True, 3)
+
+    def vjp(m, s, e, gm, gs):
+        out, vjp_fn = trp.vjp(trp.project_kl, m, s, x[2], x[3], eps_mean=em, eps_cov=e)
+        return (*out, *vjp_fn(trp.Gaussian(gm, gs), wrt=("mean", "scale"))[:2])
+
+    got = jax.vmap(vjp)(x[0], x[1], jnp.asarray(ec), *(jnp.asarray(v) for v in g))
+    _, vjp_np = trp.vjp(trp.project_kl, *args, eps_mean=em, eps_cov=ec)
+    _close(got, [*want, *vjp_np(trp.Gaussian(*g), wrt=("mean", "scale"))[:2]])
+    assert spy["_forward_jit"] == 1 and spy["_backward_jit"] == 1
+
+
+def test_eager_vmap_checks_arguments_and_jit_traces_as_it_is(monkeypatch):
+    """Under an eager ``jax.vmap`` the arguments' shapes and the bounds given as numbers are
+    checked first, with the errors of the op-by-op route; a ``vmap`` under ``jit``, and a
+    ``jit`` under ``vmap``, trace the projection as it is (no program called) and agree."""
+    args = [jnp.asarray(a) for a in _policies(False, (5,), 2, seed=3)]
+
+    def errors(old, **kw):
+        found = []
+        for eager_jit in (True, False):
+            monkeypatch.setattr(adapter, "EAGER_JIT", eager_jit)
+            with pytest.raises(ValueError) as info:
+                jax.vmap(lambda m, s: trp.project_kl(m, s, *old, **kw))(*args[:2])
+            found.append(str(info.value))
+        monkeypatch.setattr(adapter, "EAGER_JIT", True)
+        return found
+
+    on, off = errors(args[2:], eps_mean=-0.1, eps_cov=0.1)
+    assert "`eps_mean`" in on and on == off
+    on, off = errors((args[2][:, :1], args[3]), eps_mean=0.1, eps_cov=0.1)
+    assert "`old_mean`" in on and on == off
+
+    spy = _spy_on_programs(monkeypatch)
+
+    def project(m, s):
+        return trp.project_kl(m, s, *args[2:], eps_mean=0.05, eps_cov=0.05)
+
+    eager = jax.vmap(project)(*args[:2])
+    assert spy["_outputs_jit"] == 1
+    for traced in (jax.jit(jax.vmap(project)), jax.vmap(jax.jit(project))):
+        got = traced(*args[:2])
+        for a, b in zip(got, eager, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+    assert spy["_outputs_jit"] == 1
+
+
 # --------------------------------------------------------------------------- distances
 
 
@@ -328,8 +452,8 @@ def test_distances_of_roots_and_diagonals_on_the_compiled_route(monkeypatch):
 def test_distance_hessian_and_transforms_match_the_op_by_op_route(monkeypatch):
     """The compiled distance is differentiated by JAX itself, to any order: the Hessian of the
     KL in the scale (the curvature TRPO's natural gradient uses) and a forward-mode Jacobian
-    equal the op-by-op route's; under ``vmap`` and ``jit`` the distance runs as it is (the
-    program is not called) and gives the same values."""
+    equal the op-by-op route's; an eager ``vmap`` batches the program, and under ``jit`` the
+    distance runs as it is (the program is not called); both give the same values."""
     args = _distance_data(3, seed=5, batch=6)
     x = [jnp.asarray(a) for a in args]
 
@@ -342,6 +466,8 @@ def test_distance_hessian_and_transforms_match_the_op_by_op_route(monkeypatch):
     assert len(spy) == 2  # (both transforms took the program)
     spy.clear()
     batched = jax.vmap(trp.kl)(*x)
+    assert len(spy) == 1
+    spy.clear()
     jitted = jax.jit(trp.frobenius)(*x)
     assert not spy
     np.testing.assert_allclose(np.asarray(batched.cov), trp.kl(*args).cov, rtol=1e-12)

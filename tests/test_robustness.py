@@ -892,6 +892,64 @@ def test_torch_func_transforms_check_values():
     assert torch.isnan(out.scale[0]).any() and torch.isfinite(out.scale[1:]).all()
 
 
+def test_jax_eager_vmap_checks_values():
+    """Under an eager ``jax.vmap`` the value checks read the values its tracers hold, as under
+    ``torch.func.vmap``: the arguments stacked over the mapped axes, which come first.
+    ``vmap``, ``vmap`` over another axis, nested ``vmap``, ``vmap`` of ``grad`` and ``grad`` of
+    ``vmap`` refuse a bad std by name with the index into that stack, and so do a distance, a
+    Cholesky factor, a bound array and an entropy bound; under ``jit`` they are skipped, and
+    with the checks off a NaN stays in its own row (before, nothing was read under an eager
+    ``vmap``)."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    jnp = jax.numpy
+    mean, std, old_mean, old_std = (jnp.asarray(a) for a in _valid(False))
+    _, factor, _, old_factor = (jnp.asarray(a) for a in _valid(True))
+
+    def one(m, s, eps=0.1):
+        return trp.project_wasserstein(m, s, old_mean[0], old_std[0], eps_mean=0.1, eps_cov=eps)
+
+    def one_full(m, s):
+        return trp.project_kl(m, s, old_mean[0], old_factor[0], eps_mean=0.1, eps_cov=0.1)
+
+    out = jax.vmap(one)(mean, std)
+    np.testing.assert_allclose(np.asarray(out.scale), np.asarray(one(mean, std).scale))
+    bad = std.at[1, 2].set(-1.0)
+    refused = r"`scale` \(standard deviations\) must be positive.* the first -1.0 at index \(1, 2\)"
+    grad = jax.grad(lambda m, s: one(m, s).scale.sum(), argnums=1)
+    stacked = (jnp.broadcast_to(mean, (2, B, D)), jnp.broadcast_to(bad, (2, B, D)))
+    calls = {
+        "vmap": lambda: jax.vmap(one)(mean, bad),
+        "vmap over axis 1": lambda: jax.vmap(one, in_axes=1)(mean.T, bad.T),
+        "nested vmap": lambda: jax.vmap(jax.vmap(one))(*stacked),
+        "vmap(grad)": lambda: jax.vmap(grad)(mean, bad),
+        "grad(vmap)": lambda: jax.grad(lambda s: jax.vmap(one)(mean, s).scale.sum())(bad),
+        "distance": lambda: jax.vmap(lambda s: trp.kl(old_mean[0], s, old_mean[0], old_std[0]))(
+            bad
+        ),
+    }
+    for name, call in calls.items():
+        match = refused.replace(r"\(1, 2\)", r"\(0, 1, 2\)") if name == "nested vmap" else refused
+        with pytest.raises(ValueError, match=match):
+            call()
+    bad_factor = factor.at[3, 0, 1].set(0.5)  # above the diagonal
+    with pytest.raises(ValueError, match=r"`scale` \(a Cholesky factor\) must be lower "):
+        jax.vmap(one_full)(mean, bad_factor)
+    eps = jnp.full((B,), 0.1).at[4].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"`eps_cov` must be positive and finite.* index \(4,\)"):
+        jax.vmap(one)(mean, std, eps)
+    min_entropy = trp.entropy(std).at[2].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"`min_entropy` must be finite.* index \(2,\)"):
+        jax.vmap(trp.project_entropy)(std, min_entropy)
+    traced = jax.jit(jax.vmap(one))(mean, bad)  # (under jit: no values to read)
+    assert np.all(np.isfinite(np.asarray(traced.scale)))
+    nan = std.at[0, 0].set(jnp.nan)
+    with trp.checks(False):
+        out = jax.vmap(one)(mean, nan)
+    scale = np.asarray(out.scale)
+    assert np.isnan(scale[0]).any() and np.isfinite(scale[1:]).all()
+
+
 # --------------------------------------------------------------------------- empty batches
 
 

@@ -1863,7 +1863,10 @@ def readable(x: Array, *, xp: Namespace) -> Array:
 
     - a JAX tracer of an eager transform (the arguments of a function that an eager
       ``jax.grad``, ``jax.vjp`` or ``jax.jvp`` calls) comes back as the concrete array of its
-      values (``jax.lax.stop_gradient`` returns it); a tracer of ``jit`` or ``vmap`` stays one;
+      values (``jax.lax.stop_gradient`` returns it), and so does a tracer of an eager
+      ``jax.vmap`` (nested ones, and ``grad`` inside or around them, too): the values stacked
+      over the mapped axes, which come first, as for ``torch.func.vmap`` below
+      (:func:`_jax_values`); a tracer of ``jit`` stays one;
     - a tensor of ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``, nested) outside
       ``torch.compile`` comes back as the plain tensor that holds its values: under ``vmap``
       the arguments stacked over the mapped axes, which come first (innermost ``vmap`` next to
@@ -1873,10 +1876,35 @@ def readable(x: Array, *, xp: Namespace) -> Array:
         import jax
 
         if isinstance(x, jax.core.Tracer):
-            return jax.lax.stop_gradient(x)
+            return _jax_values(jax.lax.stop_gradient(x))
     elif is_torch(xp):
         return _torch_values(x)
     return x
+
+
+def _jax_values(x: Array) -> Array:
+    """The concrete values under the batch tracers of eager ``jax.vmap`` calls, the mapped axes
+    moved first (the outermost ``vmap``'s first; an argument that a ``vmap`` does not map has
+    no axis of it), or ``x`` itself where no such values exist (a ``jit`` trace underneath).
+    Read from the tracers' ``batch_dim`` and ``val``, which JAX's batch tracers have and its
+    other tracers do not; should that change, the values are not read, as before."""
+    import jax
+
+    dims, v = [], x
+    while isinstance(v, jax.core.Tracer) and hasattr(v, "batch_dim"):
+        dims.append(v.batch_dim)
+        v = getattr(v, "val", None)
+    if not dims or isinstance(v, jax.core.Tracer) or not hasattr(v, "shape"):
+        return x
+    moved = 0
+    for axis in reversed(dims):  # (the outermost vmap's tracer is the innermost wrapper)
+        if axis is None:
+            continue
+        if not isinstance(axis, int):
+            return x  # (a kind of batching that this does not know)
+        v = jax.numpy.moveaxis(v, moved + axis, moved)
+        moved += 1
+    return v
 
 
 def _torch_values(x: Array) -> Array:

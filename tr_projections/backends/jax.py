@@ -10,7 +10,11 @@ the entropy projection as compiled programs (:data:`EAGER_JIT`): the value check
 bounds' checks first, on the concrete arrays (the value conditions themselves one compiled
 program, :func:`values_hold`), then ``jax.jit`` programs (a forward alone, a forward with its
 residuals, a backward) cached by JAX per operation, options, shapes and the package's settings
-(:data:`SETTING_MODULES`). Run op by op instead, every one of a projection's few hundred
+(:data:`SETTING_MODULES`). So do the arguments of an eager ``jax.vmap`` (nested ones, and a
+``jax.grad`` inside one, too: :func:`_eager_vmap`), whose values are checked stacked over the
+mapped axes (:func:`tr_projections._compat.readable`) and which JAX runs as the same programs,
+batched: each compiled once per batched shapes, where op by op each operation was dispatched,
+and compiled, on its own. Run op by op instead, every one of a projection's few hundred
 operations is compiled again for every shape it meets, and with the eager route's row selection
 the shapes of the costly stages follow the number of states outside their bounds, so a call on
 new data compiled most of them again (``benchmarks/jax_eager.py``). The distances and
@@ -101,6 +105,20 @@ def _concrete(xs: tuple) -> bool:
     return all(x is None or not isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def _eager_vmap(xs: tuple) -> bool:
+    """Whether every array among ``xs`` (``None`` allowed) is concrete or a tracer of an eager
+    ``jax.vmap`` (nested ones too): a batch tracer over batch tracers over concrete values, no
+    ``jit`` trace or differentiation underneath. (Read from the tracers' ``batch_dim`` and
+    ``val``, which JAX's batch tracers have and its other tracers do not; should that change,
+    such calls run op by op, as before.)"""
+    for x in xs:
+        while isinstance(x, jax.core.Tracer):
+            if not hasattr(x, "batch_dim"):
+                return False
+            x = getattr(x, "val", None)
+    return True
+
+
 def _forward(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
     # The forward of operation static[0] (static: kind, options, the settings): the body of
     # the compiled program, and what every other call runs (traced, or op by op).
@@ -136,14 +154,18 @@ def _applies(kind: str) -> bool:
     return EAGER_JIT and kind in JITTED
 
 
-def _compiled(static: tuple, bounds: tuple, arrays: tuple) -> tuple | None:
+def _compiled(static: tuple, bounds: tuple, arrays: tuple, *, mapped: bool = False) -> tuple | None:
     """``(key, bounds)`` for the compiled route, or ``None`` where the call runs as it is
     (traced, or op by op): :data:`EAGER_JIT` off, another operation, or a tracer among the
-    arguments. The arguments are checked here, on their values (the compiled program cannot
-    read them); every bound becomes an array of the inputs' dtype (numbers a NumPy one, which
-    costs no JAX operation), so a new bound value is no new program."""
+    arguments; with ``mapped``, tracers of an eager ``jax.vmap`` are allowed
+    (:func:`_eager_vmap`: JAX then batches the whole program, compiled once per batched
+    shapes, where op by op it dispatched and compiled each of a few hundred operations). The
+    arguments are checked here, on their values where they can be read (the compiled program
+    cannot read them); every bound becomes an array of the inputs' dtype (numbers a NumPy one,
+    which costs no JAX operation), so a new bound value is no new program."""
     kind, options, static_bounds, _ = static
-    if not (_applies(kind) and _concrete(bounds) and _concrete(arrays)):
+    held = _eager_vmap if mapped else _concrete
+    if not (_applies(kind) and held(bounds) and held(arrays)):
         return None
     dtype, checked = _common.check(kind, arrays, _merge(static_bounds, bounds), dict(options))
     checked = tuple(np.asarray(b, dtype=dtype) if isinstance(b, float) else b for b in checked)
@@ -158,8 +180,11 @@ def _as_is(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _operation(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
-    # (traced, or op by op: concrete arrays that nothing differentiates take _outputs_jit in
-    # apply, and a differentiated call runs _fwd)
+    # (concrete arrays that nothing differentiates take _outputs_jit in apply, and a
+    # differentiated call runs _fwd; here: an eager jax.vmap, compiled, or traced / op by op)
+    compiled = _compiled(static, bounds, arrays, mapped=True)
+    if compiled is not None:
+        return _outputs_jit(compiled[0], compiled[1], arrays)
     return _as_is(static, bounds, arrays)[0]
 
 
@@ -180,7 +205,7 @@ class _Program:
 
 
 def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
-    compiled = _compiled(static, bounds, arrays)
+    compiled = _compiled(static, bounds, arrays, mapped=True)
     if compiled is not None:
         outs, res, after = _forward_jit(compiled[0], compiled[1], arrays)
         return outs, (res, bounds, arrays, after, _Program(compiled[0]))
@@ -253,13 +278,14 @@ def distance(name: str, arrays: tuple, options: dict) -> Any:
     :func:`tr_projections.entropy`), as a
     compiled program cached per distance, options, shapes and settings, or ``None`` where it
     runs as it is: :data:`EAGER_JIT` off, or an argument whose values are not known (a tracer
-    of ``jit`` or ``vmap``). Arguments of an eager ``jax.grad``, ``jax.jvp`` or ``jax.vjp``
-    take the program too, which JAX differentiates (to any order) as it does any ``jax.jit``
-    function; op by op, the rows chosen by value would give its stages new shapes, and so new
-    compilations, on every call."""
+    of ``jit``). Arguments of an eager ``jax.vmap`` take the program too (batched by JAX), and
+    so do those of an eager ``jax.grad``, ``jax.jvp`` or ``jax.vjp``, whose program JAX
+    differentiates (to any order) as it does any ``jax.jit`` function; op by op, the rows
+    chosen by value would give its stages new shapes, and so new compilations, on every
+    call."""
     if not EAGER_JIT:
         return None
-    if any(isinstance(_compat.readable(x, xp=jnp), jax.core.Tracer) for x in arrays):
+    if not _eager_vmap(tuple(_compat.readable(x, xp=jnp) for x in arrays)):
         return None
     return _distance_jit(_key(name, options.items()), tuple(arrays))
 
@@ -299,7 +325,7 @@ def compiled_vjp(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tupl
     if not _applies(kind):  # (before _static: errors in the usual order)
         return None
     static, dynamic = _static(kind, bounds, options)
-    compiled = _compiled(static, dynamic, tuple(arrays))
+    compiled = _compiled(static, dynamic, tuple(arrays), mapped=True)
     if compiled is None:
         return None
     key, checked = compiled

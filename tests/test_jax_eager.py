@@ -259,9 +259,10 @@ def _spy_on_programs(monkeypatch) -> dict:
     "method,kind", [("kl", "full"), ("kl", "diag"), ("wasserstein", "full"), ("frobenius", "diag")]
 )
 def test_eager_vmap_runs_the_compiled_programs(method, kind, monkeypatch):
-    """An eager ``jax.vmap`` over the states (of a projection, and of ``jax.grad`` of a loss
-    through it) runs the compiled programs, batched by JAX, instead of each operation on its
-    own: NumPy's outputs and all four cotangents, and new bounds compile nothing."""
+    """An eager ``jax.vmap`` over the states (of a projection, of ``jax.grad`` of a loss
+    through it, and inside ``jax.grad``) runs the compiled programs, batched by JAX, instead of
+    each operation on its own: NumPy's outputs and all four cotangents, and new bounds compile
+    nothing."""
     full = kind == "full"
     args = _policies(full, (8,), 3, seed=60 + full)
     g = _cotangents(args, full, 11)
@@ -283,9 +284,12 @@ def test_eager_vmap_runs_the_compiled_programs(method, kind, monkeypatch):
         before = _COMPILES[0]
         out = jax.block_until_ready(jax.vmap(project)(*x))
         cots = jax.block_until_ready(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3)))(*x, *gx))
+        around = jax.grad(lambda *a: jnp.sum(jax.vmap(loss)(*a)), argnums=(0, 1, 2, 3))(*x, *gx)
         compiled.append(_COMPILES[0] - before)
-        _close([*out, *cots], _numpy(method, args, eps, g))
-    assert spy == {"_outputs_jit": 2, "_forward_jit": 2, "_backward_jit": 2}
+        want = _numpy(method, args, eps, g)
+        _close([*out, *cots], want)
+        _close(around, want[2:])
+    assert spy == {"_outputs_jit": 2, "_forward_jit": 4, "_backward_jit": 4}
     assert compiled[0] > 0 and compiled[1] == 0, compiled
     _assert_listener_counts()
 

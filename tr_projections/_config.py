@@ -20,9 +20,9 @@ The process-wide default can also be set before import with the environment vari
 process-wide setting in the current thread or asyncio task only (it is a
 :class:`contextvars.ContextVar`), so it is safe with threads and nests.
 
-Under tracing (``jax.jit``, ``jax.vmap``, ``torch.compile``) values cannot be read, and value
-checks are skipped whatever the switch says; the values of an eager ``jax.grad``'s tracers and of
-``torch.func`` transforms' tensors are read and checked; see ``docs/robustness.md``.
+Under tracing (``jax.jit``, ``torch.compile``) values cannot be read, and value checks are
+skipped whatever the switch says; the values of an eager ``jax.grad``'s or ``jax.vmap``'s tracers
+and of ``torch.func`` transforms' tensors are read and checked; see ``docs/robustness.md``.
 """
 
 from __future__ import annotations

@@ -294,8 +294,8 @@ def check_gaussian_values(
     :func:`scale_limits` of ``dtype``; full factors also lower triangular, or with ``roots``
     symmetric positive definite), on the arrays as passed (before broadcasting). A few
     reductions and one synchronisation when all is well; arrays whose values cannot be read
-    (tracers of ``jit`` and ``vmap``, tensors under ``torch.compile``) are skipped, and those of
-    an eager JAX transform or of ``torch.func`` transforms are read
+    (tracers of ``jit``, tensors under ``torch.compile``) are skipped, and those of an eager
+    JAX transform (``grad``, ``vmap``) or of ``torch.func`` transforms are read
     (:func:`._compat.readable`). Concrete JAX arrays
     evaluate every condition in one compiled program
     (:func:`tr_projections.backends.jax.values_hold`) and go through the conditions one by one

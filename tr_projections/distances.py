@@ -546,8 +546,8 @@ _BODIES = {"kl": _kl, "frobenius": _frobenius, "wasserstein": _wasserstein}
 
 def _distance(name: str, arrays: tuple, options: dict) -> DistanceParts:
     """Distance ``name`` of the four ``arrays`` (options: booleans): checked, then computed
-    here or, for JAX arrays whose values are known (outside ``jit`` and ``vmap``, eager
-    autodiff included), by the JAX adapter's compiled program
+    here or, for JAX arrays whose values are known (outside ``jit``: eager autodiff and an eager
+    ``vmap`` included), by the JAX adapter's compiled program
     (:func:`tr_projections.backends.jax.distance`)."""
     p = prepare(*arrays, roots=options.get("root", False))
     if _compat.is_jax(p.xp):

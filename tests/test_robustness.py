@@ -837,6 +837,23 @@ def test_jax_jit_static_checks_raise_and_value_checks_are_skipped():
             trp.project(*_on(bk, bad), method=method, eps_mean=1e-2, eps_cov=1e-3)
 
 
+def _one_state_projections(asarray):
+    """The valid diagonal and full policies of this module as arrays of one library, and
+    projections of one state onto the first old state: W2 of stds (its ``eps_cov`` an
+    argument) and KL of Cholesky factors, for the tests under vmap-like transforms; last, that
+    old state's diagonal mean and std."""
+    mean, std, old_mean, old_std = (asarray(a) for a in _valid(False))
+    _, factor, _, old_factor = (asarray(a) for a in _valid(True))
+
+    def one(m, s, eps=0.1):
+        return trp.project_wasserstein(m, s, old_mean[0], old_std[0], eps_mean=0.1, eps_cov=eps)
+
+    def one_full(m, s):
+        return trp.project_kl(m, s, old_mean[0], old_factor[0], eps_mean=0.1, eps_cov=0.1)
+
+    return mean, std, factor, one, one_full, (old_mean[0], old_std[0])
+
+
 def test_torch_func_transforms_check_values():
     """Under ``torch.func`` transforms (outside ``torch.compile``) the value checks read the
     values their tensors hold: ``vmap`` (the arguments stacked over the mapped axes, which come
@@ -845,14 +862,7 @@ def test_torch_func_transforms_check_values():
     stacked arguments; with the checks off a NaN stays in its own row, as it did under ``vmap``
     before."""
     torch = pytest.importorskip("torch")
-    mean, std, old_mean, old_std = (torch.asarray(a) for a in _valid(False))
-    _, factor, _, old_factor = (torch.asarray(a) for a in _valid(True))
-
-    def one(m, s, eps=0.1):
-        return trp.project_wasserstein(m, s, old_mean[0], old_std[0], eps_mean=0.1, eps_cov=eps)
-
-    def one_full(m, s):
-        return trp.project_kl(m, s, old_mean[0], old_factor[0], eps_mean=0.1, eps_cov=0.1)
+    mean, std, factor, one, one_full, _ = _one_state_projections(torch.asarray)
 
     out = torch.func.vmap(one)(mean, std)
     torch.testing.assert_close(out.scale, one(mean, std).scale)
@@ -903,14 +913,7 @@ def test_jax_eager_vmap_checks_values():
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
     jnp = jax.numpy
-    mean, std, old_mean, old_std = (jnp.asarray(a) for a in _valid(False))
-    _, factor, _, old_factor = (jnp.asarray(a) for a in _valid(True))
-
-    def one(m, s, eps=0.1):
-        return trp.project_wasserstein(m, s, old_mean[0], old_std[0], eps_mean=0.1, eps_cov=eps)
-
-    def one_full(m, s):
-        return trp.project_kl(m, s, old_mean[0], old_factor[0], eps_mean=0.1, eps_cov=0.1)
+    mean, std, factor, one, one_full, (old_mean, old_std) = _one_state_projections(jnp.asarray)
 
     out = jax.vmap(one)(mean, std)
     np.testing.assert_allclose(np.asarray(out.scale), np.asarray(one(mean, std).scale))
@@ -924,9 +927,7 @@ def test_jax_eager_vmap_checks_values():
         "nested vmap": lambda: jax.vmap(jax.vmap(one))(*stacked),
         "vmap(grad)": lambda: jax.vmap(grad)(mean, bad),
         "grad(vmap)": lambda: jax.grad(lambda s: jax.vmap(one)(mean, s).scale.sum())(bad),
-        "distance": lambda: jax.vmap(lambda s: trp.kl(old_mean[0], s, old_mean[0], old_std[0]))(
-            bad
-        ),
+        "distance": lambda: jax.vmap(lambda s: trp.kl(old_mean, s, old_mean, old_std))(bad),
     }
     for name, call in calls.items():
         match = refused.replace(r"\(1, 2\)", r"\(0, 1, 2\)") if name == "nested vmap" else refused

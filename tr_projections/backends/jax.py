@@ -10,11 +10,11 @@ the entropy projection as compiled programs (:data:`EAGER_JIT`): the value check
 bounds' checks first, on the concrete arrays (the value conditions themselves one compiled
 program, :func:`values_hold`), then ``jax.jit`` programs (a forward alone, a forward with its
 residuals, a backward) cached by JAX per operation, options, shapes and the package's settings
-(:data:`SETTING_MODULES`). So do the arguments of an eager ``jax.vmap`` (nested ones, and a
-``jax.grad`` inside one, too: :func:`_eager_vmap`), whose values are checked stacked over the
-mapped axes (:func:`tr_projections._compat.readable`) and which JAX runs as the same programs,
-batched: each compiled once per batched shapes, where op by op each operation was dispatched,
-and compiled, on its own. Run op by op instead, every one of a projection's few hundred
+(:data:`SETTING_MODULES`). So do the arguments of an eager ``jax.vmap`` (nested ones, and
+``jax.grad`` inside or around one, too: :func:`_eager_vmap`), whose values are checked stacked
+over the mapped axes (:func:`tr_projections._compat.readable`) and which JAX runs as the same
+programs, batched: each compiled once per batched shapes, where op by op each operation was
+dispatched, and compiled, on its own. Run op by op instead, every one of a projection's few hundred
 operations is compiled again for every shape it meets, and with the eager route's row selection
 the shapes of the costly stages follow the number of states outside their bounds, so a call on
 new data compiled most of them again (``benchmarks/jax_eager.py``). The distances and

@@ -1882,28 +1882,39 @@ def readable(x: Array, *, xp: Namespace) -> Array:
     return x
 
 
+def jax_batched(x: Any) -> tuple[list, Any]:
+    """``(axes, values)`` of a JAX tracer of eager ``jax.vmap`` calls: the mapped axis of each
+    ``vmap`` (the outermost first; ``None`` where it does not map ``x``) and the concrete array
+    under the batch tracers, or ``([], None)`` where there is none (no batch tracer, a ``jit``
+    trace underneath, a kind of batching this does not know). Read from the tracers'
+    ``batch_dim`` and ``val``, which JAX's batch tracers have and its other tracers do not;
+    should that change, this finds no values, and the callers act as before it existed."""
+    import jax
+
+    axes, v = [], x
+    while isinstance(v, jax.core.Tracer) and hasattr(v, "batch_dim"):
+        axes.append(v.batch_dim)
+        v = getattr(v, "val", None)
+    known = all(a is None or isinstance(a, int) for a in axes)
+    if not axes or not known or isinstance(v, jax.core.Tracer) or not hasattr(v, "shape"):
+        return [], None
+    return axes[::-1], v  # (the outermost vmap's tracer is the innermost wrapper)
+
+
 def _jax_values(x: Array) -> Array:
     """The concrete values under the batch tracers of eager ``jax.vmap`` calls, the mapped axes
     moved first (the outermost ``vmap``'s first; an argument that a ``vmap`` does not map has
-    no axis of it), or ``x`` itself where no such values exist (a ``jit`` trace underneath).
-    Read from the tracers' ``batch_dim`` and ``val``, which JAX's batch tracers have and its
-    other tracers do not; should that change, the values are not read, as before."""
+    no axis of it), or ``x`` itself where no such values exist (:func:`jax_batched`)."""
     import jax
 
-    dims, v = [], x
-    while isinstance(v, jax.core.Tracer) and hasattr(v, "batch_dim"):
-        dims.append(v.batch_dim)
-        v = getattr(v, "val", None)
-    if not dims or isinstance(v, jax.core.Tracer) or not hasattr(v, "shape"):
+    axes, v = jax_batched(x)
+    if v is None:
         return x
     moved = 0
-    for axis in reversed(dims):  # (the outermost vmap's tracer is the innermost wrapper)
-        if axis is None:
-            continue
-        if not isinstance(axis, int):
-            return x  # (a kind of batching that this does not know)
-        v = jax.numpy.moveaxis(v, moved + axis, moved)
-        moved += 1
+    for axis in axes:
+        if axis is not None:
+            v = jax.numpy.moveaxis(v, moved + axis, moved)
+            moved += 1
     return v
 
 

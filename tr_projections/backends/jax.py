@@ -108,15 +108,11 @@ def _concrete(xs: tuple) -> bool:
 def _eager_vmap(xs: tuple) -> bool:
     """Whether every array among ``xs`` (``None`` allowed) is concrete or a tracer of an eager
     ``jax.vmap`` (nested ones too): a batch tracer over batch tracers over concrete values, no
-    ``jit`` trace or differentiation underneath. (Read from the tracers' ``batch_dim`` and
-    ``val``, which JAX's batch tracers have and its other tracers do not; should that change,
-    such calls run op by op, as before.)"""
-    for x in xs:
-        while isinstance(x, jax.core.Tracer):
-            if not hasattr(x, "batch_dim"):
-                return False
-            x = getattr(x, "val", None)
-    return True
+    ``jit`` trace or differentiation underneath (:func:`tr_projections._compat.jax_batched`;
+    should JAX's batch tracers change, such calls run op by op, as before)."""
+    return all(
+        not isinstance(x, jax.core.Tracer) or _compat.jax_batched(x)[1] is not None for x in xs
+    )
 
 
 def _forward(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
@@ -285,7 +281,9 @@ def distance(name: str, arrays: tuple, options: dict) -> Any:
     call."""
     if not EAGER_JIT:
         return None
-    if not _eager_vmap(tuple(_compat.readable(x, xp=jnp) for x in arrays)):
+    # (an eager autodiff's tracers: their values, under any batch tracers)
+    held = tuple(jax.lax.stop_gradient(x) if isinstance(x, jax.core.Tracer) else x for x in arrays)
+    if not _eager_vmap(held):
         return None
     return _distance_jit(_key(name, options.items()), tuple(arrays))
 

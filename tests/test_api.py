@@ -4,6 +4,7 @@ entropy, dtype promotion and the first clear errors."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -189,3 +190,40 @@ def test_jax_jit_and_vmap_with_a_closed_over_old_policy():
     for out in (jitted, mapped):
         for a, b in zip(out, eager, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("number", [np.float32(0.25), np.float64(0.25), np.array(0.25)])
+def test_project_entropy_takes_numpy_numbers_with_any_library(backend, number):
+    """A NumPy number (scalar or 0-d array) is a number for ``min_entropy`` whatever the
+    scale's library, as for the projections' bounds."""
+    scale = backend.asarray(np.full((3, 2), 0.1))
+    out = trp.project_entropy(scale, number)
+    np.testing.assert_allclose(backend.to_numpy(trp.entropy(out)), 0.25, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        (None, TypeError, "`min_entropy` must be a real number or an array of `scale`'s library"),
+        (True, TypeError, "`min_entropy` must be a real number or an array"),
+        (1j, TypeError, "`min_entropy` must be a real number, got 1j"),
+        (math.nan, ValueError, "`min_entropy` must be finite"),
+        (np.zeros(4), ValueError, r"`min_entropy` \(4,\), `scale's batch` \(3,\)"),
+    ],
+)
+def test_project_entropy_bad_min_entropy_is_named(bad, error, match):
+    with pytest.raises(error, match=match):
+        trp.project_entropy(np.ones((3, 2)), bad)
+
+
+@pytest.mark.parametrize("method", ["kl", "frobenius", "wasserstein"])
+def test_no_warning_across_libraries_in_one_process(method):
+    """Diagonal projections of NumPy and array-api-strict arrays, one after the other, warn
+    nothing (a cache keyed by dtype compared array-api-strict's dtypes with NumPy's, which
+    array-api-strict warns about, on every diagonal KL call)."""
+    xs = pytest.importorskip("array_api_strict")
+    args = [np.ones((3, 2)), np.full((3, 2), 2.0), np.zeros((3, 2)), np.ones((3, 2))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for make in (np.asarray, xs.asarray, np.asarray, xs.asarray):
+            trp.project(*(make(a) for a in args), method=method, eps_mean=0.1, eps_cov=0.1)

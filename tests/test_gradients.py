@@ -165,6 +165,38 @@ def relative_error(a: np.ndarray, b: np.ndarray, floor: float = 0.0) -> float:
     return diff / size if size > 0 else diff
 
 
+def mixed_case(method: str, full: bool, batch: tuple = (4,)) -> Case:
+    """:func:`make_case` (``"mixed"``) of the first seed from 40 on whose mean and covariance
+    parts each have rows outside and inside their bounds."""
+    for seed in range(40, 200):
+        case = make_case(seed, method, full, d=2, batch=batch)
+        dm, dc = (np.asarray(x) for x in METHODS[method][1](*case.args, **METHODS[method][2]))
+        act = [dm > case.kwargs["eps_mean"], dc > case.kwargs["eps_cov"]]
+        if all(a.any() and not a.all() for a in act):
+            return case
+    raise AssertionError("no mixed case")
+
+
+def bound_fd(case: Case, g: tuple, names: tuple = ("eps_mean", "eps_cov")) -> list[np.ndarray]:
+    """Central differences of ``<g, projection>`` (NumPy) in each entry of the bound arrays
+    ``names`` of ``case`` (bounds at least 30 % from every distance: no row crosses its bound)."""
+    out = []
+    for name in names:
+        eps = np.asarray(case.kwargs[name], dtype=np.float64)
+        grad = np.zeros_like(eps)
+        for i in np.ndindex(eps.shape):
+            h = H * eps[i]
+            sides = []
+            for sign in (1.0, -1.0):
+                e = eps.copy()
+                e[i] += sign * h
+                o = case.fn(*case.args, **{**case.kwargs, name: e})
+                sides.append(sum(float(np.sum(a * b)) for a, b in zip(g, o, strict=True)))
+            grad[i] = (sides[0] - sides[1]) / (2 * h)
+        out.append(grad)
+    return out
+
+
 def numpy_vjp(case, g):
     """Cotangents from ``trp.vjp`` on the case's NumPy arrays, for the output cotangent ``g``."""
     _, vjp_fn = trp.vjp(case.fn, *case.args, **case.kwargs)
@@ -342,6 +374,53 @@ def test_vjp_takes_none_for_zero_cotangents_and_project_with_method():
         trp.vjp(trp.kl, *case.args)
     with pytest.raises(ValueError, match="method"):
         trp.vjp(trp.project, *case.args, method="nope", eps_mean=0.1, eps_cov=0.1)
+
+
+def test_vjp_fn_checks_its_cotangent(backend):
+    """``vjp_fn`` takes ``None`` (all zero) and refuses, by name, cotangents of another
+    library, of a non-real dtype, of a shape other than the output's (nothing is broadcast,
+    as with ``jax.vjp``), or a bare array for a projection's pair; on every backend."""
+    case = make_case(7, "kl", False, d=2, batch=(3,))
+    args, kwargs = case.on(backend)
+    _, f = trp.vjp(trp.project_kl, *args, **kwargs)
+    g = backend.asarray(np.ones((3, 2)))
+    zeros = f(trp.Gaussian(backend.asarray(np.zeros((3, 2))), None))
+    for a, b in zip(f(None), zeros, strict=True):
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+    if backend.name in ("numpy", "jax"):  # (NumPy cotangents are JAX's too, as for jax.vjp)
+        other = pytest.importorskip("torch").ones(3, 2)
+        same = f(trp.Gaussian(np.ones((3, 2)), None))
+        for a, b in zip(same, f(trp.Gaussian(g, None)), strict=True):
+            np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+    else:
+        other = np.ones((3, 2))
+    with pytest.raises(TypeError, match="`g_mean` must be an array of the output's library"):
+        f(trp.Gaussian(other, None))
+    with pytest.raises(TypeError, match="`g_scale` must be an array of the output's library"):
+        f(trp.Gaussian(None, 1.0))
+    with pytest.raises(ValueError, match=r"`g_mean` must have the output's shape \(3, 2\)"):
+        f(trp.Gaussian(backend.asarray(np.ones(2)), None))
+    with pytest.raises(ValueError, match=r"`g_scale` must have the output's shape \(3, 2\)"):
+        f(trp.Gaussian(None, backend.asarray(np.ones((1, 2)))))
+    with pytest.raises(TypeError, match="`g_mean` must have a real floating dtype"):
+        f(trp.Gaussian(backend.asarray(np.ones((3, 2), dtype=np.int64)), None))
+    with pytest.raises(TypeError, match="a pair \\(g_mean, g_scale\\)"):
+        f(g)
+    with pytest.raises(ValueError, match="2 array\\(s\\) \\(g_mean, g_scale\\), got 3"):
+        f((g, g, g))
+    _, f_h = trp.vjp(trp.project_entropy, args[1], 0.5)
+    with pytest.raises(ValueError, match=r"`cotangent` must have the output's shape"):
+        f_h(backend.asarray(np.ones(2)))
+    assert f_h(None)[0].shape == args[1].shape
+
+
+def test_vjp_fn_of_one_states_loss_takes_a_numpy_scalar():
+    """The loss of one NumPy state is a NumPy scalar; its cotangent may be one, or a 0-d array."""
+    case = make_case(8, "kl", False, d=2, batch=())
+    out, f = trp.vjp(trp.trust_region_loss, *case.args, method="kl")
+    assert np.ndim(out) == 0
+    for g in (np.float64(1.0), np.ones(())):
+        assert [c.shape for c in f(g)] == [(2,)] * 4
 
 
 # ----------------------------------------------------------------------------- edge cases

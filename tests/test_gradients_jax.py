@@ -141,3 +141,86 @@ def test_integer_bound_array_gets_a_float0_cotangent():
         return jnp.sum(out.mean)
 
     assert np.all(np.isfinite(np.asarray(jax.grad(loss)(args[0]))))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bound_arrays_get_their_gradients(method, kind):
+    """``jax.grad`` with respect to bound arrays gives d<g, out>/d eps (central differences,
+    per state), eagerly (the compiled programs) and, for full Gaussians, under ``jit``; a 0-d
+    bound gets the sum over the states, and the arrays' gradients are those of constant
+    bounds. Before, every bound's cotangent was zero."""
+    from test_gradients import FD_RTOL, bound_fd, mixed_case, random_cotangent
+
+    case = mixed_case(method, kind == "full")
+    out = case.fn(*case.args, **case.kwargs)
+    g = random_cotangent(out, case.full, 3)
+    want = bound_fd(case, g)
+    args = tuple(jnp.asarray(a) for a in case.args)
+    options = {k: v for k, v in case.kwargs.items() if k not in ("eps_mean", "eps_cov")}
+    gj = tuple(jnp.asarray(x) for x in g)
+
+    def value(mean, eps_mean, eps_cov):
+        o = case.fn(mean, *args[1:], eps_mean=eps_mean, eps_cov=eps_cov, **options)
+        return sum(jnp.sum(x * y) for x, y in zip(o, gj, strict=True))
+
+    eps = (jnp.asarray(case.kwargs["eps_mean"]), jnp.asarray(case.kwargs["eps_cov"]))
+    grad = jax.grad(value, argnums=(0, 1, 2))
+    runs = [grad] + ([jax.jit(grad)] if kind == "full" else [])
+    for run in runs:
+        g_mean, *got = run(args[0], *eps)
+        if run is grad:
+            eager_g_mean = g_mean
+        for x, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(x), w, rtol=0, atol=FD_RTOL * np.max(np.abs(w)))
+            assert np.all((np.asarray(x) != 0) == (w != 0))
+    constant = jax.grad(lambda m: value(m, *eps))(args[0])  # (bounds not differentiated)
+    np.testing.assert_array_equal(np.asarray(eager_g_mean), np.asarray(constant))
+    shared = jnp.asarray(np.median(case.kwargs["eps_cov"]))
+    one = jax.grad(value, argnums=2)(args[0], eps[0], shared)
+    each = jax.grad(value, argnums=2)(args[0], eps[0], jnp.full(4, shared))
+    np.testing.assert_allclose(np.asarray(one), np.sum(np.asarray(each)), rtol=1e-12)
+
+
+def test_min_entropy_gradient():
+    rng = np.random.default_rng(6)
+    scale = random_cholesky(rng, (4,), 2, cond=10, scale=1.0)
+    h = np.asarray(trp.entropy(scale))
+    beta = h + np.array([0.3, -0.4, 0.2, -0.1])
+    gs = np.tril(rng.standard_normal((4, 2, 2)))
+    for equality in (False, True):
+
+        def value(b, equality=equality):
+            out = trp.project_entropy(jnp.asarray(scale), jnp.asarray(b), equality=equality)
+            return jnp.sum(jnp.asarray(gs) * out)
+
+        fd = np.array([(value(beta + 1e-6 * e) - value(beta - 1e-6 * e)) / 2e-6 for e in np.eye(4)])
+        got = np.asarray(jax.grad(value)(jnp.asarray(beta)))
+        np.testing.assert_allclose(got, fd, rtol=0, atol=1e-7 * np.max(np.abs(fd)))
+        assert equality or np.all(got[[1, 3]] == 0)
+
+
+@pytest.mark.parametrize(
+    "eps_mean", [1, "int array", np.float64(0.05)], ids=["int", "int-array", "np"]
+)
+def test_array_eps_cov_beside_other_kinds_of_eps_mean(eps_mean):
+    """A floating eps_cov array beside an integer, an integer array or a NumPy number for
+    eps_mean: gradients of the mean (eager and jit), and of eps_cov, as with a float eps_mean
+    (an integer array gets a float0 cotangent)."""
+    case = make_case(43, "kl", False, d=2, batch=(3,))
+    args = tuple(jnp.asarray(a) for a in case.args)
+    em = jnp.asarray([1, 1, 1]) if isinstance(eps_mean, str) else eps_mean
+    ec = jnp.asarray(case.kwargs["eps_cov"])
+
+    def value(mean, eps_cov, em=em):
+        out = trp.project_kl(mean, *args[1:], eps_mean=em, eps_cov=eps_cov)
+        return jnp.sum(out.mean) + jnp.sum(out.scale)
+
+    want = jax.grad(value, argnums=(0, 1))(args[0], ec, float(np.max(np.asarray(em))))
+    for run in (jax.grad(value, argnums=(0, 1)), jax.jit(jax.grad(value, argnums=(0, 1)))):
+        got = run(args[0], ec)
+        for x, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(w), rtol=1e-12, atol=1e-14)
+    if isinstance(eps_mean, str):
+        g = jax.grad(lambda e: value(args[0], ec, e), allow_int=True)(em)
+        assert g.dtype == jax.dtypes.float0

@@ -192,3 +192,143 @@ def test_torch_func_grad_and_vmap_agree_with_eager(method, kind):
     # only the mean part reaches the mean output: compare with the VJP of g = (gm, 0)
     want_mean = numpy_vjp(case, (gm.numpy(), np.zeros_like(gs.numpy())))[0]
     np.testing.assert_allclose(contracted.numpy(), want_mean, rtol=1e-10, atol=1e-12)
+
+
+def _second_order_cases():
+    """Ways to differentiate a projection's gradient again, each returning what it got."""
+    from torch.func import grad, jacrev
+
+    def cubic(kl, m):
+        return (kl(m).mean ** 3).sum() + (m**2).sum()  # (a term of its own beside)
+
+    def grad_inputs(kl, m):  # autograd.grad with inputs=: runs only nodes on paths to m
+        (g,) = torch.autograd.grad(cubic(kl, m), m, create_graph=True)
+        return torch.autograd.grad(g.sum(), m)[0]
+
+    def linear_loss(kl, m):  # the cotangent itself records no graph
+        (g,) = torch.autograd.grad(kl(m).mean.sum(), m, create_graph=True)
+        return torch.autograd.grad(g.sum(), m)[0]
+
+    def backward_twice(kl, m):
+        cubic(kl, m).backward(create_graph=True)
+        g, m.grad = m.grad, None
+        g.sum().backward()
+        return m.grad
+
+    def func_jacrev_grad(kl, m):
+        return jacrev(grad(lambda x: cubic(kl, x)))(m.detach())
+
+    return [grad_inputs, linear_loss, backward_twice, func_jacrev_grad]
+
+
+@pytest.mark.parametrize("route", ["torch", pytest.param("numpy", marks=pytest.mark.numpy_route)])
+@pytest.mark.parametrize("second", _second_order_cases(), ids=lambda f: f.__name__)
+def test_second_derivative_through_a_projection_raises(second, route):
+    """Differentiating a projection's gradient raises, by every route that reaches it: before,
+    ``torch.autograd.grad(..., inputs=)`` and ``torch.func.jacrev(grad(...))`` silently
+    returned the other terms' second derivatives alone (here 2 everywhere, or zeros). First
+    derivatives taken with ``create_graph=True`` keep their values."""
+    from tr_projections.backends import torch as adapter
+
+    rng = np.random.default_rng(5)
+    old_mean = torch.tensor(rng.standard_normal((3, 2)))
+    scale, old_scale = torch.full((3, 2), 1.5, dtype=torch.float64), torch.ones(3, 2).double()
+    m = (old_mean + torch.tensor(rng.standard_normal((3, 2)))).requires_grad_(True)
+
+    def kl(x):
+        return trp.project_kl(x, scale, old_mean, old_scale, eps_mean=0.05, eps_cov=0.01)
+
+    plain = torch.autograd.grad((kl(m).mean ** 3).sum(), m)[0]
+    with_graph = torch.autograd.grad((kl(m).mean ** 3).sum(), m, create_graph=True)[0]
+    torch.testing.assert_close(with_graph.detach(), plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="first order only") as info:
+        second(kl, m)
+    assert info.value.args[0] == adapter.SECOND_ORDER_ERROR
+
+
+@pytest.mark.parametrize("route", ["torch", pytest.param("numpy", marks=pytest.mark.numpy_route)])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bound_tensors_get_their_gradients(method, kind, route):
+    """Bound tensors that require grad get d<g, out>/d eps (central differences, per state),
+    and a 0-d bound the sum over the states; the arrays' gradients are those of constant
+    bounds. Before, a bound's ``.grad`` stayed ``None``."""
+    from test_gradients import FD_RTOL, bound_fd, mixed_case, random_cotangent
+
+    case = mixed_case(method, kind == "full")
+    out = case.fn(*case.args, **case.kwargs)
+    g = random_cotangent(out, case.full, 3)
+    want = bound_fd(case, g)
+    args = [torch.tensor(a, requires_grad=True) for a in case.args]
+    eps = {k: torch.tensor(case.kwargs[k], requires_grad=True) for k in ("eps_mean", "eps_cov")}
+    options = {k: v for k, v in case.kwargs.items() if k not in eps}
+    o = case.fn(*args, **eps, **options)
+    (sum((x * torch.tensor(y)).sum() for x, y in zip(o, g, strict=True))).backward()
+    for name, w in zip(("eps_mean", "eps_cov"), want, strict=True):
+        got = eps[name].grad.numpy()
+        assert np.all((got != 0) == (w != 0))  # (rows outside their bound, and inside)
+        np.testing.assert_allclose(got, w, rtol=0, atol=FD_RTOL * np.max(np.abs(w)))
+    constant = [a.detach().requires_grad_(True) for a in args]
+    o2 = case.fn(*constant, **{k: v.detach() for k, v in eps.items()}, **options)
+    (sum((x * torch.tensor(y)).sum() for x, y in zip(o2, g, strict=True))).backward()
+    for a, c in zip(args, constant, strict=True):
+        torch.testing.assert_close(a.grad, c.grad, rtol=0, atol=0)
+    # one bound for every state: its gradient sums the states'
+    shared = torch.tensor(np.median(case.kwargs["eps_cov"]), requires_grad=True)
+    o3 = case.fn(*args, eps_mean=eps["eps_mean"].detach(), eps_cov=shared, **options)
+    (o3.scale * torch.tensor(g[1])).sum().backward()
+    per_state = torch.tensor(np.full(4, shared.item()), requires_grad=True)
+    o4 = case.fn(*args, eps_mean=eps["eps_mean"].detach(), eps_cov=per_state, **options)
+    (o4.scale * torch.tensor(g[1])).sum().backward()
+    torch.testing.assert_close(shared.grad, per_state.grad.sum(), rtol=1e-12, atol=1e-14)
+
+
+def test_bound_gradients_under_torch_func_and_for_min_entropy():
+    """``torch.func.grad`` with respect to a bound, and the entropy projection's
+    ``min_entropy``, against central differences."""
+    from test_gradients import FD_RTOL, bound_fd, random_cotangent
+
+    case = make_case(42, "kl", True, d=2, batch=(4,))
+    out = case.fn(*case.args, **case.kwargs)
+    g = random_cotangent(out, case.full, 4)
+    want = bound_fd(case, g, ("eps_cov",))[0]
+    args = [torch.tensor(a) for a in case.args]
+
+    def f(eps_cov):
+        o = case.fn(*args, eps_mean=torch.tensor(case.kwargs["eps_mean"]), eps_cov=eps_cov)
+        return sum((x * torch.tensor(y)).sum() for x, y in zip(o, g, strict=True))
+
+    got = torch.func.grad(f)(torch.tensor(case.kwargs["eps_cov"])).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=FD_RTOL * np.max(np.abs(want)))
+    rng = np.random.default_rng(6)
+    scale = random_cholesky(rng, (4,), 2, cond=10, scale=1.0)
+    h = np.asarray(trp.entropy(scale))
+    for equality in (False, True):
+        beta = h + np.array([0.3, -0.4, 0.2, -0.1])  # (rows below and above their bound)
+        gs = np.tril(rng.standard_normal((4, 2, 2)))
+
+        def value(b, equality=equality, gs=gs):
+            return float(np.sum(gs * trp.project_entropy(scale, b, equality=equality)))
+
+        fd = np.array([(value(beta + 1e-6 * e) - value(beta - 1e-6 * e)) / 2e-6 for e in np.eye(4)])
+        b = torch.tensor(beta, requires_grad=True)
+        out = trp.project_entropy(torch.tensor(scale), b, equality=equality)
+        (out * torch.tensor(gs)).sum().backward()
+        np.testing.assert_allclose(b.grad.numpy(), fd, rtol=0, atol=1e-7 * np.max(np.abs(fd)))
+        assert equality or np.all(b.grad.numpy()[[1, 3]] == 0)
+
+
+@pytest.mark.parametrize(
+    "eps_mean", [1, "int tensor", np.float64(0.05)], ids=["int", "int-tensor", "np"]
+)
+def test_bound_tensor_beside_other_kinds_of_eps_mean(eps_mean):
+    case = make_case(44, "kl", False, d=2, batch=(3,))
+    args = [torch.tensor(a) for a in case.args]
+    em = torch.tensor([1, 1, 1]) if isinstance(eps_mean, str) else eps_mean
+    grads = []
+    for m in (em, 1.0 if isinstance(eps_mean, str) else float(eps_mean)):
+        ec = torch.tensor(case.kwargs["eps_cov"], requires_grad=True)
+        out = trp.project_kl(*args, eps_mean=m, eps_cov=ec)
+        (out.mean.sum() + out.scale.sum()).backward()
+        grads.append(ec.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

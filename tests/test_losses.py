@@ -140,3 +140,16 @@ def test_gradient_is_zero_and_finite_at_the_projection(method, kind):
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="`method` must be one of"):
         trp.trust_region_loss(*_case("diag"), method="hellinger")
+
+
+def test_scale_prec_false_with_kl_is_an_error(backend):
+    """The KL distance is always scaled by the old precision: ``scale_prec=False`` with KL is
+    refused by name (it was silently ignored), on every backend; ``True`` describes KL and
+    is accepted, with the same value as without it."""
+    args = [backend.asarray(x) for x in _case("diag", np.random.default_rng(2))]
+    with pytest.raises(ValueError, match="`scale_prec=False` applies to method='frobenius'"):
+        trp.trust_region_loss(*args, method="kl", scale_prec=False)
+    np.testing.assert_array_equal(
+        backend.to_numpy(trp.trust_region_loss(*args, method="kl", scale_prec=True)),
+        backend.to_numpy(trp.trust_region_loss(*args, method="kl")),
+    )

@@ -94,13 +94,19 @@ def loss_fwd(
     return m + c, res
 
 
-def check_options(method: str, root: bool) -> None:
-    """A ``ValueError`` for an unknown method, or ``root=True`` with a method other than W2."""
+def check_options(method: str, root: bool, scale_prec: bool = True) -> None:
+    """A ``ValueError`` for an unknown method, ``root=True`` with a method other than W2, or
+    ``scale_prec=False`` with KL (whose distance is always scaled by the old precision)."""
     _check_method(method)
     if root and method != "wasserstein":
         raise ValueError(
             f"`root=True` (scales given as symmetric square roots) applies to "
             f"method='wasserstein' only, got method={method!r}"
+        )
+    if not scale_prec and method == "kl":
+        raise ValueError(
+            "`scale_prec=False` applies to method='frobenius' and 'wasserstein' only: the KL "
+            "distance is always scaled by the old precision; got method='kl'"
         )
 
 
@@ -210,7 +216,8 @@ def trust_region_loss(
         of :func:`~tr_projections.kl`, :func:`~tr_projections.frobenius` or
         :func:`~tr_projections.wasserstein`.
     scale_prec
-        As for the Frobenius and Wasserstein projections.
+        As for the Frobenius and Wasserstein projections; ``False`` with ``method="kl"`` is an
+        error (the KL distance is always scaled by the old precision).
     root
         With ``method="wasserstein"``: full scales are symmetric square roots, as for
         :func:`~tr_projections.project_wasserstein` with ``root=True``.
@@ -230,6 +237,6 @@ def trust_region_loss(
     """
     from .backends import apply
 
-    check_options(method, root)
+    check_options(method, root, bool(scale_prec))
     options = {"method": method, "scale_prec": bool(scale_prec), "root": bool(root)}
     return apply("trust_region_loss", (mean, scale, proj_mean, proj_scale), (), options)[0]

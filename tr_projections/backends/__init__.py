@@ -102,6 +102,64 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> tuple[str, tuple, tuple, d
     return kinds[fn], arrays, bounds, a
 
 
+def _cotangents(cotangent: Any, outs: tuple, xp: Any) -> tuple:
+    """The cotangent given to a ``vjp_fn``, one entry per output (``None``: zero), each checked:
+    an array of the call's library ``xp``, of a real floating dtype and of its output's shape
+    (nothing is broadcast), else an error that names it (``g_mean``, ``g_scale``; ``cotangent``
+    for one output). As with ``jax.vjp``, NumPy arrays are JAX outputs' cotangents too; NumPy
+    scalars are NumPy's (a loss of one state is one)."""
+    import numpy as np
+
+    names = ("g_mean", "g_scale") if len(outs) == 2 else ("cotangent",)
+    if cotangent is None:
+        return (None,) * len(outs)
+    if len(outs) == 1 and not isinstance(cotangent, (tuple, list)):
+        cots: list = [cotangent]
+    elif isinstance(cotangent, (tuple, list)):
+        cots = list(cotangent)
+    else:
+        raise TypeError(
+            f"the cotangent of a projection is a pair (g_mean, g_scale), e.g. "
+            f"trp.Gaussian(g_mean, g_scale), with None for zero; got {type(cotangent).__name__}"
+        )
+    if len(cots) != len(outs):
+        raise ValueError(
+            f"the cotangent must match the output: {len(outs)} array(s) "
+            f"({', '.join(names)}), got {len(cots)}"
+        )
+    numpy_ok = _compat.is_jax(xp) or _compat.is_numpy(xp)
+    for i, (name, g, out) in enumerate(zip(names, cots, outs, strict=True)):
+        if g is None:
+            continue
+        if numpy_ok and isinstance(g, (np.ndarray, np.generic)):
+            g = cots[i] = xp.asarray(g)
+        try:
+            same = _is_array(g) and _compat.array_namespace(g) is xp
+        except TypeError:
+            same = False
+        if not same:
+            raise TypeError(
+                f"`{name}` must be an array of the output's library ({_library_name(out)}) or "
+                f"None, got {_library_name(g)}"
+            )
+        if not xp.isdtype(g.dtype, "real floating"):
+            raise TypeError(f"`{name}` must have a real floating dtype, got {g.dtype}")
+        shape = tuple(getattr(out, "shape", ()))
+        if tuple(g.shape) != shape:
+            raise ValueError(f"`{name}` must have the output's shape {shape}, got {tuple(g.shape)}")
+    return tuple(cots)
+
+
+def _is_array(x: Any) -> bool:
+    import array_api_compat
+
+    return array_api_compat.is_array_api_obj(x)
+
+
+def _library_name(x: Any) -> str:
+    return f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
+
+
 def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
     r"""Evaluate a projection and return its vector–Jacobian product, as :func:`jax.vjp` does.
 
@@ -110,7 +168,9 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
     :func:`~tr_projections.project_wasserstein`, :func:`~tr_projections.project` and
     :func:`~tr_projections.project_entropy`. ``vjp_fn(cotangent)`` takes a cotangent of ``out``
     (a :class:`~tr_projections.Gaussian` ``(g_mean, g_scale)`` for projections, an array for the
-    entropy projection; ``None`` entries mean zero) and returns the cotangents of the array
+    entropy projection; ``None`` entries, or ``None`` for the whole, mean zero; each an array of
+    the outputs' library with its output's shape, of a real floating dtype, else a
+    ``TypeError`` or ``ValueError`` that names it) and returns the cotangents of the array
     arguments in the caller's library, shapes and dtypes: ``(mean, scale, old_mean, old_scale)``
     for projections, ``(scale,)`` for the entropy projection. Bounds are constants.
     :func:`~tr_projections.trust_region_loss` works too: its cotangent is an array of the batch
@@ -156,14 +216,7 @@ def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:
 
     def vjp_fn(cotangent: Any, *, wrt: Any = None) -> tuple:
         needs = _needs(wrt, op.arg_names)
-        if op.n_out == 1:
-            cots = tuple(cotangent) if isinstance(cotangent, (tuple, list)) else (cotangent,)
-        else:
-            cots = tuple(cotangent)
-        if len(cots) != op.n_out:
-            raise ValueError(
-                f"the cotangent must match the output: {op.n_out} array(s), got {len(cots)}"
-            )
+        cots = _cotangents(cotangent, outs, xp)
         if compiled is None:
             grads = backward(kind, arrays, res, cots, options, needs)
         else:

@@ -96,7 +96,9 @@ def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs
 
 
 def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
-    check_options(options.get("method"), bool(options.get("root")))  # (before value checks)
+    check_options(
+        options.get("method"), bool(options.get("root")), bool(options.get("scale_prec", True))
+    )  # (before value checks)
     p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
     out, res = loss_fwd(p, **options)
     return (out,), res
@@ -279,7 +281,9 @@ def check(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[Any, 
     concrete arrays before running :func:`forward` where their values cannot be read (the JAX
     adapter's compiled route)."""
     if kind == "trust_region_loss":
-        check_options(options.get("method"), bool(options.get("root")))
+        check_options(
+            options.get("method"), bool(options.get("root")), bool(options.get("scale_prec", True))
+        )
         p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
         return p.dtype, ()
     if kind == "entropy":  # (checked before it is applied: projections.entropy.entropy_inputs)
@@ -364,3 +368,58 @@ def _backward(
         unbroadcast(g, x, xp=xp) if need else None
         for g, x, need in zip(grads, arrays, needs, strict=True)
     )
+
+
+def bound_cotangents(
+    kind: str, arrays: tuple, bounds: tuple, outs: tuple, cots: tuple, options: dict,
+    needs: tuple,
+) -> tuple:  # fmt: skip
+    """Cotangents of the bounds of operation ``kind`` (``eps_mean``, ``eps_cov``; the entropy
+    projection's ``min_entropy``) from its raw ``arrays``, ``bounds``, outputs ``outs`` and
+    their cotangents ``cots`` (``None``: zero): for each bound with its flag in ``needs``, an
+    array of the bound's shape and dtype (summed over the axes it was broadcast along), else
+    ``None``; numbers get ``None`` (:mod:`tr_projections.projections._bounds`)."""
+    from ..projections._bounds import entropy_bound_cotangent, projection_bound_cotangents
+
+    op = OPERATIONS[kind]
+    xp = namespace_of(dict(zip(op.arg_names, arrays, strict=True)))
+    # (numbers, NumPy numbers beside another library's arrays and integer arrays: none)
+    wanted = [bool(n) and _float_array_of(b, xp) for b, n in zip(bounds, needs, strict=True)]
+    if not any(wanted):
+        return (None,) * len(bounds)
+    bounds = tuple(float(b) if _is_number(b, xp) else b for b in bounds)
+    if kind == "entropy":
+        per_state: tuple = (
+            entropy_bound_cotangent(
+                arrays[0], bounds[0], outs[0], cots[0], full=bool(options["full"]),
+                equality=bool(options.get("equality", False)), xp=xp,
+            ),
+        )  # fmt: skip
+    elif kind in ("kl", "frobenius", "wasserstein"):
+        per_state = projection_bound_cotangents(kind, arrays, bounds, outs, cots, options, xp=xp)
+    else:
+        raise ValueError(f"operation {kind!r} has no bounds")
+    return tuple(
+        unbroadcast(c, b, xp=xp) if w else None
+        for c, b, w in zip(per_state, bounds, wanted, strict=True)
+    )
+
+
+def _is_number(b: Any, xp: Any) -> bool:
+    # A Python or NumPy number, or a 0-d NumPy array beside another library's arrays: a
+    # constant (as _inputs.bound reads it).
+    if isinstance(b, (int, float, np.generic)):
+        return True
+    return isinstance(b, np.ndarray) and b.ndim == 0 and not _compat.is_numpy(xp)
+
+
+def _float_array_of(b: Any, xp: Any) -> bool:
+    # A floating-point array of the call's library (tracers included): a bound to differentiate.
+    import array_api_compat
+
+    if _is_number(b, xp) or not array_api_compat.is_array_api_obj(b):
+        return False
+    try:
+        return _compat.array_namespace(b) is xp and xp.isdtype(b.dtype, "real floating")
+    except TypeError:
+        return False

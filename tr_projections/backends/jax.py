@@ -201,12 +201,15 @@ class _Program:
 
 
 def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
+    # (the outputs are kept for the cotangents of bound arrays: _bound_cotangents)
+    keep = any(_inexact(b) for b in bounds)
     compiled = _compiled(static, bounds, arrays, mapped=True)
     if compiled is not None:
         outs, res, after = _forward_jit(compiled[0], compiled[1], arrays)
-        return outs, (res, bounds, arrays, after, _Program(compiled[0]))
+        kept = tuple(outs) if keep else None
+        return outs, (res, bounds, arrays, after, _Program(compiled[0]), kept)
     outs, res, after = _as_is(static, bounds, arrays)
-    return outs, (res, bounds, arrays, after, None)
+    return outs, (res, bounds, arrays, after, None, tuple(outs) if keep else None)
 
 
 def _zero(b: Any) -> Any:
@@ -217,14 +220,38 @@ def _zero(b: Any) -> Any:
     return np.zeros(b.shape, dtype=jax.dtypes.float0)  # integer bounds take float0 cotangents
 
 
+def _inexact(b: Any) -> bool:
+    # A bound array of floating point (numbers are static; integer arrays take float0).
+    return b is not None and jnp.issubdtype(b.dtype, jnp.inexact)
+
+
+def _bound_cotangents(static: tuple, bounds: tuple, arrays: tuple, outs: tuple, cots: tuple):
+    # The cotangents of the bound arrays (static: kind, options, the settings, and which bounds
+    # are arrays): _common.bound_cotangents, from the call's arrays, bounds and outputs.
+    kind, options, _, needs = static
+    with _compat.serial_decompositions():
+        return _common.bound_cotangents(kind, arrays, bounds, outs, cots, dict(options), needs)
+
+
+_bound_cotangents_jit = jax.jit(_bound_cotangents, static_argnums=0)
+
+
 def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
-    kind, options, _, _ = static
-    res, bounds, arrays, last, program = carry
+    kind, options, static_bounds, _ = static
+    res, bounds, arrays, last, program, outs = carry
     if program is not None:
         grads = _backward_jit((*program.key, None), arrays, res, last, tuple(cots))
     else:
         grads = _backward((kind, options, None, None), arrays, res, last, tuple(cots))
-    return tuple(_zero(b) for b in bounds), tuple(grads)
+    bound_cots = tuple(_zero(b) for b in bounds)
+    if outs is not None:  # (bound arrays: how the outputs move with them)
+        needs = tuple(_inexact(b) for b in bounds)
+        merged = _merge(static_bounds, bounds)
+        key = (kind, options, _settings(), needs)
+        body = _bound_cotangents_jit if program is not None else _bound_cotangents
+        found = body(key, merged, arrays, outs, tuple(cots))
+        bound_cots = tuple(z if c is None else c for z, c in zip(bound_cots, found, strict=True))
+    return bound_cots, tuple(grads)
 
 
 _operation.defvjp(_fwd, _bwd)

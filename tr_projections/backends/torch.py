@@ -5,8 +5,10 @@ differentiable) outputs and saved with ``save_for_backward``, which is what ``to
 requires; ``generate_vmap_rule`` lets ``torch.func.vmap`` batch forward and backward. Under
 ``torch.func`` transforms the KL solver cannot read its convergence mask and runs its fixed
 iteration cap; under ``torch.compile`` its loop is a ``torch.while_loop`` with the same early
-exit (see :func:`tr_projections._compat.while_loop`). Gradients are first order: ``backward`` is
-``once_differentiable``, so a double backward raises instead of silently missing terms. Only the
+exit (see :func:`tr_projections._compat.while_loop`). Gradients are first order: where a graph is
+recorded through ``backward`` (``create_graph=True``, an outer ``torch.func`` transform), its
+cotangents come out of a node whose backward raises (:class:`_SecondOrder`), so differentiating
+them again raises instead of silently missing terms. Only the
 cotangents autograd asks for are computed (``ctx.needs_input_grad``): with a constant old policy,
 the usual case in training, the old policy's part of the VJP is skipped.
 
@@ -24,11 +26,11 @@ arguments); set it to 0 to always use torch kernels.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _compat
 from .._config import torch_compiling
@@ -157,6 +159,70 @@ def _residuals(op: Any, entries: Any) -> Any:
     return parts[0] if len(parts) == 1 else parts
 
 
+SECOND_ORDER_ERROR = (
+    "tr_projections: the projections' gradients are first order only; a second derivative "
+    "through a projection (differentiating its gradient: create_graph=True, torch.func.jacrev "
+    "or hessian of a gradient) is not available. Detach what you differentiate again, or take "
+    "the second derivatives of the distances (trp.kl, trp.frobenius), which have them."
+)
+
+
+class _SecondOrder(torch.autograd.Function):
+    """The cotangents of :class:`_Operation`, joined to everything they depend on (the
+    operation's inputs and the incoming cotangents), with a backward that raises
+    :data:`SECOND_ORDER_ERROR`: differentiating them again, by any route to any of those
+    tensors, stops there. (``torch.autograd.function.once_differentiable`` joins them to
+    detached copies only, so ``torch.autograd.grad`` with ``inputs=``, which runs only the
+    nodes on paths to its inputs, and ``torch.func`` transforms, missed its error and dropped
+    the second-order terms.)"""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(n_links: int, *tensors: Any) -> tuple:  # type: ignore[override]
+        return tuple(t.clone() for t in tensors[n_links:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:  # type: ignore[override]
+        raise RuntimeError(SECOND_ORDER_ERROR)
+
+
+def _first_order(backward: Any) -> Any:
+    """``backward`` of :class:`_Operation` without a graph of its own: its work runs under
+    ``no_grad``, and where a graph is being recorded (``create_graph=True``, an outer
+    ``torch.func`` transform) its cotangents come out of :class:`_SecondOrder`."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> tuple:
+        with torch.no_grad():
+            cots = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return cots
+        links = [  # (the inputs, bounds and outputs it saved, and the incoming cotangents)
+            t
+            for t in (*ctx.saved_tensors, *grads)
+            if isinstance(t, torch.Tensor) and (t.requires_grad or _functorch_wrapped(t))
+        ]
+        where = [i for i, c in enumerate(cots) if isinstance(c, torch.Tensor)]
+        if not links or not where:
+            return cots
+        joined = _SecondOrder.apply(len(links), *links, *(cots[i] for i in where))
+        out = list(cots)
+        for i, c in zip(where, joined, strict=True):
+            out[i] = c
+        return tuple(out)
+
+    return wrapper
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 class _Operation(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -192,19 +258,31 @@ class _Operation(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.out_meta = tuple((o.shape, o.dtype, o.device) for o in output[:n_out])
         arrays = inputs[1 + n_bounds :]
-        ctx.save_for_backward(*arrays, *saved)
+        # Bound tensors that require grad: the bounds and the outputs kept too, for their
+        # cotangents (_common.bound_cotangents); numbers and constant bounds keep nothing.
+        bounds = inputs[1 : 1 + n_bounds]
+        ctx.bound_needs = tuple(
+            isinstance(b, torch.Tensor) and bool(n)
+            for b, n in zip(bounds, ctx.needs_input_grad[1 : 1 + n_bounds], strict=True)
+        )
+        kept = ()
+        if any(ctx.bound_needs):
+            ctx.bound_values = tuple(None if isinstance(b, torch.Tensor) else b for b in bounds)
+            kept = (*(b for b in bounds if isinstance(b, torch.Tensor)), *output[:n_out])
+        ctx.save_for_backward(*arrays, *saved, *kept)
         ctx.static = static
         ctx.n_arrays = len(arrays)
+        ctx.n_kept = len(kept)
         ctx.missing = tuple(r is None for r in res)
 
     @staticmethod
-    @once_differentiable  # first order only: a double backward raises instead of going wrong
+    @_first_order  # a second derivative through it raises instead of going wrong
     def backward(ctx: Any, *grads: Any) -> tuple:  # type: ignore[override]
         kind, options, n_bounds = ctx.static
         op = _common.OPERATIONS[kind]
         saved = ctx.saved_tensors
         arrays = saved[: ctx.n_arrays]
-        it = iter(saved[ctx.n_arrays :])
+        it = iter(saved[ctx.n_arrays : len(saved) - ctx.n_kept])
         entries = [None if m else next(it) for m in ctx.missing]
         needs = ctx.needs_input_grad[1 + n_bounds :]
         grads = tuple(
@@ -212,16 +290,32 @@ class _Operation(torch.autograd.Function):
             for g, (shape, dtype, device) in zip(grads[: op.n_out], ctx.out_meta, strict=True)
         )
         # (the route is decided anew: torch.func may wrap these)
+        bound_cots = (None,) * n_bounds
+        if any(ctx.bound_needs):
+            bound_cots = _bound_cotangents(ctx, kind, options, arrays, saved, grads)
         if _via_numpy(kind, arrays, (*entries, *grads)):
             res = _residuals(op, _to_numpy(tuple(entries)))
             with _compat.numpy_threads(torch.get_num_threads()):
                 cots = _common.backward(
                     kind, _to_numpy(arrays), res, _to_numpy(grads), dict(options), needs
                 )
-            return (None,) * (1 + n_bounds) + _to_torch(tuple(cots))
+            return (None, *bound_cots) + _to_torch(tuple(cots))
         res = _residuals(op, entries)
         cots = _common.backward(kind, arrays, res, grads, dict(options), needs)
-        return (None,) * (1 + n_bounds) + tuple(cots)
+        return (None, *bound_cots) + tuple(cots)
+
+
+def _bound_cotangents(ctx: Any, kind: str, options: tuple, arrays: tuple, saved: tuple,
+                      grads: tuple) -> tuple:  # fmt: skip
+    """The cotangents of the bound tensors that require grad (None for the others), from the
+    bounds and outputs that ``setup_context`` kept (at the end of the saved tensors)."""
+    n_out = _common.OPERATIONS[kind].n_out
+    kept = saved[len(saved) - ctx.n_kept :]
+    tensors, outs = iter(kept[: ctx.n_kept - n_out]), kept[ctx.n_kept - n_out :]
+    bounds = tuple(next(tensors) if v is None else v for v in ctx.bound_values)
+    return _common.bound_cotangents(
+        kind, arrays, bounds, outs, grads, dict(options), ctx.bound_needs
+    )
 
 
 def apply(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple:

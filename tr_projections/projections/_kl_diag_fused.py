@@ -591,16 +591,19 @@ def _kernels(dtype_name: str, device_id: int) -> dict | None:
     )  # fmt: skip
 
 
-_dtype_names: dict[Any, str] = {}
+_dtype_names: dict[tuple[type, Any], str] = {}
 
 
 def _dtype_name(p: Any) -> str:
     # "float32" for NumPy's, CuPy's and torch's float32 alike (str() of a dtype took about a
     # microsecond, asked a few times per kernel call: the names are kept per dtype).
+    # (keyed by the dtype's type too: array-api-strict's dtypes hash as NumPy's, and comparing
+    # the two warns)
     dtype = p.dtype
-    name = _dtype_names.get(dtype)
+    key = (type(dtype), dtype)
+    name = _dtype_names.get(key)
     if name is None:
-        name = _dtype_names.setdefault(dtype, str(dtype).rsplit(".", 1)[-1])
+        name = _dtype_names.setdefault(key, str(dtype).rsplit(".", 1)[-1])
     return name
 
 

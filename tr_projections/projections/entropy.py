@@ -9,11 +9,12 @@ Gaussian has :math:`H = \beta` exactly. The inequality projection rescales only 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 from .. import _compat
 from .._config import checks_to_run
-from .._inputs import broadcast_shapes, check_scale, namespace_of
+from .._inputs import _is_numpy_scalar_array, broadcast_shapes, check_scale, namespace_of
 from .._values import describe
 from ..gaussian import _entropy, diag_embed, diagonal
 
@@ -60,13 +61,22 @@ def entropy_inputs(scale: Array, min_entropy: Any, full: bool | None) -> tuple[A
     xp, full = check_scale(scale, full)
     event_ndim = 2 if full else 1
     batch = tuple(scale.shape[:-event_ndim])
-    if isinstance(min_entropy, (int, float)) and not isinstance(min_entropy, bool):
-        if not math.isfinite(min_entropy):
+    if isinstance(min_entropy, bool) or min_entropy is None or isinstance(min_entropy, str):
+        raise TypeError(
+            f"`min_entropy` must be a real number or an array of `scale`'s library, "
+            f"got {min_entropy!r}"
+        )
+    if isinstance(min_entropy, numbers.Real) or _is_numpy_scalar_array(min_entropy, xp):
+        # (Python and NumPy numbers, as the projections' bounds take them)
+        value = float(min_entropy)
+        if not math.isfinite(value):
             raise ValueError(f"`min_entropy` must be finite, got {min_entropy!r}")
-        return xp, bool(full), float(min_entropy)
+        return xp, bool(full), value
+    if isinstance(min_entropy, numbers.Number):
+        raise TypeError(f"`min_entropy` must be a real number, got {min_entropy!r}")
     namespace_of({"scale": scale, "min_entropy": min_entropy})
     shape = tuple(min_entropy.shape)
-    if broadcast_shapes({"min_entropy": shape, "batch": batch}) != batch:
+    if broadcast_shapes({"min_entropy": shape, "scale's batch": batch}) != batch:
         raise ValueError(
             f"`min_entropy` of shape {shape} must broadcast to the batch shape {batch}"
         )

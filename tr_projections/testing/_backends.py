@@ -111,7 +111,12 @@ _FACTORIES: dict[str, Callable[[], Backend]] = {
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called ``name`` (imports its library)."""
+    """The backend called ``name`` (imports its library).
+
+    ``"jax"`` turns on JAX's ``jax_enable_x64`` for the whole process, since the backends carry
+    float64 data (without it JAX silently makes float64 arrays float32): from then on JAX's
+    default float dtype is float64 in that process, for code outside the tests too.
+    """
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; known: {BACKEND_NAMES}")
     return _FACTORIES[name]()

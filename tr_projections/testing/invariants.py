@@ -13,8 +13,9 @@ The guarantees (for a projection ``out = P(new, old)`` with bounds ``eps_mean``,
 * **interpolation**: each part of ``out`` is ``tau * new + (1 - tau) * old`` in the method's chart
   (mean; covariance, root or precision) with one ``tau`` in (0, 1]; projected parts lie on the
   boundary;
-* **batch consistency**: a batch equals its rows projected one at a time, and broadcasting a
-  state-independent old policy equals tiling it;
+* **batch consistency**: a batch equals its rows projected one at a time (broadcasting a
+  state-independent old policy against tiling it is the same comparison: pass the tiled
+  arrays' outputs as ``out``);
 * **metadata**: outputs keep the input's library, dtype, device and shapes;
 * **no mutation**: inputs are unchanged after the call.
 """
@@ -74,8 +75,13 @@ TOLERANCES: dict[str, Tolerance] = {
 
 
 def tolerance(dtype: Any) -> Tolerance:
-    """The :class:`Tolerance` for a dtype of any library (matched by name)."""
-    name = str(dtype).rsplit(".", 1)[-1]
+    """The :class:`Tolerance` for a dtype of any library (matched by name): a dtype object
+    (``np.dtype``, ``torch.float32``, array-api-strict's), a scalar type (``np.float64``,
+    ``jnp.float32``) or a name (``"float32"``)."""
+    try:  # (NumPy's and JAX's scalar types, NumPy dtypes and names)
+        name = np.dtype(dtype).name
+    except (TypeError, ValueError):
+        name = str(dtype).rsplit(".", 1)[-1]
     if name not in TOLERANCES:
         raise ValueError(f"no tolerance stated for dtype {dtype!r}; known: {sorted(TOLERANCES)}")
     return TOLERANCES[name]
@@ -99,10 +105,27 @@ class Dense(NamedTuple):
 
 
 def _dense(mean: Any, scale: Any, full: bool) -> Dense:
+    """Mean and covariance of a Gaussian given by its (checked) scale: an ``AssertionError``
+    where ``scale`` is not a lower Cholesky factor with a positive diagonal (``full``) or
+    positive standard deviations, since its covariance would hide that (a negated factor, or
+    entries above the diagonal, give a valid-looking covariance)."""
     m, s = _np(mean), _np(scale)
     if full:
-        s = np.tril(s)
+        upper = np.triu(s, 1)
+        assert not np.any(upper), (
+            f"scale is not lower triangular: {int(np.count_nonzero(upper))} entries above "
+            f"the diagonal, the largest {np.max(np.abs(upper)):.3e} in magnitude"
+        )
+        diag = np.diagonal(s, axis1=-2, axis2=-1)
+        assert np.all(diag > 0), (
+            f"scale is not a Cholesky factor: {int(np.sum(~(diag > 0)))} diagonal entries "
+            f"not positive (smallest {np.min(diag, initial=np.inf):.3e})"
+        )
         return Dense(m, s @ np.swapaxes(s, -1, -2))
+    assert np.all(s > 0), (
+        f"scale holds {int(np.sum(~(s > 0)))} standard deviations that are not positive "
+        f"(smallest {np.min(s, initial=np.inf):.3e})"
+    )
     return Dense(m, np.eye(s.shape[-1]) * (s * s)[..., None, :])
 
 
@@ -284,7 +307,10 @@ def _fit_tau(x: np.ndarray, x_old: np.ndarray, x_out: np.ndarray, ev: int):
     t = tau.reshape(tau.shape + (1,) * ev)
     resid = np.sqrt(np.sum((moved - t * step) ** 2, axis=axes))
     size = np.sqrt(np.sum(x * x, axis=axes)) + np.sqrt(np.sum(x_old * x_old, axis=axes))
-    return tau, resid / size
+    # (new and old both zero, e.g. zero-initialised means: the output must be zero exactly)
+    zero = size == 0
+    rel = np.where(zero, np.where(resid == 0, 0.0, np.inf), resid / np.where(zero, 1.0, size))
+    return tau, rel
 
 
 def check_interpolation(
@@ -381,8 +407,13 @@ def check_metadata(out: Sequence[Any], like: Any, *, shapes: Sequence[tuple[int,
     """Outputs are arrays of ``like``'s library, dtype and device with the given shapes."""
     import array_api_compat as aac
 
+    xp = aac.array_namespace(like)
     for name, x, shape in zip(("mean", "scale"), out, shapes, strict=True):
-        assert type(x) is type(like), f"{name}: {type(x).__name__}, expected {type(like).__name__}"
+        # (the library, not the exact type: a torch.nn.Parameter in gives plain tensors out)
+        assert aac.is_array_api_obj(x) and aac.array_namespace(x) is xp, (
+            f"{name}: {type(x).__module__}.{type(x).__name__}, expected an array of "
+            f"{type(like).__module__}'s library"
+        )
         assert x.dtype == like.dtype, f"{name}: dtype {x.dtype}, expected {like.dtype}"
         assert aac.device(x) == aac.device(like), f"{name}: device {aac.device(x)}"
         assert tuple(x.shape) == tuple(shape), f"{name}: shape {tuple(x.shape)}, expected {shape}"

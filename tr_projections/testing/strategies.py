@@ -103,8 +103,9 @@ def policy_pairs(
 ) -> PolicyPair:
     r"""A new policy near an old one, in controlled geometry.
 
-    The old covariance has a condition number drawn from ``[1, max_cond]`` and a typical std
-    ``exp(u)``, ``u`` in ``log_std``. The new policy is the old one moved by a relative step:
+    The old covariance (full or diagonal) has a condition number drawn from ``[1, max_cond]``
+    (exactly that number for ``d >= 2``) and a typical std ``exp(u)``, ``u`` in ``log_std``.
+    The new policy is the old one moved by a relative step:
     :math:`\mu = \mu_o + L_o z` with :math:`|z|` up to ``max_step`` Mahalanobis units, and
     :math:`\Sigma = L_o R L_o^\top` with :math:`R` SPD of log-eigenvalues within ``max_step``
     of 0. ``dims`` is an inclusive range or a strategy of dimensions; ``batch`` a strategy of
@@ -120,7 +121,7 @@ def policy_pairs(
     bshape = draw(batch if batch is not None else batch_shapes())
     if shared_old is None:
         shared_old = draw(st.booleans())
-    cond = draw(st.floats(1.0, max_cond)) if full else 1.0
+    cond = draw(st.floats(1.0, max_cond))
     center = 2.0 * draw(st.floats(*log_std))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -129,8 +130,9 @@ def policy_pairs(
     old_mean = rng.standard_normal(old_shape + (d,)) * np.exp(center / 2)
     if full:
         old_scale = cholesky_factors(rng, old_shape, d, cond=cond, center=center)
-    else:
-        old_scale = np.exp(center / 2 + rng.uniform(-0.5, 0.5, size=old_shape + (d,)))
+    else:  # (the variances are the eigenvalues, in random order)
+        log_var = rng.permuted(_log_eigenvalues(rng, old_shape, d, cond, center), axis=-1)
+        old_scale = np.exp(0.5 * log_var)
 
     size = max_step * np.exp(rng.uniform(np.log(min_step), 0.0, size=bshape))
     z = rng.standard_normal(bshape + (d,))

@@ -224,3 +224,31 @@ def test_array_eps_cov_beside_other_kinds_of_eps_mean(eps_mean):
     if isinstance(eps_mean, str):
         g = jax.grad(lambda e: value(args[0], ec, e), allow_int=True)(em)
         assert g.dtype == jax.dtypes.float0
+
+
+@pytest.mark.parametrize("method", ["kl", "frobenius", "wasserstein"])
+def test_second_derivative_through_a_projection_raises(method):
+    """``jax.hessian`` (forward over reverse) and ``jax.jacrev`` of a ``jax.grad`` of a
+    projection raise ``SECOND_ORDER_ERROR``: JAX differentiated the hand-written VJP through
+    the forward's residuals, NaN for KL where the new covariance is proportional to the old
+    (its eigenvalues repeat). First derivatives, eager, under ``jit`` and ``vmap``, stay."""
+    from tr_projections.backends import jax as adapter
+
+    mean, old_mean = jnp.full((1, 2), 0.5), jnp.zeros((1, 2))
+    old_scale = jnp.eye(2)[None]
+
+    def f(scale):
+        out = trp.project(mean, scale, old_mean, old_scale, method=method, eps_mean=0.01,
+                          eps_cov=0.01)  # fmt: skip
+        return jnp.sum(out.scale**2) + jnp.sum(out.mean**2)
+
+    scale = 2.0 * jnp.eye(2)[None]
+    g = jax.grad(f)(scale)
+    assert np.all(np.isfinite(np.asarray(g)))
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(f))(scale)), np.asarray(g), rtol=1e-12)
+    batched = jax.vmap(jax.grad(lambda s: f(s[None])))(scale)
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(g), rtol=1e-12, atol=1e-15)
+    for second in (jax.hessian, lambda h: jax.jacrev(jax.grad(h))):
+        with pytest.raises(TypeError, match="first order only") as info:
+            second(f)(scale)
+        assert str(info.value) == adapter.SECOND_ORDER_ERROR

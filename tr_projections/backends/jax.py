@@ -236,6 +236,44 @@ def _bound_cotangents(static: tuple, bounds: tuple, arrays: tuple, outs: tuple, 
 _bound_cotangents_jit = jax.jit(_bound_cotangents, static_argnums=0)
 
 
+SECOND_ORDER_ERROR = (
+    "tr_projections: the projections' gradients are first order only; a second derivative "
+    "through a projection (differentiating its gradient: jax.hessian, jax.jacfwd or jax.jacrev "
+    "of a jax.grad) is not available: the hand-written VJP is not differentiated (it would go "
+    "through the forward's eigendecomposition, which has no derivative where eigenvalues "
+    "repeat). Take the second derivatives of the distances (trp.kl, trp.frobenius), which "
+    "have them."
+)
+
+
+#: The operations whose VJP is not differentiated again (:data:`SECOND_ORDER_ERROR`): the
+#: projections, whose residuals hold eigenvectors (full KL and W2) or the solver's weights.
+FIRST_ORDER = ("kl", "frobenius", "wasserstein")
+
+
+@jax.custom_jvp
+def _first_order(x: Any) -> Any:
+    """``x`` (the VJP's cotangents), whose differentiation raises :data:`SECOND_ORDER_ERROR`:
+    JAX would otherwise differentiate the hand-written VJP through the forward's residuals,
+    ``eigh``'s eigenvectors among them, whose derivative is NaN where eigenvalues repeat (a new
+    covariance proportional to the old one)."""
+    return x
+
+
+@_first_order.defjvp
+def _first_order_jvp(primals: tuple, tangents: tuple) -> tuple:
+    raise TypeError(SECOND_ORDER_ERROR)
+
+
+def _floats(xs: tuple) -> list[int]:
+    # The positions of the floating-point arrays among xs (not None, not float0).
+    return [
+        i
+        for i, x in enumerate(xs)
+        if x is not None and jnp.issubdtype(getattr(x, "dtype", np.float64), jnp.inexact)
+    ]
+
+
 def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
     kind, options, static_bounds, _ = static
     res, bounds, arrays, last, program, outs = carry
@@ -251,7 +289,12 @@ def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
         body = _bound_cotangents_jit if program is not None else _bound_cotangents
         found = body(key, merged, arrays, outs, tuple(cots))
         bound_cots = tuple(z if c is None else c for z, c in zip(bound_cots, found, strict=True))
-    return bound_cots, tuple(grads)
+    out = [*bound_cots, *grads]
+    if kind in FIRST_ORDER:
+        where = _floats(tuple(out))
+        for i, x in zip(where, _first_order(tuple(out[i] for i in where)), strict=True):
+            out[i] = x
+    return tuple(out[: len(bounds)]), tuple(out[len(bounds) :])
 
 
 _operation.defvjp(_fwd, _bwd)

@@ -252,3 +252,15 @@ def test_second_derivative_through_a_projection_raises(method):
         with pytest.raises(TypeError, match="first order only") as info:
             second(f)(scale)
         assert str(info.value) == adapter.SECOND_ORDER_ERROR
+
+    # Through the cotangent alone the VJP is linear, first order: jax.vjp of vjp_fn is the
+    # projection's JVP (jax.jvp of a custom_vjp raises), here against central differences.
+    def g(s):
+        return trp.project(mean, s, old_mean, old_scale, method=method, eps_mean=0.01,
+                           eps_cov=0.01).scale  # fmt: skip
+
+    v = jnp.tril(jnp.asarray([[[0.3, 0.0], [-0.2, 0.5]]]))
+    out, vjp_fn = jax.vjp(g, scale)
+    jv = jax.vjp(vjp_fn, out)[1]((v,))[0]
+    fd = (g(scale + 1e-6 * v) - g(scale - 1e-6 * v)) / 2e-6
+    np.testing.assert_allclose(np.asarray(jv), np.asarray(fd), rtol=0, atol=1e-8)

@@ -253,7 +253,7 @@ FIRST_ORDER = ("kl", "frobenius", "wasserstein")
 
 @jax.custom_jvp
 def _first_order(x: Any) -> Any:
-    """``x`` (the VJP's cotangents), whose differentiation raises :data:`SECOND_ORDER_ERROR`:
+    """``x`` (the VJP's residuals), whose differentiation raises :data:`SECOND_ORDER_ERROR`:
     JAX would otherwise differentiate the hand-written VJP through the forward's residuals,
     ``eigh``'s eigenvectors among them, whose derivative is NaN where eigenvalues repeat (a new
     covariance proportional to the old one)."""
@@ -274,9 +274,25 @@ def _floats(xs: tuple) -> list[int]:
     ]
 
 
+def _guard(tree: Any) -> Any:
+    # tree with its floating-point leaves passed through _first_order (float0, integer leaves
+    # and None as they are).
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    where = _floats(tuple(leaves))
+    if where:
+        for i, x in zip(where, _first_order(tuple(leaves[i] for i in where)), strict=True):
+            leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
     kind, options, static_bounds, _ = static
     res, bounds, arrays, last, program, outs = carry
+    if kind in FIRST_ORDER:
+        # (the residuals, not the cotangents, are guarded: the VJP is linear in its cotangent,
+        # so differentiating it through the cotangent alone, as jax.vjp of vjp_fn does for a
+        # JVP, is first order and goes on; through the residuals it is second order)
+        res, bounds, arrays, last, outs = _guard((res, bounds, arrays, last, outs))
     if program is not None:
         grads = _backward_jit((*program.key, None), arrays, res, last, tuple(cots))
     else:
@@ -289,12 +305,7 @@ def _bwd(static: tuple, carry: tuple, cots: tuple) -> tuple:
         body = _bound_cotangents_jit if program is not None else _bound_cotangents
         found = body(key, merged, arrays, outs, tuple(cots))
         bound_cots = tuple(z if c is None else c for z, c in zip(bound_cots, found, strict=True))
-    out = [*bound_cots, *grads]
-    if kind in FIRST_ORDER:
-        where = _floats(tuple(out))
-        for i, x in zip(where, _first_order(tuple(out[i] for i in where)), strict=True):
-            out[i] = x
-    return tuple(out[: len(bounds)]), tuple(out[len(bounds) :])
+    return bound_cots, tuple(grads)
 
 
 _operation.defvjp(_fwd, _bwd)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _compat
-from .._inputs import namespace_of
+from .._inputs import _compat_is_array, _library, namespace_of
 
 __all__ = ["apply", "vjp"]
 
@@ -134,13 +134,13 @@ def _cotangents(cotangent: Any, outs: tuple, xp: Any) -> tuple:
         if numpy_ok and isinstance(g, (np.ndarray, np.generic)):
             g = cots[i] = xp.asarray(g)
         try:
-            same = _is_array(g) and _compat.array_namespace(g) is xp
+            same = _compat_is_array(g) and _compat.array_namespace(g) is xp
         except TypeError:
             same = False
         if not same:
             raise TypeError(
-                f"`{name}` must be an array of the output's library ({_library_name(out)}) or "
-                f"None, got {_library_name(g)}"
+                f"`{name}` must be an array of the output's library ({_library(out)}) or "
+                f"None, got {_library(g)}"
             )
         if not xp.isdtype(g.dtype, "real floating"):
             raise TypeError(f"`{name}` must have a real floating dtype, got {g.dtype}")
@@ -148,16 +148,6 @@ def _cotangents(cotangent: Any, outs: tuple, xp: Any) -> tuple:
         if tuple(g.shape) != shape:
             raise ValueError(f"`{name}` must have the output's shape {shape}, got {tuple(g.shape)}")
     return tuple(cots)
-
-
-def _is_array(x: Any) -> bool:
-    import array_api_compat
-
-    return array_api_compat.is_array_api_obj(x)
-
-
-def _library_name(x: Any) -> str:
-    return f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
 
 
 def vjp(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Callable]:

@@ -22,7 +22,15 @@ import numpy as np
 
 from .. import _compat
 from .._config import checks
-from .._inputs import bound, namespace_of, prepare, unbroadcast
+from .._inputs import (
+    _compat_is_array,
+    _is_numpy_scalar_array,
+    bound,
+    is_static_bound,
+    namespace_of,
+    prepare,
+    unbroadcast,
+)
 from ..gaussian import is_full
 from ..losses import LossResiduals, check_options, loss_fwd, loss_vjp
 from ..projections.entropy import EntropyResiduals, entropy_fwd, entropy_vjp
@@ -95,10 +103,14 @@ def _entropy_backward(arrays: tuple, res: Any, cots: tuple, options: dict, needs
     return (entropy_vjp(scale, res, g, **options),)
 
 
-def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+def _check_loss_options(options: dict) -> None:
     check_options(
         options.get("method"), bool(options.get("root")), bool(options.get("scale_prec", True))
-    )  # (before value checks)
+    )
+
+
+def _loss_forward(arrays: tuple, bounds: tuple, options: dict) -> tuple[tuple, Any]:
+    _check_loss_options(options)  # (before value checks)
     p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
     out, res = loss_fwd(p, **options)
     return (out,), res
@@ -281,9 +293,7 @@ def check(kind: str, arrays: tuple, bounds: tuple, options: dict) -> tuple[Any, 
     concrete arrays before running :func:`forward` where their values cannot be read (the JAX
     adapter's compiled route)."""
     if kind == "trust_region_loss":
-        check_options(
-            options.get("method"), bool(options.get("root")), bool(options.get("scale_prec", True))
-        )
+        _check_loss_options(options)
         p = prepare(*arrays, names=LOSS_ARGS, roots=bool(options.get("root")))
         return p.dtype, ()
     if kind == "entropy":  # (checked before it is applied: projections.entropy.entropy_inputs)
@@ -384,10 +394,17 @@ def bound_cotangents(
     op = OPERATIONS[kind]
     xp = namespace_of(dict(zip(op.arg_names, arrays, strict=True)))
     # (numbers, NumPy numbers beside another library's arrays and integer arrays: none)
-    wanted = [bool(n) and _float_array_of(b, xp) for b, n in zip(bounds, needs, strict=True)]
+    number = [
+        is_static_bound(b, name) or _is_numpy_scalar_array(b, xp)
+        for b, name in zip(bounds, op.bound_names, strict=True)
+    ]
+    wanted = [
+        bool(n) and not k and _float_array_of(b, xp)
+        for b, n, k in zip(bounds, needs, number, strict=True)
+    ]
     if not any(wanted):
         return (None,) * len(bounds)
-    bounds = tuple(float(b) if _is_number(b, xp) else b for b in bounds)
+    bounds = tuple(float(b) if k else b for b, k in zip(bounds, number, strict=True))
     if kind == "entropy":
         per_state: tuple = (
             entropy_bound_cotangent(
@@ -405,19 +422,9 @@ def bound_cotangents(
     )
 
 
-def _is_number(b: Any, xp: Any) -> bool:
-    # A Python or NumPy number, or a 0-d NumPy array beside another library's arrays: a
-    # constant (as _inputs.bound reads it).
-    if isinstance(b, (int, float, np.generic)):
-        return True
-    return isinstance(b, np.ndarray) and b.ndim == 0 and not _compat.is_numpy(xp)
-
-
 def _float_array_of(b: Any, xp: Any) -> bool:
     # A floating-point array of the call's library (tracers included): a bound to differentiate.
-    import array_api_compat
-
-    if _is_number(b, xp) or not array_api_compat.is_array_api_obj(b):
+    if not _compat_is_array(b):
         return False
     try:
         return _compat.array_namespace(b) is xp and xp.isdtype(b.dtype, "real floating")

@@ -202,14 +202,15 @@ class _Program:
 
 def _fwd(static: tuple, bounds: tuple, arrays: tuple) -> tuple:
     # (the outputs are kept for the cotangents of bound arrays: _bound_cotangents)
-    keep = any(_inexact(b) for b in bounds)
     compiled = _compiled(static, bounds, arrays, mapped=True)
     if compiled is not None:
         outs, res, after = _forward_jit(compiled[0], compiled[1], arrays)
-        kept = tuple(outs) if keep else None
-        return outs, (res, bounds, arrays, after, _Program(compiled[0]), kept)
-    outs, res, after = _as_is(static, bounds, arrays)
-    return outs, (res, bounds, arrays, after, None, tuple(outs) if keep else None)
+        program = _Program(compiled[0])
+    else:
+        outs, res, after = _as_is(static, bounds, arrays)
+        program = None
+    kept = tuple(outs) if any(_inexact(b) for b in bounds) else None
+    return outs, (res, bounds, arrays, after, program, kept)
 
 
 def _zero(b: Any) -> Any:
@@ -221,8 +222,8 @@ def _zero(b: Any) -> Any:
 
 
 def _inexact(b: Any) -> bool:
-    # A bound array of floating point (numbers are static; integer arrays take float0).
-    return b is not None and jnp.issubdtype(b.dtype, jnp.inexact)
+    # A floating-point array (not None; integer bounds and float0 cotangents are not).
+    return b is not None and jnp.issubdtype(getattr(b, "dtype", np.float64), jnp.inexact)
 
 
 def _bound_cotangents(static: tuple, bounds: tuple, arrays: tuple, outs: tuple, cots: tuple):
@@ -265,20 +266,14 @@ def _first_order_jvp(primals: tuple, tangents: tuple) -> tuple:
     raise TypeError(SECOND_ORDER_ERROR)
 
 
-def _floats(xs: tuple) -> list[int]:
-    # The positions of the floating-point arrays among xs (not None, not float0).
-    return [
-        i
-        for i, x in enumerate(xs)
-        if x is not None and jnp.issubdtype(getattr(x, "dtype", np.float64), jnp.inexact)
-    ]
-
-
 def _guard(tree: Any) -> Any:
     # tree with its floating-point leaves passed through _first_order (float0, integer leaves
-    # and None as they are).
+    # and None as they are). Concrete leaves, which no transform differentiates, as they are:
+    # an eager first-order backward pays nothing (the call costs about 0.5 ms on 12 leaves).
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    where = _floats(tuple(leaves))
+    if not any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return tree
+    where = [i for i, x in enumerate(leaves) if _inexact(x)]
     if where:
         for i, x in zip(where, _first_order(tuple(leaves[i] for i in where)), strict=True):
             leaves[i] = x

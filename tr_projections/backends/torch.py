@@ -90,7 +90,7 @@ def _plain_cpu(t: torch.Tensor) -> bool:
         and t.device.type == "cpu"
         and t.layout == torch.strided
         and not t.is_neg()  # (a lazily negated view, e.g. `c.conj().imag`: NumPy cannot view it)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and not _functorch_wrapped(t)
     )
 
 

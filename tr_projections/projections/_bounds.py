@@ -35,18 +35,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import _compat
 from .._compat import matmul, row_sum
 from .._inputs import prepare
-from ..distances import parts
-from ..gaussian import _entropy, mT, root_from_cholesky, tril
-from ._vjp_core import solve_lower
+from ..distances import mean_distance, parts, wasserstein_chart
+from ..gaussian import _entropy, mT, tril
+from ._vjp_core import _phi_mask, solve_lower
+from .wasserstein import root_distance, root_times
 
 Array = Any
 
 
 def _phi(x: Array, *, xp: Any) -> Array:
     # The lower triangle of x with its diagonal halved.
-    return tril(x, xp=xp) - 0.5 * x * xp.eye(x.shape[-1], dtype=x.dtype)
+    return x * _phi_mask(x.shape[-1], x.dtype, _compat.device(x), xp=xp)
 
 
 def _cholesky_slope(L: Array, dsigma: Array, *, xp: Any) -> Array:
@@ -88,9 +90,12 @@ def projection_bound_cotangents(
     zero = xp.zeros(batch, dtype=dtype)
     g_mean, g_scale = cots
     scale_prec = bool(options.get("scale_prec", True))
-    named = {"kl": {}, "frobenius": {"scale_prec": scale_prec}}
-    named["wasserstein"] = {"scale_prec": scale_prec, "root": root}
-    mean_part, cov_part = parts(method, (p.mean, p.scale, p.old_mean, p.old_scale), named[method])
+    roots = None
+    if method == "wasserstein":  # (the roots once, for the distance and the slope)
+        mean_part, cov_part, roots = _w2_parts(p, scale_prec=scale_prec, root=root, xp=xp)
+    else:
+        named = {"kl": {}, "frobenius": {"scale_prec": scale_prec}}[method]
+        mean_part, cov_part = parts(method, (p.mean, p.scale, p.old_mean, p.old_scale), named)
 
     # Mean part: mu~ = mu_o + tau (mu - mu_o), tau = sqrt(eps / D).
     if g_mean is None:
@@ -114,7 +119,7 @@ def projection_bound_cotangents(
             YtY = matmul(mT(Y, xp=xp), Y, xp=xp)
             W = matmul(mT(X, xp=xp), X, xp=xp) - YtY  # L~^T (Lambda - Lambda_o) L~
             W_o = xp.eye(p.d, dtype=dtype) - YtY  # L~^T (Lambda~ - Lambda_o) L~
-            slope = 0.5 * row_sum(row_sum(W_o * W, xp=xp), xp=xp)  # g'(tau)
+            slope = 0.5 * _pair(W_o, W, 2, xp=xp)  # g'(tau)
             d_out = -matmul(out, _phi(W, xp=xp), xp=xp)
             g = tril(g, xp=xp)
         else:
@@ -140,7 +145,7 @@ def projection_bound_cotangents(
         if method == "frobenius":
             dsigma = matmul(L, mT(L, xp=xp), xp=xp) - matmul(L_o, mT(L_o, xp=xp), xp=xp)
         else:
-            S, S_o = root_from_cholesky(L, xp=xp)[0], root_from_cholesky(L_o, xp=xp)[0]
+            S, S_o = roots
             t = tau[..., None, None]
             DS = matmul(S - S_o, t * S + (1.0 - t) * S_o, xp=xp)
             dsigma = DS + mT(DS, xp=xp)
@@ -148,6 +153,18 @@ def projection_bound_cotangents(
         g = tril(g, xp=xp)
     t_bar = _pair(g, d_out, ev, xp=xp)
     return eps_m_bar, xp.where(act, t_bar * tau / (2.0 * eps_c), zero)
+
+
+def _w2_parts(p: Any, *, scale_prec: bool, root: bool, xp: Any) -> tuple:
+    """The W2 distance's two parts of ``p`` as the projection computes them, and the full
+    Gaussians' symmetric roots ``(S, S_o)`` (``None`` for diagonal ones)."""
+    if p.full and root:  # (the scales are the roots)
+        c, R, _ = root_distance(p.scale, p.old_scale, scale_prec=scale_prec, xp=xp)
+        z = root_times(R, p.mean - p.old_mean, xp=xp)
+        return row_sum(z * z, xp=xp), c, (p.scale, p.old_scale)
+    c, chart, _ = wasserstein_chart(p.scale, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
+    m = mean_distance(p.mean, p.old_mean, p.old_scale, full=p.full, scale_prec=scale_prec, xp=xp)
+    return m, c, (chart.root, chart.old_root) if p.full else None
 
 
 def entropy_bound_cotangent(
